@@ -1,0 +1,118 @@
+"""Causal-LM cross-entropy fused with the output projection, only where there is a label.
+
+A 135M model's vocabulary projection is 49,152 x 576: full fp32 logits for a batch of 8 x 256
+tokens take 400 MB, and most of them (system prompts, user turns, padding) carry no loss. So:
+
+1. keep only the positions whose *next* token has a label (`labels != -100` after the shift);
+2. project those hidden states to the vocabulary in chunks of `chunk_size` rows;
+3. compute each chunk's loss and its gradient (softmax − one-hot) right away, so backward
+   is one stored `[n, hidden]` gradient instead of `[n, vocab]` logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of CE(h @ W.T, y); gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+        # hidden: (n, d), weight: (V, d), targets: (n,)
+        need_weight_grad = weight.requires_grad
+        w = weight.detach().to(compute_dtype)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size].detach().to(compute_dtype)
+            y = targets[start : start + chunk_size]
+            logits = (h @ w.T).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # d(loss)/d(logits) = softmax - onehot, computed in place over the logits buffer
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+            grad_logits = probs.to(compute_dtype)
+            grad_hidden[start : start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
+            if need_weight_grad:
+                grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight if need_weight_grad else torch.empty(0))
+        ctx.need_weight_grad = need_weight_grad
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype)
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.need_weight_grad else None
+        return gh, gw, None, None, None
+
+
+def select_labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift for next-token prediction and keep labelled positions.
+
+    Args:
+        hidden: `(batch, seq, d)` final hidden states.
+        labels: `(batch, seq)` token ids, IGNORE_INDEX where no loss.
+
+    Returns:
+        `(n, d)` hidden states that predict a labelled token, and the `(n,)` targets.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return hidden[:, :-1][mask], targets[mask]
+
+
+def fused_lm_loss_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = 2048,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of `hidden @ weight.T` over labelled positions.
+
+    Args:
+        hidden: `(batch, seq, d)` final hidden states (after the last norm).
+        weight: `(vocab, d)` output projection (no bias).
+        labels: `(batch, seq)`, IGNORE_INDEX where no loss; shifted here.
+        chunk_size: rows projected at once (memory ~ chunk_size x vocab x 4 bytes).
+        compute_dtype: matmul dtype (bf16 is ~5x faster on AVX-512 bf16 CPUs); default
+            the weight's dtype.
+
+    Returns:
+        (sum of losses as a 0-d fp32 tensor, number of labelled tokens). Divide by the
+        token count of the whole optimizer step for a mean that does not depend on how the
+        step was split into micro-batches.
+    """
+    h, y = select_labelled(hidden, labels)
+    if y.numel() == 0:
+        return hidden.sum() * 0.0, 0
+    dtype = compute_dtype or weight.dtype
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        loss = _FusedLinearCrossEntropy.apply(h, weight, y, chunk_size, dtype)
+    return loss, int(y.numel())
+
+
+def head_lm_loss_sum(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, *, chunk_size: int = 2048
+) -> tuple[torch.Tensor, int]:
+    """Like `fused_lm_loss_sum` for an arbitrary head module (an adapted or biased lm_head).
+
+    Only labelled positions are projected, chunk by chunk; autograd keeps each chunk's logits.
+    """
+    h, y = select_labelled(hidden, labels)
+    if y.numel() == 0:
+        return hidden.sum() * 0.0, 0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = head(h[start : start + chunk_size]).float()
+        total = total + F.cross_entropy(logits, y[start : start + chunk_size], reduction="sum")
+    return total, int(y.numel())
