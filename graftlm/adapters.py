@@ -211,6 +211,10 @@ def save_adapter(
     peft_config = written.to_peft_dict(
         base_model_name_or_path=base_name, target_modules=peft_target_modules(model, name)
     )
+    if isinstance(peft_config["target_modules"], str):
+        # PEFT refuses layers_to_transform next to a regex target (ValueError on load); the
+        # regex selects the layers by itself (an exact-name regex when layers were given)
+        peft_config["layers_to_transform"] = None
     if any(
         getattr(layer, "fan_in_fan_out", False) and name in layer.ranks
         for _, layer in lora_layers(model)
@@ -342,7 +346,9 @@ def load_adapter(
     folder = Path(path)
     config, graft = read_adapter_config(folder)
     tensors = read_adapter_weights(folder)
-    _check_fingerprint(model, graft, folder, force)
+    # architecture first; the weights fingerprint only after the shapes, because for a base
+    # with other layer sizes the first mismatching key and its shapes say more than a hash
+    _check_fingerprint(model, graft, folder, force=True)
 
     lora: dict[str, dict[str, torch.Tensor]] = {}
     others: dict[str, torch.Tensor] = {}
@@ -373,6 +379,7 @@ def load_adapter(
                 f"which {type(model).__name__} does not have: the adapter was trained on another architecture"
             )
         _check_shapes(folder, module_name, module, pair, config)
+    _check_fingerprint(model, graft, folder, force)
 
     exact = "^(?:" + "|".join(re.escape(n) for n in lora) + ")$"
     inject(model, config.replace(targets=exact, exclude=None, layers=None, init="kaiming"), name)

@@ -26,7 +26,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_weight_grad = weight.requires_grad
         w = weight.detach().to(compute_dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if need_weight_grad
+            else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].detach().to(compute_dtype)
@@ -54,7 +58,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-def select_labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_labelled(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift for next-token prediction and keep labelled positions.
 
     Args:

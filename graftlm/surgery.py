@@ -53,18 +53,20 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """
     heads = _output_head_names(model)
     found = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, (LoraLayerBase, TrainedCopies)):
-            continue
+    for name, module in _candidate_modules(model):
         if config.exclude is not None and _matches(config.exclude, name):
             continue
         if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save):
             continue
+        # a layer already holding another adapter's LoRA counts as the layer it wraps
+        linear = is_linear(module) or (
+            isinstance(module, LoraLayerBase) and not isinstance(module, LoraEmbedding)
+        )
         if config.targets == ALL_LINEAR:
-            hit = is_linear(module) and name not in heads
+            hit = linear and name not in heads
         else:
             hit = _matches(config.targets, name) and (
-                is_linear(module) or isinstance(module, nn.Embedding)
+                linear or isinstance(module, (nn.Embedding, LoraEmbedding))
             )
         if hit and config.layers is not None:
             match = _LAYER_INDEX.match(name)
@@ -73,7 +75,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             found.append(name)
     if not found:
         linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear(m)}
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in _candidate_modules(model)
+                if is_linear(m) or isinstance(m, LoraLinear)
+            }
         )
         raise GraftError(
             f"targets {config.targets!r} matched no layer of {type(model).__name__}"
@@ -81,6 +87,20 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             + f"; its linear layers are named: {', '.join(linear)}"
         )
     return found
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules that may take an adapter: never the inside of a LoRA layer (its own A/B
+    are nn.Linear too, and "all-linear" must not adapt them) nor a modules_to_save wrapper."""
+    skip = None  # named_modules() is pre-order: a module's descendants follow it directly
+    for name, module in model.named_modules():
+        if not name or (skip is not None and name.startswith(skip)):
+            continue
+        if isinstance(module, (LoraLayerBase, TrainedCopies)):
+            skip = name + "."
+            if isinstance(module, TrainedCopies):
+                continue
+        yield name, module
 
 
 @dataclass
@@ -398,6 +418,16 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
     """Merge the active adapters (or `names`) into the base weights; idempotent, fp32 math."""
     names = active_adapters(model) if names is None else names
     _require(model, names)
+    # all or nothing: look for NaN/inf updates before any layer changes, so a refused merge
+    # leaves the model as it was rather than half merged
+    for module_name, layer in lora_layers(model):
+        for name in names:
+            if name in layer.ranks and name not in layer.merged_adapters:
+                if not torch.isfinite(layer.delta_weight(name)).all():
+                    raise GraftError(
+                        f"adapter {name!r} has NaN/inf values in {module_name}; refusing to merge "
+                        "it (nothing was merged)"
+                    )
     for _, layer in lora_layers(model):
         _untie_before_merge(model, layer)
         layer.merge([n for n in names if n in layer.ranks])

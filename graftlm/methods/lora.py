@@ -58,6 +58,14 @@ class LoraLayerBase(nn.Module):
         """Remove adapter `name` (unmerging it first if merged)."""
         if name in self.merged_adapters:
             self.unmerge([name])
+        if name in self.pissa_init:
+            # PiSSA moved s·B0·A0 out of the base weight into the adapter: give it back, so
+            # deleting the adapter leaves the original base
+            a0, b0 = self.pissa_init[name]
+            initial = (b0 @ a0) * self.scaling[name]
+            initial = initial.T if getattr(self, "fan_in_fan_out", False) else initial
+            with torch.no_grad():
+                self.weight.copy_((self.weight.detach().float() + initial).to(self.weight.dtype))
         for container in self._adapter_containers():
             if name in container:
                 del container[name]

@@ -1,0 +1,7 @@
+"""`python -m graftlm ...` (what torchrun launches) runs the same CLI as `graftlm ...`."""
+
+import sys
+
+from graftlm.cli import main
+
+sys.exit(main())

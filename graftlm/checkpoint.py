@@ -1,0 +1,151 @@
+"""Resumable training checkpoints, safetensors + JSON only (no pickle).
+
+`OUT/checkpoint/` holds the trainable parameters, AdamW's moment tensors and step counts, the
+scheduler position, the RNG state, the step reached and the seconds spent. It is written into a
+temp folder and swapped in with renames, so a crash mid-write leaves the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftlm.errors import GraftError
+
+FOLDER = "checkpoint"
+TENSORS = "state.safetensors"
+META = "state.json"
+# Settings that change what a step computes: a resumed run must use the same ones.
+_MUST_MATCH = (
+    "data",
+    "model",
+    "method",
+    "rank",
+    "alpha",
+    "targets",
+    "use_rslora",
+    "lr",
+    "batch_size",
+    "seq_len",
+    "seed",
+    "epochs",
+    "steps",
+    "warmup_ratio",
+    "weight_decay",
+    "dropout",
+    "eval_data",
+)
+
+
+def write(
+    out: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    names: dict[int, str],
+    *,
+    step: int,
+    elapsed_s: float,
+    cfg,
+) -> None:
+    """Write the checkpoint for `step` atomically (temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        tensors[f"param/{names[id(p)]}"] = p.detach().contiguous()
+    for index, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{index}/{key}"] = value.detach().contiguous().reshape(value.shape)
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {
+        "step": step,
+        "elapsed_s": elapsed_s,
+        "scheduler": scheduler.state_dict()["last_epoch"],
+        "param_names": [names[id(p)] for p in params],
+        "settings": {k: getattr(cfg, k) for k in _MUST_MATCH},
+    }
+    target = out / FOLDER
+    tmp = out / (FOLDER + ".tmp")
+    old = out / (FOLDER + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / TENSORS))
+    (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read(out: Path) -> dict[str, Any] | None:
+    """The checkpoint in `out` (falling back to a complete `.old` one), or None."""
+    from safetensors.torch import load_file
+
+    for folder in (out / FOLDER, out / (FOLDER + ".old")):
+        if (folder / META).is_file() and (folder / TENSORS).is_file():
+            try:
+                meta = json.loads((folder / META).read_text(encoding="utf-8"))
+                tensors = load_file(str(folder / TENSORS))
+            except Exception as exc:
+                raise GraftError(f"{folder}: checkpoint is unreadable ({exc})") from None
+            return {"meta": meta, "tensors": tensors, "folder": folder}
+    return None
+
+
+def check_settings(state: dict, cfg) -> None:
+    """A resumed run must compute the same steps: list every setting that differs."""
+    saved = state["meta"]["settings"]
+    differ = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}"
+        for k in _MUST_MATCH
+        if saved.get(k) != getattr(cfg, k)
+    ]
+    if differ:
+        raise GraftError(
+            f"{state['folder']}: settings differ from the checkpointed run: " + "; ".join(differ)
+        )
+
+
+def restore(
+    state: dict, model: nn.Module, optimizer, scheduler, names: dict[int, str]
+) -> tuple[int, float]:
+    """Load parameters, optimizer, scheduler and RNG; return (step, elapsed seconds)."""
+    meta, tensors = state["meta"], state["tensors"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if [names[id(p)] for p in params] != meta["param_names"]:
+        raise GraftError(
+            f"{state['folder']}: the checkpoint's trainable parameters differ from this model's"
+        )
+    with torch.no_grad():
+        for p in params:
+            p.copy_(tensors[f"param/{names[id(p)]}"])
+    for index, p in enumerate(params):
+        prefix = f"optim/{index}/"
+        entry = {k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+        if entry:
+            optimizer.state[p] = entry
+    scheduler.last_epoch = meta["scheduler"]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    for group, lr in zip(
+        optimizer.param_groups,
+        [f(meta["scheduler"]) * base for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)],
+    ):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    torch.set_rng_state(tensors["rng/torch"])
+    return int(meta["step"]), float(meta["elapsed_s"])
+
+
+def remove(out: Path) -> None:
+    """Delete the checkpoint once the final adapter is written."""
+    for name in (FOLDER, FOLDER + ".tmp", FOLDER + ".old"):
+        shutil.rmtree(out / name, ignore_errors=True)

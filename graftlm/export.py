@@ -1,0 +1,76 @@
+"""Merged model folders: base + adapter folded into plain weights that transformers loads alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from graftlm.errors import GraftError
+
+
+def merge_to_folder(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+) -> Path:
+    """Load base + adapter, merge (fp32 math), and save a Hugging Face model folder.
+
+    The folder holds `config.json`, `model.safetensors`, the tokenizer files and a
+    `graftlm_merge.json` naming the adapter; it is written next to `out` and renamed into
+    place, so a crash never leaves a half-written model.
+
+    Args:
+        adapter: the adapter folder.
+        out: the folder to create (must not exist, or be empty).
+        model: base model (default: the one the adapter names, else the built-in).
+        dtype: dtype of the saved weights ("float32" or "bfloat16").
+        force: merge despite a base fingerprint mismatch.
+
+    Returns:
+        The output folder.
+    """
+    from graftlm.adapters import load_adapter, read_adapter_config
+    from graftlm.generate import adapter_base_model, parse_dtype
+    from graftlm.models import BUILTIN_NAME, load_model
+    from graftlm.surgery import merge_and_unload
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise GraftError(f"--out {out}: folder exists and is not empty")
+    config, _ = read_adapter_config(adapter)
+    base_name = model or adapter_base_model(adapter) or BUILTIN_NAME
+    if not (base_name.lower() == BUILTIN_NAME or os.path.exists(base_name)):
+        base_name = BUILTIN_NAME
+    # Merge in fp32 on the 16/32-bit base, also for QLoRA adapters: the merged model is the
+    # full-precision base plus the update (the 4-bit base is only a training-time memory saver).
+    base, tokenizer = load_model(base_name, dtype=torch.float32)
+    load_adapter(base, adapter, name="default", force=force)
+    merged = merge_and_unload(base)
+    merged.to(parse_dtype(dtype))
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "graftlm_merge.json").write_text(
+        json.dumps(
+            {
+                "adapter": str(Path(adapter).resolve()),
+                "base": base_name,
+                "quantize": config.quantize,
+            },
+            indent=2,
+        )
+    )
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out

@@ -1,0 +1,508 @@
+"""The training loop: read it top to bottom.
+
+    load base + tokenizer ─► read & tokenize data ─► inject adapter ─► AdamW + warmup/cosine
+    └─► for each optimizer step: `batch_size` sequences of similar length, split into
+        micro-batches, forward in bf16 autocast, loss only on labelled tokens (fused with the
+        vocabulary projection), backward, clip, step ─► metrics.jsonl, progress bar,
+        checkpoint every N steps and on Ctrl-C/SIGTERM ─► final adapter (atomic), loss.png
+
+A step's loss is the mean over the labelled tokens of all its sequences, so how a step is cut
+into micro-batches (or shared across ranks) changes speed, never the optimization. The data
+order is a pure function of (seed, epoch), so a resumed run picks up at the exact batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftlm import checkpoint as ckpt
+from graftlm.adapters import save_adapter
+from graftlm.config import LoraConfig
+from graftlm.data import Example, collate, length_grouped_batches, load_dataset, split_eval
+from graftlm.errors import GraftError
+from graftlm.loss import fused_lm_loss_sum, head_lm_loss_sum
+from graftlm.runtime import Runtime, bf16_supported
+from graftlm.surgery import inject
+from graftlm.train_config import TrainConfig
+
+logger = logging.getLogger("graftlm")
+
+MICRO_BATCH_TOKENS = 4096  # padded tokens per forward pass when --micro-batch-size is not given
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run produced."""
+
+    out: Path
+    steps: int
+    total_steps: int
+    interrupted: bool
+    final_loss: float | None
+    eval_loss: float | None
+    train_seconds: float
+    trainable_parameters: int
+    total_parameters: int
+
+
+# -- the data plan ----------------------------------------------------------------------------
+
+
+def step_batches(examples: list[Example], cfg: TrainConfig, total_steps: int) -> list[list[int]]:
+    """The example indices of every optimizer step, epoch after epoch, from (seed, epoch) alone."""
+    lengths = [len(e) for e in examples]
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total_steps:
+        plan.extend(length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch))
+        epoch += 1
+    return plan[:total_steps]
+
+
+def micro_batches(
+    indices: list[int], examples: list[Example], cfg: TrainConfig, runtime: Runtime
+) -> list[list[int]]:
+    """Cut one step's sequences into micro-batches (longest first) and keep this rank's share."""
+    ordered = sorted(indices, key=lambda i: len(examples[i]), reverse=True)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in ordered:
+        width = len(examples[current[0]]) if current else len(examples[i])
+        limit = cfg.micro_batch_size or max(1, MICRO_BATCH_TOKENS // max(width, 1))
+        if current and len(current) >= limit:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return runtime.shard(chunks)
+
+
+def count_steps(n_examples: int, cfg: TrainConfig) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
+
+
+# -- model pieces -----------------------------------------------------------------------------
+
+
+def loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], compute_dtype: torch.dtype
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss of a micro-batch over its labelled tokens, and their count."""
+    inner = model.base_model  # the decoder without the head (model.model, transformer, ...)
+    mask = batch["attention_mask"]
+    # No padding in the micro-batch (length grouping makes that common): let attention take
+    # its plain causal path instead of building a 4-D mask.
+    attention_mask = None if bool(mask.all()) else mask
+    kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    hidden = inner(
+        input_ids=batch["input_ids"], attention_mask=attention_mask, use_cache=False, **kwargs
+    )
+    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.bias is None:
+        return fused_lm_loss_sum(hidden, head.weight, batch["labels"], compute_dtype=compute_dtype)
+    return head_lm_loss_sum(hidden, head, batch["labels"])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    compute_dtype: torch.dtype,
+    runtime: Runtime,
+) -> tuple[float, int]:
+    """Mean loss over the labelled tokens of `examples` (teacher-forced), and the token count."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    lengths = [len(e) for e in examples]
+    batches = length_grouped_batches(lengths, 8, shuffle=False, max_tokens=MICRO_BATCH_TOKENS)
+    for indices in runtime.shard(batches):
+        batch = collate([examples[i] for i in indices], pad_id)
+        with autocast(compute_dtype):
+            loss, count = loss_sum(model, batch, compute_dtype)
+        total += loss.item()
+        tokens += count
+    total, tokens = runtime.all_reduce_sum([total, float(tokens)])
+    model.train(was_training)
+    return total / max(tokens, 1.0), int(tokens)
+
+
+def autocast(dtype: torch.dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+# -- interruption -----------------------------------------------------------------------------
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and stops.
+
+    A second Ctrl-C falls through to the default handler (immediate KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, nothing to restore
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = True
+        logger.warning(
+            "signal %s: finishing this step, writing a checkpoint, then stopping", signum
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig, *, runtime: Runtime | None = None, progress: bool = True
+) -> TrainResult:
+    """Fine-tune `cfg.model` on `cfg.data` and write everything into `cfg.out`.
+
+    Args:
+        cfg: the run's settings.
+        runtime: process group facts (rank, world size); default a single process.
+        progress: show a progress bar (rank 0 only).
+
+    Returns:
+        A `TrainResult`; `interrupted` is True when a signal stopped the run early (the
+        checkpoint is then in `out/checkpoint`, and `--resume` continues it).
+
+    Raises:
+        GraftError: bad data, bad settings, an output folder holding another run, a
+            checkpoint that does not match the settings.
+    """
+    from graftlm.models import load_model
+
+    runtime = runtime or Runtime.single()
+    out = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    compute_dtype = _compute_dtype(cfg.dtype)
+    metrics_path = out / "metrics.jsonl"
+    state = ckpt.read(out) if cfg.resume else None
+    if cfg.resume and state is None:
+        raise GraftError(f"--resume: no checkpoint in {out / ckpt.FOLDER}")
+    if state is not None:
+        ckpt.check_settings(state, cfg)
+    elif runtime.is_main and metrics_path.exists() and not cfg.resume:
+        raise GraftError(
+            f"{out} already holds a training run (metrics.jsonl); use --resume or another --out"
+        )
+
+    for label, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if path and not Path(path).is_file():
+            raise GraftError(f"{label} {path}: file not found")
+    torch.manual_seed(cfg.seed)
+    # Frozen base weights are held in the compute dtype: no per-step casts of the big matrices.
+    model, tokenizer = load_model(cfg.model, dtype=compute_dtype)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+
+    examples, stats = load_dataset(
+        cfg.data, tokenizer, cfg.seq_len, skip_bad_rows=cfg.skip_bad_rows
+    )
+    if cfg.eval_data:
+        eval_examples, _ = load_dataset(
+            cfg.eval_data, tokenizer, cfg.seq_len, skip_bad_rows=cfg.skip_bad_rows
+        )
+    else:
+        examples, eval_examples = split_eval(examples, seed=cfg.seed)
+    if eval_examples:
+        runtime.log(
+            f"{len(eval_examples)} examples held out for evaluation, {len(examples)} for training"
+        )
+
+    lora = LoraConfig(
+        rank=cfg.rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.dropout,
+        targets=cfg.targets,
+        use_rslora=cfg.use_rslora,
+        quantize="nf4" if cfg.method == "qlora" else None,
+    )
+    summary = inject(model, lora)
+    runtime.log(str(summary))
+    if cfg.low_memory and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    runtime.wrap_gradients(params)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
+    )
+    total_steps = count_steps(len(examples), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, cfg.warmup_ratio)
+    )
+    plan = step_batches(examples, cfg, total_steps)
+    eval_every = cfg.eval_every or max(1, total_steps // 8)
+
+    start_step, elapsed_before = 0, 0.0
+    if state is not None:
+        start_step, elapsed_before = ckpt.restore(state, model, optimizer, scheduler, names)
+        _truncate_metrics(metrics_path, start_step) if runtime.is_main else None
+        runtime.log(f"resumed from step {start_step}/{total_steps}")
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    bar = _progress(total_steps, start_step, enabled=progress and runtime.is_main)
+    last_loss = eval_loss = None
+    interrupted = False
+    t0 = time.perf_counter()
+    step = start_step
+    with StopFlag() as flag:
+        for step in range(start_step, total_steps):
+            step_start = time.perf_counter()
+            chunks = micro_batches(plan[step], examples, cfg, runtime)
+            labelled = sum(sum(1 for y in examples[i].labels[1:] if y != -100) for i in plan[step])
+            tokens = sum(len(examples[i]) for i in plan[step])
+            total_loss = 0.0
+            for indices in chunks:
+                batch = collate([examples[i] for i in indices], pad_id)
+                with autocast(compute_dtype):
+                    loss, _ = loss_sum(model, batch, compute_dtype)
+                (loss / max(labelled, 1)).backward()
+                total_loss += loss.item()
+            runtime.reduce_gradients(params)
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if cfg.grad_clip
+                else _norm(params)
+            )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            (total_loss,) = runtime.all_reduce_sum([total_loss])
+            last_loss = total_loss / max(labelled, 1)
+            elapsed = elapsed_before + time.perf_counter() - t0
+            row = {
+                "step": step + 1,
+                "loss": round(last_loss, 6),
+                "lr": lr,
+                "tokens": tokens,
+                "labelled_tokens": labelled,
+                "tokens_per_s": round(tokens / max(time.perf_counter() - step_start, 1e-9), 1),
+                "elapsed_s": round(elapsed, 3),
+                "grad_norm": round(float(grad_norm), 5),
+                "epoch": round((step + 1) * cfg.batch_size / len(examples), 4),
+            }
+            done = step + 1
+            if eval_examples and (done % eval_every == 0 or done == total_steps):
+                eval_loss, eval_tokens = evaluate(
+                    model, eval_examples, pad_id, compute_dtype, runtime
+                )
+                row_eval = {
+                    "step": done,
+                    "eval_loss": round(eval_loss, 6),
+                    "eval_tokens": eval_tokens,
+                    "elapsed_s": round(elapsed, 3),
+                }
+            else:
+                row_eval = None
+            if runtime.is_main:
+                _append_metrics(metrics_path, row, row_eval)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{last_loss:.4f}",
+                    tok_s=f"{row['tokens_per_s']:.0f}",
+                    **({"eval": f"{eval_loss:.4f}"} if row_eval else {}),
+                )
+            if flag.stop or (done % cfg.save_every == 0 and done < total_steps):
+                if runtime.is_main:
+                    ckpt.write(
+                        out,
+                        model,
+                        optimizer,
+                        scheduler,
+                        names,
+                        step=done,
+                        elapsed_s=elapsed,
+                        cfg=cfg,
+                    )
+                if flag.stop:
+                    interrupted = True
+                    step = done
+                    break
+            step = done
+    bar.close()
+    train_seconds = elapsed_before + time.perf_counter() - t0
+    if not interrupted and runtime.is_main:
+        save_adapter(
+            model,
+            out,
+            training={
+                "steps": total_steps,
+                "epochs": round(total_steps * cfg.batch_size / len(examples), 3),
+                "examples": len(examples),
+                "final_loss": last_loss,
+                "eval_loss": eval_loss,
+                "train_seconds": round(train_seconds, 1),
+                "data": os.path.basename(cfg.data),
+                "settings": cfg.to_dict(),
+            },
+        )
+        _plot(metrics_path, out / "loss.png")
+        # the finished run keeps its checkpoint: --resume on it is a no-op
+        ckpt.write(
+            out,
+            model,
+            optimizer,
+            scheduler,
+            names,
+            step=total_steps,
+            elapsed_s=train_seconds,
+            cfg=cfg,
+        )
+        runtime.log(f"adapter written to {out} ({train_seconds:.0f} s of training)")
+    elif interrupted:
+        runtime.log(
+            f"stopped at step {step}/{total_steps}; continue with --resume (checkpoint in {out / ckpt.FOLDER})"
+        )
+    return TrainResult(
+        out=out,
+        steps=step,
+        total_steps=total_steps,
+        interrupted=interrupted,
+        final_loss=last_loss,
+        eval_loss=eval_loss,
+        train_seconds=train_seconds,
+        trainable_parameters=summary.trainable,
+        total_parameters=summary.total,
+    )
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_supported() else torch.float32
+
+
+def _norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    return (
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if grads
+        else torch.zeros(())
+    )
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+
+def _append_metrics(path: Path, row: dict, eval_row: dict | None) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+        if eval_row:
+            handle.write(json.dumps(eval_row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past the checkpoint, so a resumed run's file has each step once."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _plot(metrics_path: Path, png: Path) -> None:
+    """loss.png: training loss per step (and a smoothed line), eval loss as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_rows, eval_rows = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        (eval_rows if "eval_loss" in row else train_rows).append(row)
+    if not train_rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps = [r["step"] for r in train_rows]
+    losses = [r["loss"] for r in train_rows]
+    ax.plot(steps, losses, color="#9ecae1", linewidth=1, label="train loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1])
+            / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax.plot(steps, smooth, color="#3182bd", linewidth=2, label=f"train loss (mean of {window})")
+    if eval_rows:
+        ax.plot(
+            [r["step"] for r in eval_rows],
+            [r["eval_loss"] for r in eval_rows],
+            "o-",
+            color="#e6550d",
+            label="eval loss",
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (labelled tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)

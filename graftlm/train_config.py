@@ -1,0 +1,139 @@
+"""`TrainConfig`: every knob of `graftlm train`, one frozen dataclass.
+
+The CLI flags, the `--config run.yaml` file and the Python API all build this same dataclass;
+its field docstrings are the CLI help. The defaults are a recipe that works (see README,
+"Choosing the defaults", for the experiments behind them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from graftlm.errors import GraftError
+
+METHODS = ("lora", "qlora")
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one fine-tuning run."""
+
+    data: str = field(metadata={"help": "training data file (.jsonl, .csv, .parquet)"})
+    out: str = field(
+        metadata={"help": "output folder: adapter, metrics.jsonl, loss.png, checkpoint/"}
+    )
+    model: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "base model: built-in name, HF folder or .gguf"},
+    )
+    method: str = field(
+        default="lora", metadata={"help": f"fine-tuning method: {', '.join(METHODS)}"}
+    )
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    targets: str = field(
+        default="all-linear",
+        metadata={"help": "layers to adapt: 'all-linear', names 'q_proj,v_proj', or a regex"},
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"}
+    )
+    epochs: float = field(
+        default=3.0, metadata={"help": "passes over the training data (ignored with --steps)"}
+    )
+    steps: int | None = field(
+        default=None, metadata={"help": "optimizer steps to run (overrides --epochs)"}
+    )
+    lr: float = field(default=4e-4, metadata={"help": "peak learning rate (AdamW)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "sequences per forward pass (default: by length, ~4k tokens)"},
+    )
+    seq_len: int = field(
+        default=1024, metadata={"help": "maximum tokens per sequence (longer rows are truncated)"}
+    )
+    eval_data: str | None = field(
+        default=None, metadata={"help": "validation file (default: 5%% held back if >= 200 rows)"}
+    )
+    seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout)"})
+    warmup_ratio: float = field(
+        default=0.06, metadata={"help": "fraction of steps of linear warmup"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(
+        default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"}
+    )
+    save_every: int = field(
+        default=50, metadata={"help": "write a resumable checkpoint every N steps"}
+    )
+    eval_every: int | None = field(
+        default=None, metadata={"help": "evaluate every N steps (default: ~8 times a run)"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "compute dtype: auto (bf16 where the CPU has it), bfloat16, float32"},
+    )
+    low_memory: bool = field(
+        default=False, metadata={"help": "activation checkpointing: less memory, a bit slower"}
+    )
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "warn about and skip bad data rows instead of failing"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint"})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch threads (default: all cores)"}
+    )
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise GraftError(f"{name} should be a positive number, got {value!r}")
+
+        if self.method not in METHODS:
+            raise GraftError(f"method should be one of {METHODS}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise GraftError(f"dtype should be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("rank", "batch_size", "seq_len", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise GraftError(f"{name} should be a positive integer, got {value!r}")
+        positive("epochs", self.epochs)
+        positive("lr", self.lr)
+        positive("alpha", self.alpha, allow_none=True)
+        for name in ("steps", "micro_batch_size", "eval_every", "threads"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise GraftError(f"{name} should be a positive integer, got {value!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise GraftError(f"warmup_ratio should be in [0, 1), got {self.warmup_ratio!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise GraftError("grad_clip and weight_decay must be >= 0")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from a dict (YAML file, JSON): unknown keys are an error naming them all."""
+        names = {f.name for f in fields(cls)}
+        normalised = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalised) - names)
+        if unknown:
+            raise GraftError(f"{source}: unknown setting(s) {unknown}; known: {sorted(names)}")
+        missing = [n for n in ("data", "out") if n not in normalised]
+        if missing:
+            raise GraftError(f"{source}: missing required setting(s) {missing}")
+        return cls(**normalised)
