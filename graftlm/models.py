@@ -173,17 +173,22 @@ def gguf_cache_path(
 ) -> Path:
     """The folder a GGUF file is (or will be) converted into; it exists only once complete.
 
-    The folder is named after the file and the SHA-256 of its bytes, so the same file reached by
-    two paths shares one cache, and a changed file (an updated wheel, a re-exported fine-tune of
-    the same size) gets a new one.
+    The folder is keyed by the SHA-256 of the file's bytes (and named after the file for people
+    reading the cache), so the same bytes under any path or name share one cache, and a changed
+    file (an updated wheel, a re-exported fine-tune of the same size) gets a new one.
 
     Raises:
         GraftError: the file cannot be read.
     """
     path = Path(gguf_path).expanduser().resolve()
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    digest = _file_sha256(path, root)
-    return root / "models" / f"{path.stem}-{digest[:16]}-v{_CACHE_FORMAT}"
+    suffix = f"-{_file_sha256(path, root)[:16]}-v{_CACHE_FORMAT}"
+    # The name is for people listing the cache; the hash is the key. Reuse a finished folder made
+    # from the same bytes under another file name.
+    for existing in sorted((root / "models").glob(f"[!.]*{suffix}")):
+        if _is_complete(existing):
+            return existing
+    return root / "models" / f"{path.stem}{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Fixtures shared by the whole suite.
+
+Tiny random models (fast, function scope, a fresh model per test)::
+
+    tiny_llama, tiny_qwen2, tiny_gpt2   # one model each; see helpers.py for their shapes
+    tiny_model_factory                  # the callable: tiny_model_factory("qwen2", seed=1)
+    tiny_tokenizer                      # byte-level, ChatML template, pad = eos = <|im_end|>
+    tiny_model_dir                      # a saved tiny llama + tokenizer folder (for load_model/CLI)
+
+The built-in model (session scope; loaded once from the user's cache, so only the very first run on
+a machine pays the ~1 min GGUF conversion)::
+
+    smollm2             # (model, tokenizer), fp32. SHARED: never inject, train or merge into it
+    smollm2_copy        # deep copies of (model, tokenizer): yours to modify, ~0.3 s
+    smollm2_tokenizer   # the tokenizer alone
+
+Tests that use ``smollm2`` or ``smollm2_copy`` are marked ``slow`` automatically, so
+``pytest -m "not slow"`` runs the fast suite.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import helpers
+import pytest
+
+_SLOW_FIXTURES = {"smollm2", "smollm2_copy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def tiny_llama():
+    return helpers.tiny_llama()
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return helpers.tiny_qwen2()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return helpers.tiny_gpt2()
+
+
+@pytest.fixture
+def tiny_model_factory():
+    return helpers.tiny_model_factory
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return helpers.tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    return helpers.save_tiny_model_dir(tmp_path / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from graftlm.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    return model, tokenizer
+
+
+@pytest.fixture
+def smollm2_copy(smollm2):
+    # deepcopy keeps lm_head tied to embed_tokens (one tensor, copied once); the tokenizer is
+    # copied too, since callers set padding_side on it
+    model, tokenizer = smollm2
+    return copy.deepcopy(model), copy.deepcopy(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from graftlm.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
