@@ -6,8 +6,8 @@ Three kinds of source, one result (an eval-mode causal LM and a tokenizer with a
     path/to/model.gguf       ───────────────────────────────────────────────────┴─> cached HF folder
     path/to/hf-folder/       (has config.json) ─────────────────────────────────────> loaded as is
 
-Reading a GGUF file with transformers takes ~30 s (it parses the metadata and dequantizes every
-tensor), so a GGUF file is converted once into a plain Hugging Face folder under the cache root
+Reading a GGUF file with transformers takes 30-60 s (it parses the metadata in pure Python, three
+times, and dequantizes every tensor), so a GGUF file is converted once into a plain Hugging Face folder under the cache root
 (``$GRAFTLM_CACHE``, else ``$XDG_CACHE_HOME/graftlm``, else ``~/.cache/graftlm``), keyed by the
 SHA-256 of the file's bytes. The weights are cached in float32, so a cached load is bit-identical to
 a fresh GGUF load; a bf16 model is cast at load time. Nothing here reaches a model hub.
@@ -118,7 +118,7 @@ def load_tokenizer(
         GraftError: the model is not found or its tokenizer cannot be read.
     """
     # A GGUF file is converted in full even here: parsing its tokenizer alone costs ~10 s every
-    # time, a conversion costs ~30 s once and makes every later load fast.
+    # time, a conversion costs ~1 min once and makes every later load fast.
     folder, model_id = _resolve_folder(name_or_path, cache_dir)
     tokenizer = _load_hf_tokenizer(folder, name_or_path)
     tokenizer.name_or_path = model_id
@@ -373,22 +373,28 @@ def _ensure_converted(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
     target = gguf_cache_path(gguf, cache_dir)
     if _is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        if _is_complete(target):
-            return target
-        _remove_stale_tmp(target.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-        try:
-            logger.info("converting %s to a cached Hugging Face folder (once, ~30 s)", gguf)
-            start = time.perf_counter()
-            _convert_gguf(gguf, tmp)
-            # mkdtemp makes the folder private (0700); a cache others may share should not be.
-            os.chmod(tmp, 0o755)
-            _publish(tmp, target)
-            logger.info("cached %s in %.1f s", target, time.perf_counter() - start)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(target.parent / f".{target.name}.lock"):
+            if _is_complete(target):
+                return target
+            _remove_stale_tmp(target.parent)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+            try:
+                logger.info("converting %s to a cached Hugging Face folder (once, ~1 min)", gguf)
+                start = time.perf_counter()
+                _convert_gguf(gguf, tmp)
+                # mkdtemp makes the folder private (0700); a cache others may share should not be
+                os.chmod(tmp, 0o755)
+                _publish(tmp, target)
+                logger.info("cached %s in %.1f s", target, time.perf_counter() - start)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise GraftError(
+            f"could not write the converted model to the cache at {str(target)!r}: {e} (set "
+            "GRAFTLM_CACHE to a writable folder with ~600 MB free)"
+        ) from e
     return target
 
 

@@ -412,3 +412,12 @@ def test_concurrent_loads_convert_once(monkeypatch, tmp_path):
     assert errors == []
     assert len(calls) == 1
     assert results == [gguf_cache_path(gguf, cache)] * 3
+
+
+def test_unwritable_cache_is_a_graft_error(monkeypatch, tmp_path):
+    gguf = _fake_gguf(tmp_path / "m.gguf")
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(models, "_convert_gguf", _fake_converter([]))
+    with pytest.raises(GraftError, match="GRAFTLM_CACHE"):
+        load_model(gguf, cache_dir=blocker)
