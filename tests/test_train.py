@@ -1,0 +1,280 @@
+"""The training loop on a tiny model: outputs, metrics, eval, resume after a kill, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graftlm.cli import main as cli_main
+from graftlm.errors import GraftError
+from graftlm.train import micro_batches, step_batches, train
+from graftlm.train_config import TrainConfig
+
+LABELS = ["red", "green", "blue"]
+
+
+def write_chat(path: Path, rows: int, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(rows):
+            label = rng.choice(LABELS)
+            user = f"item {i} is {label}" + " !" * rng.randint(0, 6)
+            handle.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": user},
+                            {"role": "assistant", "content": label},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def base_cfg(tmp_path: Path, model_dir: Path, **overrides) -> TrainConfig:
+    values = dict(
+        data=str(write_chat(tmp_path / "train.jsonl", 40)),
+        out=str(tmp_path / "out"),
+        model=str(model_dir),
+        rank=4,
+        batch_size=8,
+        steps=6,
+        save_every=2,
+        dtype="float32",
+        lr=1e-2,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_train_writes_adapter_metrics_plot_and_learns(tmp_path, tiny_model_dir):
+    eval_file = write_chat(tmp_path / "eval.jsonl", 8, seed=1)
+    cfg = base_cfg(tmp_path, tiny_model_dir, eval_data=str(eval_file), steps=12, eval_every=4)
+    result = train(cfg, progress=False)
+    out = Path(cfg.out)
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "graftlm.json",
+        "metrics.jsonl",
+        "loss.png",
+    ):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    for r in train_rows:
+        assert {"step", "loss", "lr", "tokens", "elapsed_s"} <= set(r)
+        assert r["tokens"] > 0
+    assert [r["elapsed_s"] for r in train_rows] == sorted(r["elapsed_s"] for r in train_rows)
+    assert [r["step"] for r in eval_rows] == [4, 8, 12]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert result.eval_loss == pytest.approx(eval_rows[-1]["eval_loss"], rel=1e-4)
+    graft = json.loads((out / "graftlm.json").read_text())
+    assert graft["training"]["steps"] == 12
+
+
+def test_step_loss_does_not_depend_on_micro_batch_size(tmp_path, tiny_model_dir):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = train(base_cfg(tmp_path / "a", tiny_model_dir, micro_batch_size=1, steps=3), progress=False)
+    b = train(base_cfg(tmp_path / "b", tiny_model_dir, micro_batch_size=8, steps=3), progress=False)
+    wa = load_file(str(a.out / "adapter_model.safetensors"))
+    wb = load_file(str(b.out / "adapter_model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_step_plan_is_deterministic_and_covers_data(tmp_path, tiny_model_dir):
+    from graftlm.data import Example
+    from graftlm.runtime import Runtime
+
+    examples = [
+        Example(input_ids=[1] * (5 + i % 7), labels=[1] * (5 + i % 7), source=f"x:{i}")
+        for i in range(30)
+    ]
+    cfg = base_cfg(tmp_path, tiny_model_dir, batch_size=10, steps=6)
+    plan = step_batches(examples, cfg, 6)
+    assert plan == step_batches(examples, cfg, 6)
+    first_epoch = sorted(i for step in plan[:3] for i in step)
+    assert first_epoch == list(range(30))
+    chunks = micro_batches(plan[0], examples, cfg, Runtime.single())
+    assert sorted(i for c in chunks for i in c) == sorted(plan[0])
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "graftlm", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _wait_for_checkpoint(
+    out: Path, proc: subprocess.Popen, min_step: int, timeout: float = 120
+) -> None:
+    deadline = time.time() + timeout
+    state = out / "checkpoint" / "state.json"
+    while time.time() < deadline:
+        if state.is_file():
+            try:
+                if json.loads(state.read_text())["step"] >= min_step:
+                    return
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"training ended before step {min_step}: {proc.stderr.read()[-2000:]}"
+            )
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_kill_gives_the_same_adapter(tmp_path, tiny_model_dir, sig):
+    data = write_chat(tmp_path / "train.jsonl", 60)
+    common = [
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        str(tiny_model_dir),
+        "--rank",
+        "4",
+        "--batch-size",
+        "4",
+        "--steps",
+        "150",
+        "--save-every",
+        "1",
+        "--dtype",
+        "float32",
+        "--lr",
+        "5e-3",
+        "--quiet",
+    ]
+    reference = tmp_path / "reference"
+    done = _run_cli([*common, "--out", str(reference)])
+    assert done.wait(timeout=300) == 0, done.stderr.read()[-2000:]
+
+    resumed = tmp_path / "resumed"
+    proc = _run_cli([*common, "--out", str(resumed)])
+    _wait_for_checkpoint(resumed, proc, min_step=5)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    if sig == signal.SIGINT:
+        assert code == 130, proc.stderr.read()[-2000:]
+    assert not (resumed / "adapter_model.safetensors").exists(), (
+        "an interrupted run must not leave an adapter"
+    )
+    again = _run_cli([*common, "--out", str(resumed), "--resume"])
+    assert again.wait(timeout=300) == 0, again.stderr.read()[-2000:]
+
+    ref_w = load_file(str(reference / "adapter_model.safetensors"))
+    res_w = load_file(str(resumed / "adapter_model.safetensors"))
+    assert ref_w.keys() == res_w.keys()
+    for key in ref_w:
+        assert torch.equal(ref_w[key], res_w[key]), key
+    steps = [
+        json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 151)), "each step logged exactly once across the resume"
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir):
+    cfg = base_cfg(tmp_path, tiny_model_dir)
+    train(cfg, progress=False)
+    with pytest.raises(GraftError, match="lr"):
+        train(cfg.__class__(**{**cfg.to_dict(), "resume": True, "lr": 0.5}), progress=False)
+    with pytest.raises(GraftError, match="already holds a training run"):
+        train(cfg, progress=False)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(GraftError, match="rank"):
+        TrainConfig(data="x", out="y", rank=0)
+    with pytest.raises(GraftError, match="lr"):
+        TrainConfig(data="x", out="y", lr=-1.0)
+    with pytest.raises(GraftError, match="method"):
+        TrainConfig(data="x", out="y", method="dora")
+    with pytest.raises(GraftError, match=r"unknown setting\(s\) \['bogus'\]"):
+        TrainConfig.from_dict({"data": "x", "out": "y", "bogus": 1})
+
+
+# -- CLI error paths: one clear line, exit code 2, no traceback ---------------------------------
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_errors(tmp_path, tiny_model_dir, capsys):
+    err = _cli_error(
+        capsys, ["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]
+    )
+    assert "missing.jsonl" in err and "not found" in err
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n'
+    )
+    err = _cli_error(
+        capsys,
+        ["train", "--data", str(bad), "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir)],
+    )
+    assert "bad.jsonl:2" in err
+
+    err = _cli_error(
+        capsys, ["train", "--data", str(bad), "--out", str(tmp_path / "o"), "--rank", "0"]
+    )
+    assert "rank" in err and "0" in err
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("data: x.jsonl\nout: o\nlearning_rate: 1\n")
+    err = _cli_error(capsys, ["train", "--config", str(yaml_file)])
+    assert "learning_rate" in err
+
+    err = _cli_error(capsys, ["inspect", str(tmp_path)])
+    assert "adapter_config.json" in err
+
+    err = _cli_error(capsys, ["generate", "--model", str(tiny_model_dir), "--input", str(bad)])
+    assert "--output" in err
+
+    err = _cli_error(capsys, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert "nope" in err
+
+
+def test_cli_yaml_config_with_flag_override(tmp_path, tiny_model_dir, capsys):
+    data = write_chat(tmp_path / "train.jsonl", 16)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        f"data: {data}\nout: {tmp_path / 'o'}\nmodel: {tiny_model_dir}\nrank: 2\nsteps: 2\nbatch-size: 4\ndtype: float32\n"
+    )
+    assert cli_main(["train", "--config", str(yaml_file), "--rank", "3", "--quiet"]) == 0
+    config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert config["r"] == 3
+    assert cli_main(["inspect", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "rank           3" in out and "steps 2" in out
