@@ -429,7 +429,7 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
                         "it (nothing was merged)"
                     )
     for _, layer in lora_layers(model):
-        _untie_before_merge(model, layer)
+        _untie_before_merge(model, layer, names)
         layer.merge([n for n in names if n in layer.ranks])
 
 
@@ -439,12 +439,13 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def _untie_before_merge(model: nn.Module, layer: LoraLayerBase) -> None:
+def _untie_before_merge(model: nn.Module, layer: LoraLayerBase, names: list[str]) -> None:
     """A weight shared with another module (tied embeddings) gets its own copy before merging.
 
     Otherwise merging LoRA on `embed_tokens` would silently change `lm_head` too.
     """
-    if layer.merged_adapters or not any(n in layer.ranks for n in active_adapters(model)):
+    # `names`, not the active adapters: merge(model, ["x"]) may merge an inactive adapter
+    if layer.merged_adapters or not any(n in layer.ranks for n in names):
         return
     owners = [n for n, p in model.named_parameters(remove_duplicate=False) if p is layer.weight]
     if len(owners) > 1:
@@ -464,7 +465,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _set_module(model, name, module.to_plain())
         elif isinstance(module, TrainedCopies):
             _set_module(model, name, module._current())
-    for attr in ("graftlm_configs", "graftlm_active"):
+    # the fingerprint too: it describes the base before merging, not the merged model
+    for attr in ("graftlm_configs", "graftlm_active", "graftlm_fingerprint"):
         if hasattr(model, attr):
             delattr(model, attr)
     for param in model.parameters():
