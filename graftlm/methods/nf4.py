@@ -19,7 +19,8 @@ w, quant_type="nf4", compress_statistics=True)` and `dequantize_4bit`. bitsandby
 
 `NF4Linear` holds such a weight as buffers and computes `x @ dequant(W).T` with a custom autograd
 function that dequantizes again in backward, so the full-precision weight lives only for the length
-of one matmul.
+of one matmul. `LoraNF4Linear` puts LoRA adapters on top (QLoRA); `quantize_model_linears` swaps a
+model's linear layers for `NF4Linear` in place.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlm.errors import GraftError
+from graftlm.methods.lora import LoraLayerBase, LoraLinear
+
 __all__ = [
     "NF4_CODE",
+    "LoraNF4Linear",
     "NF4Linear",
     "NF4Tensor",
     "dequantize_nf4",
@@ -114,10 +119,13 @@ def _nf4_bounds(device: torch.device) -> torch.Tensor:
 
 
 def _nf4_pair_lut(device: torch.device) -> torch.Tensor:
-    # byte -> (level of high nibble, level of low nibble): one gather unpacks and looks up at once.
+    # byte -> (level of high nibble, level of low nibble), each pair viewed as one int64 so that a
+    # single 1-D index_select unpacks and looks up both nibbles (several times faster than shifts
+    # plus a gather, or an embedding lookup, on CPU). Integer view: the bits are copied untouched.
     def build():
         b = torch.arange(256)
-        return torch.stack([NF4_CODE[b >> 4], NF4_CODE[b & 0xF]], dim=1)  # (256, 2)
+        pairs = torch.stack([NF4_CODE[b >> 4], NF4_CODE[b & 0xF]], dim=1)  # (256, 2) fp32
+        return pairs.view(torch.int64).view(256)
 
     return _cached("nf4_pairs", device, build)
 
@@ -136,7 +144,7 @@ def _dynamic_index_lut(device: torch.device) -> torch.Tensor:
     return _cached("dynamic_lut", device, build)
 
 
-@dataclass
+@dataclass(repr=False)
 class NF4Tensor:
     """A weight in NF4: packed 4-bit codes plus per-block scales (double-quantized or fp32).
 
@@ -161,6 +169,12 @@ class NF4Tensor:
     shape: torch.Size
     dtype: torch.dtype = torch.float32
     blocksize: int = 64
+
+    def __repr__(self) -> str:
+        return (
+            f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, nbytes={self.nbytes()}, device={self.packed.device})"
+        )
 
     @property
     def double_quant(self) -> bool:
@@ -195,13 +209,18 @@ class NF4Tensor:
         dtype = self.dtype if dtype is None else dtype
         n, bs = self.numel, self.blocksize
         absmax = self.block_absmax()
-        nb = absmax.numel()
-        pairs = _nf4_pair_lut(self.packed.device)[self.packed.long()]  # (ceil(n/2), 2)
-        values = pairs.view(-1)
-        if values.numel() != nb * bs:  # last block is partial: pad so the blocks form a matrix
-            values = nn.functional.pad(values[:n], (0, nb * bs - n))
-        out = values.view(nb, bs) * absmax[:, None]  # fp32 products, as bitsandbytes computes them
-        return out.view(-1)[:n].view(self.shape).to(dtype)
+        lut = _nf4_pair_lut(self.packed.device)
+        values = lut.index_select(0, self.packed.int()).view(torch.float32)  # (2 * ceil(n/2),)
+        # fp32 products, rounded once into the output dtype, as bitsandbytes computes them;
+        # `out=` fuses the cast into the multiply.
+        out = torch.empty(n, dtype=dtype, device=self.packed.device)
+        full = n - n % bs
+        torch.mul(
+            values[:full].view(-1, bs), absmax[: full // bs, None], out=out[:full].view(-1, bs)
+        )
+        if full < n:  # partial last block
+            torch.mul(values[full:n], absmax[-1], out=out[full:])
+        return out.view(self.shape)
 
     def nbytes(self) -> int:
         """Bytes the quantized weight occupies: codes, block scales, group scales and offset."""
@@ -279,19 +298,26 @@ class NF4Tensor:
             raise ValueError(f"quant_type must be 'nf4', got {qs['quant_type']!r}")
         if "quant_map" in qs and not torch.equal(qs["quant_map"].cpu().float(), NF4_CODE):
             raise ValueError("quant_map differs from the NF4 levels; refusing to reinterpret codes")
+        nested_map = qs.get("nested_quant_map")
+        if nested_map is not None and not torch.equal(nested_map.cpu().float(), dynamic_code()):
+            raise ValueError(
+                "nested_quant_map is not bitsandbytes' dynamic map; cannot decode scales"
+            )
         nested = "nested_absmax" in qs
         if nested and qs.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
             raise ValueError(f"nested_blocksize must be 256, got {qs['nested_blocksize']!r}")
         device = weight.device
+        packed = weight.reshape(-1)
+        if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype
+            packed = packed.view(torch.uint8)
+        offset = None
+        if nested:
+            offset = torch.tensor(float(qs["nested_offset"]), dtype=torch.float32, device=device)
         q = cls(
-            packed=weight.reshape(-1).view(torch.uint8)
-            if weight.dtype != torch.uint8
-            else weight.reshape(-1),
+            packed=packed,
             absmax=qs["absmax"].to(device),
             absmax_scale=qs["nested_absmax"].to(device, torch.float32) if nested else None,
-            absmax_offset=torch.tensor(float(qs["nested_offset"]), device=device)
-            if nested
-            else None,
+            absmax_offset=offset,
             shape=torch.Size(qs["shape"]),
             dtype=getattr(torch, qs["dtype"]),
             blocksize=int(qs["blocksize"]),
@@ -307,6 +333,9 @@ def _check_sizes(q: NF4Tensor) -> None:
         problems.append(f"packed has {q.packed.numel()} bytes, expected {-(-n // 2)}")
     if q.absmax.numel() != nb:
         problems.append(f"absmax has {q.absmax.numel()} entries, expected {nb}")
+    want = torch.uint8 if q.double_quant else torch.float32
+    if q.absmax.dtype != want:
+        problems.append(f"absmax has dtype {q.absmax.dtype}, expected {want}")
     if q.double_quant and q.absmax_scale.numel() != -(-nb // NESTED_BLOCKSIZE):
         problems.append(
             f"nested_absmax has {q.absmax_scale.numel()} entries, expected {-(-nb // NESTED_BLOCKSIZE)}"
@@ -360,10 +389,6 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor of shape {tuple(w.shape)}")
     flat = w.detach().reshape(-1).float()
-    if not torch.isfinite(flat).all():
-        raise ValueError(
-            f"weight of shape {tuple(w.shape)} contains NaN or inf; NF4 needs finite values"
-        )
 
     # Same ops, same order as bitsandbytes (backends/default/ops.py): full blocks are scaled by
     # the fp32 reciprocal of their absmax, the partial last block is divided by its absmax.
@@ -377,10 +402,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         last = flat[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, last[None]])
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
+    if not torch.isfinite(absmax).all():  # amax propagates NaN and inf: one check per block
+        raise ValueError(
+            f"weight of shape {tuple(w.shape)} contains NaN or inf; NF4 needs finite values"
+        )
     if n % 2:
         scaled = nn.functional.pad(scaled, (0, 1))  # pads with 0.0 -> code 7
     codes = torch.bucketize(scaled, _nf4_bounds(flat.device), out_int32=True).to(torch.uint8)
-    packed = (codes[::2] << 4) | codes[1::2]
+    pairs = codes.view(-1, 2)
+    packed = (pairs[:, 0] << 4) | pairs[:, 1]  # first of each pair in the high nibble
 
     if not double_quant:
         return NF4Tensor(packed, absmax, None, None, w.shape, w.dtype, blocksize)
@@ -443,6 +473,8 @@ class NF4Linear(nn.Module):
         input `(..., in_features)` -> output `(..., out_features)`, in the input's dtype (or the
         autocast dtype).
     """
+
+    is_quantized_linear = True  # how graftlm.surgery recognises a quantized base layer
 
     def __init__(
         self,
@@ -557,6 +589,10 @@ class NF4Linear(nn.Module):
         return self.nf4.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, None)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        # `weight` given: use it (a merged full-precision weight) with this layer's dtype rules
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         autocast = torch.is_autocast_enabled(x.device.type)
@@ -565,7 +601,10 @@ class NF4Linear(nn.Module):
         else:
             dtype = self.compute_dtype or x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            out = _NF4Matmul.apply(x, self.nf4, dtype)
+            if weight is None:
+                out = _NF4Matmul.apply(x, self.nf4, dtype)
+            else:
+                out = nn.functional.linear(x.to(dtype), weight.to(dtype))
             if self.bias is not None:
                 out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)
@@ -588,6 +627,111 @@ class NF4Linear(nn.Module):
             f"bias={self.bias is not None}, blocksize={self.blocksize}, double_quant={dq}, "
             f"compute_dtype={self.compute_dtype}"
         )
+
+
+class LoraNF4Linear(LoraLinear):
+    """LoRA over a frozen NF4 base (QLoRA): `y = NF4Linear(x) + sum_a scale_a * B_a(A_a(x))`.
+
+    The NF4 layer is kept whole as `base_layer` (PEFT's name); its bias is also exposed as
+    `bias`, the same Parameter, so bias training and PEFT's `...base_layer.bias` keys work as for
+    `LoraLinear`. `weight` is the packed uint8 codes, like bitsandbytes' `Linear4bit.weight`:
+    good for `.device` and identity checks, not for arithmetic.
+
+    Merging cannot write into 4-bit codes without re-rounding the update away, so a merge keeps
+    `dequant(W) + sum of merged deltas` as an fp32 `merged_weight` (full size, while merged);
+    unmerging the last adapter drops it, giving back the exact NF4 base. `to_plain()` returns an
+    `nn.Linear` with that full-precision weight, so `merge_and_unload` yields a plain model.
+
+    Args:
+        base: the NF4Linear to adapt (reused, not copied).
+
+    Shapes: input `(..., in_features)`, output `(..., out_features)`.
+    """
+
+    def __init__(self, base: NF4Linear) -> None:
+        LoraLayerBase.__init__(self)
+        self.fan_in_fan_out = False
+        self.bias = base.bias  # registered before base_layer: named_parameters() says `bias`
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base_class = nn.Linear
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.register_buffer("merged_weight", None, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight_packed
+
+    def add(self, name: str, rank: int, scaling: float, dropout: float, init: str) -> None:
+        """Create adapter `name`; as `LoraLinear.add`, except that PiSSA is refused.
+
+        Raises:
+            GraftError: `init="pissa"` (it rewrites the base weight, which is 4-bit here), or
+                the name exists.
+        """
+        if init == "pissa":
+            raise GraftError(
+                "init='pissa' rewrites the base weight, which is NF4 here; use init='kaiming' or "
+                "'gaussian' with quantize='nf4', or PiSSA without quantization"
+            )
+        super().add(name, rank, scaling, dropout, init)
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the updates of `names` (default: active adapters) to an fp32 copy of the base.
+
+        Raises:
+            GraftError: the merged weight would contain NaN or inf (nothing changes then).
+        """
+        names = self.active_adapters if names is None else names
+        for name in names:
+            if name in self.merged_adapters or name not in self.ranks:
+                continue
+            base = self.merged_weight
+            if base is None:
+                base = self.base_layer.dequantized_weight(torch.float32)
+            merged = base + self.delta_weight(name).to(base.device)
+            if not torch.isfinite(merged).all():
+                raise GraftError(f"merging adapter {name!r} would put NaN/inf into the base weight")
+            self.merged_weight = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Take merged updates out again; with none left the exact NF4 base is used again."""
+        names = list(self.merged_adapters) if names is None else names
+        for name in names:
+            if name not in self.merged_adapters:
+                continue
+            self.merged_adapters.remove(name)
+            if self.merged_adapters:
+                self.merged_weight = self.merged_weight - self.delta_weight(name)
+            else:
+                self.merged_weight = None
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone (with any merged updates): `x @ W.T + b`."""
+        return self.base_layer._linear(x, self.merged_weight)
+
+    def to_plain(self) -> nn.Module:
+        """An `nn.Linear` holding `dequant(W)` plus merged updates, in the base's original dtype."""
+        weight = self.merged_weight
+        if weight is None:
+            weight = self.base_layer.dequantized_weight(torch.float32)
+        dtype = self.base_layer.weight_dtype
+        plain = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+        plain.weight.requires_grad_(False)
+        if self.bias is not None:
+            plain.bias = self.bias
+        return plain
 
 
 def quantize_model_linears(
