@@ -278,3 +278,41 @@ def test_cli_yaml_config_with_flag_override(tmp_path, tiny_model_dir, capsys):
     assert cli_main(["inspect", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "rank           3" in out and "steps 2" in out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_shared_prefix_forward_gives_the_same_loss_and_gradients(kind, tiny_model_factory):
+    from graftlm.config import LoraConfig
+    from graftlm.data import Example
+    from graftlm.surgery import inject
+    from graftlm.train import loss_sum, prefix_sharing_is_exact
+
+    model = tiny_model_factory(kind)
+    inject(model, LoraConfig(rank=4, targets="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    model.eval()  # no dropout: both passes must see the same network
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(4, 200, (12,), generator=g)
+    ids = torch.stack(
+        [torch.cat([prefix, torch.randint(4, 200, (9,), generator=g)]) for _ in range(3)]
+    )
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0  # one row right-padded
+    labels = ids.clone()
+    labels[:, :10] = -100
+    labels[mask == 0] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        loss, count = loss_sum(model, batch, torch.float32, share_prefix=share)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), count, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert results[0][1] == results[1][1]
+    for name in results[0][2]:
+        torch.testing.assert_close(results[0][2][name], results[1][2][name], rtol=1e-4, atol=1e-5)
+    assert prefix_sharing_is_exact(model, Example(ids[0].tolist(), ids[0].tolist(), "x"), 2)
