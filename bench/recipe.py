@@ -1,0 +1,107 @@
+"""Choose `graftlm train`'s defaults by experiment: train with given settings, score exact match.
+
+    .venv/bin/python bench/recipe.py --task tickets --set lr=1e-3 epochs=1 --set lr=4e-4 epochs=2
+
+Each `--set` is one run (settings on top of TrainConfig's defaults). For every run it prints and
+appends to `bench/results/recipe.jsonl`: the settings, optimizer steps, training seconds (from
+metrics.jsonl), tokens/s, final eval loss, and greedy exact match on the task's held-out test
+file (unseen phrasings). Accuracy does not depend on machine load; seconds do, so compare
+seconds only between runs made on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+
+
+def parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def score(adapter: Path, test: Path, rows: int | None) -> tuple[float, int, float]:
+    from graftlm.data import prompt_for_generation, read_rows, reference_answer
+    from graftlm.generate import SamplingConfig, generate, load_for_inference
+
+    data, _ = read_rows(test)
+    data = data[:rows] if rows else data
+    model, tokenizer = load_for_inference(None, {"a": str(adapter)})
+    prompts = [prompt_for_generation(r, tokenizer) for r in data]
+    refs = [reference_answer(r).strip() for r in data]
+    t = time.perf_counter()
+    outputs = generate(
+        model, tokenizer, prompts, sampling=SamplingConfig(max_new_tokens=48), batch_size=16
+    )
+    correct = sum(o.strip() == r for o, r in zip(outputs, refs))
+    return correct / len(data), len(data), time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="tickets", help="a folder under examples/data")
+    parser.add_argument(
+        "--set", nargs="*", action="append", default=[], help="KEY=VALUE settings of one run"
+    )
+    parser.add_argument("--rows", type=int, default=None, help="score only the first N test rows")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "recipe.jsonl"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from graftlm.runtime import bf16_supported
+    from graftlm.train import train
+    from graftlm.train_config import TrainConfig
+
+    runs = args.set or [[]]
+    for settings in runs:
+        overrides = {
+            k.replace("-", "_"): parse_value(v) for k, v in (s.split("=", 1) for s in settings)
+        }
+        out = Path(tempfile.mkdtemp(prefix="recipe-"))
+        shutil.rmtree(out)
+        cfg = TrainConfig(data=str(DATA / args.task / "train.jsonl"), out=str(out), **overrides)
+        result = train(cfg, progress=False)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "loss" in r]
+        tokens = sum(r["tokens"] for r in steps)
+        accuracy, n, gen_s = score(out, DATA / args.task / "test.jsonl", args.rows)
+        record = {
+            "task": args.task,
+            "settings": overrides,
+            "steps": result.steps,
+            "train_s": steps[-1]["elapsed_s"],
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / steps[-1]["elapsed_s"], 1),
+            "final_loss": result.final_loss,
+            "eval_loss": result.eval_loss,
+            "exact_match": round(accuracy, 3),
+            "test_rows": n,
+            "generate_s": round(gen_s, 1),
+            "cpu_bf16": bf16_supported(),
+            "machine": platform.processor() or platform.machine(),
+        }
+        print(json.dumps(record), flush=True)
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""graftlm vs Hugging Face PEFT + the plain PyTorch loop a PEFT user writes, side by side.
+
+    .venv/bin/python bench/train_vs_peft.py --workload text --rank 8 --targets q_proj,v_proj
+    .venv/bin/python bench/train_vs_peft.py --workload chat --rank 16 --targets all-linear
+
+Both sides run in their own subprocess (so peak RSS is each one's own), on the same model, the
+same tokenized rows, rank, targets, batch, sequence length, learning rate and seed:
+
+- graftlm: `graftlm.train.train` (what `graftlm train` runs), its defaults for everything else;
+  tokens/s from its metrics.jsonl (`tokens`, `elapsed_s`).
+- PEFT: `get_peft_model` + AdamW + a padded batch loop with `model(**batch, labels=...)`, in the
+  best precision this CPU has (bf16 weights + autocast where bf16 is fast, else fp32).
+
+Workloads: `text` = plain-text rows of `--seq-len` tokens, every position labelled (the timed
+check of the issue); `chat` = the tickets chat task, rows of varied length, loss on answers only
+(where padding and unlabelled positions matter), timed to finish `--epochs` epochs.
+Prints tokens/s, peak RSS, the loss of the last steps and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TICKETS = ROOT / "examples" / "data" / "tickets" / "train.jsonl"
+
+
+def make_text_rows(path: Path, tokenizer, seq_len: int, rows: int) -> None:
+    """Plain-text rows of about seq_len tokens, made from the tickets' user messages."""
+    messages = [json.loads(x)["messages"][1]["content"] for x in TICKETS.read_text().splitlines()]
+    out, current, i = [], [], 0
+    while len(out) < rows:
+        current.append(messages[i % len(messages)])
+        i += 1
+        if len(tokenizer(" ".join(current))["input_ids"]) >= seq_len:
+            out.append({"text": " ".join(current)})
+            current = []
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_graftlm(args) -> dict:
+    from graftlm.train import train
+    from graftlm.train_config import TrainConfig
+
+    out = Path(tempfile.mkdtemp(prefix="bench-graftlm-")) / "out"
+    extra = {"steps": args.steps} if args.steps else {"epochs": args.epochs}
+    cfg = TrainConfig(
+        data=args.data,
+        out=str(out),
+        rank=args.rank,
+        alpha=2 * args.rank,
+        targets=args.targets,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        seed=0,
+        warmup_ratio=0.0,
+        low_memory=args.low_memory,
+        **extra,
+    )
+    train(cfg, progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    return {
+        "tokens": sum(r["tokens"] for r in steps),
+        "seconds": steps[-1]["elapsed_s"],
+        "losses": [r["loss"] for r in steps],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def worker_peft(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from graftlm.data import collate, length_grouped_batches, load_dataset
+    from graftlm.models import load_model
+    from graftlm.runtime import bf16_supported
+
+    torch.manual_seed(0)
+    bf16 = bf16_supported()
+    model, tokenizer = load_model(
+        "smollm2-135m-instruct", dtype=torch.bfloat16 if bf16 else torch.float32
+    )
+    examples, _ = load_dataset(args.data, tokenizer, args.seq_len)
+    targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
+    model = get_peft_model(
+        model,
+        LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0),
+    )
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    # the plain loop: shuffled fixed-size batches, padded to the longest row
+    order = [
+        i
+        for epoch in range(100)
+        for b in length_grouped_batches([1] * len(examples), args.batch_size, seed=0, epoch=epoch)
+        for i in [b]
+    ]
+    steps = args.steps or int(args.epochs * len(examples) / args.batch_size + 0.999)
+    from graftlm.train import lr_lambda
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(steps, 0.0)
+    )  # graftlm's schedule
+    losses, tokens, seconds = [], 0, 0.0
+    for step in range(steps):
+        batch = collate([examples[i] for i in order[step]], tokenizer.pad_token_id)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+            )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - start
+        tokens += int(batch["attention_mask"].sum())
+        losses.append(round(out.loss.item(), 6))
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "losses": losses,
+        "peak_rss_mb": peak_rss_mb(),
+        "bf16": bf16,
+    }
+
+
+def run_worker(kind: str, argv: list[str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, *argv],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["text", "chat"], default="text")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--low-memory", action="store_true")
+    parser.add_argument("--worker", choices=["graftlm", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        result = worker_graftlm(args) if args.worker == "graftlm" else worker_peft(args)
+        print(json.dumps(result))
+        return
+
+    data = Path(tempfile.mkdtemp(prefix="bench-data-")) / f"{args.workload}.jsonl"
+    if args.workload == "text":
+        from graftlm.models import load_tokenizer
+
+        make_text_rows(
+            data,
+            load_tokenizer("smollm2-135m-instruct"),
+            args.seq_len,
+            rows=args.batch_size * (args.steps or 12),
+        )
+        args.steps = args.steps or 12
+    else:
+        data.write_text(TICKETS.read_text())
+        args.seq_len = max(args.seq_len, 512)
+    argv = (
+        [
+            "--rank",
+            str(args.rank),
+            "--targets",
+            args.targets,
+            "--batch-size",
+            str(args.batch_size),
+            "--seq-len",
+            str(args.seq_len),
+            "--lr",
+            str(args.lr),
+            "--data",
+            str(data),
+            "--epochs",
+            str(args.epochs),
+        ]
+        + (["--steps", str(args.steps)] if args.steps else [])
+        + (["--low-memory"] if args.low_memory else [])
+    )
+    results = {kind: run_worker(kind, argv) for kind in ("peft", "graftlm")}
+    print(
+        f"workload {args.workload}: rank {args.rank}, targets {args.targets}, batch {args.batch_size}, seq-len {args.seq_len}"
+    )
+    for kind, r in results.items():
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        print(
+            f"  {kind:8s} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
+            f"  loss first {r['losses'][0]:.4f} last {r['losses'][-1]:.4f}"
+        )
+    g, p = results["graftlm"], results["peft"]
+    print(
+        f"  ratios graftlm/PEFT: speed {g['tokens_per_s'] / p['tokens_per_s']:.2f}x (time to finish "
+        f"{p['seconds'] / g['seconds']:.2f}x faster), peak memory {g['peak_rss_mb'] / p['peak_rss_mb']:.2f}x"
+    )
+    steps = min(len(g["losses"]), len(p["losses"]))
+    worst = max(abs(a - b) / b for a, b in zip(g["losses"][:steps], p["losses"][:steps]))
+    print(f"  loss agreement over {steps} steps: max relative difference {worst:.3%}")
+
+
+if __name__ == "__main__":
+    main()
