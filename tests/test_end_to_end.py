@@ -89,3 +89,35 @@ def test_peft_loads_the_trained_adapter_with_the_same_greedy_text(trained, smoll
         with torch.no_grad():
             out = peft_model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)
         assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) == row["output"]
+
+
+def test_peft_trained_rslora_adapter_generates_the_same_text_in_graftlm(smollm2_copy, tmp_path):
+    """A PEFT adapter (rsLoRA, rank 16, all linear layers), through `graftlm generate`'s batched,
+    left-padded path, gives PEFT's own one-prompt-at-a-time greedy text."""
+    from peft import LoraConfig, get_peft_model
+
+    from graftlm.data import prompt_for_generation
+
+    model, tokenizer = smollm2_copy
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules="all-linear", init_lora_weights=False)
+    )
+    with torch.no_grad():  # a visible but sane update, like a trained adapter
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.02)
+    peft_model.eval()
+    folder = tmp_path / "peft_adapter"
+    peft_model.save_pretrained(folder)
+    rows = _prompts(6)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preds = tmp_path / "preds.jsonl"
+    assert cli_main(["generate", "--adapter", str(folder), "--model", "smollm2-135m-instruct", "--input", str(inputs), "--output", str(preds), "--max-new-tokens", "16"]) == 0
+    outputs = [json.loads(line)["output"] for line in preds.read_text().splitlines()]
+    for row, output in zip(rows, outputs):
+        ids = tokenizer(prompt_for_generation(row, tokenizer), add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = peft_model.generate(**ids, max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2)
+        assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) == output
