@@ -276,6 +276,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve --------------------------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    # defined next to the server (graftlm/serve.py); fastapi/uvicorn are imported only when run
+    from graftlm.serve import add_serve_parser
+
+    add_serve_parser(sub)
+
+
 # -- entry point ----------------------------------------------------------------------------------
 
 
@@ -285,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_generate, _add_chat, _add_merge, _add_inspect):
+    for add in (_add_train, _add_generate, _add_chat, _add_merge, _add_inspect, _add_serve):
         add(sub)
     return parser
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.methods.lora_rows import gathered_rows_forward
 
 # (adapter name or None for "base only", LongTensor of row indices) per group
 RowGroups = list[tuple[str | None, torch.Tensor]]
@@ -71,6 +72,7 @@ class LoraLayerBase(nn.Module):
                 del container[name]
         for table in (self.scaling, self.ranks, self.pissa_init):
             table.pop(name, None)
+        self._row_bank = None  # the per-row bank (lora_rows.py) may hold a copy of it
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def _adapter_containers(self) -> list[nn.ModuleDict | nn.ParameterDict]:
@@ -223,6 +225,10 @@ class LoraLinear(LoraLayerBase):
         out_dtype = result.dtype
         if self.row_groups is not None:
             self._check_rows()
+            # many adapters in one batch at inference: two bmm over a padded bank (lora_rows.py)
+            gathered = gathered_rows_forward(self, x, result)
+            if gathered is not None:
+                return gathered
             for name, rows in self.row_groups:
                 if name is None or name not in self.ranks:
                     continue  # base-only rows, or an adapter that does not touch this layer
