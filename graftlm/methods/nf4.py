@@ -738,7 +738,7 @@ def quantize_model_linears(
     model: nn.Module,
     *,
     skip: Iterable[str] = ("lm_head",),
-    compute_dtype: torch.dtype | None = torch.bfloat16,
+    compute_dtype: torch.dtype | None = None,
     blocksize: int = 64,
     double_quant: bool = True,
 ) -> dict[str, Any]:
