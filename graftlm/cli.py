@@ -46,6 +46,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             flag, type=kind, default=argparse.SUPPRESS, help=f"{help_text} (default: {default})"
         )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="train with N processes on this machine (starts torchrun for you); "
+        "for several machines run `torchrun ... -m graftlm train` yourself",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -73,17 +80,38 @@ def build_train_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from graftlm.train import train
+    from graftlm.launch import launched_by_torchrun
 
     cfg = build_train_config(args)
-    result = train(cfg, progress=not args.quiet)
-    if result.interrupted:
-        return 130
-    print(
-        f"done: {result.steps} steps in {result.train_seconds:.0f} s, final loss {result.final_loss:.4f}"
-        + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-        + f"; adapter in {result.out}"
-    )
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None:
+        if nproc < 1:
+            raise GraftError(f"--nproc should be a positive integer, got {nproc!r}")
+        if launched_by_torchrun():
+            raise GraftError(
+                "--nproc starts torchrun itself; under torchrun leave it out "
+                "(torchrun's --nproc-per-node sets the process count)"
+            )
+        if nproc > 1:  # this process only waits: it never imports torch
+            from graftlm.launch import launch_local
+
+            return launch_local(cfg, nproc, quiet=args.quiet, debug=args.debug)
+    from graftlm.runtime import Runtime
+    from graftlm.train import train
+
+    with Runtime.from_env() as runtime:
+        if not runtime.is_main:
+            logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
+        result = train(cfg, runtime=runtime, progress=not args.quiet)
+        if result.interrupted:
+            return 130
+        if runtime.is_main:
+            print(
+                f"done: {result.steps} steps in {result.train_seconds:.0f} s, final loss {result.final_loss:.4f}"
+                + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+                + f"; adapter in {result.out}"
+                + (f" ({runtime.world_size} processes)" if runtime.distributed else "")
+            )
     return 0
 
 
@@ -229,6 +257,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
+# -- eval ----------------------------------------------------------------------------------------
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="teacher-forced loss on the answers (and exact match with --generate)")
+    p.add_argument("--data", required=True, help="rows with answers (.jsonl/.csv/.parquet)")
+    p.add_argument("--adapter", default=None, help="adapter folder (default: the base model alone)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--generate", action="store_true", help="also greedy exact-match accuracy")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", help="write the result as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from graftlm.adapters import atomic_write_json
+    from graftlm.evaluate import evaluate_file
+    from graftlm.generate import load_for_inference, parse_dtype
+
+    if not Path(args.data).is_file():
+        raise GraftError(f"--data {args.data}: file not found")
+    adapters = {"default": args.adapter} if args.adapter else {}
+    model, tokenizer = load_for_inference(args.model, adapters, dtype=args.dtype, force=args.force)
+    result = evaluate_file(
+        model,
+        tokenizer,
+        args.data,
+        seq_len=args.seq_len,
+        compute_dtype=parse_dtype(args.dtype),
+        generate=args.generate,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    if args.output:
+        atomic_write_json(Path(args.output), result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 # -- merge / inspect ------------------------------------------------------------------------------
 
 
@@ -295,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_generate, _add_chat, _add_merge, _add_inspect, _add_serve):
+    for add in (_add_train, _add_generate, _add_chat, _add_eval, _add_merge, _add_inspect, _add_serve):
         add(sub)
     return parser
 
