@@ -75,11 +75,14 @@ def micro_batches(
 ) -> list[list[int]]:
     """Cut one step's sequences into micro-batches (longest first) and keep this rank's share."""
     ordered = sorted(indices, key=lambda i: len(examples[i]), reverse=True)
+    # with several ranks, cut at least one micro-batch per rank so that every rank has work
+    per_rank = -(-len(indices) // runtime.world_size)
     chunks: list[list[int]] = []
     current: list[int] = []
     for i in ordered:
         width = len(examples[current[0]]) if current else len(examples[i])
         limit = cfg.micro_batch_size or max(1, MICRO_BATCH_TOKENS // max(width, 1))
+        limit = min(limit, per_rank)
         if current and len(current) >= limit:
             chunks.append(current)
             current = []
@@ -218,6 +221,8 @@ def evaluate(
         batch = collate([examples[i] for i in indices], pad_id)
         with autocast(compute_dtype):
             loss, count = loss_sum(model, batch, compute_dtype)
+        if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
+            continue
         total += loss.item()
         tokens += count
     total, tokens = runtime.all_reduce_sum([total, float(tokens)])
@@ -353,7 +358,7 @@ def train(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    runtime.wrap_gradients(params)
+    runtime.prepare(model, params, fsdp=cfg.fsdp)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
@@ -391,6 +396,8 @@ def train(
                 batch = collate([examples[i] for i in indices], pad_id)
                 with autocast(compute_dtype):
                     loss, _ = loss_sum(model, batch, compute_dtype, share_prefix=share_prefix)
+                if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
+                    loss = loss * 0.0
                 (loss / max(labelled, 1)).backward()
                 total_loss += loss.item()
             runtime.reduce_gradients(params)
@@ -403,7 +410,9 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            (total_loss,) = runtime.all_reduce_sum([total_loss])
+            # ranks agree on stopping: a signal may reach them on either side of a step
+            total_loss, stops = runtime.all_reduce_sum([total_loss, float(flag.stop)])
+            stop = stops > 0
             last_loss = total_loss / max(labelled, 1)
             elapsed = elapsed_before + time.perf_counter() - t0
             row = {
@@ -438,7 +447,7 @@ def train(
                     tok_s=f"{row['tokens_per_s']:.0f}",
                     **({"eval": f"{eval_loss:.4f}"} if row_eval else {}),
                 )
-            if flag.stop or (done % cfg.save_every == 0 and done < total_steps):
+            if stop or (done % cfg.save_every == 0 and done < total_steps):
                 if runtime.is_main:
                     ckpt.write(
                         out,
@@ -450,7 +459,7 @@ def train(
                         elapsed_s=elapsed,
                         cfg=cfg,
                     )
-                if flag.stop:
+                if stop:
                     interrupted = True
                     step = done
                     break

@@ -81,6 +81,13 @@ class TrainConfig:
     low_memory: bool = field(
         default=False, metadata={"help": "activation checkpointing: less memory, a bit slower"}
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "under torchrun: shard each decoder layer's frozen weights across the "
+            "processes (FSDP2); the adapter stays whole on every process"
+        },
+    )
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "warn about and skip bad data rows instead of failing"}
     )
