@@ -43,12 +43,12 @@ class TrainConfig:
         default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"}
     )
     epochs: float = field(
-        default=3.0, metadata={"help": "passes over the training data (ignored with --steps)"}
+        default=1.0, metadata={"help": "passes over the training data (ignored with --steps)"}
     )
     steps: int | None = field(
         default=None, metadata={"help": "optimizer steps to run (overrides --epochs)"}
     )
-    lr: float = field(default=4e-4, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
     micro_batch_size: int | None = field(
         default=None,
