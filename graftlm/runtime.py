@@ -169,7 +169,7 @@ class Runtime:
         import torch.distributed as dist
 
         with torch.no_grad():
-            flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+            flat = torch.cat([p.detach().float().reshape(-1) for p in params] or [torch.zeros(0)])
             dist.broadcast(flat, src=0)
             for p, value in zip(params, flat.split([p.numel() for p in params])):
                 p.copy_(value.view_as(p))
@@ -214,7 +214,7 @@ class Runtime:
         micro-batch this step contributes zeros; a parameter no rank produced a gradient for
         keeps `grad = None`, as in one process (so AdamW skips it there too).
         """
-        if not self.distributed:
+        if not self.distributed or not params:
             return
         import torch.distributed as dist
 
