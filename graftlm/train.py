@@ -136,7 +136,7 @@ def decoder_hidden(
         return out[0]
     rows = input_ids.shape[0]
     prefix = shared_prefix_length(input_ids, mask) if share_prefix and rows > 1 else 0
-    if prefix < MIN_SHARED_PREFIX or getattr(model, "is_gradient_checkpointing", False):
+    if prefix < MIN_SHARED_PREFIX:
         return inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     head = inner(input_ids=input_ids[:1, :prefix], use_cache=True)
     cache = head.past_key_values
@@ -210,6 +210,8 @@ def evaluate(
     pad_id: int,
     compute_dtype: torch.dtype,
     runtime: Runtime,
+    *,
+    share_prefix: bool = True,
 ) -> tuple[float, int]:
     """Mean loss over the labelled tokens of `examples` (teacher-forced), and the token count."""
     was_training = model.training
@@ -220,7 +222,7 @@ def evaluate(
     for indices in runtime.shard(batches):
         batch = collate([examples[i] for i in indices], pad_id)
         with autocast(compute_dtype):
-            loss, count = loss_sum(model, batch, compute_dtype)
+            loss, count = loss_sum(model, batch, compute_dtype, share_prefix=share_prefix)
         if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
             continue
         total += loss.item()
@@ -369,7 +371,10 @@ def train(
     plan = step_batches(examples, cfg, total_steps)
     eval_every = cfg.eval_every or max(1, total_steps // 8)
     with autocast(compute_dtype):
-        share_prefix = prefix_sharing_is_exact(model, max(examples, key=len), pad_id)
+        # activation checkpointing recomputes layers without a cache: no sharing in low-memory mode
+        share_prefix = not cfg.low_memory and prefix_sharing_is_exact(
+            model, max(examples, key=len), pad_id
+        )
     logger.debug("shared-prefix forward: %s", "on" if share_prefix else "off")
 
     start_step, elapsed_before = 0, 0.0
@@ -429,7 +434,7 @@ def train(
             done = step + 1
             if eval_examples and (done % eval_every == 0 or done == total_steps):
                 eval_loss, eval_tokens = evaluate(
-                    model, eval_examples, pad_id, compute_dtype, runtime
+                    model, eval_examples, pad_id, compute_dtype, runtime, share_prefix=share_prefix
                 )
                 row_eval = {
                     "step": done,
