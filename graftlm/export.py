@@ -48,11 +48,21 @@ def merge_to_folder(
     base_name = model or adapter_base_model(adapter) or BUILTIN_NAME
     if not (base_name.lower() == BUILTIN_NAME or os.path.exists(base_name)):
         base_name = BUILTIN_NAME
-    # Merge in fp32 on the 16/32-bit base, also for QLoRA adapters: the merged model is the
-    # full-precision base plus the update (the 4-bit base is only a training-time memory saver).
     base, tokenizer = load_model(base_name, dtype=torch.float32)
+    if config.quantize == "nf4":
+        # A QLoRA adapter was trained against the 4-bit weights: merge it into those, dequantized
+        # (in fp32), so the merged model computes what the adapter was trained to complement.
+        from graftlm.methods.nf4 import quantize_model_linears
+        from graftlm.surgery import base_fingerprint
+
+        base_fingerprint(base)
+        quantize_model_linears(base)
     load_adapter(base, adapter, name="default", force=force)
     merged = merge_and_unload(base)
+    if config.quantize == "nf4":
+        from graftlm.methods.nf4 import dequantize_model_linears
+
+        dequantize_model_linears(merged)
     merged.to(parse_dtype(dtype))
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config

@@ -786,3 +786,27 @@ def quantize_model_linears(
         "bytes_after": after,
         "bytes_per_param": after / params if params else float("nan"),
     }
+
+
+def dequantize_model_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every remaining `NF4Linear` by a plain `nn.Linear` holding its dequantized weight.
+
+    Used when writing a merged QLoRA model: layers without an adapter still hold 4-bit codes,
+    which a plain transformers checkpoint cannot express.
+
+    Returns:
+        The number of layers replaced.
+    """
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is NF4Linear:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+            with torch.no_grad():
+                plain.weight.copy_(module.dequantized_weight(torch.float32).to(dtype))
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias.to(dtype))
+            plain.requires_grad_(False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+            replaced += 1
+    return replaced
