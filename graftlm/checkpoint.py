@@ -59,11 +59,11 @@ def write(
     tensors: dict[str, torch.Tensor] = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for p in params:
-        tensors[f"param/{names[id(p)]}"] = p.detach().contiguous()
+        tensors[f"param/{names[id(p)]}"] = p.detach().contiguous().cpu()
     for index, p in enumerate(params):
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value):
-                tensors[f"optim/{index}/{key}"] = value.detach().contiguous().reshape(value.shape)
+                tensors[f"optim/{index}/{key}"] = value.detach().contiguous().cpu()
     tensors["rng/torch"] = torch.get_rng_state()
     meta = {
         "step": step,
@@ -130,7 +130,12 @@ def restore(
             p.copy_(tensors[f"param/{names[id(p)]}"])
     for index, p in enumerate(params):
         prefix = f"optim/{index}/"
-        entry = {k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+        # AdamW keeps its step counter on the CPU and the moments next to the parameter
+        entry = {
+            k[len(prefix) :]: v.clone() if k.endswith("/step") else v.to(p.device, copy=True)
+            for k, v in tensors.items()
+            if k.startswith(prefix)
+        }
         if entry:
             optimizer.state[p] = entry
     scheduler.last_epoch = meta["scheduler"]

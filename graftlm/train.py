@@ -166,6 +166,7 @@ def prefix_sharing_is_exact(model: nn.Module, example: Example, pad_id: int) -> 
         return False
     other = ids[:-3] + [ids[-1]]
     batch = collate([Example(ids, ids, "probe"), Example(other[:-1], other[:-1], "probe")], pad_id)
+    batch = on_device(batch, next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
@@ -220,8 +221,9 @@ def evaluate(
     lengths = [len(e) for e in examples]
     batches = length_grouped_batches(lengths, 8, shuffle=False, max_tokens=MICRO_BATCH_TOKENS)
     for indices in runtime.shard(batches):
-        batch = collate([examples[i] for i in indices], pad_id)
-        with autocast(compute_dtype):
+        device = next(model.parameters()).device
+        batch = on_device(collate([examples[i] for i in indices], pad_id), device)
+        with autocast(compute_dtype, device):
             loss, count = loss_sum(model, batch, compute_dtype, share_prefix=share_prefix)
         if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
             continue
@@ -232,8 +234,24 @@ def evaluate(
     return total / max(tokens, 1.0), int(tokens)
 
 
-def autocast(dtype: torch.dtype):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+def autocast(dtype: torch.dtype, device: torch.device | str = "cpu"):
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def training_device() -> torch.device:
+    """The accelerator this process owns (torchrun's LOCAL_RANK was set as current), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return (
+        batch
+        if device.type == "cpu"
+        else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    )
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -309,7 +327,8 @@ def train(
     out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    compute_dtype = _compute_dtype(cfg.dtype)
+    device = training_device()
+    compute_dtype = _compute_dtype(cfg.dtype, device)
     metrics_path = out / "metrics.jsonl"
     state = ckpt.read(out) if cfg.resume else None
     if cfg.resume and state is None:
@@ -327,6 +346,7 @@ def train(
     torch.manual_seed(cfg.seed)
     # Frozen base weights are held in the compute dtype: no per-step casts of the big matrices.
     model, tokenizer = load_model(cfg.model, dtype=compute_dtype)
+    model.to(device)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -370,7 +390,7 @@ def train(
     )
     plan = step_batches(examples, cfg, total_steps)
     eval_every = cfg.eval_every or max(1, total_steps // 8)
-    with autocast(compute_dtype):
+    with autocast(compute_dtype, device):
         # activation checkpointing recomputes layers without a cache: no sharing in low-memory mode
         share_prefix = not cfg.low_memory and prefix_sharing_is_exact(
             model, max(examples, key=len), pad_id
@@ -398,8 +418,8 @@ def train(
             tokens = sum(len(examples[i]) for i in plan[step])
             total_loss = 0.0
             for indices in chunks:
-                batch = collate([examples[i] for i in indices], pad_id)
-                with autocast(compute_dtype):
+                batch = on_device(collate([examples[i] for i in indices], pad_id), device)
+                with autocast(compute_dtype, device):
                     loss, _ = loss_sum(model, batch, compute_dtype, share_prefix=share_prefix)
                 if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
                     loss = loss * 0.0
@@ -516,11 +536,13 @@ def train(
     )
 
 
-def _compute_dtype(name: str) -> torch.dtype:
+def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "float32":
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if bf16_supported() else torch.float32
 
 
