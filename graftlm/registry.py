@@ -78,7 +78,8 @@ class AdapterRegistry:
         budget_bytes: the most bytes of adapter weights loaded at once (None: no limit).
         force: load adapters despite a base-fingerprint mismatch (same architecture).
 
-    Thread-safe: every method takes `lock` (re-entrant).
+    Thread-safe: every change takes `lock` (re-entrant), which also guards the model. The
+    registry serves inference: loading an adapter puts the model in eval mode.
     """
 
     def __init__(
@@ -212,38 +213,34 @@ class AdapterRegistry:
             raise UnknownAdapter(f"no adapter named {name!r} is registered")
         return entry
 
+    # Queries read without `lock`: the serving engine holds it for whole forward passes, and
+    # /health or /v1/models should not wait for a step. Copying a dict (`list(d)`, `d.get`) is
+    # atomic in CPython, so a query sees the registry before or after a change, never halfway.
+
     def __contains__(self, name: object) -> bool:
-        with self.lock:
-            return name in self._entries
+        return name in self._entries
 
     def names(self) -> list[str]:
         """Registered names, in registration order."""
-        with self.lock:
-            return list(self._entries)
+        return list(self._entries)
 
     def entry(self, name: str) -> AdapterEntry:
-        """The entry of a registered adapter (raises GraftError if unknown)."""
-        with self.lock:
-            return self._get(name)
+        """The entry of a registered adapter.
+
+        Raises:
+            UnknownAdapter: no adapter of that name.
+        """
+        return self._get(name)
 
     def loaded(self) -> list[str]:
         """Names whose weights are in the model, least recently used first."""
-        with self.lock:
-            entries = [e for e in self._entries.values() if e.loaded]
-            return [e.name for e in sorted(entries, key=lambda e: e.last_used)]
+        entries = [e for e in list(self._entries.values()) if e.loaded]
+        return [e.name for e in sorted(entries, key=lambda e: e.last_used)]
 
     def loaded_bytes(self) -> int:
         """Bytes of adapter weights now in the model (unregistered ones still in use included)."""
-        with self.lock:
-            return sum(e.nbytes for e in [*self._entries.values(), *self._doomed] if e.loaded)
-
-    def internal_name(self, name: str) -> str:
-        """The name adapter `name` has inside the model (it must be loaded)."""
-        with self.lock:
-            entry = self._get(name)
-            if entry.internal is None:
-                raise GraftError(f"adapter {name!r} is not loaded")
-            return entry.internal
+        entries = [*list(self._entries.values()), *list(self._doomed)]
+        return sum(e.nbytes for e in entries if e.loaded)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -333,6 +330,8 @@ class AdapterRegistry:
             raise GraftError(f"{entry.path}: cannot load adapter {entry.name!r} ({exc})") from None
         entry.internal = internal
         self.version += 1
+        # new LoRA layers start in training mode: LoRA dropout would make answers random
+        self.model.eval()
 
     def _delete_if_present(self, internal: str) -> None:
         from graftlm.surgery import adapter_names, delete_adapter

@@ -22,7 +22,6 @@ shapes live in `serve_api.py`. Without `--api-key` only loopback clients are ser
 import asyncio
 import hmac
 import ipaddress
-import json
 import logging
 import signal
 import time
@@ -33,9 +32,12 @@ from graftlm.errors import GraftError
 from graftlm.serve_api import (
     ApiError,
     completion_response,
+    engine_error,
     error_body,
     model_card,
     parse_generation,
+    read_json,
+    result_of,
     sse,
     stream_chunk,
     usage,
@@ -136,10 +138,10 @@ def build_app(state: ServerState):
     async def models():
         cards = [model_card(state.base_name, state.created, state.context)]
         for name in state.registry.names():
-            entry = state.registry.entry(name)
-            cards.append(
-                model_card(name, state.created, state.context, str(entry.path), state.base_name)
-            )
+            entry = state.registry._entries.get(name)  # None: unregistered meanwhile
+            if entry is not None:
+                path = str(entry.path)
+                cards.append(model_card(name, state.created, state.context, path, state.base_name))
         return {"object": "list", "data": cards}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
@@ -151,7 +153,7 @@ def build_app(state: ServerState):
         return await _generate(request, chat=False)
 
     async def _generate(request: Request, chat: bool):
-        body = await _read_json(request, state.max_body_bytes)
+        body = await read_json(request, state.max_body_bytes)
         job = await run_in_threadpool(parse_generation, body, state, chat)
         if job.stream:
             return StreamingResponse(
@@ -179,10 +181,10 @@ def build_app(state: ServerState):
                         raise ApiError(499, "client closed the request") from None
                     continue
                 if event.kind == "error":
-                    raise _engine_error(event.error)
+                    raise engine_error(event.error)
                 texts[index] += event.text
                 if event.kind == "done":
-                    results[index] = _result(texts[index], event)
+                    results[index] = result_of(texts[index], event)
         finally:
             for req in requests:
                 req.cancel()  # a no-op for finished ones; frees rows of abandoned ones
@@ -199,13 +201,13 @@ def build_app(state: ServerState):
             while any(r is None for r in finished):
                 index, event = await queue.get()
                 if event.kind == "error":
-                    error = _engine_error(event.error)
+                    error = engine_error(event.error)
                     yield sse(error_body(error))
                     break
                 if event.text:
                     yield sse(stream_chunk(job, chat, index, text=event.text))
                 if event.kind == "done":
-                    finished[index] = _result("", event)
+                    finished[index] = result_of("", event)
                     yield sse(stream_chunk(job, chat, index, finish=event.finish_reason))
             else:
                 if job.include_usage:
@@ -240,7 +242,7 @@ def build_app(state: ServerState):
 
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorize)])
     async def load_lora_adapter(request: Request):
-        body = await _read_json(request, state.max_body_bytes)
+        body = await read_json(request, state.max_body_bytes)
         name, path = body.get("lora_name"), body.get("lora_path")
         for field, value in (("lora_name", name), ("lora_path", path)):
             if not isinstance(value, str) or not value:
@@ -258,7 +260,7 @@ def build_app(state: ServerState):
     async def unload_lora_adapter(request: Request):
         from graftlm.registry import UnknownAdapter
 
-        body = await _read_json(request, state.max_body_bytes)
+        body = await read_json(request, state.max_body_bytes)
         name = body.get("lora_name")
         if not isinstance(name, str) or not name:
             raise ApiError(400, "'lora_name' should be a non-empty string", param="lora_name")
@@ -274,48 +276,13 @@ def build_app(state: ServerState):
     return app
 
 
-def _result(text: str, event) -> dict:
-    return {
-        "text": text,
-        "finish_reason": event.finish_reason,
-        "prompt_tokens": event.prompt_tokens,
-        "completion_tokens": event.completion_tokens,
-    }
-
-
-def _engine_error(error: BaseException | None) -> ApiError:
-    from graftlm.registry import UnknownAdapter
-
-    if isinstance(error, UnknownAdapter):
-        return ApiError(404, str(error), code="model_not_found")
-    return ApiError(500, f"generation failed: {error}", "server_error")
-
-
 def _is_loopback(host: str) -> bool:
+    # the socket peer's address (uvicorn only rewrites it from X-Forwarded-For sent by a
+    # trusted local proxy); a Unix socket or anything unparsable is not loopback
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host in ("localhost", "testclient")
-
-
-async def _read_json(request, limit: int) -> dict:
-    """The body as a JSON object, refusing (413) more than `limit` bytes before reading them."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body over {limit} bytes (--max-body-bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body over {limit} bytes (--max-body-bytes)")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"request body should be a JSON object, got {type(body).__name__}")
-    return body
+        return False
 
 
 # -- starting the server ------------------------------------------------------------------------
@@ -388,11 +355,13 @@ def create_server(
 
         base_fingerprint(base)
         quantize_model_linears(base)
+    base_name = model or model_id_of(base)
+    if base_name in adapters:
+        raise GraftError(f"--adapter {base_name}=...: that name is the base model's own")
     registry = AdapterRegistry(base, budget_bytes=adapter_memory, force=force)
     for name, path in adapters.items():
         registry.register(name, path, load=True)
     engine = Engine(base, tokenizer, registry, max_batch=max_batch)
-    base_name = model or model_id_of(base)
     context = int(getattr(base.config, "max_position_embeddings", 0) or 1 << 30)
     state = ServerState(
         engine=engine,

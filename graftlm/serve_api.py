@@ -300,6 +300,29 @@ def _is_ids(value: Any) -> bool:
     )
 
 
+# -- request bodies ----
+
+
+async def read_json(request, limit: int) -> dict:
+    """The body as a JSON object, refusing (413) more than `limit` bytes before reading them."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body over {limit} bytes (--max-body-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body over {limit} bytes (--max-body-bytes)")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body should be a JSON object, got {type(body).__name__}")
+    return body
+
+
 # -- responses ------------------------------------------------------------------------------------
 
 
@@ -389,3 +412,22 @@ def model_card(
         "parent": parent,
         "max_model_len": context,
     }
+
+
+def result_of(text: str, event) -> dict:
+    """One prompt's outcome from its engine "done" event."""
+    return {
+        "text": text,
+        "finish_reason": event.finish_reason,
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+    }
+
+
+def engine_error(error: BaseException | None) -> ApiError:
+    """The HTTP error for an engine "error" event."""
+    from graftlm.registry import UnknownAdapter
+
+    if isinstance(error, UnknownAdapter):
+        return ApiError(404, str(error), code="model_not_found")
+    return ApiError(500, f"generation failed: {error}", "server_error")

@@ -118,3 +118,51 @@ def test_training_mode_and_gradients_use_the_loop():
     out.sum().backward()
     assert model.model.layers[0].self_attn.q_proj.lora_B["wide"].weight.grad is not None
     assert getattr(model.model.layers[0].self_attn.q_proj, "_row_bank", None) is None
+
+
+def test_generate_with_an_adapter_per_row_equals_each_alone():
+    from graftlm.generate import SamplingConfig, generate
+
+    model, tokenizer = adapted_model(), helpers.tiny_tokenizer()
+    prompts = ["hello", "a longer prompt here", "xyz", "mid size", "q"]
+    names = ["wide", "qv", None, "mlp", "emb"]
+    sampling = SamplingConfig(max_new_tokens=8)
+    batched = generate(model, tokenizer, prompts, adapters=names, sampling=sampling)
+    alone = [
+        generate(model, tokenizer, [p], adapters=[n], sampling=sampling)[0]
+        for p, n in zip(prompts, names)
+    ]
+    assert batched == alone
+
+
+def test_bank_is_kept_while_the_batch_keeps_its_adapters():
+    model = adapted_model()
+    layer = model.model.layers[1].mlp.down_proj
+    ids = batch(rows=4)
+    with graftlm.row_adapters(model, ["wide", "mlp", "qv", "wide"]):
+        logits(model, ids)
+    bank = layer._row_bank
+    with graftlm.row_adapters(model, ["wide", "mlp", "qv", "wide"]):  # a new step, same rows
+        logits(model, ids)
+    assert layer._row_bank is bank
+    names = ["wide", "mlp", "mlp", "wide"]  # same adapters on this layer, other rows
+    with graftlm.row_adapters(model, names):
+        remapped = logits(model, ids)
+    assert layer._row_bank is bank
+    for row, name in enumerate(names):
+        with graftlm.row_adapters(model, [name]):
+            alone = logits(model, ids[row : row + 1])
+        torch.testing.assert_close(remapped[row : row + 1], alone, atol=2e-4, rtol=1e-4)
+
+
+def test_lora_dropout_in_training_mode_keeps_the_loop():
+    model = helpers.tiny_llama()
+    for name in ("a", "b"):
+        graftlm.inject(model, LoraConfig(rank=2, targets=("q_proj",), dropout=0.5), name=name)
+    layer = model.model.layers[0].self_attn.q_proj
+    ids = batch(rows=2)
+    with graftlm.row_adapters(model, ["a", "b"]):
+        logits(model.train(), ids)
+        assert getattr(layer, "_row_bank", None) is None  # dropout applies: loop path
+        logits(model.eval(), ids)
+        assert layer._row_bank is not None

@@ -90,6 +90,14 @@ def test_reloaded_adapter_computes_what_it_did(folders):
     assert torch.equal(run("a0"), first)
 
 
+def test_loaded_adapters_serve_in_eval_mode(tmp_path):
+    folder = save(tmp_path / "drop", LoraConfig(rank=4, targets=("q_proj",), dropout=0.5))
+    model = helpers.tiny_llama().train()
+    registry = AdapterRegistry(model)
+    registry.register("drop", folder, load=True)
+    assert not any(m.training for m in model.modules())  # no random LoRA dropout in answers
+
+
 def test_pinned_adapters_are_never_evicted(folders):
     registry = AdapterRegistry(helpers.tiny_llama())
     registry.register("a0", folders[0])

@@ -32,8 +32,6 @@ class _Bank:
 
     def __init__(self, layer, groups, names: list[str]) -> None:
         self.names = names
-        self.groups = groups
-        self.rows_key = _rows_key(groups, names)
         weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
         # in-place edits (an optimizer step, a test perturbing B) bump a tensor's `_version`;
         # a deleted adapter drops the bank (LoraLayerBase.delete), so names + versions (and
@@ -47,8 +45,14 @@ class _Bank:
             rank = layer.ranks[name]
             self.a[slot, :rank] = lora_a.detach()
             self.b[slot, :, :rank] = lora_b.detach()
-        scale = torch.tensor([layer.scaling[n] for n in names], device=device, dtype=dtype)
-        slot_of = {n: i for i, n in enumerate(names)}
+        self.scale = torch.tensor([layer.scaling[n] for n in names], device=device, dtype=dtype)
+        self.map_rows(groups)
+
+    def map_rows(self, groups) -> None:
+        """Which rows use which slot (cheap; redone when only the rows change)."""
+        self.groups = groups
+        self.rows_key = _rows_key(groups, self.names)
+        slot_of = {n: i for i, n in enumerate(self.names)}
         rows, slots = [], []
         for name, group_rows in groups:
             if name in slot_of:
@@ -56,24 +60,25 @@ class _Bank:
                 slots.append(torch.full_like(group_rows, slot_of[name]))
         self.rows = torch.cat(rows)
         self.slots = torch.cat(slots)
-        self.row_scale = scale.index_select(0, self.slots)[:, None, None]
+        self.row_scale = self.scale.index_select(0, self.slots)[:, None, None]
         # one adapter per row, rows in bank order: use the bank as is, no per-step gather
-        self.identity = bool(torch.equal(self.slots, torch.arange(len(names), device=device)))
-        self.rows_in_order = bool(
-            torch.equal(self.rows, torch.arange(self.rows.numel(), device=device))
-        )
+        arange = torch.arange(self.rows.numel(), device=self.rows.device)
+        self.identity = bool(torch.equal(self.slots, arange))
+        self.rows_in_order = bool(torch.equal(self.rows, arange))
 
     def valid_for(self, groups, names: list[str]) -> bool:
+        """The weights fit this batch's adapters (the row mapping is updated if needed)."""
         if self.names != names:
             return False
-        if self.groups is not groups:
-            # by content: a server may enter `row_adapters` anew at every decode step, and the
-            # bank should live as long as the batch's rows keep their adapters
-            if self.rows_key != _rows_key(groups, names):
-                return False
-            self.groups = groups
         # `.to()` / `.half()` swap a Parameter's storage without bumping its version
-        return all(t._version == v and t.data_ptr() == p for t, v, p in self.versions)
+        if not all(t._version == v and t.data_ptr() == p for t, v, p in self.versions):
+            return False
+        if self.groups is not groups and self.rows_key != _rows_key(groups, names):
+            # by content: a server may enter `row_adapters` anew at every decode step, and the
+            # bank should live as long as the batch keeps its adapters
+            self.map_rows(groups)
+        self.groups = groups
+        return True
 
 
 def _rows_key(groups, names: list[str]) -> tuple:
@@ -83,9 +88,9 @@ def _rows_key(groups, names: list[str]) -> tuple:
 def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
     """Add each row's LoRA update to `result` with the bank path, or return None to decline.
 
-    Declines (the caller then runs its per-adapter loop) when gradients are on or the layer is
-    in training mode (the bank is a detached copy and skips dropout), or when fewer than
-    `MIN_GROUPS` of the batch's adapters touch this layer.
+    Declines (the caller then runs its per-adapter loop) when gradients are on (the bank is a
+    detached copy), when a training-mode layer would apply LoRA dropout (the bank skips it), or
+    when fewer than `MIN_GROUPS` of the batch's adapters touch this layer.
 
     Args:
         layer: a `LoraLinear` (or subclass) whose `row_groups` is set.
@@ -95,11 +100,13 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
     Returns:
         `result` plus the per-row updates, or None.
     """
-    if torch.is_grad_enabled() or layer.training:
+    if torch.is_grad_enabled():
         return None
     groups = layer.row_groups
     names = [n for n, _ in groups if n is not None and n in layer.ranks]
     if len(names) < MIN_GROUPS:
+        return None
+    if layer.training and any(_drops(layer.lora_dropout[n]) for n in names):
         return None
     bank = getattr(layer, "_row_bank", None)
     if bank is None or not bank.valid_for(groups, names):
@@ -120,6 +127,5 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
     return result.index_add(0, bank.rows, delta)
 
 
-def drop_bank(layer) -> None:
-    """Forget a layer's cached bank (frees its copy of the adapter weights)."""
-    layer._row_bank = None
+def _drops(dropout: torch.nn.Module) -> bool:
+    return isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training
