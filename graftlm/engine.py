@@ -35,6 +35,10 @@ from graftlm.registry import AdapterBusy, AdapterEntry, AdapterRegistry
 logger = logging.getLogger("graftlm")
 
 
+class EngineStopped(GraftError):
+    """The engine is stopping: the request was not (or not completely) served."""
+
+
 @dataclass
 class Event:
     """What a request hears from the engine.
@@ -156,11 +160,11 @@ class Engine:
         """Queue a request; events arrive through `request.on_event`.
 
         Raises:
-            GraftError: the engine is stopping.
+            EngineStopped: the engine is stopping.
         """
         with self._cond:
             if self._stopping:
-                raise GraftError("the server is shutting down")
+                raise EngineStopped("the server is shutting down")
             self._waiting.append(request)
             self._cond.notify_all()
         return request
@@ -203,7 +207,9 @@ class Engine:
         self._active, self._cache, self._mask = [], None, None
         self._waiting.clear()
         for request in failed:
-            self._finish(request, Event("error", error=GraftError("the server is shutting down")))
+            self._finish(
+                request, Event("error", error=EngineStopped("the server is shutting down"))
+            )
 
     def _idle_wait(self) -> None:
         # everything waiting is blocked on a full adapter budget: wait for a change, not spin

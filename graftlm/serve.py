@@ -155,20 +155,20 @@ def build_app(state: ServerState):
     async def _generate(request: Request, chat: bool):
         body = await read_json(request, state.max_body_bytes)
         job = await run_in_threadpool(parse_generation, body, state, chat)
+        queue: asyncio.Queue = asyncio.Queue()
+        requests = _submit(job, queue)  # before any byte is sent: a refusal is still a 503
         if job.stream:
             return StreamingResponse(
-                _stream(job, chat),
+                _stream(job, chat, queue, requests),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        results = await _collect(request, job)
+        results = await _collect(request, queue, requests)
         choices = [(i, result["text"], result["finish_reason"]) for i, result in enumerate(results)]
         counts = usage(results)
         return completion_response(job, chat, choices, counts)
 
-    async def _collect(request: Request, job) -> list[dict]:
-        queue: asyncio.Queue = asyncio.Queue()
-        requests = _submit(job, queue)
+    async def _collect(request: Request, queue: asyncio.Queue, requests: list) -> list[dict]:
         results: list[dict | None] = [None] * len(requests)
         texts = [""] * len(requests)
         try:
@@ -190,9 +190,7 @@ def build_app(state: ServerState):
                 req.cancel()  # a no-op for finished ones; frees rows of abandoned ones
         return results
 
-    async def _stream(job, chat: bool):
-        queue: asyncio.Queue = asyncio.Queue()
-        requests = _submit(job, queue)
+    async def _stream(job, chat: bool, queue: asyncio.Queue, requests: list):
         finished: list[dict | None] = [None] * len(requests)
         try:
             if chat:
@@ -338,7 +336,8 @@ def create_server(
     adapters = adapters or {}
     if max_batch <= 0 or max_prompt_tokens <= 0 or max_tokens_limit <= 0 or max_body_bytes <= 0:
         raise GraftError(
-            "--max-batch, --max-prompt-tokens, --max-tokens-limit and --max-body-bytes should be positive"
+            "--max-batch, --max-prompt-tokens, --max-tokens-limit and --max-body-bytes "
+            "should be positive"
         )
     # load_for_inference picks the base and quantizes it for QLoRA adapters; the registry
     # then owns the adapters (it loads them under its own internal names)
@@ -429,7 +428,12 @@ def add_serve_parser(sub) -> None:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="Bearer key (default: loopback clients only)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="Bearer key clients must send (or $GRAFTLM_API_KEY); "
+        "without one only loopback clients are served",
+    )
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="most tokens per answer")
@@ -468,6 +472,8 @@ def cmd_serve(args) -> int:
     )
     names = ", ".join([state.base_name, *state.registry.names()])
     auth = "Bearer key required" if api_key else "loopback clients only"
+    if not api_key and not _is_loopback(args.host):
+        logger.warning("no --api-key: clients not on this machine will get 403")
     logger.info("serving %s on http://%s:%d/v1 (%s)", names, args.host, args.port, auth)
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (finish open responses, stop the
     # engine), then re-raises the signal under the handler that was there before: a no-op for

@@ -426,8 +426,11 @@ def result_of(text: str, event) -> dict:
 
 def engine_error(error: BaseException | None) -> ApiError:
     """The HTTP error for an engine "error" event."""
+    from graftlm.engine import EngineStopped
     from graftlm.registry import UnknownAdapter
 
+    if isinstance(error, EngineStopped):
+        return ApiError(503, str(error), "server_error", code="shutting_down")
     if isinstance(error, UnknownAdapter):
         return ApiError(404, str(error), code="model_not_found")
     return ApiError(500, f"generation failed: {error}", "server_error")

@@ -376,3 +376,15 @@ def test_cli_serve_stops_cleanly_on_sigterm(setup):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_sizes_for_adapter_memory():
+    from graftlm.errors import GraftError
+    from graftlm.serve import parse_bytes
+
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("1000") == 1000
+    for bad in ("lots", "-1MB", "0"):
+        with pytest.raises(GraftError):
+            parse_bytes(bad)
