@@ -19,7 +19,7 @@ $(VENV)/.ready: pyproject.toml
 setup: $(VENV)/.ready
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 demo: setup
 	$(PY) examples/demo.py

@@ -389,7 +389,7 @@ def train(
         optimizer, lr_lambda(total_steps, cfg.warmup_ratio)
     )
     plan = step_batches(examples, cfg, total_steps)
-    eval_every = cfg.eval_every or max(1, total_steps // 8)
+    eval_every = cfg.eval_every or max(1, total_steps // 4)
     with autocast(compute_dtype, device):
         # activation checkpointing recomputes layers without a cache: no sharing in low-memory mode
         share_prefix = not cfg.low_memory and prefix_sharing_is_exact(
