@@ -131,6 +131,19 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def _decoding(sampling: SamplingConfig) -> dict:
+    """`generate` kwargs for greedy (temperature 0) or nucleus sampling."""
+    if sampling.temperature > 0:
+        return {
+            "do_sample": True,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": 0,
+        }
+    # None, not the model's generation_config values: greedy must not inherit a sampling setup
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cuts = [text.index(s) for s in stop if s and s in text]
     return text[: min(cuts)] if cuts else text
@@ -191,12 +204,7 @@ def generate(
             pad_token_id=pad_id,
             eos_token_id=eos,
         )
-        if sampling.temperature > 0:
-            kwargs.update(
-                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0
-            )
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs.update(_decoding(sampling))
         if adapters is not None:
             with row_adapters(model, [adapters[i] for i in rows]):
                 output = model.generate(**kwargs)
@@ -225,12 +233,7 @@ def stream(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
         eos_token_id=eos,
     )
-    if sampling.temperature > 0:
-        kwargs.update(
-            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0
-        )
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs.update(_decoding(sampling))
     errors: list[BaseException] = []
 
     def run() -> None:

@@ -405,6 +405,11 @@ def train(
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
+    def save_checkpoint(step_reached: int, elapsed_s: float) -> None:
+        ckpt.write(
+            out, model, optimizer, scheduler, names, step=step_reached, elapsed_s=elapsed_s, cfg=cfg
+        )
+
     bar = _progress(total_steps, start_step, enabled=progress and runtime.is_main)
     last_loss = eval_loss = None
     interrupted = False
@@ -474,16 +479,7 @@ def train(
                 )
             if stop or (done % cfg.save_every == 0 and done < total_steps):
                 if runtime.is_main:
-                    ckpt.write(
-                        out,
-                        model,
-                        optimizer,
-                        scheduler,
-                        names,
-                        step=done,
-                        elapsed_s=elapsed,
-                        cfg=cfg,
-                    )
+                    save_checkpoint(done, elapsed)
                 if stop:
                     interrupted = True
                     step = done
@@ -508,16 +504,7 @@ def train(
         )
         _plot(metrics_path, out / "loss.png")
         # the finished run keeps its checkpoint: --resume on it is a no-op
-        ckpt.write(
-            out,
-            model,
-            optimizer,
-            scheduler,
-            names,
-            step=total_steps,
-            elapsed_s=train_seconds,
-            cfg=cfg,
-        )
+        save_checkpoint(total_steps, train_seconds)
         runtime.log(f"adapter written to {out} ({train_seconds:.0f} s of training)")
     elif interrupted:
         runtime.log(
