@@ -103,16 +103,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not runtime.is_main:
             logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
         result = train(cfg, runtime=runtime, progress=not args.quiet)
-        if result.interrupted:
-            return 130
-        if runtime.is_main:
+        code = 130 if result.interrupted else 0
+        if runtime.is_main and not result.interrupted:
             print(
                 f"done: {result.steps} steps in {result.train_seconds:.0f} s, final loss {result.final_loss:.4f}"
                 + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
                 + f"; adapter in {result.out}"
                 + (f" ({runtime.world_size} processes)" if runtime.distributed else "")
             )
-    return 0
+    if runtime.distributed:
+        # Every rank has left the process group after a barrier and all files are written.
+        # Interpreter teardown with gloo's threads still being destroyed can abort a worker
+        # ("terminate called without an active exception", seen once in CI) and turn a finished
+        # run into a failed one, so a distributed worker ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 # -- generate / chat ------------------------------------------------------------------------------
