@@ -219,7 +219,8 @@ def evaluate(
     model.eval()
     total, tokens = 0.0, 0
     lengths = [len(e) for e in examples]
-    batches = length_grouped_batches(lengths, 8, shuffle=False, max_tokens=MICRO_BATCH_TOKENS)
+    # large batches: one shared-prefix pass serves many rows (no backward, so memory is small)
+    batches = length_grouped_batches(lengths, 32, shuffle=False, max_tokens=MICRO_BATCH_TOKENS)
     for indices in runtime.shard(batches):
         device = next(model.parameters()).device
         batch = on_device(collate([examples[i] for i in indices], pad_id), device)
@@ -389,7 +390,7 @@ def train(
         optimizer, lr_lambda(total_steps, cfg.warmup_ratio)
     )
     plan = step_batches(examples, cfg, total_steps)
-    eval_every = cfg.eval_every or max(1, total_steps // 4)
+    eval_every = cfg.eval_every or max(1, total_steps // 3)
     with autocast(compute_dtype, device):
         # activation checkpointing recomputes layers without a cache: no sharing in low-memory mode
         share_prefix = not cfg.low_memory and prefix_sharing_is_exact(

@@ -72,7 +72,7 @@ class TrainConfig:
         default=50, metadata={"help": "write a resumable checkpoint every N steps"}
     )
     eval_every: int | None = field(
-        default=None, metadata={"help": "evaluate every N steps (default: 4 times a run)"}
+        default=None, metadata={"help": "evaluate every N steps (default: 3 times a run)"}
     )
     dtype: str = field(
         default="auto",
