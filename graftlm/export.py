@@ -52,11 +52,9 @@ def merge_to_folder(
     if config.quantize == "nf4":
         # A QLoRA adapter was trained against the 4-bit weights: merge it into those, dequantized
         # (in fp32), so the merged model computes what the adapter was trained to complement.
-        from graftlm.methods.nf4 import quantize_model_linears
-        from graftlm.surgery import base_fingerprint
+        from graftlm.surgery import quantize_base
 
-        base_fingerprint(base)
-        quantize_model_linears(base)
+        quantize_base(base)
     load_adapter(base, adapter, name="default", force=force)
     merged = merge_and_unload(base)
     if config.quantize == "nf4":

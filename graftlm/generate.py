@@ -97,11 +97,9 @@ def load_for_inference(
     base, tokenizer = load_model(model, dtype=parse_dtype(dtype))
     quantize = {read_adapter_config(path)[0].quantize for path in adapters.values()} - {None}
     if quantize:
-        from graftlm.methods.nf4 import quantize_model_linears
-        from graftlm.surgery import base_fingerprint
+        from graftlm.surgery import quantize_base
 
-        base_fingerprint(base)
-        quantize_model_linears(base)
+        quantize_base(base)
     for name, path in adapters.items():
         load_adapter(base, path, name=name, force=force)
     if adapters:

@@ -349,11 +349,9 @@ def create_server(
         model = next((b for b in bases if b and _loadable(b)), BUILTIN_NAME)
     base, tokenizer = load_for_inference(model, {}, dtype=dtype, force=force)
     if any(_wants_nf4(path) for path in adapters.values()):
-        from graftlm.methods.nf4 import quantize_model_linears
-        from graftlm.surgery import base_fingerprint
+        from graftlm.surgery import quantize_base
 
-        base_fingerprint(base)
-        quantize_model_linears(base)
+        quantize_base(base)
     base_name = model or model_id_of(base)
     if base_name in adapters:
         raise GraftError(f"--adapter {base_name}=...: that name is the base model's own")

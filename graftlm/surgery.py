@@ -195,6 +195,20 @@ def _linear_dims(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+def quantize_base(model: nn.Module) -> None:
+    """Turn the base's linear layers into NF4 (QLoRA), once; a no-op if already quantized.
+
+    The fingerprint is taken first, from the 16/32-bit weights, so a QLoRA adapter and a LoRA
+    adapter trained on the same base carry the same fingerprint.
+    """
+    if any(getattr(m, "is_quantized_linear", False) for m in model.modules()):
+        return
+    from graftlm.methods.nf4 import quantize_model_linears
+
+    base_fingerprint(model)
+    quantize_model_linears(model)
+
+
 def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> InjectSummary:
     """Add a LoRA adapter called `name` to `model`, in place, and make it the active one.
 
@@ -223,13 +237,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
         )
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
-    if config.quantize == "nf4" and not any(
-        getattr(m, "is_quantized_linear", False) for m in model.modules()
-    ):
-        from graftlm.methods.nf4 import quantize_model_linears
-
-        base_fingerprint(model)  # identify the base before its weights turn to 4 bits
-        quantize_model_linears(model)
+    if config.quantize == "nf4":
+        quantize_base(model)
     base_fingerprint(model)
     targets = find_targets(model, config)
     added = []
