@@ -14,7 +14,14 @@ import helpers
 import pytest
 import torch
 import transformers
-from visible_models import BUILDERS, one_thread, tiny_gpt2, tiny_llama, tiny_qwen2  # noqa: F401
+from visible_models import (  # noqa: F401
+    BUILDERS,
+    one_thread,
+    perturb_trainable,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_qwen2,
+)
 
 import graftlm
 from graftlm.adapters import adapter_state_dict
@@ -39,15 +46,6 @@ def inputs(rows: int = 3, length: int = 7) -> torch.Tensor:
 def logits(model: torch.nn.Module, ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     with torch.inference_mode():
         return model(inputs() if ids is None else ids, **kwargs).logits.float()
-
-
-def perturb_trainable(model: torch.nn.Module, seed: int = 0) -> None:
-    """Simulate training: seeded normal noise on every trainable tensor (A, B, biases, copies)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import helpers
 import pytest
 import torch
+from visible_models import one_thread  # noqa: F401  (autouse fixture)
 
 import graftlm
 from graftlm.config import LoraConfig
@@ -20,14 +21,6 @@ ADAPTERS = {
     "mlp": LoraConfig(rank=2, alpha=4, targets=("down_proj", "up_proj")),
     "emb": LoraConfig(rank=3, alpha=3, targets=("embed_tokens", "o_proj")),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def adapted_model(quantize: str | None = None) -> torch.nn.Module:

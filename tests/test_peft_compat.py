@@ -11,7 +11,14 @@ from __future__ import annotations
 import helpers
 import pytest
 import torch
-from visible_models import BUILDERS, one_thread, tiny_gpt2, tiny_llama, tiny_qwen2  # noqa: F401
+from visible_models import (  # noqa: F401
+    BUILDERS,
+    one_thread,
+    perturb_trainable,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_qwen2,
+)
 
 import graftlm
 from graftlm.config import LoraConfig
@@ -36,15 +43,6 @@ def greedy(model: torch.nn.Module) -> torch.Tensor:
         return model.generate(
             inputs(), max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None
         )
-
-
-def perturb_trainable(model: torch.nn.Module, seed: int = 0) -> None:
-    """Simulate training: seeded normal noise on every trainable tensor (A, B, biases, copies)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:

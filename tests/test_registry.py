@@ -9,20 +9,13 @@ import threading
 import helpers
 import pytest
 import torch
+from visible_models import one_thread  # noqa: F401  (autouse fixture)
 
 import graftlm
 from graftlm.config import LoraConfig
 from graftlm.errors import GraftError
 from graftlm.registry import AdapterBusy, AdapterRegistry, UnknownAdapter
 from graftlm.surgery import adapter_names
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save(folder, config=None, seed=0, base_seed=0):

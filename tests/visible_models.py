@@ -42,4 +42,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def perturb_trainable(model: torch.nn.Module, seed: int = 0) -> None:
+    """Simulate training: seeded normal noise on every trainable tensor (A, B, biases, copies)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
