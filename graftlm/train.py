@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from graftlm import checkpoint as ckpt
-from graftlm.adapters import save_adapter
-from graftlm.config import LoraConfig
+from graftlm.adapter_io import save_trained
 from graftlm.data import Example, collate, length_grouped_batches, load_dataset, split_eval
 from graftlm.errors import GraftError
 from graftlm.loss import fused_lm_loss_sum, head_lm_loss_sum
+from graftlm.methods import method_module
 from graftlm.runtime import Runtime, bf16_supported
-from graftlm.surgery import inject
+from graftlm.surgery import base_fingerprint
 from graftlm.train_config import TrainConfig
 
 logger = logging.getLogger("graftlm")
@@ -325,6 +325,7 @@ def train(
     from graftlm.models import load_model
 
     runtime = runtime or Runtime.single()
+    cfg = cfg.with_method_defaults()
     out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -366,15 +367,9 @@ def train(
             f"{len(eval_examples)} examples held out for evaluation, {len(examples)} for training"
         )
 
-    lora = LoraConfig(
-        rank=cfg.rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.dropout,
-        targets=cfg.targets,
-        use_rslora=cfg.use_rslora,
-        quantize="nf4" if cfg.method == "qlora" else None,
-    )
-    summary = inject(model, lora)
+    method = method_module(cfg.method)
+    base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
+    summary = method.attach(model, cfg)
     runtime.log(str(summary))
     if cfg.low_memory and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -389,6 +384,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, cfg.warmup_ratio)
     )
+    hooks_class = getattr(method, "TrainingHooks", None)
+    hooks = hooks_class(model, cfg, total_steps) if hooks_class else None
     plan = step_batches(examples, cfg, total_steps)
     eval_every = cfg.eval_every or max(1, total_steps // 3)
     with autocast(compute_dtype, device):
@@ -429,7 +426,11 @@ def train(
                     loss, _ = loss_sum(model, batch, compute_dtype, share_prefix=share_prefix)
                 if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
                     loss = loss * 0.0
-                (loss / max(labelled, 1)).backward()
+                objective = loss / max(labelled, 1)
+                extra = hooks.extra_loss() if hooks else None
+                if extra is not None:  # a regularizer: its share per micro-batch
+                    objective = objective + extra * (len(indices) / len(plan[step]))
+                objective.backward()
                 total_loss += loss.item()
             runtime.reduce_gradients(params)
             grad_norm = (
@@ -439,6 +440,8 @@ def train(
             )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            if hooks:
+                hooks.after_step(step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             # ranks agree on stopping: a signal may reach them on either side of a step
@@ -489,9 +492,10 @@ def train(
     bar.close()
     train_seconds = elapsed_before + time.perf_counter() - t0
     if not interrupted and runtime.is_main:
-        save_adapter(
+        save_trained(
             model,
             out,
+            cfg.method,
             training={
                 "steps": total_steps,
                 "epochs": round(total_steps * cfg.batch_size / len(examples), 3),

@@ -13,8 +13,13 @@ from typing import Any
 
 from graftlm.errors import GraftError
 
-METHODS = ("lora", "qlora")
+METHODS = ("lora", "qlora", "adalora", "prompt", "prefix", "bottleneck", "ia3")
+PLACEMENTS = ("both", "mlp")
 DTYPES = ("auto", "bfloat16", "float32")
+
+
+# Settings every method shares unless its own DEFAULTS say otherwise.
+FALLBACKS: dict[str, Any] = {"lr": 1e-3, "epochs": 1.0}
 
 
 @dataclass(frozen=True)
@@ -32,23 +37,32 @@ class TrainConfig:
     method: str = field(
         default="lora", metadata={"help": f"fine-tuning method: {', '.join(METHODS)}"}
     )
-    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "LoRA rank r (AdaLoRA: the target average rank); default per method"},
+    )
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
-    targets: str = field(
-        default="all-linear",
-        metadata={"help": "layers to adapt: 'all-linear', names 'q_proj,v_proj', or a regex"},
+    targets: str | None = field(
+        default=None,
+        metadata={
+            "help": "layers to adapt: 'all-linear', names 'q_proj,v_proj', or a regex; "
+            "default per method (LoRA: all-linear; IA3: k_proj,v_proj,down_proj)"
+        },
     )
     use_rslora: bool = field(
         default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"}
     )
-    epochs: float = field(
-        default=1.0, metadata={"help": "passes over the training data (ignored with --steps)"}
+    epochs: float | None = field(
+        default=None,
+        metadata={"help": "passes over the training data (ignored with --steps); default per method"},
     )
     steps: int | None = field(
         default=None, metadata={"help": "optimizer steps to run (overrides --epochs)"}
     )
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float | None = field(
+        default=None, metadata={"help": "peak learning rate (AdamW); default per method"}
+    )
     batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
     micro_batch_size: int | None = field(
         default=None,
@@ -88,6 +102,30 @@ class TrainConfig:
             "processes (FSDP2); the adapter stays whole on every process"
         },
     )
+    num_virtual_tokens: int | None = field(
+        default=None, metadata={"help": "prompt/prefix tuning: virtual tokens; default per method"}
+    )
+    prompt_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "prompt tuning init: 'random', 'vocab' (random vocabulary embeddings) or a "
+            "text whose token embeddings start the prompt; default per method"
+        },
+    )
+    prefix_projection: bool = field(
+        default=False,
+        metadata={"help": "prefix tuning: train through a reparameterization MLP (folded at save)"},
+    )
+    bottleneck_size: int | None = field(
+        default=None, metadata={"help": "bottleneck adapters: hidden size; default per method"}
+    )
+    bottleneck_placement: str = field(
+        default="both",
+        metadata={"help": "bottleneck adapters: 'both' (Houlsby) or 'mlp' (Pfeiffer)"},
+    )
+    init_rank: int | None = field(
+        default=None, metadata={"help": "AdaLoRA: starting rank per matrix; default per method"}
+    )
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "warn about and skip bad data rows instead of failing"}
     )
@@ -107,14 +145,27 @@ class TrainConfig:
             raise GraftError(f"method should be one of {METHODS}, got {self.method!r}")
         if self.dtype not in DTYPES:
             raise GraftError(f"dtype should be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("rank", "batch_size", "seq_len", "save_every"):
+        if self.bottleneck_placement not in PLACEMENTS:
+            raise GraftError(
+                f"bottleneck_placement should be one of {PLACEMENTS}, got {self.bottleneck_placement!r}"
+            )
+        for name in ("batch_size", "seq_len", "save_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise GraftError(f"{name} should be a positive integer, got {value!r}")
-        positive("epochs", self.epochs)
-        positive("lr", self.lr)
+        positive("epochs", self.epochs, allow_none=True)
+        positive("lr", self.lr, allow_none=True)
         positive("alpha", self.alpha, allow_none=True)
-        for name in ("steps", "micro_batch_size", "eval_every", "threads"):
+        for name in (
+            "rank",
+            "steps",
+            "micro_batch_size",
+            "eval_every",
+            "threads",
+            "num_virtual_tokens",
+            "bottleneck_size",
+            "init_rank",
+        ):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value <= 0
@@ -128,6 +179,14 @@ class TrainConfig:
     @property
     def lora_alpha(self) -> float:
         return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    def with_method_defaults(self) -> TrainConfig:
+        """This config with every unset (None) setting taken from the method's recipe."""
+        from graftlm.methods import method_module
+
+        recipe = {**FALLBACKS, **method_module(self.method).DEFAULTS}
+        unset = {k: v for k, v in recipe.items() if getattr(self, k, None) is None}
+        return dataclasses.replace(self, **unset) if unset else self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

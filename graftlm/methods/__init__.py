@@ -1,1 +1,67 @@
-"""Parameter-efficient methods: one module per method (LoRA, NF4 base for QLoRA, ...)."""
+"""Parameter-efficient methods: one module per method, all behind the contract in `base`.
+
+`method_module(name)` gives the module for a `--method` value; `folder_method(path)` tells which
+method saved an adapter folder (from its `adapter_config.json` "peft_type").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+from graftlm.errors import GraftError
+
+# --method value -> module implementing graftlm.methods.base.MethodModule
+REGISTRY: dict[str, str] = {
+    "lora": "graftlm.methods.lora_method",
+    "qlora": "graftlm.methods.lora_method",
+    "adalora": "graftlm.methods.adalora",
+    "prompt": "graftlm.methods.prompt_tuning",
+    "prefix": "graftlm.methods.prefix_tuning",
+    "bottleneck": "graftlm.methods.bottleneck",
+    "ia3": "graftlm.methods.ia3",
+}
+
+# adapter_config.json "peft_type" -> --method value ("BOTTLENECK" is graftlm's own: PEFT lacks it)
+PEFT_TYPES: dict[str, str] = {
+    "LORA": "lora",
+    "ADALORA": "adalora",
+    "PROMPT_TUNING": "prompt",
+    "PREFIX_TUNING": "prefix",
+    "BOTTLENECK": "bottleneck",
+    "IA3": "ia3",
+}
+
+
+def method_module(name: str) -> ModuleType:
+    """The module implementing method `name` (a `--method` value)."""
+    if name not in REGISTRY:
+        raise GraftError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name])
+
+
+def folder_method(path: str | os.PathLike) -> str:
+    """Which method saved the adapter folder `path` ("lora" for LoRA and QLoRA alike).
+
+    Raises:
+        GraftError: no readable adapter_config.json, or a peft_type graftlm does not implement.
+    """
+    config_path = Path(path) / "adapter_config.json"
+    if not Path(path).is_dir():
+        raise GraftError(f"adapter folder {path} not found")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GraftError(f"{config_path}: not found (is {path} an adapter folder?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GraftError(f"{config_path}: not valid JSON ({exc})") from None
+    peft_type = str(data.get("peft_type", "LORA")).upper()
+    if peft_type not in PEFT_TYPES:
+        raise GraftError(
+            f"{config_path}: peft_type {peft_type!r} is not supported; "
+            f"supported: {', '.join(PEFT_TYPES)}"
+        )
+    return PEFT_TYPES[peft_type]

@@ -1,0 +1,71 @@
+"""What every fine-tuning method plugs into the pipeline.
+
+A method is a module in `graftlm.methods` (lora, adalora, ia3, prompt, prefix, bottleneck) that
+exposes the names of `MethodModule` below. The pipeline (`graftlm.train`, `graftlm.adapters`,
+`graftlm.generate`, `graftlm.inspect_adapter`, `graftlm.evaluate`) only talks to a method through
+them, so a new method is one new file plus one line in `graftlm.methods.REGISTRY`.
+
+Contract, in order of a training run:
+
+1. `attach(model, cfg)` adds the method's trainable parameters to a freshly loaded base model as
+   adapter "default", freezes every base parameter, and returns an `InjectSummary`. Afterwards the
+   model's ordinary forward (`model(input_ids, attention_mask, past_key_values=..., ...)` and the
+   inner decoder `model.model(...)`) computes the adapted function: the training loop, evaluation,
+   `transformers`' `generate` and the serving engine call nothing method-specific.
+2. `TrainingHooks(model, cfg, total_steps)` (optional, None when the method needs none): the loop
+   adds `hooks.extra_loss()` (a scalar tensor, or None) to each micro-batch's loss before
+   `backward()`, and calls `hooks.after_step(step)` after `optimizer.step()` and before
+   `optimizer.zero_grad()` (AdaLoRA reads the gradients there to re-allocate its rank budget).
+3. `save(model, folder, base_model_name)` writes `adapter_config.json` and the weights file
+   atomically (use `graftlm.adapters.atomic_write_json` / `atomic_save_safetensors`) in PEFT's
+   format where PEFT has the method, and returns the tensors written. The pipeline writes
+   `graftlm.json` (base fingerprint, method, training summary) itself.
+4. `load(model, folder, name)` puts a saved adapter (ours or PEFT's) onto a base model, checking
+   names and shapes with errors that name the file, key and shapes.
+5. `MERGEABLE` and `merge(model)`: fold the adapter into the base weights (methods that can).
+6. `describe(folder)` (optional): extra facts for `graftlm inspect` (e.g. AdaLoRA's final ranks).
+
+`DEFAULTS` are the method's recipe: values for TrainConfig fields the user did not set (`lr`,
+`epochs`, `rank`, `targets`, ...), chosen by experiment on the example tasks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from graftlm.surgery import InjectSummary
+    from graftlm.train_config import TrainConfig
+
+
+class TrainingHooks(Protocol):
+    """Per-step callbacks a method may need during training."""
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A regularizer added to each micro-batch's (already normalised) loss, or None."""
+
+    def after_step(self, step: int) -> None:
+        """Called with the 0-based step index after optimizer.step(), before zero_grad()."""
+
+
+class MethodModule(Protocol):
+    """The names a method module exposes (see the module docstring for the contract)."""
+
+    NAME: str  # `--method` value
+    PEFT_TYPE: str  # adapter_config.json "peft_type" (ours for methods PEFT lacks)
+    MERGEABLE: bool
+    DEFAULTS: dict[str, Any]
+
+    def attach(self, model: nn.Module, cfg: TrainConfig) -> InjectSummary: ...
+
+    def save(
+        self, model: nn.Module, folder: Path, base_model_name: str | None
+    ) -> dict[str, torch.Tensor]: ...
+
+    def load(self, model: nn.Module, folder: Path, name: str = "default") -> None: ...
+
+    def merge(self, model: nn.Module) -> None: ...
