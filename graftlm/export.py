@@ -36,28 +36,41 @@ def merge_to_folder(
     Returns:
         The output folder.
     """
-    from graftlm.adapters import load_adapter, read_adapter_config
+    from graftlm.adapter_io import load_any
+    from graftlm.adapters import read_adapter_config
     from graftlm.generate import adapter_base_model, parse_dtype
+    from graftlm.methods import folder_method, method_module
     from graftlm.models import BUILTIN_NAME, load_model
     from graftlm.surgery import merge_and_unload
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise GraftError(f"--out {out}: folder exists and is not empty")
-    config, _ = read_adapter_config(adapter)
+    method = folder_method(adapter)
+    module = method_module(method)
+    if not module.MERGEABLE:
+        raise GraftError(
+            f"{adapter}: a {method} adapter cannot be merged into the base weights "
+            "(it is not a change of those weights); serve or generate with it unmerged"
+        )
+    quantize = read_adapter_config(adapter)[0].quantize if method == "lora" else None
     base_name = model or adapter_base_model(adapter) or BUILTIN_NAME
     if not (base_name.lower() == BUILTIN_NAME or os.path.exists(base_name)):
         base_name = BUILTIN_NAME
     base, tokenizer = load_model(base_name, dtype=torch.float32)
-    if config.quantize == "nf4":
+    if quantize == "nf4":
         # A QLoRA adapter was trained against the 4-bit weights: merge it into those, dequantized
         # (in fp32), so the merged model computes what the adapter was trained to complement.
         from graftlm.surgery import quantize_base
 
         quantize_base(base)
-    load_adapter(base, adapter, name="default", force=force)
-    merged = merge_and_unload(base)
-    if config.quantize == "nf4":
+    load_any(base, adapter, name="default", force=force)
+    if method == "lora":
+        merged = merge_and_unload(base)
+    else:
+        module.merge(base)
+        merged = _plain_copy(base, base_name)
+    if quantize == "nf4":
         from graftlm.methods.nf4 import dequantize_model_linears
 
         dequantize_model_linears(merged)
@@ -73,7 +86,8 @@ def merge_to_folder(
             {
                 "adapter": str(Path(adapter).resolve()),
                 "base": base_name,
-                "quantize": config.quantize,
+                "method": method,
+                "quantize": quantize,
             },
             indent=2,
         )
@@ -82,3 +96,24 @@ def merge_to_folder(
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def _plain_copy(adapted: torch.nn.Module, base_name: str) -> torch.nn.Module:
+    """A fresh base model holding `adapted`'s (merged) weights, without the method's modules.
+
+    Methods wrap layers (`...k_proj.base_layer.weight`); the merged weights are matched to the
+    plain model's keys by dropping the `base_layer.` step, so any method's merge gives a model
+    that `save_pretrained` writes with the original architecture's keys.
+    """
+    from graftlm.models import load_model
+
+    plain, _ = load_model(base_name, dtype=torch.float32)
+    merged = {k.replace("base_layer.", ""): v for k, v in adapted.state_dict().items()}
+    target = plain.state_dict()
+    missing = [k for k in target if k not in merged]
+    if missing:
+        raise GraftError(f"merge: the merged model lacks base weights such as {missing[0]!r}")
+    with torch.no_grad():
+        for key, tensor in target.items():
+            tensor.copy_(merged[key])
+    return plain

@@ -84,25 +84,38 @@ def load_for_inference(
     Returns:
         (model, tokenizer) with the first adapter active.
     """
-    from graftlm.adapters import load_adapter, read_adapter_config
+    from graftlm.adapter_io import load_any
+    from graftlm.adapters import read_adapter_config
+    from graftlm.methods import folder_method
     from graftlm.models import BUILTIN_NAME, load_model
     from graftlm.surgery import set_adapter
 
     adapters = adapters or {}
+    methods = {name: folder_method(path) for name, path in adapters.items()}
+    others = [name for name, method in methods.items() if method != "lora"]
+    if others and len(adapters) > 1:
+        raise GraftError(
+            f"adapter {others[0]!r} ({methods[others[0]]}) cannot share a model with other "
+            "adapters; only LoRA/QLoRA adapters load several at a time"
+        )
     if model is None:
         model = next(
             (b for b in map(adapter_base_model, adapters.values()) if b and _loadable(b)),
             BUILTIN_NAME,
         )
     base, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-    quantize = {read_adapter_config(path)[0].quantize for path in adapters.values()} - {None}
+    quantize = {
+        read_adapter_config(path)[0].quantize
+        for name, path in adapters.items()
+        if methods[name] == "lora"
+    } - {None}
     if quantize:
         from graftlm.surgery import quantize_base
 
         quantize_base(base)
     for name, path in adapters.items():
-        load_adapter(base, path, name=name, force=force)
-    if adapters:
+        load_any(base, path, name=name, force=force)
+    if adapters and not others:
         set_adapter(base, next(iter(adapters)))
     base.eval()
     return base, tokenizer

@@ -55,9 +55,18 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         if key.endswith("lora_A.weight") or key.endswith("lora_embedding_A"):
             ranks[shape[0]] = ranks.get(shape[0], 0) + 1
             modules.add(key.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1])
+    from graftlm.methods import PEFT_TYPES, method_module
+
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    method = graft.get("method") or PEFT_TYPES.get(peft_type, peft_type.lower())
+    if method == "lora" and graft.get("quantize"):
+        method = "qlora"
+    module = method_module(method) if method in PEFT_TYPES.values() or method == "qlora" else None
+    extra = module.describe(folder) if module and hasattr(module, "describe") else {}
     facts = {
         "path": str(folder),
-        "method": graft.get("method") or str(config.get("peft_type", "?")).lower(),
+        "method": method,
+        "peft_type": peft_type,
         "rank": config.get("r"),
         "alpha": config.get("lora_alpha"),
         "use_rslora": config.get("use_rslora", False),
@@ -73,6 +82,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "base_fingerprint": graft.get("base_fingerprint"),
         "created": graft.get("created"),
         "training": graft.get("training"),
+        "memory": (graft.get("training") or {}).get("memory"),
+        **extra,
     }
     return facts
 
@@ -83,18 +94,33 @@ def format_description(facts: dict[str, Any]) -> str:
         f"adapter        {facts['path']}",
         f"method         {facts['method']}"
         + (f" on a {facts['quantize']} base" if facts.get("quantize") else ""),
-        f"rank           {facts['rank']}  (alpha {facts['alpha']}, scale "
-        + ("alpha/sqrt(r), rsLoRA" if facts["use_rslora"] else "alpha/r")
-        + ")",
-        "ranks in file  " + ", ".join(f"r={r}: {n} modules" for r, n in facts["ranks"].items()),
-        f"targets        {facts['target_modules']}",
-        f"modules        {facts['adapted_modules']} ({', '.join(facts['adapted_module_kinds'])})",
+    ]
+    if facts["rank"] is not None:  # the LoRA family
+        lines += [
+            f"rank           {facts['rank']}  (alpha {facts['alpha']}, scale "
+            + ("alpha/sqrt(r), rsLoRA" if facts["use_rslora"] else "alpha/r")
+            + ")",
+            "ranks in file  " + ", ".join(f"r={r}: {n} modules" for r, n in facts["ranks"].items()),
+        ]
+    if facts.get("target_modules"):
+        lines.append(f"targets        {facts['target_modules']}")
+    if facts["adapted_modules"]:
+        lines.append(
+            f"modules        {facts['adapted_modules']} ({', '.join(facts['adapted_module_kinds'])})"
+        )
+    lines += [
         f"parameters     {facts['trainable_parameters']:,}",
         f"file size      {facts['file_bytes'] / 1e6:.2f} MB",
         f"base model     {facts['base_model']}",
     ]
     if facts.get("rank_pattern"):
         lines.append(f"rank pattern   {facts['rank_pattern']}")
+    for key, value in (facts.get("method_facts") or {}).items():
+        lines.append(f"{key:<14} {value}")
+    if facts.get("memory"):
+        from graftlm.memory import format_memory
+
+        lines.append(f"memory         {format_memory(facts['memory'])} (when trained)")
     fp = facts.get("base_fingerprint")
     if fp:
         lines.append(

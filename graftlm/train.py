@@ -31,6 +31,7 @@ from graftlm.adapter_io import save_trained
 from graftlm.data import Example, collate, length_grouped_batches, load_dataset, split_eval
 from graftlm.errors import GraftError
 from graftlm.loss import fused_lm_loss_sum, head_lm_loss_sum
+from graftlm.memory import format_memory, memory_accounting
 from graftlm.methods import method_module
 from graftlm.runtime import Runtime, bf16_supported
 from graftlm.surgery import base_fingerprint
@@ -54,6 +55,7 @@ class TrainResult:
     train_seconds: float
     trainable_parameters: int
     total_parameters: int
+    memory: dict[str, int] | None = None  # graftlm.memory.memory_accounting at the end
 
 
 # -- the data plan ----------------------------------------------------------------------------
@@ -371,6 +373,12 @@ def train(
     base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
     summary = method.attach(model, cfg)
     runtime.log(str(summary))
+    planned = memory_accounting(model, None)
+    runtime.log(
+        f"memory: base weights {planned['base_weight_bytes'] / 1e6:.1f} MB, adapter "
+        f"{planned['adapter_bytes'] / 1e6:.1f} MB, AdamW state "
+        f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
+    )
     if cfg.low_memory and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -491,6 +499,7 @@ def train(
             step = done
     bar.close()
     train_seconds = elapsed_before + time.perf_counter() - t0
+    memory = memory_accounting(model, optimizer)
     if not interrupted and runtime.is_main:
         save_trained(
             model,
@@ -505,12 +514,14 @@ def train(
                 "train_seconds": round(train_seconds, 1),
                 "data": os.path.basename(cfg.data),
                 "settings": cfg.to_dict(),
+                "memory": memory,
             },
         )
         _plot(metrics_path, out / "loss.png")
         # the finished run keeps its checkpoint: --resume on it is a no-op
         save_checkpoint(total_steps, train_seconds)
         runtime.log(f"adapter written to {out} ({train_seconds:.0f} s of training)")
+        runtime.log(f"memory: {format_memory(memory)}")
     elif interrupted:
         runtime.log(
             f"stopped at step {step}/{total_steps}; continue with --resume (checkpoint in {out / ckpt.FOLDER})"
@@ -525,6 +536,7 @@ def train(
         train_seconds=train_seconds,
         trainable_parameters=summary.trainable,
         total_parameters=summary.total,
+        memory=memory,
     )
 
 

@@ -55,7 +55,9 @@ class TrainConfig:
     )
     epochs: float | None = field(
         default=None,
-        metadata={"help": "passes over the training data (ignored with --steps); default per method"},
+        metadata={
+            "help": "passes over the training data (ignored with --steps); default per method"
+        },
     )
     steps: int | None = field(
         default=None, metadata={"help": "optimizer steps to run (overrides --epochs)"}

@@ -278,6 +278,41 @@ def test_cli_yaml_config_with_flag_override(tmp_path, tiny_model_dir, capsys):
     assert cli_main(["inspect", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "rank           3" in out and "steps 2" in out
+    assert "base weights" in out and "optimizer state" in out
+
+
+def test_memory_accounting_counts_base_adapter_and_adamw_state(tmp_path, tiny_model_dir):
+    from graftlm.train import train
+    from graftlm.train_config import TrainConfig
+
+    data = write_chat(tmp_path / "train.jsonl", 16)
+    results = {}
+    for method in ("lora", "qlora"):
+        cfg = TrainConfig(
+            data=str(data),
+            out=str(tmp_path / method),
+            model=str(tiny_model_dir),
+            method=method,
+            rank=4,
+            steps=2,
+            batch_size=4,
+            dtype="float32",
+        )
+        results[method] = train(cfg, progress=False)
+    for result in results.values():
+        memory = result.memory
+        assert memory["adapter_bytes"] == 4 * result.trainable_parameters  # fp32 adapter
+        # AdamW: exp_avg and exp_avg_sq per trainable value, plus one step counter per tensor
+        assert 2 * memory["adapter_bytes"] <= memory["optimizer_state_bytes"]
+        assert memory["optimizer_state_bytes"] <= 2 * memory["adapter_bytes"] + 8 * 1024
+        assert memory["peak_rss_bytes"] > memory["base_weight_bytes"]
+        saved = json.loads((result.out / "graftlm.json").read_text())["training"]["memory"]
+        assert saved["adapter_bytes"] == memory["adapter_bytes"]
+    # the 4-bit base holds its linear layers in ~0.5 byte per weight instead of 4
+    assert (
+        results["qlora"].memory["base_weight_bytes"]
+        < 0.8 * results["lora"].memory["base_weight_bytes"]
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])

@@ -23,7 +23,10 @@ Contract, in order of a training run:
 4. `load(model, folder, name)` puts a saved adapter (ours or PEFT's) onto a base model, checking
    names and shapes with errors that name the file, key and shapes.
 5. `MERGEABLE` and `merge(model)`: fold the adapter into the base weights (methods that can).
-6. `describe(folder)` (optional): extra facts for `graftlm inspect` (e.g. AdaLoRA's final ranks).
+   Wrapper modules may stay: `graftlm merge` copies the merged weights into a plain base model,
+   matching keys with any `base_layer.` step removed (`graftlm.export._plain_copy`).
+6. `describe(folder)` (optional): a dict merged into `graftlm inspect`'s facts (JSON output);
+   its "method_facts" entry ({label: value}) is also printed, one line each.
 
 `DEFAULTS` are the method's recipe: values for TrainConfig fields the user did not set (`lr`,
 `epochs`, `rank`, `targets`, ...), chosen by experiment on the example tasks.
