@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_vs_peft.py --workload text --rank 8 --targets q_proj,v_proj
     .venv/bin/python bench/train_vs_peft.py --workload chat --rank 16 --targets all-linear
+    .venv/bin/python bench/train_vs_peft.py --method qlora --rank 16 --targets all-linear
 
 Both sides run in their own subprocess (so peak RSS is each one's own), on the same model, the
 same tokenized rows, rank, targets, batch, sequence length, learning rate and seed:
@@ -10,6 +11,9 @@ same tokenized rows, rank, targets, batch, sequence length, learning rate and se
   tokens/s from its metrics.jsonl (`tokens`, `elapsed_s`).
 - PEFT: `get_peft_model` + AdamW + a padded batch loop with `model(**batch, labels=...)`, in the
   best precision this CPU has (bf16 weights + autocast where bf16 is fast, else fp32).
+  With `--method qlora` its base is loaded by transformers + bitsandbytes in 4-bit NF4 with double
+  quantization (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+  bnb_4bit_use_double_quant=True)`), the QLoRA recipe of the PEFT documentation.
 
 Workloads: `text` = plain-text rows of `--seq-len` tokens, every position labelled (the timed
 check of the issue); `chat` = the tickets chat task, rows of varied length, loss on answers only
@@ -59,6 +63,7 @@ def worker_graftlm(args) -> dict:
     cfg = TrainConfig(
         data=args.data,
         out=str(out),
+        method=args.method,
         rank=args.rank,
         alpha=2 * args.rank,
         targets=args.targets,
@@ -91,9 +96,25 @@ def worker_peft(args) -> dict:
 
     torch.manual_seed(0)
     bf16 = bf16_supported()
-    model, tokenizer = load_model(
-        "smollm2-135m-instruct", dtype=torch.bfloat16 if bf16 else torch.float32
-    )
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model, tokenizer = load_model("smollm2-135m-instruct", dtype=dtype)
+    if args.method == "qlora":
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from graftlm.models import _ensure_converted, builtin_gguf_path
+
+        del model
+        model = AutoModelForCausalLM.from_pretrained(
+            _ensure_converted(builtin_gguf_path(), None),
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            ),
+            device_map="cpu",
+            dtype=dtype,
+        )
     examples, _ = load_dataset(args.data, tokenizer, args.seq_len)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     model = get_peft_model(
@@ -157,6 +178,7 @@ def run_worker(kind: str, argv: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=["text", "chat"], default="text")
+    parser.add_argument("--method", choices=["lora", "qlora"], default="lora")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="q_proj,v_proj")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -193,6 +215,8 @@ def main() -> None:
         args.seq_len = max(args.seq_len, 512)
     argv = (
         [
+            "--method",
+            args.method,
             "--rank",
             str(args.rank),
             "--targets",
@@ -213,7 +237,7 @@ def main() -> None:
     )
     results = {kind: run_worker(kind, argv) for kind in ("peft", "graftlm")}
     print(
-        f"workload {args.workload}: rank {args.rank}, targets {args.targets}, batch {args.batch_size}, seq-len {args.seq_len}"
+        f"workload {args.workload}, {args.method}: rank {args.rank}, targets {args.targets}, batch {args.batch_size}, seq-len {args.seq_len}"
     )
     for kind, r in results.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]

@@ -1,4 +1,4 @@
-"""The `graftlm` command: train, generate, chat, merge, inspect.
+"""The `graftlm` command: train, generate, chat, eval, merge, export, inspect, serve.
 
 Every subcommand builds the same objects the Python API uses (`TrainConfig`, `SamplingConfig`).
 Errors print one line (`error: ...`) and exit 2; `--debug` shows the traceback instead.
@@ -37,6 +37,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help_text = f.metadata.get("help", "")
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if f.type == "bool | None":  # unset = the method's default, so both ways are flags
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                help=help_text,
+            )  # fmt: skip
             continue
         kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(
             str(f.type), str
@@ -339,6 +345,52 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write an adapter, or base + adapter merged, as GGUF for llama.cpp",
+        description="--format gguf: a llama.cpp LoRA file (llama-cli -m BASE.gguf --lora OUT); "
+        "--format gguf-merged: one model file (llama-cli -m OUT). See graftlm/export_gguf.py.",
+    )
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--format", required=True, choices=["gguf", "gguf-merged"])
+    p.add_argument("--out", required=True, help="the .gguf file to write (replaced if it exists)")
+    p.add_argument(
+        "--model",
+        "--base",
+        dest="model",
+        default=None,
+        help="base: the built-in name, a .gguf file or a Hugging Face Llama folder "
+        "(default: the one the adapter names, else the built-in model)",
+    )
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                   help="gguf: type of the LoRA tensors (default f32)")  # fmt: skip
+    p.add_argument("--quant", choices=["f16", "q8_0", "q4_0", "q4_1"], default=None,
+                   help="gguf-merged: type of the merged weights (default f16)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="gguf-merged from a HF folder: "
+                   "merge despite a base fingerprint mismatch")  # fmt: skip
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from graftlm.export_gguf import export_adapter_gguf, export_merged_gguf
+
+    if args.format == "gguf":
+        if args.quant is not None:
+            raise GraftError("--quant is for --format gguf-merged; use --outtype with --format gguf")
+        out = export_adapter_gguf(
+            args.adapter, args.out, model=args.model, outtype=args.outtype or "f32"
+        )
+    else:
+        if args.outtype is not None:
+            raise GraftError("--outtype is for --format gguf; use --quant with --format gguf-merged")
+        out = export_merged_gguf(
+            args.adapter, args.out, model=args.model, quant=args.quant or "f16", force=args.force
+        )
+    print(f"{args.format} written to {out}")
+    return 0
+
+
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="describe an adapter folder")
     p.add_argument("adapter")
@@ -375,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_generate, _add_chat, _add_eval, _add_merge, _add_inspect, _add_serve):
+    for add in (_add_train, _add_generate, _add_chat, _add_eval, _add_merge, _add_export, _add_inspect, _add_serve):
         add(sub)
     return parser
 

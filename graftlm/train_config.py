@@ -19,7 +19,7 @@ DTYPES = ("auto", "bfloat16", "float32")
 
 
 # Settings every method shares unless its own DEFAULTS say otherwise.
-FALLBACKS: dict[str, Any] = {"lr": 1e-3, "epochs": 1.0}
+FALLBACKS: dict[str, Any] = {"lr": 1e-3, "epochs": 1.0, "low_memory": False}
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,12 @@ class TrainConfig:
         default="auto",
         metadata={"help": "compute dtype: auto (bf16 where the CPU has it), bfloat16, float32"},
     )
-    low_memory: bool = field(
-        default=False, metadata={"help": "activation checkpointing: less memory, a bit slower"}
+    low_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "activation checkpointing: much less memory, ~1/3 slower "
+            "(default per method: on for qlora, off otherwise)"
+        },
     )
     fsdp: bool = field(
         default=False,

@@ -351,3 +351,35 @@ def test_shared_prefix_forward_gives_the_same_loss_and_gradients(kind, tiny_mode
     for name in results[0][2]:
         torch.testing.assert_close(results[0][2][name], results[1][2][name], rtol=1e-4, atol=1e-5)
     assert prefix_sharing_is_exact(model, Example(ids[0].tolist(), ids[0].tolist(), "x"), 2)
+
+
+def test_low_memory_mode_trains_the_same_adapter(tmp_path, tiny_model_dir):
+    """Activation checkpointing recomputes activations: same numbers, less memory."""
+    from safetensors.torch import load_file
+
+    from graftlm.train import train
+    from graftlm.train_config import TrainConfig
+
+    data = write_chat(tmp_path / "train.jsonl", 16)
+    weights = {}
+    for low_memory in (False, True):
+        out = tmp_path / f"low{low_memory}"
+        cfg = TrainConfig(
+            data=str(data), out=str(out), model=str(tiny_model_dir), rank=4, steps=3,
+            batch_size=4, dtype="float32", low_memory=low_memory,
+        )  # fmt: skip
+        train(cfg, progress=False)
+        weights[low_memory] = load_file(out / "adapter_model.safetensors")
+        settings = json.loads((out / "graftlm.json").read_text())["training"]["settings"]
+        assert settings["low_memory"] is low_memory
+    for key, tensor in weights[False].items():
+        torch.testing.assert_close(weights[True][key], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_qlora_recipe_turns_on_activation_checkpointing():
+    from graftlm.train_config import TrainConfig
+
+    assert TrainConfig(data="d", out="o", method="qlora").with_method_defaults().low_memory
+    assert not TrainConfig(data="d", out="o").with_method_defaults().low_memory
+    off = TrainConfig(data="d", out="o", method="qlora", low_memory=False)
+    assert off.with_method_defaults().low_memory is False

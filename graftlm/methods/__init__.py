@@ -17,7 +17,7 @@ from graftlm.errors import GraftError
 # --method value -> module implementing graftlm.methods.base.MethodModule
 REGISTRY: dict[str, str] = {
     "lora": "graftlm.methods.lora_method",
-    "qlora": "graftlm.methods.lora_method",
+    "qlora": "graftlm.methods.qlora_method",
     "adalora": "graftlm.methods.adalora",
     "prompt": "graftlm.methods.prompt_tuning",
     "prefix": "graftlm.methods.prefix_tuning",
