@@ -3,7 +3,8 @@
 The loss is the mean over answer tokens: each row's final assistant turn (its content and
 end-of-turn token), or the completion / output for prompt-completion and Alpaca rows, or every
 token of a text row. With `generate=True`, each row's prompt is also completed greedily and
-compared with its reference answer (exact match after stripping surrounding whitespace).
+compared with its reference answer: exact match after stripping surrounding whitespace, and
+field accuracy (partial credit per field of a structured answer, `graftlm.answer_fields`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from graftlm.answer_fields import field_accuracy
 from graftlm.data import (
     IGNORE_INDEX,
     Example,
@@ -54,8 +56,8 @@ def evaluate_file(
     """Score `model` (with its active adapter) on a data file.
 
     Returns:
-        `{"loss", "perplexity", "tokens", "rows", "seconds"}`, plus `"exact_match"` and
-        `"scored_rows"` with `generate`.
+        `{"loss", "perplexity", "tokens", "rows", "seconds"}`, plus `"exact_match"`,
+        `"field_accuracy"` and `"scored_rows"` with `generate`.
 
     Raises:
         GraftError: bad rows (named by file:line), or no answer tokens at all.
@@ -97,6 +99,9 @@ def evaluate_file(
         )
         correct = sum(out.strip() == ref.strip() for out, (_, ref) in zip(outputs, scored))
         result["exact_match"] = correct / max(len(scored), 1)
+        result["field_accuracy"] = sum(
+            field_accuracy(out, ref) for out, (_, ref) in zip(outputs, scored)
+        ) / max(len(scored), 1)
         result["scored_rows"] = len(scored)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result

@@ -93,3 +93,25 @@ def test_eval_cli_errors(tmp_path, tiny_model_dir, capsys):
         == 2
     )
     assert "none.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "prediction, reference, expected",
+    [
+        ("intent=set_alarm; time=13:50; day=today", "intent=set_alarm; time=13:50; day=today", 1.0),
+        ("intent=set_alarm; time=13:30; day=today", "intent=set_alarm; time=13:50; day=today", 2 / 3),
+        ("day=today;intent=set_alarm", "intent=set_alarm; time=13:50; day=today", 2 / 3),
+        ('{"a": 1, "b": "x", "c": [1]}', '{"b": "x", "a": 1, "c": [1]}', 1.0),
+        ('{"a": 2, "b": "x"}', '{"a": 1, "b": "x"}', 0.5),
+        ('{"a": 1', '{"a": 1}', 0.0),
+        ("negative, battery", "negative, battery", 1.0),
+        ("negative, screen", "negative, battery", 0.5),
+        ("billing", "billing", 1.0),
+        ("sales", "billing", 0.0),
+        ("", "billing", 0.0),
+    ],
+)
+def test_field_accuracy(prediction, reference, expected):
+    from graftlm.answer_fields import field_accuracy
+
+    assert field_accuracy(prediction, reference) == pytest.approx(expected)
