@@ -39,6 +39,7 @@ _MUST_MATCH = (
     "weight_decay",
     "dropout",
     "eval_data",
+    "init_rank",
 )
 
 
@@ -52,8 +53,12 @@ def write(
     step: int,
     elapsed_s: float,
     cfg,
+    hooks=None,
 ) -> None:
-    """Write the checkpoint for `step` atomically (temp folder, then rename)."""
+    """Write the checkpoint for `step` atomically (temp folder, then rename).
+
+    `hooks`: the method's TrainingHooks; their `state_dict()` (if they have one) is saved too.
+    """
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -65,6 +70,9 @@ def write(
             if torch.is_tensor(value):
                 tensors[f"optim/{index}/{key}"] = value.detach().contiguous().cpu()
     tensors["rng/torch"] = torch.get_rng_state()
+    if hasattr(hooks, "state_dict"):  # e.g. AdaLoRA's importance averages and rank masks
+        for key, value in hooks.state_dict().items():
+            tensors[f"hooks/{key}"] = value.detach().contiguous().cpu()
     meta = {
         "step": step,
         "elapsed_s": elapsed_s,
@@ -116,9 +124,9 @@ def check_settings(state: dict, cfg) -> None:
 
 
 def restore(
-    state: dict, model: nn.Module, optimizer, scheduler, names: dict[int, str]
+    state: dict, model: nn.Module, optimizer, scheduler, names: dict[int, str], hooks=None
 ) -> tuple[int, float]:
-    """Load parameters, optimizer, scheduler and RNG; return (step, elapsed seconds)."""
+    """Load parameters, optimizer, scheduler, RNG and the hooks' state; return (step, seconds)."""
     meta, tensors = state["meta"], state["tensors"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if [names[id(p)] for p in params] != meta["param_names"]:
@@ -147,6 +155,8 @@ def restore(
         group["lr"] = lr
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     torch.set_rng_state(tensors["rng/torch"])
+    if hasattr(hooks, "load_state_dict"):
+        hooks.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("hooks/")})
     return int(meta["step"]), float(meta["elapsed_s"])
 
 

@@ -405,7 +405,7 @@ def train(
 
     start_step, elapsed_before = 0, 0.0
     if state is not None:
-        start_step, elapsed_before = ckpt.restore(state, model, optimizer, scheduler, names)
+        start_step, elapsed_before = ckpt.restore(state, model, optimizer, scheduler, names, hooks)
         _truncate_metrics(metrics_path, start_step) if runtime.is_main else None
         runtime.log(f"resumed from step {start_step}/{total_steps}")
     if runtime.is_main:
@@ -413,7 +413,15 @@ def train(
 
     def save_checkpoint(step_reached: int, elapsed_s: float) -> None:
         ckpt.write(
-            out, model, optimizer, scheduler, names, step=step_reached, elapsed_s=elapsed_s, cfg=cfg
+            out,
+            model,
+            optimizer,
+            scheduler,
+            names,
+            step=step_reached,
+            elapsed_s=elapsed_s,
+            cfg=cfg,
+            hooks=hooks,
         )
 
     bar = _progress(total_steps, start_step, enabled=progress and runtime.is_main)

@@ -1,0 +1,652 @@
+"""AdaLoRA (Zhang et al., 2023) behind the method contract: an update shaped like an SVD whose
+rank budget moves, during training, to the matrices that need it.
+
+::
+
+        x ──► W (frozen, d_out x d_in) ──────────────────────────────────────┐
+        │                                                                    (+) ──► y
+        └──► dropout ──► Q [r, d_in] ──► ⊙ Λ [r, 1] ──► P [d_out, r] ────────┘ x alpha / init_r
+
+    ΔW = P Λ Q · alpha / init_r      (PEFT's names: lora_B = P, lora_E = Λ, lora_A = Q)
+
+Λ starts at zero, so a fresh adapter leaves the model unchanged; P and Q start N(0, 0.02²).
+Every matrix starts with `init_r` triplets (P[:, i], λ_i, Q[i]); during training
+(`methods.adalora_budget`) the λ of the least important triplets are zeroed, until `target_r`
+triplets per matrix remain on average, and an orthogonality penalty keeps P and Q close to
+singular vectors. The scale stays alpha / init_r whatever rank a matrix ends with, as in PEFT.
+
+The layer reuses `LoraLinear` (frozen weight/bias under nn.Linear's names, merging, Conv1D
+layout); only the adapter's tensors and product differ. The folder is PEFT's: per module
+`lora_A`, `lora_E`, `lora_B` holding only the kept triplets, and `rank_pattern` in
+adapter_config.json (`"<module>.lora_E"`: one bool per initial triplet), so PEFT's
+`PeftModel.from_pretrained` loads what graftlm saves, and the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm.config import ALL_LINEAR, LoraConfig
+from graftlm.errors import GraftError
+from graftlm.methods.adalora_budget import TrainingHooks  # noqa: F401  (the contract's name)
+from graftlm.methods.lora import LoraLayerBase, LoraLinear
+
+NAME = "adalora"
+PEFT_TYPE = "ADALORA"
+MERGEABLE = True
+# The recipe (README, "Choosing the default recipe"): every linear layer starts with 12 triplets
+# and keeps 8 on average (rank = target_r, init_rank = init_r).
+DEFAULTS: dict[str, Any] = {
+    "rank": 8,
+    "init_rank": 12,
+    "targets": "all-linear",
+    "alpha": 32.0,
+    "lr": 5e-3,
+    "epochs": 1.0,
+}
+INIT_STD = 0.02  # P and Q start N(0, INIT_STD²), as in PEFT
+RANKNUM_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5); kept so logits match it to the last bit
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_E|lora_B)(?:\.(?P<adapter>[^.]+))?$")
+
+
+@dataclass(frozen=True)
+class AdaLoraConfig:
+    """One AdaLoRA adapter: which layers, the rank budget, and its schedule.
+
+    Attributes:
+        init_r: triplets every adapted matrix starts with.
+        target_r: triplets kept per matrix on average at the end (the budget is global, so
+            single matrices may end anywhere between 0 and init_r).
+        alpha: scale numerator: the update is multiplied by alpha / init_r.
+        dropout: dropout probability on the adapter's input during training.
+        targets: layers to adapt, as for LoRA: module names/suffixes, a regex, or "all-linear".
+        exclude: module names/suffixes (list) or a regex (string) never to adapt.
+        layers: only adapt modules inside these block indices; None = all.
+        total_step: optimizer steps of the training run (set by the training hooks).
+        tinit: steps before the budget starts falling (importance is gathered meanwhile).
+        tfinal: steps at the end with the final ranks fixed.
+        delta_t: the budget is re-allocated every `delta_t` steps while it falls.
+        beta1: EMA factor of the sensitivity |w · dL/dw|.
+        beta2: EMA factor of the sensitivity's uncertainty.
+        orth_reg_weight: weight of the penalty ||PᵀP − I||_F + ||QQᵀ − I||_F (mean over matrices).
+        rank_pattern: `{"<module>.lora_E": (kept, ...)}`, one bool per initial triplet, once a
+            budget has been allocated; None before.
+    """
+
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | str = ALL_LINEAR
+    exclude: tuple[str, ...] | str | None = None
+    layers: tuple[int, ...] | None = None
+    total_step: int | None = None
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    rank_pattern: dict[str, tuple[bool, ...]] | None = None
+
+    # what `surgery.set_adapter` and `surgery.find_targets` ask of every adapter config
+    bias = "none"
+    modules_to_save = ()
+    method = "adalora"
+
+    def __post_init__(self) -> None:
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "a positive integer" if low > 0 else "an integer >= 0"
+                raise GraftError(f"{name} should be {kind}, got {value!r}")
+
+        integer("init_r", 1)
+        integer("target_r", 1)
+        integer("tinit", 0)
+        integer("tfinal", 0)
+        integer("delta_t", 1)
+        if self.target_r > self.init_r:
+            raise GraftError(
+                f"target_r ({self.target_r}) should not exceed init_r ({self.init_r}): AdaLoRA "
+                "starts every matrix at init_r triplets and prunes down to target_r on average"
+            )
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise GraftError(f"{name} should be in (0, 1), got {value!r}")
+        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            raise GraftError(f"orth_reg_weight should be >= 0, got {self.orth_reg_weight!r}")
+        if self.total_step is not None:
+            integer("total_step", 1)
+            if self.tinit >= self.total_step - self.tfinal:
+                raise GraftError(
+                    f"tinit ({self.tinit}) + tfinal ({self.tfinal}) leave no step of the "
+                    f"{self.total_step} for the budget to fall; lower them or train longer"
+                )
+        # targets, exclude, layers, alpha and dropout: LoRA's rules and messages
+        lora = self.as_lora()
+        for name in ("targets", "exclude", "layers", "alpha", "dropout"):
+            object.__setattr__(self, name, getattr(lora, name))
+        if self.rank_pattern is not None:
+            object.__setattr__(
+                self,
+                "rank_pattern",
+                {k: tuple(bool(b) for b in v) for k, v in self.rank_pattern.items()},
+            )
+
+    def as_lora(self) -> LoraConfig:
+        """The LoRA config with the same layers, alpha and dropout (rank = init_r)."""
+        return LoraConfig(
+            rank=self.init_r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            targets=self.targets,
+            exclude=self.exclude,
+            layers=self.layers,
+        )
+
+    @property
+    def scaling(self) -> float:
+        """alpha / init_r (PEFT: lora_alpha / (ranknum + 1e-5), ranknum = init_r)."""
+        return self.alpha / (self.init_r + RANKNUM_EPS)
+
+    def replace(self, **changes: Any) -> AdaLoraConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_peft_dict(
+        self, *, base_model_name_or_path: str | None, target_modules: list[str] | str
+    ) -> dict[str, Any]:
+        """PEFT's `adapter_config.json` for this adapter (an `AdaLoraConfig` there)."""
+        data = self.as_lora().to_peft_dict(
+            base_model_name_or_path=base_model_name_or_path, target_modules=target_modules
+        )
+        # PEFT ignores `r` for AdaLoRA and warns when it is not its default 8
+        data["r"] = 8
+        tinit, tfinal = self.tinit, self.tfinal
+        data.update(
+            peft_type=PEFT_TYPE,
+            init_r=self.init_r,
+            target_r=self.target_r,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=self.delta_t,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            orth_reg_weight=self.orth_reg_weight,
+            # PEFT refuses a config without a positive total_step (and with no budget phase);
+            # an adapter that never trained under the hooks gets the least value it accepts
+            total_step=self.total_step or tinit + tfinal + 1,
+            rank_pattern=None
+            if self.rank_pattern is None
+            else {k: list(v) for k, v in self.rank_pattern.items()},
+        )
+        return data
+
+    @classmethod
+    def from_peft_dict(
+        cls, data: dict[str, Any], *, source: str = "adapter_config.json"
+    ) -> AdaLoraConfig:
+        """Build from PEFT's `adapter_config.json` fields.
+
+        Raises:
+            GraftError: another peft_type, a missing field, or a PEFT option graftlm's AdaLoRA
+                does not implement (bias, modules_to_save, rsLoRA, DoRA), naming the field.
+        """
+        if str(data.get("peft_type", "")).upper() != PEFT_TYPE:
+            raise GraftError(f"{source}: peft_type {data.get('peft_type')!r} is not ADALORA")
+        missing = [k for k in ("init_r", "lora_alpha", "target_modules") if k not in data]
+        if missing:
+            raise GraftError(f"{source}: missing required field(s) {', '.join(missing)}")
+        for flag in ("use_dora", "use_rslora", "lora_bias", "modules_to_save"):
+            if data.get(flag):
+                raise GraftError(f"{source}: {flag}={data[flag]!r} is not supported for AdaLoRA")
+        if (data.get("bias") or "none") != "none":
+            raise GraftError(f"{source}: bias={data['bias']!r} is not supported for AdaLoRA")
+        total_step = data.get("total_step")
+        try:
+            return cls(
+                init_r=data["init_r"],
+                # PEFT accepts target_r > init_r (it only fails once training prunes); for
+                # inference it means nothing, so it is capped rather than refused
+                target_r=min(data.get("target_r", 8), data["init_r"]),
+                alpha=data["lora_alpha"],
+                dropout=data.get("lora_dropout") or 0.0,
+                targets=data["target_modules"],
+                exclude=data.get("exclude_modules"),
+                layers=data.get("layers_to_transform"),
+                total_step=total_step if total_step else None,
+                tinit=data.get("tinit", 0),
+                tfinal=data.get("tfinal", 0),
+                delta_t=data.get("deltaT", 1),
+                beta1=data.get("beta1", 0.85),
+                beta2=data.get("beta2", 0.85),
+                orth_reg_weight=data.get("orth_reg_weight", 0.5),
+                rank_pattern=data.get("rank_pattern"),
+            )
+        except GraftError as exc:
+            raise GraftError(f"{source}: {exc}") from None
+
+
+# -- the layer ------------------------------------------------------------------------------------
+
+
+class AdaLoraLinear(LoraLinear):
+    """`LoraLinear` whose adapters are SVD-shaped triplets (P, Λ, Q) instead of (B, A).
+
+    Shapes per adapter: `lora_A` Q `[r, in]`, `lora_E` Λ `[r, 1]`, `lora_B` P `[out, r]`;
+    input `(..., in_features)`, output `(..., out_features)`.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        # Parameters directly (PEFT's layout: `q_proj.lora_A.default` is the tensor itself)
+        self.lora_A = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+
+    def _adapter_containers(self):
+        return [self.lora_A, self.lora_E, self.lora_B, self.lora_dropout]
+
+    def add(self, name: str, rank: int, scaling: float, dropout: float, init: str) -> None:
+        raise GraftError(
+            f"this layer holds AdaLoRA adapters ({list(self.ranks)}); a LoRA adapter "
+            f"{name!r} cannot share it (load it onto a fresh base model)"
+        )
+
+    def add_triplets(self, name: str, rank: int, scaling: float, dropout: float) -> None:
+        """Create adapter `name` with `rank` triplets: Λ = 0, P and Q N(0, 0.02²) (PEFT's init)."""
+        if name in self.ranks:
+            raise GraftError(f"adapter {name!r} already exists on this layer")
+        device = self.weight.device
+        q = torch.randn(rank, self.in_features, device=device) * INIT_STD
+        p = torch.randn(self.out_features, rank, device=device) * INIT_STD
+        self.lora_A[name] = nn.Parameter(q)
+        self.lora_E[name] = nn.Parameter(torch.zeros(rank, 1, device=device))
+        self.lora_B[name] = nn.Parameter(p)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.ranks[name] = rank
+        self.scaling[name] = scaling
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        q = self.lora_A[name].detach().float()
+        e = self.lora_E[name].detach().float()
+        p = self.lora_B[name].detach().float()
+        delta = (p @ (q * e)) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        q = self.lora_A[name]
+        x = x.to(q.dtype)
+        hidden = F.linear(self.lora_dropout[name](x), q * self.lora_E[name])  # (..., r)
+        return F.linear(hidden, self.lora_B[name]) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_groups is None or self.disabled:
+            return super().forward(x)
+        # per-row adapters: LoRA's gathered bank stacks plain (A, B) pairs and has no place for
+        # Λ, so every group takes the loop
+        self._check_rows()
+        result = self.base_forward(x)
+        for name, rows in self.row_groups:
+            if name is None or name not in self.ranks:
+                continue
+            delta = self._lora(name, x.index_select(0, rows))
+            result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
+
+def svd_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, AdaLoraLinear]]:
+    """Every AdaLoRA layer of `model` (holding adapter `name`, if given), with its module name."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdaLoraLinear) and (name is None or name in module.ranks):
+            yield module_name, module
+
+
+# -- attach -----------------------------------------------------------------------------------------
+
+
+def attach(model: nn.Module, cfg):
+    """Add adapter "default" as the training config describes (rank = target_r, init_rank = init_r)."""
+    if cfg.use_rslora:
+        raise GraftError("use_rslora is not defined for AdaLoRA (its scale is alpha / init_rank)")
+    config = AdaLoraConfig(
+        init_r=cfg.init_rank,
+        target_r=cfg.rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.dropout,
+        targets=cfg.targets,
+    )
+    return inject(model, config)
+
+
+def inject(
+    model: nn.Module,
+    config: AdaLoraConfig,
+    name: str = "default",
+    *,
+    ranks: dict[str, int] | None = None,
+):
+    """Add an AdaLoRA adapter `name` to `model`, in place, and make it the active one.
+
+    Targeted linear layers become `AdaLoraLinear` (keeping the base Parameters); every parameter
+    but the new adapter's is frozen.
+
+    Args:
+        ranks: per-module triplet counts (loading pruned adapters); default init_r everywhere.
+
+    Returns:
+        A `graftlm.surgery.InjectSummary`.
+
+    Raises:
+        GraftError: the name is taken or malformed, nothing matched, or a matched layer is an
+            embedding, a 4-bit layer or one holding LoRA adapters.
+    """
+    from graftlm.surgery import (
+        _set_module,
+        base_fingerprint,
+        find_targets,
+        is_linear,
+        set_adapter,
+        summarize,
+    )
+
+    configs = getattr(model, "graftlm_configs", None)
+    if configs is None:
+        configs = {}
+        model.graftlm_configs = configs
+    if name in configs:
+        raise GraftError(
+            f"adapter {name!r} already exists; delete_adapter() it first or pick a new name"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
+    base_fingerprint(model)
+    targets = find_targets(model, config.as_lora())
+    layers: list[tuple[str, nn.Module]] = []
+    for module_name in targets:
+        module = model.get_submodule(module_name)
+        if isinstance(module, LoraLayerBase) and not isinstance(module, AdaLoraLinear):
+            raise GraftError(
+                f"{module_name} holds LoRA adapters; AdaLoRA cannot share a layer with them"
+            )
+        if not isinstance(module, AdaLoraLinear) and (
+            not is_linear(module) or getattr(module, "is_quantized_linear", False)
+        ):
+            raise GraftError(
+                f"{module_name} is a {type(module).__name__}; AdaLoRA adapts full-precision "
+                "linear layers only (nn.Linear, GPT-2's Conv1D)"
+            )
+        layers.append((module_name, module))
+    added = []
+    for module_name, module in layers:
+        if not isinstance(module, AdaLoraLinear):
+            module = AdaLoraLinear(module)
+            _set_module(model, module_name, module)
+        rank = config.init_r if ranks is None else ranks[module_name]
+        module.add_triplets(name, rank, config.scaling, config.dropout)
+        added.append((module_name, "AdaLoraLinear", rank))
+    configs[name] = config
+    set_adapter(model, name)
+    return summarize(model, name, added)
+
+
+def adapter_config(model: nn.Module, name: str = "default") -> AdaLoraConfig:
+    """The AdaLoraConfig of adapter `name` on `model`."""
+    config = (getattr(model, "graftlm_configs", None) or {}).get(name)
+    if not isinstance(config, AdaLoraConfig):
+        raise GraftError(f"the model has no AdaLoRA adapter named {name!r}")
+    return config
+
+
+# -- save -------------------------------------------------------------------------------------------
+
+
+def _kept_rows(config: AdaLoraConfig, module_name: str, rows: int) -> torch.Tensor | None:
+    """Which of a module's `rows` triplets to save: a bool mask, or None for all of them."""
+    pattern = (config.rank_pattern or {}).get(f"{module_name}.lora_E")
+    if pattern is None:
+        return None
+    if len(pattern) == rows:
+        return torch.tensor(pattern, dtype=torch.bool)
+    if sum(pattern) == rows:  # loaded from a folder: only the kept triplets are here
+        return None
+    raise GraftError(
+        f"{module_name}: rank_pattern has {len(pattern)} entries ({sum(pattern)} kept), "
+        f"but the layer holds {rows} triplets"
+    )
+
+
+def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s kept triplets under PEFT's keys (`...q_proj.lora_A`, no adapter name)."""
+    config = adapter_config(model, name)
+    out: dict[str, torch.Tensor] = {}
+    for module_name, layer in svd_layers(model, name):
+        q = layer.lora_A[name].detach().float()
+        e = layer.lora_E[name].detach().float()
+        p = layer.lora_B[name].detach().float()
+        kept = _kept_rows(config, module_name, q.shape[0])
+        if kept is not None:
+            kept = kept.to(q.device)
+            q, e, p = q[kept], e[kept], p[:, kept]
+        key = PREFIX + module_name
+        out[f"{key}.lora_A"] = q
+        out[f"{key}.lora_E"] = e
+        out[f"{key}.lora_B"] = p
+    return out
+
+
+def save(
+    model: nn.Module, folder: Path, base_model_name: str | None, name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """Write adapter_config.json and adapter_model.safetensors in PEFT's AdaLoRA format."""
+    from graftlm.adapters import (
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        atomic_save_safetensors,
+        atomic_write_json,
+        peft_target_modules,
+    )
+
+    folder = Path(folder)
+    config = adapter_config(model, name)
+    tensors = adapter_tensors(model, name)
+    data = config.to_peft_dict(
+        base_model_name_or_path=base_model_name, target_modules=peft_target_modules(model, name)
+    )
+    if isinstance(data["target_modules"], str):
+        data["layers_to_transform"] = None  # PEFT refuses layers next to a regex target
+    if any(layer.fan_in_fan_out for _, layer in svd_layers(model, name)):
+        data["fan_in_fan_out"] = True
+    atomic_save_safetensors(folder / WEIGHTS_FILE, tensors)
+    atomic_write_json(folder / CONFIG_FILE, data)
+    return tensors
+
+
+# -- load -------------------------------------------------------------------------------------------
+
+
+def read_config(folder: Path) -> AdaLoraConfig:
+    """The AdaLoraConfig of an adapter folder.
+
+    Raises:
+        GraftError: missing folder or file, invalid JSON, or a wrong or unsupported field.
+    """
+    from graftlm.adapters import CONFIG_FILE
+
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise GraftError(f"adapter folder {str(folder)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GraftError(f"{path}: not found (is {folder} an adapter folder?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GraftError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise GraftError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return AdaLoraConfig.from_peft_dict(data, source=str(path))
+
+
+def load(model: nn.Module, folder: Path, name: str = "default") -> AdaLoraConfig:
+    """Put a saved AdaLoRA adapter (graftlm's or PEFT's) onto `model` as adapter `name`.
+
+    Each module gets as many triplets as the file holds for it (its final rank).
+
+    Returns:
+        The adapter's config.
+
+    Raises:
+        GraftError: unreadable files; keys that are not AdaLoRA tensors, or a module missing
+            one of A/E/B (all listed); a module the model lacks; a tensor of the wrong shape
+            (file, key, expected and found shapes).
+    """
+    from graftlm.adapters import WEIGHTS_FILE, read_adapter_weights
+    from graftlm.surgery import _linear_dims, is_linear
+
+    folder = Path(folder)
+    config = read_config(folder)
+    tensors = read_adapter_weights(folder)
+    weights_path = folder / WEIGHTS_FILE
+    triplets: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected = []
+    for key, tensor in tensors.items():
+        match = _KEY.match(key[len(PREFIX) :] if key.startswith(PREFIX) else key)
+        if match is None:
+            unexpected.append(key)
+            continue
+        triplets.setdefault(match.group("module"), {})[match.group("kind")] = tensor
+    if unexpected:
+        raise GraftError(
+            f"{weights_path}: keys that are not AdaLoRA tensors (lora_A/lora_E/lora_B): "
+            f"{sorted(unexpected)}"
+        )
+    if not triplets:
+        raise GraftError(f"{weights_path}: no AdaLoRA tensors (keys like '...lora_E') found")
+    incomplete = [
+        f"{m} lacks {'/'.join(k for k in ('lora_A', 'lora_E', 'lora_B') if k not in t)}"
+        for m, t in triplets.items()
+        if len(t) < 3
+    ]
+    if incomplete:
+        raise GraftError(f"{weights_path}: incomplete triplets: {'; '.join(incomplete)}")
+
+    modules = dict(model.named_modules())
+    ranks = {}
+    for module_name, t in triplets.items():
+        module = modules.get(module_name)
+        if module is None:
+            raise GraftError(
+                f"{weights_path}: key {PREFIX}{module_name}.lora_A names module {module_name!r}, "
+                f"which {type(model).__name__} does not have: the adapter was trained on another "
+                "architecture"
+            )
+        if isinstance(module, AdaLoraLinear):
+            out_f, in_f = module.out_features, module.in_features
+        elif is_linear(module) and not isinstance(module, LoraLayerBase):
+            out_f, in_f = _linear_dims(module)
+        else:
+            raise GraftError(
+                f"{weights_path}: {module_name} is a {type(module).__name__}, which AdaLoRA "
+                "cannot adapt"
+            )
+        rank = t["lora_A"].shape[0] if t["lora_A"].dim() == 2 else -1
+        for kind, expected in (
+            ("lora_A", (rank, in_f)),
+            ("lora_E", (rank, 1)),
+            ("lora_B", (out_f, rank)),
+        ):
+            if tuple(t[kind].shape) != expected:
+                raise GraftError(
+                    f"{weights_path}: {PREFIX}{module_name}.{kind}: expected shape {expected}, "
+                    f"found {tuple(t[kind].shape)} (lora_A is [rank, in], lora_E [rank, 1], "
+                    "lora_B [out, rank] on this base)"
+                )
+        if rank > config.init_r:
+            raise GraftError(
+                f"{weights_path}: {module_name} holds {rank} triplets, more than init_r "
+                f"{config.init_r} in adapter_config.json"
+            )
+        ranks[module_name] = rank
+
+    exact = "^(?:" + "|".join(re.escape(n) for n in triplets) + ")$"
+    inject(model, config.replace(targets=exact, exclude=None, layers=None), name, ranks=ranks)
+    model.graftlm_configs[name] = config  # the adapter's own spec, not the exact-name regex
+    layers = dict(svd_layers(model, name))
+    with torch.no_grad():
+        for module_name, t in triplets.items():
+            layer = layers[module_name]
+            for kind in ("lora_A", "lora_E", "lora_B"):
+                getattr(layer, kind)[name].copy_(t[kind])
+    return config
+
+
+# -- merge, describe --------------------------------------------------------------------------------
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the active adapter into the base weights: W += P (Q ⊙ Λ) · alpha / init_r (fp32)."""
+    from graftlm.surgery import merge as merge_layers
+
+    merge_layers(model)
+
+
+def describe(folder: Path) -> dict[str, Any]:
+    """Facts for `graftlm inspect`: the final rank of every module, per kind and per block."""
+    from safetensors import safe_open
+
+    from graftlm.adapters import WEIGHTS_FILE
+
+    folder = Path(folder)
+    config = read_config(folder)
+    ranks: dict[str, int] = {}
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
+            for key in handle.keys():
+                match = _KEY.match(key[len(PREFIX) :] if key.startswith(PREFIX) else key)
+                if match and match.group("kind") == "lora_E":
+                    ranks[match.group("module")] = handle.get_slice(key).get_shape()[0]
+    except Exception as exc:
+        raise GraftError(f"{folder / WEIGHTS_FILE}: cannot read ({exc})") from None
+    histogram: dict[str, int] = {}
+    for rank in sorted(ranks.values()):
+        histogram[str(rank)] = histogram.get(str(rank), 0) + 1
+    by_kind: dict[str, list[int]] = {}
+    by_block: dict[str, list[str]] = {}
+    for module_name, rank in ranks.items():
+        kind = module_name.rsplit(".", 1)[-1]
+        by_kind.setdefault(kind, []).append(rank)
+        block = re.search(r"\.(\d+)\.", module_name)
+        by_block.setdefault(block.group(1) if block else "-", []).append(f"{kind} {rank}")
+    facts: dict[str, str] = {
+        "init / target": f"{config.init_r} / {config.target_r} triplets per matrix "
+        f"(scale alpha/init_r = {config.alpha:g}/{config.init_r})",
+        "rank budget": f"{sum(ranks.values())} of {config.init_r * len(ranks)} triplets kept"
+        + (" (never pruned)" if config.rank_pattern is None else ""),
+        "mean by kind": ", ".join(f"{k} {sum(v) / len(v):.1f}" for k, v in sorted(by_kind.items())),
+    }
+    for block in sorted(by_block, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0)):
+        facts[f"block {block}"] = ", ".join(sorted(by_block[block]))
+    return {
+        "rank": config.target_r,
+        "init_rank": config.init_r,
+        "ranks": histogram,
+        "final_ranks": ranks,
+        "rank_pattern": {},  # the bool lists are in adapter_config.json; final_ranks sums them
+        "adapted_modules": len(ranks),
+        "adapted_module_kinds": sorted(by_kind),
+        "method_facts": facts,
+    }
