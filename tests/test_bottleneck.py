@@ -1,0 +1,272 @@
+"""Bottleneck adapters: start at the base, sit where documented, save/load, train, generate, errors.
+
+Tiny random models, fp32, eval mode. "Trained" adapters are simulated by seeded noise.
+"""
+
+from __future__ import annotations
+
+import json
+
+import helpers
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from visible_models import BUILDERS, one_thread, perturb_trainable, tiny_llama  # noqa: F401
+
+from graftlm.adapter_io import load_any, save_trained
+from graftlm.errors import GraftError
+from graftlm.methods import bottleneck as bn
+from graftlm.train_config import TrainConfig
+
+
+def inputs() -> torch.Tensor:
+    return torch.randint(3, helpers.TINY_VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(inputs()).logits.float()
+
+
+def trained(arch: str = "llama", **config) -> torch.nn.Module:
+    model = BUILDERS[arch]()
+    bn.add_bottleneck(model, bn.BottleneckConfig(size=8, **config))
+    perturb_trainable(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_fresh_adapter_is_the_base(arch):
+    model = BUILDERS[arch]()
+    base = logits(model)
+    bn.add_bottleneck(model, bn.BottleneckConfig(size=8))
+    torch.testing.assert_close(logits(model), base, atol=0, rtol=0)
+
+
+# the documented sites: the last linear layer of each block's attention and MLP
+SITES = {
+    "llama": ("model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp.down_proj"),
+    "qwen2": ("model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp.down_proj"),
+    "gpt2": ("transformer.h.{i}.attn.c_proj", "transformer.h.{i}.mlp.c_proj"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+@pytest.mark.parametrize("placement", ["both", "mlp"])
+def test_placement_puts_blocks_where_documented(arch, placement):
+    model = BUILDERS[arch]()
+    summary = bn.add_bottleneck(model, bn.BottleneckConfig(size=8, placement=placement))
+    attention, mlp = SITES[arch]
+    expected = []
+    for i in range(2):
+        if placement == "both":
+            expected.append(attention.format(i=i))
+        expected.append(mlp.format(i=i))
+    assert [n for n, _ in bn.adapter_layers(model)] == expected
+    d = 64
+    assert summary.trainable == len(expected) * (2 * d * 8 + 8 + d)
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_save_load_round_trip_gives_the_same_logits(arch, tmp_path):
+    base = logits(BUILDERS[arch]())
+    model = trained(arch)
+    expected = logits(model)
+    assert (expected - base).abs().max() > 1e-2
+    tensors = bn.save(model, tmp_path / "a", "some/base")
+    fresh = BUILDERS[arch]()
+    bn.load(fresh, tmp_path / "a")
+    torch.testing.assert_close(logits(fresh), expected, atol=0, rtol=0)
+    assert sorted(load_file(tmp_path / "a" / "adapter_model.safetensors")) == sorted(tensors)
+
+
+def test_file_format_is_the_documented_one(tmp_path):
+    bn.save(trained(placement="mlp"), tmp_path / "a", "some/base")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config == {
+        "peft_type": "BOTTLENECK",
+        "task_type": "CAUSAL_LM",
+        "format_version": 1,
+        "base_model_name_or_path": "some/base",
+        "bottleneck_size": 8,
+        "placement": "mlp",
+        "non_linearity": "silu",
+        "scaling": 1.0,
+        "dropout": 0.0,
+        "hidden_size": 64,
+        "target_modules": ["mlp.down_proj"],
+        "num_adapters": 2,
+    }
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.down_proj.adapter_"
+    assert {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(key)} == {
+        key + "down.weight": (8, 64),
+        key + "down.bias": (8,),
+        key + "up.weight": (64, 8),
+        key + "up.bias": (64,),
+    }
+    assert len(tensors) == 8 and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_training_changes_only_adapter_params_through_the_loop_path(tmp_path):
+    """One AdamW step through the inner decoder (the loop's path): up and down both move."""
+    model = tiny_llama()
+    bn.attach(model, TrainConfig(data="d", out="o", method="bottleneck", bottleneck_size=8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):  # up starts at zero, so down gets a gradient from the second step on
+        model.model(input_ids=inputs()).last_hidden_state.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.rsplit(".", 2)[-2] for n in changed} == {"adapter_down", "adapter_up"}
+
+
+def test_defaults_and_cli_settings_reach_the_adapter():
+    cfg = TrainConfig(data="d", out="o", method="bottleneck").with_method_defaults()
+    model = tiny_llama()
+    bn.attach(model, cfg)
+    layers = bn.adapter_layers(model)
+    assert len(layers) == 4 and layers[0][1].adapter_down.out_features == bn.DEFAULTS["bottleneck_size"]
+    cfg = TrainConfig(
+        data="d", out="o", method="bottleneck", bottleneck_size=4, bottleneck_placement="mlp"
+    )
+    model = tiny_llama()
+    bn.attach(model, cfg)
+    assert [layer.adapter_down.out_features for _, layer in bn.adapter_layers(model)] == [4, 4]
+
+
+def test_bf16_base_with_fp32_adapter_runs():
+    model = trained().to(torch.bfloat16)
+    for _, layer in bn.adapter_layers(model):
+        layer.adapter_down.float()
+        layer.adapter_up.float()
+    out = logits(model)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_round_trip_through_adapter_io(tmp_path):
+    model = trained()
+    expected = logits(model)
+    save_trained(model, tmp_path / "t", "bottleneck", training={"steps": 1})
+    graft = json.loads((tmp_path / "t" / "graftlm.json").read_text())
+    assert graft["method"] == "bottleneck" and graft["trainable_parameters"] == 4 * (2 * 64 * 8 + 72)
+    fresh = tiny_llama()
+    assert load_any(fresh, tmp_path / "t") == "bottleneck"
+    torch.testing.assert_close(logits(fresh), expected, atol=0, rtol=0)
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time():
+    from graftlm.generate import generate
+
+    model, tokenizer = trained(), helpers.tiny_tokenizer()
+    prompts = [
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\na much longer prompt than that<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nmid-sized one<|im_end|>\n<|im_start|>assistant\n",
+    ]
+    batched = generate(model, tokenizer, prompts, batch_size=3)
+    single = [generate(model, tokenizer, [p], batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_merge_is_refused():
+    assert bn.MERGEABLE is False
+    with pytest.raises(GraftError, match="cannot be merged"):
+        bn.merge(trained())
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(GraftError, match="bottleneck_size.*0"):
+        bn.BottleneckConfig(size=0)
+    with pytest.raises(GraftError, match="placement.*'attn'"):
+        bn.BottleneckConfig(placement="attn")
+    with pytest.raises(GraftError, match="non_linearity.*'swishy'"):
+        bn.BottleneckConfig(activation="swishy")
+
+
+def test_second_adapter_is_refused():
+    with pytest.raises(GraftError, match="already holds"):
+        bn.add_bottleneck(trained(), bn.BottleneckConfig(size=4))
+
+
+def test_model_without_decoder_blocks():
+    with pytest.raises(GraftError, match="no decoder blocks"):
+        bn.add_bottleneck(torch.nn.Sequential(torch.nn.Linear(4, 4)), bn.BottleneckConfig())
+
+
+def _saved(tmp_path, **config):
+    folder = tmp_path / "a"
+    bn.save(trained(**config), folder, None)
+    return folder, load_file(folder / "adapter_model.safetensors")
+
+
+def test_wrong_shape_names_file_key_and_shapes(tmp_path):
+    folder, tensors = _saved(tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.o_proj.adapter_up.weight"
+    tensors[key] = torch.zeros(64, 16)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(GraftError) as err:
+        bn.load(tiny_llama(), folder)
+    message = str(err.value)
+    assert "adapter_model.safetensors" in message and key in message
+    assert "(64, 8)" in message and "(64, 16)" in message
+
+
+def test_missing_tensor_unknown_module_and_wrong_placement(tmp_path):
+    folder, tensors = _saved(tmp_path)
+    key = "base_model.model.model.layers.1.mlp.down_proj.adapter_down.bias"
+    del tensors[key]
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(GraftError, match=r"layers\.1\.mlp\.down_proj has no \['adapter_down\.bias'\]"):
+        bn.load(tiny_llama(), folder)
+
+    folder, tensors = _saved(tmp_path)
+    for leaf in bn.TENSORS:
+        tensors[f"base_model.model.model.layers.5.mlp.down_proj.{leaf}"] = torch.zeros(1)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(GraftError, match=r"does not have.*layers\.5\.mlp\.down_proj"):
+        bn.load(tiny_llama(), folder)
+
+    folder, _ = _saved(tmp_path, placement="both")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "placement": "mlp"}))
+    with pytest.raises(GraftError, match=r"outside the placement: \['model\.layers\.0\.self_attn\.o_proj'"):
+        bn.load(tiny_llama(), folder)
+
+
+def test_bad_config_files(tmp_path):
+    folder, tensors = _saved(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**config, "bottleneck_size": 0}))
+    with pytest.raises(GraftError, match="adapter_config.json: bottleneck_size should be"):
+        bn.load(tiny_llama(), folder)
+    path.write_text(json.dumps({k: v for k, v in config.items() if k != "placement"}))
+    with pytest.raises(GraftError, match=r"missing field\(s\) \['placement'\]"):
+        bn.load(tiny_llama(), folder)
+    path.write_text(json.dumps({**config, "format_version": 2}))
+    with pytest.raises(GraftError, match="format_version 2"):
+        bn.load(tiny_llama(), folder)
+    path.write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(GraftError, match="peft_type is 'IA3'"):
+        bn.load(tiny_llama(), folder)
+    path.write_text(json.dumps(config))
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(2)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(GraftError, match="unexpected keys.*lm_head.weight"):
+        bn.load(tiny_llama(), folder)
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(GraftError, match="adapter_model.safetensors: not found"):
+        bn.load(tiny_llama(), folder)
+
+
+def test_describe(tmp_path):
+    folder, _ = _saved(tmp_path, placement="mlp")
+    assert bn.describe(folder)["method_facts"]["bottleneck"] == "size 8, silu, placement 'mlp'"
