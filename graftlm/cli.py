@@ -363,12 +363,24 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="base: the built-in name, a .gguf file or a Hugging Face Llama folder "
         "(default: the one the adapter names, else the built-in model)",
     )
-    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
-                   help="gguf: type of the LoRA tensors (default f32)")  # fmt: skip
-    p.add_argument("--quant", choices=["f16", "q8_0", "q4_0", "q4_1"], default=None,
-                   help="gguf-merged: type of the merged weights (default f16)")  # fmt: skip
-    p.add_argument("--force", action="store_true", help="gguf-merged from a HF folder: "
-                   "merge despite a base fingerprint mismatch")  # fmt: skip
+    p.add_argument(
+        "--outtype",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        default=None,
+        help="gguf: type of the LoRA tensors (default f32)",
+    )
+    p.add_argument(
+        "--quant",
+        choices=["f16", "q8_0", "q4_0", "q4_1"],
+        default=None,
+        help="gguf-merged: type of the adapted weights (default f16; other tensors of a GGUF "
+        "base are copied as they are)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="gguf-merged with a Hugging Face base: merge despite a base fingerprint mismatch",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -377,13 +389,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format == "gguf":
         if args.quant is not None:
-            raise GraftError("--quant is for --format gguf-merged; use --outtype with --format gguf")
+            raise GraftError(
+                "--quant is for --format gguf-merged; use --outtype with --format gguf"
+            )
         out = export_adapter_gguf(
             args.adapter, args.out, model=args.model, outtype=args.outtype or "f32"
         )
     else:
         if args.outtype is not None:
-            raise GraftError("--outtype is for --format gguf; use --quant with --format gguf-merged")
+            raise GraftError(
+                "--outtype is for --format gguf; use --quant with --format gguf-merged"
+            )
         out = export_merged_gguf(
             args.adapter, args.out, model=args.model, quant=args.quant or "f16", force=args.force
         )
