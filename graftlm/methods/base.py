@@ -28,6 +28,17 @@ Contract, in order of a training run:
 6. `describe(folder)` (optional): a dict merged into `graftlm inspect`'s facts (JSON output);
    its "method_facts" entry ({label: value}) is also printed, one line each.
 
+7. Serving several adapters on one base, a different one per batch row (`graftlm serve`,
+   `graftlm generate --input` with per-row "adapter"): `load(model, folder, name)` may be called
+   for several names, `unload(model, name)` removes one again (the base model is as before
+   once the last one is gone), and every module the method adds that changes the computation
+   sets `graftlm_row_aware = True` and honours the attribute `row_groups`: None (the default)
+   means every row uses the module's active adapter; otherwise it is a list of
+   `(adapter_name | None, LongTensor of batch-row indices)` and the rows of a group named N are
+   computed with adapter N only, the rows of a None group with no adapter at all (the base).
+   `graftlm.surgery.row_adapters` and the serving engine set it on every module marked
+   `graftlm_row_aware` around a forward pass.
+
 `DEFAULTS` are the method's recipe: values for TrainConfig fields the user did not set (`lr`,
 `epochs`, `rank`, `targets`, ...), chosen by experiment on the example tasks.
 """
