@@ -379,7 +379,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="gguf-merged with a Hugging Face base: merge despite a base fingerprint mismatch",
+        help="export although the adapter's base fingerprint names another base",
     )
     p.set_defaults(func=cmd_export)
 
@@ -393,7 +393,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "--quant is for --format gguf-merged; use --outtype with --format gguf"
             )
         out = export_adapter_gguf(
-            args.adapter, args.out, model=args.model, outtype=args.outtype or "f32"
+            args.adapter,
+            args.out,
+            model=args.model,
+            outtype=args.outtype or "f32",
+            force=args.force,
         )
     else:
         if args.outtype is not None:

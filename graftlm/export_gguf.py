@@ -203,6 +203,30 @@ def _field_value(reader: Any, key: str, default: Any = None) -> Any:
     return int(value) if isinstance(value, (np.integer,)) else value
 
 
+def embedding_hash(base: GGUFBase) -> str | None:
+    """The base's ``weights_sha256`` as `graftlm.surgery.base_fingerprint` computes it on the
+    loaded model (same dequantization as transformers' GGUF loader), or None without a table."""
+    import torch
+
+    from graftlm.surgery import embedding_hash as hash_table
+
+    if base.is_gguf:
+        import gguf
+
+        t = next((t for t in base.reader.tensors if t.name == "token_embd.weight"), None)
+        if t is None:
+            return None
+        table = gguf.quants.dequantize(t.data, t.tensor_type).reshape(base.shapes[t.name])
+        return hash_table(torch.from_numpy(np.ascontiguousarray(table)))
+    from safetensors import safe_open
+
+    for file in sorted(base.path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                return hash_table(f.get_tensor("model.embed_tokens.weight"))
+    return None
+
+
 # -- the adapter -----------------------------------------------------------------------------------
 
 
@@ -233,7 +257,9 @@ class LoraPair:
         return (b @ a).mul_(self.scale).numpy()
 
 
-def lora_pairs(adapter: str | os.PathLike, base: GGUFBase) -> tuple[Any, list[LoraPair]]:
+def lora_pairs(
+    adapter: str | os.PathLike, base: GGUFBase, *, force: bool = False
+) -> tuple[Any, list[LoraPair]]:
     """Read an adapter folder as llama.cpp tensors for `base` (B rows permuted for q and k).
 
     Returns:
@@ -241,11 +267,20 @@ def lora_pairs(adapter: str | os.PathLike, base: GGUFBase) -> tuple[Any, list[Lo
 
     Raises:
         GraftError: listing every tensor or setting llama.cpp cannot take (embedding adapters,
-            modules_to_save, biases, modules without a llama.cpp tensor, shape mismatches).
+            modules_to_save, biases, modules without a llama.cpp tensor, shape mismatches);
+            or the adapter's base fingerprint names another base (unless `force`).
     """
     from graftlm.adapters import read_adapter_config, read_adapter_weights
 
     config, graft = read_adapter_config(adapter)
+    expected = (graft.get("base_fingerprint") or {}).get("weights_sha256")
+    if expected and not force:
+        found = embedding_hash(base)
+        if found is not None and found != expected:
+            raise GraftError(
+                f"{adapter}: adapter was trained on a different base model than {str(base.path)!r} "
+                f"(weights fingerprint {expected} != {found}); pass --force to export it anyway"
+            )
     weights = read_adapter_weights(adapter)
     problems: list[str] = []
     if config.modules_to_save:
@@ -330,6 +365,7 @@ def export_adapter_gguf(
     *,
     model: str | None = None,
     outtype: str = "f32",
+    force: bool = False,
 ) -> Path:
     """Write a llama.cpp LoRA adapter file (run it with ``llama-cli -m BASE --lora OUT``).
 
@@ -340,6 +376,7 @@ def export_adapter_gguf(
             the adapter names, else the built-in model. Only its architecture, head counts and
             shapes are read.
         outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the A and B tensors.
+        force: export although the adapter's base fingerprint names another base.
 
     Returns:
         The written path.
@@ -355,7 +392,7 @@ def export_adapter_gguf(
             f"--outtype should be one of {', '.join(ADAPTER_OUTTYPES)}, got {outtype!r}"
         )
     base = resolve_base(model, adapter)
-    config, pairs = lora_pairs(adapter, base)
+    config, pairs = lora_pairs(adapter, base, force=force)
     writer = new_writer(base.arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -395,7 +432,7 @@ def export_merged_gguf(
             copied from it), or a Hugging Face Llama folder; default as `export_adapter_gguf`.
         quant: type of the merged weights: ``f16``, ``q8_0``, ``q4_0`` or ``q4_1`` (1-D tensors
             stay f32; the embedding table and output head stay q8_0 under the 4-bit types).
-        force: with a Hugging Face base, merge despite a base fingerprint mismatch.
+        force: merge although the adapter's base fingerprint names another base.
 
     Returns:
         The written path.
@@ -404,7 +441,7 @@ def export_merged_gguf(
         raise GraftError(f"--quant should be one of {', '.join(MERGED_QUANTS)}, got {quant!r}")
     base = resolve_base(model, adapter)
     if base.is_gguf:
-        _, pairs = lora_pairs(adapter, base)
+        _, pairs = lora_pairs(adapter, base, force=force)
         return _merge_into_gguf(base, pairs, Path(out), quant)
     return _merge_hf_folder(adapter, base, Path(out), quant, force)
 

@@ -170,22 +170,28 @@ def base_fingerprint(model: nn.Module) -> dict:
         elif is_linear(module) and not isinstance(module, LoraLayerBase):
             out_f, in_f = _linear_dims(module)
             shapes.update(f"{name}:{out_f}x{in_f};".encode())
-    weights = hashlib.sha256()
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
-        table = embeddings.weight.detach()
-        rows = torch.cat(
-            [table[:8], table[table.shape[0] // 2 : table.shape[0] // 2 + 8], table[-8:]]
-        )
-        weights.update(rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    table = embeddings.weight.detach() if embeddings is not None else None
     fingerprint = {
         "architecture": arch,
         "model_type": getattr(config, "model_type", None),
         "shapes_sha256": shapes.hexdigest()[:16],
-        "weights_sha256": weights.hexdigest()[:16],
+        "weights_sha256": embedding_hash(table),
     }
     model.graftlm_fingerprint = fingerprint
     return fingerprint
+
+
+def embedding_hash(table: torch.Tensor | None) -> str:
+    """The ``weights_sha256`` of a base fingerprint: the first, middle and last 8 rows of the
+    input-embedding table `(vocab, dim)`, as bf16 (also computed from GGUF files on export)."""
+    weights = hashlib.sha256()
+    if table is not None:
+        rows = torch.cat(
+            [table[:8], table[table.shape[0] // 2 : table.shape[0] // 2 + 8], table[-8:]]
+        )
+        weights.update(rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return weights.hexdigest()[:16]
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int]:

@@ -350,6 +350,16 @@ def test_other_architectures_and_mismatched_bases_are_refused(tmp_path, tiny_mod
         export_adapter_gguf(adapter, tmp_path / "x.gguf", model=str(tmp_path / "nowhere"))
 
 
+def test_an_adapter_of_another_base_with_the_same_shapes_needs_force(tmp_path, tiny_model_dir):
+    adapter = _tiny_adapter(
+        tmp_path / "adapter", tiny_model_dir, graftlm.LoraConfig(rank=4, targets=["q_proj"])
+    )
+    other = helpers.save_tiny_model_dir(tmp_path / "other", "llama", seed=1)
+    with pytest.raises(GraftError, match="trained on a different base model.*--force"):
+        export_adapter_gguf(adapter, tmp_path / "x.gguf", model=str(other))
+    assert export_adapter_gguf(adapter, tmp_path / "x.gguf", model=str(other), force=True).is_file()
+
+
 def test_cli_export_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
     adapter = _tiny_adapter(
         tmp_path / "adapter", tiny_model_dir, graftlm.LoraConfig(rank=4, targets=["q_proj"])
@@ -437,7 +447,7 @@ class Task:
         self.root = root
         self.adapter = root / "adapter"
         data = root / "train.jsonl"
-        data.write_text("".join((DATA / "train.jsonl").read_text().splitlines(keepends=True)[:128]))
+        data.write_text("".join((DATA / "train.jsonl").read_text().splitlines(keepends=True)[:192]))
         args = [
             "train",
             "--data",
