@@ -530,3 +530,49 @@ def test_config_errors_name_the_field(tiny_model_dir):
     assert isinstance(model.model.layers[0].self_attn.q_proj, AdaLoraLinear)
     with pytest.raises(GraftError, match="holds AdaLoRA adapters"):
         graftlm.inject(model, graftlm.LoraConfig(rank=2, targets=["q_proj"]), "lora")
+
+
+# -- the built-in model, real data (slow) -----------------------------------------------------------
+
+
+def test_real_data_gives_uneven_ranks_and_peft_generates_the_same_text(smollm2, tmp_path):
+    """A few steps on ticket data: the budget lands unevenly across modules, and the saved
+    adapter generates the same text in PEFT as in graftlm (batched, left-padded, KV cache)."""
+    import copy
+
+    from graftlm.data import collate, load_dataset, prompt_for_generation, read_rows
+    from graftlm.generate import SamplingConfig, generate
+
+    base, tokenizer = smollm2
+    model = copy.deepcopy(base)
+    examples, _ = load_dataset("examples/data/tickets/train.jsonl", tokenizer, 256)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adalora.inject(model, AdaLoraConfig(init_r=4, target_r=2, alpha=16, targets=targets))
+    total = 8
+    hooks = TrainingHooks(model, None, total)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(total):
+        rows = collate(examples[4 * step : 4 * step + 4], tokenizer.pad_token_id)
+        loss = model(
+            input_ids=rows["input_ids"],
+            attention_mask=rows["attention_mask"],
+            labels=rows["labels"],
+        ).loss
+        (loss + hooks.extra_loss()).backward()
+        opt.step()
+        hooks.after_step(step)
+        opt.zero_grad()
+    model.eval()
+    ranks = hooks.ranks()
+    assert sum(ranks.values()) == 2 * len(ranks) == 2 * 90
+    assert len(set(ranks.values())) > 1, "importance should favour some matrices over others"
+
+    adalora.save(model, tmp_path / "a", None)
+    other = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    test_rows, _ = read_rows("examples/data/tickets/test.jsonl")
+    prompts = [prompt_for_generation(row, tokenizer) for row in test_rows[:3]]
+    short = SamplingConfig(max_new_tokens=12)
+    ours = generate(model, tokenizer, prompts, sampling=short)
+    theirs = generate(other, tokenizer, prompts, sampling=short)
+    assert ours == theirs
