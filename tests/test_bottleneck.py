@@ -130,7 +130,10 @@ def test_defaults_and_cli_settings_reach_the_adapter():
     model = tiny_llama()
     bn.attach(model, cfg)
     layers = bn.adapter_layers(model)
-    assert len(layers) == 4 and layers[0][1].adapter_down.out_features == bn.DEFAULTS["bottleneck_size"]
+    assert (
+        len(layers) == 4
+        and layers[0][1].adapter_down.out_features == bn.DEFAULTS["bottleneck_size"]
+    )
     cfg = TrainConfig(
         data="d", out="o", method="bottleneck", bottleneck_size=4, bottleneck_placement="mlp"
     )
@@ -153,7 +156,9 @@ def test_round_trip_through_adapter_io(tmp_path):
     expected = logits(model)
     save_trained(model, tmp_path / "t", "bottleneck", training={"steps": 1})
     graft = json.loads((tmp_path / "t" / "graftlm.json").read_text())
-    assert graft["method"] == "bottleneck" and graft["trainable_parameters"] == 4 * (2 * 64 * 8 + 72)
+    assert graft["method"] == "bottleneck" and graft["trainable_parameters"] == 4 * (
+        2 * 64 * 8 + 72
+    )
     fresh = tiny_llama()
     assert load_any(fresh, tmp_path / "t") == "bottleneck"
     torch.testing.assert_close(logits(fresh), expected, atol=0, rtol=0)
@@ -224,7 +229,9 @@ def test_missing_tensor_unknown_module_and_wrong_placement(tmp_path):
     key = "base_model.model.model.layers.1.mlp.down_proj.adapter_down.bias"
     del tensors[key]
     save_file(tensors, folder / "adapter_model.safetensors")
-    with pytest.raises(GraftError, match=r"layers\.1\.mlp\.down_proj has no \['adapter_down\.bias'\]"):
+    with pytest.raises(
+        GraftError, match=r"layers\.1\.mlp\.down_proj has no \['adapter_down\.bias'\]"
+    ):
         bn.load(tiny_llama(), folder)
 
     folder, tensors = _saved(tmp_path)
@@ -237,7 +244,9 @@ def test_missing_tensor_unknown_module_and_wrong_placement(tmp_path):
     folder, _ = _saved(tmp_path, placement="both")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "placement": "mlp"}))
-    with pytest.raises(GraftError, match=r"outside the placement: \['model\.layers\.0\.self_attn\.o_proj'"):
+    with pytest.raises(
+        GraftError, match=r"outside the placement: \['model\.layers\.0\.self_attn\.o_proj'"
+    ):
         bn.load(tiny_llama(), folder)
 
 

@@ -236,7 +236,9 @@ def test_unknown_and_missing_modules_are_listed(tmp_path):
     del tensors["base_model.model.model.layers.7.self_attn.k_proj.ia3_l"]
     del tensors["base_model.model.model.layers.1.self_attn.v_proj.ia3_l"]
     save_file(tensors, folder / "adapter_model.safetensors")
-    with pytest.raises(GraftError, match=r"no vector for \['model\.layers\.1\.self_attn\.v_proj'\]"):
+    with pytest.raises(
+        GraftError, match=r"no vector for \['model\.layers\.1\.self_attn\.v_proj'\]"
+    ):
         ia3.load(tiny_llama(), folder)
 
 

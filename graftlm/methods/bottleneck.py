@@ -212,7 +212,9 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "defa
     added = []
     for module_name, kind in sites:
         _set_module(model, module_name, BottleneckAdapter(model.get_submodule(module_name), config))
-        added.append((module_name, "bneck-attn" if kind == "attention" else "bneck-mlp", config.size))
+        added.append(
+            (module_name, "bneck-attn" if kind == "attention" else "bneck-mlp", config.size)
+        )
     model.graftlm_bottleneck = (name, config)
     return summarize(model, name, added)
 
@@ -366,7 +368,9 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
             f"{weights_path}: unexpected keys (not '<module>.adapter_down|adapter_up.weight|bias'): "
             f"{sorted(unexpected)[:10]}"
         )
-    incomplete = {m: sorted(set(TENSORS) - set(g)) for m, g in groups.items() if set(g) != set(TENSORS)}
+    incomplete = {
+        m: sorted(set(TENSORS) - set(g)) for m, g in groups.items() if set(g) != set(TENSORS)
+    }
     if incomplete:
         first = sorted(incomplete)[0]
         raise GraftError(

@@ -193,7 +193,9 @@ def _parse_names(value: Any, field: str, source: str) -> tuple[str, ...] | str |
             try:
                 re.compile(value)
             except re.error as exc:
-                raise GraftError(f"{source}: {field} {value!r} is not a valid regex ({exc})") from None
+                raise GraftError(
+                    f"{source}: {field} {value!r} is not a valid regex ({exc})"
+                ) from None
         return value
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
         return tuple(sorted(value)) if isinstance(value, set) else tuple(value)
@@ -250,7 +252,9 @@ def find_targets(model: nn.Module, spec: IA3Spec) -> list[tuple[str, bool]]:
         if not hit or (spec.exclude is not None and _peft_match(spec.exclude, name)):
             continue
         if getattr(module, "is_quantized_linear", False):
-            raise GraftError(f"(IA)³ on a 4-bit layer ({name}) is not supported; use a 16/32-bit base")
+            raise GraftError(
+                f"(IA)³ on a 4-bit layer ({name}) is not supported; use a 16/32-bit base"
+            )
         if not isinstance(module, nn.Linear) and not _is_conv1d(module):
             if isinstance(spec.targets, str):
                 continue  # a regex may also match containers (e.g. '.*attn.*'); PEFT skips none
@@ -434,7 +438,9 @@ def read_spec(folder: Path) -> IA3Spec:
 
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise GraftError(f"{path}: not found (an adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise GraftError(
+            f"{path}: not found (an adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -445,7 +451,9 @@ def read_spec(folder: Path) -> IA3Spec:
         raise GraftError(f"{path}: peft_type is {data.get('peft_type')!r}, expected {PEFT_TYPE!r}")
     targets = _parse_names(data.get("target_modules"), "target_modules", str(path))
     if targets is None:
-        raise GraftError(f"{path}: target_modules is missing; it names the layers the vectors belong to")
+        raise GraftError(
+            f"{path}: target_modules is missing; it names the layers the vectors belong to"
+        )
     feedforward = _parse_names(data.get("feedforward_modules"), "feedforward_modules", str(path))
     exclude = _parse_names(data.get("exclude_modules"), "exclude_modules", str(path))
     return IA3Spec(targets=targets, feedforward=feedforward or (), exclude=exclude)
@@ -500,7 +508,7 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
         )
     for module_name, feedforward in selected.items():
         module = modules[module_name]
-        out_f, in_f = (module.weight.shape[::-1] if _is_conv1d(module) else module.weight.shape)
+        out_f, in_f = module.weight.shape[::-1] if _is_conv1d(module) else module.weight.shape
         expected = (1, in_f) if feedforward else (out_f, 1)
         found = tuple(vectors[module_name].shape)
         if found != expected:
@@ -531,6 +539,8 @@ def describe(folder: Path) -> dict[str, Any]:
     return {
         "method_facts": {
             "vectors": f"{out_count} on layer outputs, {in_count} on layer inputs (feedforward)",
-            "feedforward": spec.feedforward,
+            "feedforward": spec.feedforward
+            if isinstance(spec.feedforward, str)
+            else ", ".join(spec.feedforward),
         }
     }
