@@ -138,6 +138,12 @@ def attach(model: nn.Module, cfg):
     """Add adapter "default" as the training config describes (rank = target_r, init_rank = init_r)."""
     if cfg.use_rslora:
         raise GraftError("use_rslora is not defined for AdaLoRA (its scale is alpha / init_rank)")
+    if cfg.rank > cfg.init_rank:
+        raise GraftError(
+            f"rank {cfg.rank} (AdaLoRA: the target average rank) exceeds init_rank "
+            f"{cfg.init_rank} (the rank every matrix starts with); pass --init-rank "
+            f"{cfg.rank * 3 // 2} or more, or a smaller --rank"
+        )
     config = AdaLoraConfig(
         init_r=cfg.init_rank,
         target_r=cfg.rank,
