@@ -1,0 +1,468 @@
+"""What prompt tuning and prefix tuning share: per-layer key/value prefixes inside attention.
+
+Both methods give every attention layer P extra key/value positions that every real token
+attends to. PEFT puts them into the KV cache (and, for prompt tuning, into the input); that
+breaks batched generation with left padding, the training loop's shared-prefix forward and the
+serving engine, which all own the cache. graftlm keeps them out of the inputs and the cache:
+
+    attention(q, [K_prefix ; K], [V_prefix ; V], mask = [P ones | the causal/padding mask])
+
+A custom attention function (registered with transformers' `AttentionInterface`, a thin wrapper
+of its SDPA function) prepends the current layer's prefix. A pre-forward hook on the decoder
+computes the prefixes of the pass once, from the active adapter:
+
+- prefix tuning: the trained tensors themselves (or the reparameterization MLP's output);
+- prompt tuning: the keys/values of the P virtual embeddings, from one decoder pass over them
+  at positions 0..P-1 (they attend only to each other, so they do not depend on the input);
+
+and moves the real tokens' positions up by P (the caller's `position_ids` + P, or the
+decoder's own default + P). Those are PEFT's positions exactly: prefix slots / virtual tokens at
+0..P-1, the input after them; so logits equal PEFT's, whatever the position encoding.
+Positions still come from the caller, so left-padded rows (whose positions `generate` and the
+engine derive from the attention mask) all see the same prefix and batched generation equals
+one row at a time.
+
+The trained modules live in `model.prompt_encoder[name]` (PEFT's attribute name), so they are
+ordinary parameters of the model for the optimizer, checkpoints and `.to(device)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graftlm.errors import GraftError
+
+ATTENTION = "graftlm_virtual_tokens"  # the attention implementation name we register
+ENCODERS = "prompt_encoder"  # model attribute holding the trained modules, as in PEFT
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+PEFT_KEY = "prompt_embeddings"  # the one tensor PEFT saves for both methods
+
+# one layer's prefix: keys and values, each [1, kv_heads, P, head_dim]
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The attention shapes a prefix must fit."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    num_heads: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+class VirtualTokenEncoder(nn.Module):
+    """Base of the trained modules: they turn their parameters into per-layer prefixes."""
+
+    num_virtual_tokens: int
+
+    def layer_kv(self, state: VirtualTokens) -> list[LayerKV]:
+        """One `(keys, values)` pair per decoder layer, each `[1, kv_heads, P, head_dim]`."""
+        raise NotImplementedError
+
+
+class VirtualTokens:
+    """The per-model state the attention function and the decoder hooks read.
+
+    A plain object (not an `nn.Module`), referenced from every attention module of the model,
+    so that it adds no parameters and survives `copy.deepcopy(model)` consistently.
+    """
+
+    def __init__(self, model: nn.Module, decoder: nn.Module, geometry: Geometry) -> None:
+        self.model = model
+        self.decoder = decoder
+        self.geometry = geometry
+        self.active: str | None = None
+        self.enabled = True
+        self.current: list[LayerKV] | None = None  # the prefixes of the running forward pass
+        self.capture: dict[int, LayerKV] | None = None  # set during prompt tuning's virtual pass
+        self._cache: tuple[tuple, list[LayerKV]] | None = None
+
+    @property
+    def encoders(self) -> nn.ModuleDict:
+        return getattr(self.model, ENCODERS)
+
+    def active_encoder(self) -> VirtualTokenEncoder | None:
+        if not self.enabled or self.active is None or self.active not in self.encoders:
+            return None
+        return self.encoders[self.active]
+
+    # -- decoder hooks ------------------------------------------------------------------------
+
+    def before_forward(self, decoder: nn.Module, args, kwargs):
+        if self.capture is not None:  # prompt tuning's own pass over the virtual tokens
+            return None
+        encoder = self.active_encoder()
+        self.current = None if encoder is None else self._prefixes(encoder)
+        if encoder is None:
+            return None
+        return (), self._shifted(decoder, args, kwargs, encoder.num_virtual_tokens)
+
+    def _shifted(self, decoder: nn.Module, args: tuple, kwargs: dict, shift: int) -> dict:
+        """The decoder's arguments with the real tokens' positions moved up by `shift` (=P).
+
+        PEFT's positions: the P virtual tokens (or prefix slots) take 0..P-1, the input the
+        caller's positions plus P. Missing positions are made as the decoder would make them.
+        """
+        if args:  # positional arguments: name them after the decoder's signature
+            names = list(self._signature(decoder))[: len(args)]
+            kwargs = {**dict(zip(names, args)), **kwargs}
+        else:
+            kwargs = dict(kwargs)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            inputs = kwargs.get("input_ids")
+            if inputs is None:
+                inputs = kwargs["inputs_embeds"]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            seen = cache.get_seq_length() if cache is not None else 0
+            positions = torch.arange(seen, seen + inputs.shape[1], device=inputs.device)[None]
+        kwargs["position_ids"] = positions + shift
+        return kwargs
+
+    def _signature(self, decoder: nn.Module):
+        return inspect.signature(decoder.forward).parameters
+
+    def after_forward(self, decoder: nn.Module, args, kwargs, output) -> None:
+        if self.capture is None:
+            self.current = None  # the autograd graph keeps what backward needs
+
+    def _prefixes(self, encoder: VirtualTokenEncoder) -> list[LayerKV]:
+        # With gradients: recompute every forward (the graph must reach the parameters).
+        # Without: reuse until a parameter changes (in-place updates bump `_version`).
+        if torch.is_grad_enabled():
+            self._cache = None
+            return encoder.layer_kv(self)
+        params = list(encoder.parameters())
+        key = (
+            id(encoder),
+            tuple((id(p), p._version, p.device, p.dtype) for p in params),
+            torch.is_autocast_enabled(params[0].device.type) if params else False,
+        )
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, encoder.layer_kv(self))
+        return self._cache[1]
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[dict[int, LayerKV]]:
+        """Record each layer's keys/values of a forward pass (no prefix added meanwhile)."""
+        captured: dict[int, LayerKV] = {}
+        self.capture = captured
+        try:
+            yield captured
+        finally:
+            self.capture = None
+
+
+# -- the attention function ---------------------------------------------------------------
+
+
+def virtual_token_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+):
+    """SDPA attention with the layer's prefix prepended to `key`/`value` (`[b, kv_heads, s, d]`).
+
+    The mask gets P leading "attend" columns; a missing mask (plain causal) is built
+    explicitly, aligned bottom-right as for a query block at the end of the keys.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state: VirtualTokens | None = getattr(module, "graftlm_virtual_tokens", None)
+    layer = getattr(module, "layer_idx", None)
+    if state is not None and state.capture is not None:
+        state.capture[layer] = (key, value)
+    prefix = state.current if state is not None and state.capture is None else None
+    if prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    prefix_key, prefix_value = prefix[layer]
+    rows, _, queries, _ = query.shape
+    length = prefix_key.shape[2]
+    key = torch.cat([prefix_key.to(key.dtype).expand(rows, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix_value.to(value.dtype).expand(rows, -1, -1, -1), value], dim=2)
+    keys = key.shape[2] - length
+    if attention_mask is None:
+        offset = keys - queries
+        attention_mask = (
+            torch.arange(keys, device=query.device)[None, :]
+            <= torch.arange(queries, device=query.device)[:, None] + offset
+        )[None, None]
+    lead_shape = (*attention_mask.shape[:-1], length)
+    if attention_mask.dtype == torch.bool:
+        lead = torch.ones(lead_shape, dtype=torch.bool, device=attention_mask.device)
+    else:  # an additive float mask: 0 = attend
+        lead = torch.zeros(lead_shape, dtype=attention_mask.dtype, device=attention_mask.device)
+    kwargs.pop("is_causal", None)
+    mask = torch.cat([lead, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+
+
+def _materialized_sdpa_mask(*args, **kwargs):
+    # SDPA's mask builder returns None for "plain causal" so that SDPA can use is_causal; with
+    # prefix columns in front the mask is never plain causal, so always build it.
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, virtual_token_attention)
+    AttentionMaskInterface.register(ATTENTION, _materialized_sdpa_mask)
+
+
+# -- installing on a model ----------------------------------------------------------------
+
+
+def geometry_of(model: nn.Module) -> Geometry:
+    """Layers, key/value heads and head size of `model`'s attention (from its config)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    try:
+        layers = int(config.num_hidden_layers)
+        heads = int(config.num_attention_heads)
+        hidden = int(config.hidden_size)
+    except (AttributeError, TypeError):
+        raise GraftError(
+            f"{type(model).__name__}: no num_hidden_layers/num_attention_heads/hidden_size in its "
+            "config; prompt and prefix tuning need a transformers decoder model"
+        ) from None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return Geometry(layers, int(kv_heads), int(head_dim), hidden, heads)
+
+
+def install(model: nn.Module, method: str) -> VirtualTokens:
+    """Prepare `model` for virtual-token adapters (once): attention function, hooks, holder.
+
+    Raises:
+        GraftError: the model's layers are not where a transformers decoder keeps them, its
+            decoder takes no position_ids, or it does not route attention through
+            transformers' `AttentionInterface`.
+    """
+    state = getattr(model, "graftlm_virtual_tokens", None)
+    if state is not None:
+        return state
+    name = type(model).__name__
+    decoder = getattr(model, "base_model", None)
+    layers = getattr(decoder, "layers", None)
+    if decoder is None or decoder is model or layers is None:
+        raise GraftError(
+            f"{method} tuning: {name} is not a transformers decoder with `model.layers` "
+            "(supported: Llama, SmolLM2, Qwen2, Mistral, Gemma, Phi-3 and models laid out like "
+            "them; not GPT-2); use lora, ia3 or bottleneck with this model"
+        )
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        raise GraftError(
+            f"{method} tuning: {type(decoder).__name__}.forward takes no position_ids, which "
+            "graftlm needs to place the input after the virtual tokens"
+        )
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise GraftError(
+            f"{method} tuning: {name} does not route attention through transformers' "
+            "AttentionInterface, which graftlm uses to add the prefix"
+        )
+    attentions = [getattr(layer, "self_attn", None) for layer in layers]
+    if any(a is None or getattr(a, "layer_idx", None) != i for i, a in enumerate(attentions)):
+        raise GraftError(f"{method} tuning: {name}'s layers have no `self_attn` with a layer_idx")
+    geometry = geometry_of(model)
+    if len(attentions) != geometry.num_layers:
+        raise GraftError(
+            f"{method} tuning: {name} has {len(attentions)} layers, its config says "
+            f"{geometry.num_layers}"
+        )
+    _register()
+    state = VirtualTokens(model, decoder, geometry)
+    model.graftlm_virtual_tokens = state
+    for attention in attentions:
+        attention.graftlm_virtual_tokens = state
+    if not hasattr(model, ENCODERS):
+        setattr(model, ENCODERS, nn.ModuleDict())
+    decoder.register_forward_pre_hook(state.before_forward, with_kwargs=True)
+    decoder.register_forward_hook(state.after_forward, with_kwargs=True, always_call=True)
+    model.set_attn_implementation(ATTENTION)
+    return state
+
+
+def add_encoder(
+    model: nn.Module, method: str, name: str, encoder: VirtualTokenEncoder, *, activate: bool
+) -> VirtualTokens:
+    """Put `encoder` on `model` as adapter `name` (replacing one of that name)."""
+    state = install(model, method)
+    encoder.to(device=model.get_input_embeddings().weight.device)
+    state.encoders[name] = encoder
+    state._cache = None
+    if activate or state.active is None:
+        state.active = name
+    return state
+
+
+def state_of(model: nn.Module) -> VirtualTokens | None:
+    """The model's virtual-token state, or None when no prompt/prefix adapter was ever added."""
+    return getattr(model, "graftlm_virtual_tokens", None)
+
+
+def active_encoder(model: nn.Module, name: str = "default") -> VirtualTokenEncoder:
+    """The trained module of adapter `name`.
+
+    Raises:
+        GraftError: the model has no such prompt/prefix adapter.
+    """
+    state = state_of(model)
+    if state is None or name not in state.encoders:
+        known = list(state.encoders) if state is not None else []
+        raise GraftError(
+            f"the model has no prompt/prefix adapter {name!r} (it has {known or 'none'})"
+        )
+    return state.encoders[name]
+
+
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Use adapter `name` from now on (None: the base model)."""
+    state = state_of(model)
+    if name is not None:
+        active_encoder(model, name)
+    if state is not None:
+        state.active = name
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model without its prompt/prefix adapter inside the block."""
+    state = state_of(model)
+    if state is None:
+        yield
+        return
+    before = state.enabled
+    state.enabled = False
+    try:
+        yield
+    finally:
+        state.enabled = before
+
+
+def check_count(num_virtual_tokens) -> None:
+    """Raise a GraftError unless `num_virtual_tokens` is a positive integer."""
+    if (
+        isinstance(num_virtual_tokens, bool)
+        or not isinstance(num_virtual_tokens, int)
+        or num_virtual_tokens <= 0
+    ):
+        raise GraftError(
+            f"num_virtual_tokens should be a positive integer, got {num_virtual_tokens!r}"
+        )
+
+
+def make_trainable(model: nn.Module, name: str) -> None:
+    """Freeze every parameter of `model` except those of prompt/prefix adapter `name`."""
+    trained = {id(p) for p in active_encoder(model, name).parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trained)
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+def read_config(folder, peft_type: str) -> dict:
+    """adapter_config.json of `folder`, checked to be of `peft_type` for a causal LM."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GraftError(f"{path}: not found (is {folder} an adapter folder?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GraftError(f"{path}: not valid JSON ({exc})") from None
+    found = str(data.get("peft_type", "")).upper()
+    if found != peft_type:
+        raise GraftError(f"{path}: peft_type is {found!r}, expected {peft_type!r}")
+    task = data.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise GraftError(f"{path}: task_type {task!r}; graftlm loads CAUSAL_LM adapters only")
+    submodules = data.get("num_transformer_submodules") or 1
+    if submodules != 1:
+        raise GraftError(
+            f"{path}: num_transformer_submodules is {submodules!r} (an encoder-decoder adapter); "
+            "graftlm loads decoder-only adapters"
+        )
+    for field_name in ("num_virtual_tokens", "token_dim"):
+        value = data.get(field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise GraftError(f"{path}: {field_name} should be a positive integer, got {value!r}")
+    return data
+
+
+def read_weights(folder, expected_shape: tuple[int, ...]) -> torch.Tensor:
+    """The `prompt_embeddings` tensor of `folder`, checked against `expected_shape`."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        legacy = folder / "adapter_model.bin"
+        if not legacy.is_file():
+            raise GraftError(f"{path}: not found")
+        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        path = legacy
+    else:
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise GraftError(f"{path}: not a readable safetensors file ({exc})") from None
+    if PEFT_KEY not in tensors:
+        raise GraftError(f"{path}: no {PEFT_KEY!r} tensor (found keys: {sorted(tensors)})")
+    extra = sorted(set(tensors) - {PEFT_KEY})
+    if extra:
+        raise GraftError(f"{path}: unexpected tensors {extra} next to {PEFT_KEY!r}")
+    tensor = tensors[PEFT_KEY]
+    if tuple(tensor.shape) != tuple(expected_shape):
+        raise GraftError(
+            f"{path}: {PEFT_KEY!r} has shape {list(tensor.shape)}, this model needs "
+            f"{list(expected_shape)}"
+        )
+    return tensor.float()
+
+
+def save_weights(folder, config: dict, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT's layout) atomically."""
+    from pathlib import Path
+
+    from graftlm.adapters import atomic_save_safetensors, atomic_write_json
+
+    folder = Path(folder)
+    tensors = {PEFT_KEY: tensor.detach().float().cpu().contiguous()}
+    atomic_save_safetensors(folder / WEIGHTS_FILE, tensors)
+    atomic_write_json(folder / CONFIG_FILE, config)
+    return tensors
+
+
+def merge_refused(method: str) -> GraftError:
+    return GraftError(
+        f"{method} tuning adds virtual tokens to attention; there are no weights to fold it into, "
+        "so it cannot be merged. Serve or generate with the adapter loaded instead"
+    )
