@@ -114,8 +114,8 @@ class TrainConfig:
     prompt_init: str | None = field(
         default=None,
         metadata={
-            "help": "prompt tuning init: 'random', 'vocab' (random vocabulary embeddings) or a "
-            "text whose token embeddings start the prompt; default per method"
+            "help": "prompt/prefix tuning init: 'random', 'vocab' (random vocabulary tokens) or a "
+            "text whose tokens' embeddings (prefix: keys/values) start it; default per method"
         },
     )
     prefix_projection: bool = field(
