@@ -12,7 +12,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from graftlm.adapters import GRAFT_FILE, _check_fingerprint, _version, atomic_write_json
@@ -76,12 +75,39 @@ def load_any(
     if method == "lora":
         module.load(model, folder, name, force=force)
         return method
+    if name in other_adapters(model):
+        raise GraftError(f"an adapter named {name!r} is already loaded")
     base_fingerprint(model)  # computed on the untouched base, before the method changes modules
     _check_fingerprint(model, read_graft(folder), folder, force)
     module.load(model, folder, name)
+    other_adapters(model)[name] = method
     return method
 
 
-def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters that require a gradient, by name (what a method trains)."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+def other_adapters(model: nn.Module) -> dict[str, str]:
+    """Adapters of methods other than LoRA loaded by `load_any`: {name: method} (live dict)."""
+    if not hasattr(model, "graftlm_other_adapters"):
+        model.graftlm_other_adapters = {}
+    return model.graftlm_other_adapters
+
+
+def unload_any(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` (any method) from `model`; the base computes as before it came."""
+    from graftlm.surgery import adapter_names, delete_adapter
+
+    if name in adapter_names(model):
+        delete_adapter(model, name)
+        return
+    method = other_adapters(model).get(name)
+    if method is None:
+        raise GraftError(f"no adapter named {name!r} is loaded")
+    module = method_module(method)
+    if not hasattr(module, "unload"):
+        raise GraftError(f"{method} adapters cannot be unloaded one by one")
+    module.unload(model, name)
+    del other_adapters(model)[name]
+
+
+def serves_per_row(method: str) -> bool:
+    """Whether adapters of `method` can share a batch with others (one adapter per row)."""
+    return method == "lora" or hasattr(method_module(method), "unload")

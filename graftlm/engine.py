@@ -275,7 +275,10 @@ class Engine:
         version, modules = self._row_modules
         if version != self.registry.version:
             modules = [
-                m for m in self.model.modules() if isinstance(m, (LoraLayerBase, TrainedCopies))
+                m
+                for m in self.model.modules()
+                if isinstance(m, (LoraLayerBase, TrainedCopies))
+                or getattr(m, "graftlm_row_aware", False)  # other methods' per-row modules
             ]
             self._row_modules = (self.registry.version, modules)
         return modules

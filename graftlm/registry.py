@@ -46,8 +46,9 @@ class AdapterEntry:
 
     Attributes:
         name: the public name requests use.
-        path: the PEFT-format folder.
-        config: its LoRA config.
+        path: the adapter folder.
+        config: its LoRA config (None for other methods).
+        method: the method that saved it ("lora", "ia3", "prefix", ...).
         nbytes: bytes its weights take once loaded (fp32 A and B).
         internal: the adapter's name inside the model while loaded, else None.
         pins: running requests that hold it.
@@ -57,8 +58,9 @@ class AdapterEntry:
 
     name: str
     path: Path
-    config: LoraConfig
+    config: LoraConfig | None
     nbytes: int
+    method: str = "lora"
     internal: str | None = None
     pins: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -123,7 +125,7 @@ class AdapterRegistry:
         if not isinstance(name, str) or not name.strip() or not name.isprintable():
             raise GraftError(f"adapter name should be a non-empty printable string, got {name!r}")
         folder = Path(path)
-        config, nbytes = self._inspect(folder)
+        method, config, nbytes = self._inspect(folder)
         with self.lock:
             if name in self._entries:
                 if not replace:
@@ -132,7 +134,9 @@ class AdapterRegistry:
                         f"(from {self._entries[name].path}); unregister it first"
                     )
                 self.unregister(name)
-            entry = AdapterEntry(name=name, path=folder, config=config, nbytes=nbytes)
+            entry = AdapterEntry(
+                name=name, path=folder, config=config, nbytes=nbytes, method=method
+            )
             self._entries[name] = entry
             if load:
                 try:
@@ -144,11 +148,19 @@ class AdapterRegistry:
                     raise
             return entry
 
-    def _inspect(self, folder: Path) -> tuple[LoraConfig, int]:
+    def _inspect(self, folder: Path) -> tuple[str, LoraConfig | None, int]:
+        from graftlm.adapter_io import read_graft, serves_per_row
         from graftlm.adapters import WEIGHTS_FILE, _check_fingerprint, read_adapter_config
+        from graftlm.methods import folder_method
 
-        config, graft = read_adapter_config(folder)
-        self._check_servable(folder, config)
+        method = folder_method(folder)
+        if method == "lora":
+            config, graft = read_adapter_config(folder)
+            self._check_servable(folder, config)
+        elif not serves_per_row(method):
+            raise GraftError(f"{folder}: {method} adapters cannot be served next to others yet")
+        else:
+            config, graft = None, read_graft(folder)
         _check_fingerprint(self.model, graft, folder, self.force)
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
@@ -168,7 +180,7 @@ class AdapterRegistry:
             raise GraftError(
                 f"{weights}: cannot read, file is truncated or corrupt ({exc})"
             ) from None
-        return config, 4 * count  # LoRA layers keep A and B in fp32
+        return method, config, 4 * count  # adapters keep their weights in fp32
 
     def _check_servable(self, folder: Path, config: LoraConfig) -> None:
         # these change shared base parameters (or whole modules): per-row serving would apply
@@ -316,12 +328,12 @@ class AdapterRegistry:
             used -= victim.nbytes
 
     def _load(self, entry: AdapterEntry) -> None:
-        from graftlm.adapters import load_adapter
+        from graftlm.adapter_io import load_any
 
         internal = f"r{self._counter}"
         self._counter += 1
         try:
-            load_adapter(self.model, entry.path, name=internal, force=self.force)
+            load_any(self.model, entry.path, name=internal, force=self.force)
         except GraftError:
             self._delete_if_present(internal)  # a half-injected adapter must not linger
             raise
@@ -334,10 +346,11 @@ class AdapterRegistry:
         self.model.eval()
 
     def _delete_if_present(self, internal: str) -> None:
-        from graftlm.surgery import adapter_names, delete_adapter
+        from graftlm.adapter_io import other_adapters, unload_any
+        from graftlm.surgery import adapter_names
 
-        if internal in adapter_names(self.model):
-            delete_adapter(self.model, internal)
+        if internal in adapter_names(self.model) or internal in other_adapters(self.model):
+            unload_any(self.model, internal)
             self.version += 1
 
     def _unload(self, entry: AdapterEntry) -> None:

@@ -389,8 +389,9 @@ def create_server(
 
 def _wants_nf4(path: str) -> bool:
     from graftlm.adapters import read_adapter_config
+    from graftlm.methods import folder_method
 
-    return read_adapter_config(path)[0].quantize == "nf4"
+    return folder_method(path) == "lora" and read_adapter_config(path)[0].quantize == "nf4"
 
 
 def parse_bytes(text: str) -> int:

@@ -144,8 +144,11 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayerBase]]:
 
 
 def _adapted_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """Modules that compute per-row adapters: LoRA layers and any method's row-aware modules."""
     for module in model.modules():
-        if isinstance(module, (LoraLayerBase, TrainedCopies)):
+        if isinstance(module, (LoraLayerBase, TrainedCopies)) or getattr(
+            module, "graftlm_row_aware", False
+        ):
             yield module
 
 
@@ -319,7 +322,7 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def _require(model: nn.Module, names: list[str]) -> None:
-    known = adapter_names(model)
+    known = adapter_names(model) + list(getattr(model, "graftlm_other_adapters", {}) or {})
     unknown = [n for n in names if n not in known]
     if unknown:
         raise GraftError(f"unknown adapter(s) {unknown}; the model has {known or 'no adapters'}")

@@ -51,7 +51,7 @@ def folder_method(path: str | os.PathLike) -> str:
     """
     config_path = Path(path) / "adapter_config.json"
     if not Path(path).is_dir():
-        raise GraftError(f"adapter folder {path} not found")
+        raise GraftError(f"adapter folder {str(path)!r} does not exist")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
