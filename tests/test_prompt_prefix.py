@@ -433,3 +433,41 @@ def test_loading_into_another_model_names_the_file_and_shapes(tmp_path):
     (tmp_path / "prefix" / "adapter_model.safetensors").unlink()
     with pytest.raises(GraftError, match="adapter_model.safetensors: not found"):
         prefix_tuning.load(tiny_llama(), tmp_path / "prefix")
+
+
+# -- the built-in model (slow) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_eval_loss_equals_peft_forward_loss_on_smollm2(tmp_path, smollm2, smollm2_copy, method):
+    """`graftlm eval`'s teacher-forced answer loss is PEFT's training-forward loss."""
+    from graftlm.data import load_dataset
+    from graftlm.evaluate import evaluate_file, final_answer_only
+
+    model, tokenizer = smollm2_copy
+    torch.manual_seed(0)
+    if method == "prompt":
+        prompt_tuning.add_prompt(model, 8, "Route the ticket", tokenizer)
+        prompt_tuning.save(model, tmp_path / "adapter", "smollm2-135m-instruct")
+    else:
+        prefix_tuning.add_prefix(model, 8, "vocab")
+        prefix_tuning.save(model, tmp_path / "adapter", "smollm2-135m-instruct")
+    rows = tmp_path / "rows.jsonl"
+    lines = open("examples/data/tickets/test.jsonl", encoding="utf-8").readlines()[:6]
+    rows.write_text("".join(lines), encoding="utf-8")
+    ours = evaluate_file(model.eval(), tokenizer, str(rows))["loss"]
+
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(smollm2[0]), str(tmp_path / "adapter"))
+    total = count = 0.0
+    examples, _ = load_dataset(str(rows), tokenizer, 2048)
+    with torch.inference_mode():
+        for example in map(final_answer_only, examples):
+            labels = torch.tensor([example.labels])
+            out = reference.eval()(input_ids=torch.tensor([example.input_ids]), labels=labels)
+            tokens = int((labels[:, 1:] != -100).sum())
+            total += out.loss.item() * tokens
+            count += tokens
+    assert ours == pytest.approx(total / count, rel=1e-4)
+    with vt.disabled(model):  # and the adapter matters
+        base = evaluate_file(model, tokenizer, str(rows))["loss"]
+    assert abs(base - ours) > 0.05
