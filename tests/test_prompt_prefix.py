@@ -383,6 +383,69 @@ def test_prompt_cache_follows_parameter_updates():
     assert (logits(model, x) - first).abs().max() > 0.1
 
 
+# -- several adapters, one per row (serving) ------------------------------------------------
+
+
+def two_adapters(tmp_path):
+    """A prompt adapter with P=5 and a prefix adapter with P=3, saved; their folders."""
+    prompt_tuning.save(with_prompt(), tmp_path / "a", None)
+    model = tiny_llama()
+    prefix_tuning.add_prefix(model, 3, "random")
+    perturb_trainable(model, seed=1)
+    prefix_tuning.save(model, tmp_path / "b", None)
+    return {"a": tmp_path / "a", "b": tmp_path / "b"}
+
+
+def only(folders, name):
+    from graftlm.adapter_io import load_any
+
+    model = tiny_llama()
+    if name is not None:
+        load_any(model, folders[name], name)
+    return model
+
+
+def test_rows_with_different_adapters_compute_what_each_computes_alone(tmp_path):
+    from graftlm.adapter_io import load_any
+    from graftlm.generate import SamplingConfig, generate
+    from graftlm.surgery import row_adapters
+
+    folders = two_adapters(tmp_path)
+    model = tiny_llama()
+    for name, folder in folders.items():
+        load_any(model, folder, name)
+    names = ["a", "b", None]
+    x = ids(rows=3)
+    with row_adapters(model, names):
+        mixed = logits(model, x)
+    for row, name in enumerate(names):
+        close(mixed[row], logits(only(folders, name), x[row : row + 1])[0])
+    tokenizer = helpers.tiny_tokenizer()
+    sampling = SamplingConfig(max_new_tokens=6)
+    row_names = ["a", "b", None, "a"]
+    batched = generate(model, tokenizer, PROMPTS, adapters=row_names, sampling=sampling)
+    for prompt, name, text in zip(PROMPTS, row_names, batched):
+        assert generate(only(folders, name), tokenizer, [prompt], sampling=sampling) == [text]
+
+
+def test_unloading_the_last_adapter_restores_the_base(tmp_path):
+    from graftlm.adapter_io import load_any, unload_any
+
+    folders = two_adapters(tmp_path)
+    model = tiny_llama()
+    implementation = model.config._attn_implementation
+    for name, folder in folders.items():
+        load_any(model, folder, name)
+    x = ids()
+    unload_any(model, "b")
+    close(logits(model, x), logits(only(folders, "a"), x))  # "a" stays active
+    unload_any(model, "a")
+    close(logits(model, x), logits(tiny_llama(), x))
+    assert model.config._attn_implementation == implementation
+    assert not hasattr(model, "prompt_encoder") and not hasattr(model, "graftlm_virtual_tokens")
+    assert not model.model._forward_pre_hooks and not model.model._forward_hooks
+
+
 # -- errors -------------------------------------------------------------------------------
 
 

@@ -259,6 +259,11 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
     vt.make_trainable(model, name)  # as LoRA's load: the base frozen, this adapter trainable
 
 
+def unload(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` (any prompt/prefix adapter); the last one out restores the base."""
+    vt.remove_encoder(model, name)
+
+
 def merge(model: nn.Module) -> None:
     """Not defined for prefix tuning.
 

@@ -73,6 +73,35 @@ class VirtualTokenEncoder(nn.Module):
         raise NotImplementedError
 
 
+class VirtualTokenAdapters(nn.ModuleDict):
+    """`model.prompt_encoder`: the prompt/prefix adapters of a model, by name.
+
+    Row-aware (`graftlm.methods.base`, item 7): with `row_groups` set, each group of batch rows
+    gets its named adapter's prefix (rows of other or no adapters: none).
+    """
+
+    graftlm_row_aware = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row_groups: list[tuple[str | None, torch.Tensor]] | None = None
+
+
+@dataclass
+class Plan:
+    """The prefixes of one forward pass.
+
+    Attributes:
+        layers: per layer `(keys, values)`, `[1 or batch, kv_heads, P, head_dim]`.
+        valid: None (every row sees all P slots) or `[batch, P]`, which slots a row sees.
+        shift: how far the real tokens' positions move: P, or `[batch]` per row.
+    """
+
+    layers: list[LayerKV]
+    valid: torch.Tensor | None
+    shift: int | torch.Tensor
+
+
 class VirtualTokens:
     """The per-model state the attention function and the decoder hooks read.
 
@@ -86,12 +115,14 @@ class VirtualTokens:
         self.geometry = geometry
         self.active: str | None = None
         self.enabled = True
-        self.current: list[LayerKV] | None = None  # the prefixes of the running forward pass
+        self.current: Plan | None = None  # the prefixes of the running forward pass
         self.capture: dict[int, LayerKV] | None = None  # set during prompt tuning's virtual pass
-        self._cache: tuple[tuple, list[LayerKV]] | None = None
+        self.cache: dict[int, tuple[tuple, list[LayerKV]]] = {}  # inference prefixes, by encoder
+        self.handles: list = []  # the decoder hooks, removed by `uninstall`
+        self.attention_before: str | None = None
 
     @property
-    def encoders(self) -> nn.ModuleDict:
+    def encoders(self) -> VirtualTokenAdapters:
         return getattr(self.model, ENCODERS)
 
     def active_encoder(self) -> VirtualTokenEncoder | None:
@@ -104,56 +135,77 @@ class VirtualTokens:
     def before_forward(self, decoder: nn.Module, args, kwargs):
         if self.capture is not None:  # prompt tuning's own pass over the virtual tokens
             return None
-        encoder = self.active_encoder()
-        self.current = None if encoder is None else self._prefixes(encoder)
-        if encoder is None:
-            return None
-        return (), self._shifted(decoder, args, kwargs, encoder.num_virtual_tokens)
-
-    def _shifted(self, decoder: nn.Module, args: tuple, kwargs: dict, shift: int) -> dict:
-        """The decoder's arguments with the real tokens' positions moved up by `shift` (=P).
-
-        PEFT's positions: the P virtual tokens (or prefix slots) take 0..P-1, the input the
-        caller's positions plus P. Missing positions are made as the decoder would make them.
-        """
         if args:  # positional arguments: name them after the decoder's signature
-            names = list(self._signature(decoder))[: len(args)]
+            names = list(inspect.signature(decoder.forward).parameters)[: len(args)]
             kwargs = {**dict(zip(names, args)), **kwargs}
-        else:
-            kwargs = dict(kwargs)
+        inputs = kwargs.get("input_ids")
+        inputs = kwargs["inputs_embeds"] if inputs is None else inputs
+        self.current = self._plan(inputs.shape[0])
+        if self.current is None:
+            return None
+        # PEFT's positions: virtual tokens / prefix slots at 0..P-1, the input after them.
+        # Missing positions are made as the decoder would make them.
+        kwargs = dict(kwargs)
         positions = kwargs.get("position_ids")
         if positions is None:
-            inputs = kwargs.get("input_ids")
-            if inputs is None:
-                inputs = kwargs["inputs_embeds"]
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             seen = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(seen, seen + inputs.shape[1], device=inputs.device)[None]
-        kwargs["position_ids"] = positions + shift
-        return kwargs
-
-    def _signature(self, decoder: nn.Module):
-        return inspect.signature(decoder.forward).parameters
+        shift = self.current.shift
+        kwargs["position_ids"] = positions + (shift[:, None] if torch.is_tensor(shift) else shift)
+        return (), kwargs
 
     def after_forward(self, decoder: nn.Module, args, kwargs, output) -> None:
         if self.capture is None:
             self.current = None  # the autograd graph keeps what backward needs
 
+    def _plan(self, rows: int) -> Plan | None:
+        groups = self.encoders.row_groups
+        if groups is None:
+            encoder = self.active_encoder()
+            if encoder is None:
+                return None
+            return Plan(self._prefixes(encoder), None, encoder.num_virtual_tokens)
+        found = [
+            (self.encoders[name], index)
+            for name, index in groups
+            if self.enabled and name is not None and name in self.encoders
+        ]
+        if not found:
+            return None
+        # one padded prefix for the batch; each row sees its own adapter's first P slots
+        width = max(encoder.num_virtual_tokens for encoder, _ in found)
+        first = self._prefixes(found[0][0])[0][0]
+        g = self.geometry
+        shape = (rows, g.kv_heads, width, g.head_dim)
+        layers = [(first.new_zeros(shape), first.new_zeros(shape)) for _ in range(g.num_layers)]
+        valid = torch.zeros(rows, width, dtype=torch.bool, device=first.device)
+        shift = torch.zeros(rows, dtype=torch.long, device=first.device)
+        for encoder, index in found:
+            count = encoder.num_virtual_tokens
+            index = index.to(first.device)
+            valid[index, :count] = True
+            shift[index] = count
+            for (keys, values), (k, v) in zip(layers, self._prefixes(encoder)):
+                keys[index, :, :count] = k.to(keys.dtype)
+                values[index, :, :count] = v.to(values.dtype)
+        return Plan(layers, valid, shift)
+
     def _prefixes(self, encoder: VirtualTokenEncoder) -> list[LayerKV]:
         # With gradients: recompute every forward (the graph must reach the parameters).
         # Without: reuse until a parameter changes (in-place updates bump `_version`).
         if torch.is_grad_enabled():
-            self._cache = None
+            self.cache.pop(id(encoder), None)
             return encoder.layer_kv(self)
         params = list(encoder.parameters())
         key = (
-            id(encoder),
             tuple((id(p), p._version, p.device, p.dtype) for p in params),
             torch.is_autocast_enabled(params[0].device.type) if params else False,
         )
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, encoder.layer_kv(self))
-        return self._cache[1]
+        cached = self.cache.get(id(encoder))
+        if cached is None or cached[0] != key:
+            cached = self.cache[id(encoder)] = (key, encoder.layer_kv(self))
+        return cached[1]
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[dict[int, LayerKV]]:
@@ -188,10 +240,10 @@ def virtual_token_attention(
     layer = getattr(module, "layer_idx", None)
     if state is not None and state.capture is not None:
         state.capture[layer] = (key, value)
-    prefix = state.current if state is not None and state.capture is None else None
-    if prefix is None:
+    plan = state.current if state is not None and state.capture is None else None
+    if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    prefix_key, prefix_value = prefix[layer]
+    prefix_key, prefix_value = plan.layers[layer]
     rows, _, queries, _ = query.shape
     length = prefix_key.shape[2]
     key = torch.cat([prefix_key.to(key.dtype).expand(rows, -1, -1, -1), key], dim=2)
@@ -203,11 +255,16 @@ def virtual_token_attention(
             torch.arange(keys, device=query.device)[None, :]
             <= torch.arange(queries, device=query.device)[:, None] + offset
         )[None, None]
-    lead_shape = (*attention_mask.shape[:-1], length)
-    if attention_mask.dtype == torch.bool:
-        lead = torch.ones(lead_shape, dtype=torch.bool, device=attention_mask.device)
-    else:  # an additive float mask: 0 = attend
-        lead = torch.zeros(lead_shape, dtype=attention_mask.dtype, device=attention_mask.device)
+    if plan.valid is None:
+        lead = torch.ones(length, dtype=torch.bool, device=query.device)
+    else:  # per-row adapters: [rows, 1, 1, P]
+        lead = plan.valid[:, None, None, :]
+    batch = max(attention_mask.shape[0], lead.shape[0] if lead.dim() == 4 else 1)
+    attention_mask = attention_mask.expand(batch, -1, -1, -1)
+    lead = lead.expand(batch, attention_mask.shape[1], queries, length)
+    if attention_mask.dtype != torch.bool:  # an additive float mask: 0 = attend
+        zero = torch.zeros((), dtype=attention_mask.dtype, device=query.device)
+        lead = torch.where(lead, zero, torch.finfo(attention_mask.dtype).min)
     kwargs.pop("is_causal", None)
     mask = torch.cat([lead, attention_mask], dim=-1)
     return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
@@ -296,12 +353,28 @@ def install(model: nn.Module, method: str) -> VirtualTokens:
     model.graftlm_virtual_tokens = state
     for attention in attentions:
         attention.graftlm_virtual_tokens = state
-    if not hasattr(model, ENCODERS):
-        setattr(model, ENCODERS, nn.ModuleDict())
-    decoder.register_forward_pre_hook(state.before_forward, with_kwargs=True)
-    decoder.register_forward_hook(state.after_forward, with_kwargs=True, always_call=True)
+    setattr(model, ENCODERS, VirtualTokenAdapters())
+    state.handles = [
+        decoder.register_forward_pre_hook(state.before_forward, with_kwargs=True),
+        decoder.register_forward_hook(state.after_forward, with_kwargs=True, always_call=True),
+    ]
+    state.attention_before = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     return state
+
+
+def uninstall(model: nn.Module) -> None:
+    """Undo `install`: hooks, attention implementation, adapters; the base model as before."""
+    state = state_of(model)
+    if state is None:
+        return
+    for handle in state.handles:
+        handle.remove()
+    model.set_attn_implementation(state.attention_before or "sdpa")
+    for module in model.modules():
+        if getattr(module, "graftlm_virtual_tokens", None) is state:
+            del module.graftlm_virtual_tokens
+    delattr(model, ENCODERS)
 
 
 def add_encoder(
@@ -311,7 +384,6 @@ def add_encoder(
     state = install(model, method)
     encoder.to(device=model.get_input_embeddings().weight.device)
     state.encoders[name] = encoder
-    state._cache = None
     if activate or state.active is None:
         state.active = name
     return state
@@ -335,6 +407,22 @@ def active_encoder(model: nn.Module, name: str = "default") -> VirtualTokenEncod
             f"the model has no prompt/prefix adapter {name!r} (it has {known or 'none'})"
         )
     return state.encoders[name]
+
+
+def remove_encoder(model: nn.Module, name: str) -> None:
+    """Remove prompt/prefix adapter `name`; with the last one gone, the model is as before.
+
+    Raises:
+        GraftError: the model has no such adapter.
+    """
+    encoder = active_encoder(model, name)
+    state = state_of(model)
+    state.cache.pop(id(encoder), None)
+    del state.encoders[name]
+    if state.active == name:  # the latest remaining adapter takes over, as if loaded alone
+        state.active = next(reversed(list(state.encoders)), None)
+    if not len(state.encoders):
+        uninstall(model)
 
 
 def set_active(model: nn.Module, name: str | None) -> None:
