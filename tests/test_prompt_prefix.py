@@ -446,6 +446,50 @@ def test_unloading_the_last_adapter_restores_the_base(tmp_path):
     assert not model.model._forward_pre_hooks and not model.model._forward_hooks
 
 
+def test_serving_engine_batches_prompt_prefix_and_base_rows_as_each_alone(tmp_path):
+    """The engine's own cache, positions and row groups: answers equal solo generation."""
+    import threading
+
+    from graftlm.engine import Engine, Request
+    from graftlm.generate import SamplingConfig, generate
+    from graftlm.registry import AdapterRegistry
+
+    folders = two_adapters(tmp_path)
+    tokenizer = helpers.tiny_tokenizer()
+    model = tiny_llama()
+    registry = AdapterRegistry(model)
+    for name, folder in folders.items():
+        registry.register(name, folder)
+    engine = Engine(model, tokenizer, registry, max_batch=4)
+    sampling = SamplingConfig(max_new_tokens=6)
+    row_names = ["a", "b", None, "a", "b", None]
+    prompts = PROMPTS + ["ok", "tell me more"]
+    answers: dict[int, str] = {}
+    done = threading.Event()
+
+    def listener(row):
+        def on_event(event):
+            if event.kind in ("done", "error"):
+                answers[row] = event.text if event.kind == "done" else repr(event.error)
+                if len(answers) == len(prompts):
+                    done.set()
+
+        return on_event
+
+    engine.start()
+    try:
+        for row, (prompt, name) in enumerate(zip(prompts, row_names)):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            engine.submit(Request(prompt_ids, name, sampling, listener(row)))
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    for row, (prompt, name) in enumerate(zip(prompts, row_names)):
+        assert [answers[row]] == generate(
+            only(folders, name), tokenizer, [prompt], sampling=sampling
+        )
+
+
 # -- errors -------------------------------------------------------------------------------
 
 
