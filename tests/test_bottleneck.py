@@ -122,7 +122,8 @@ def test_training_changes_only_adapter_params_through_the_loop_path(tmp_path):
         optimizer.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {n.rsplit(".", 2)[-2] for n in changed} == {"adapter_down", "adapter_up"}
+    assert all(".adapter_down.default." in n or ".adapter_up.default." in n for n in changed)
+    assert any(".adapter_down." in n for n in changed) and any(".adapter_up." in n for n in changed)
 
 
 def test_defaults_and_cli_settings_reach_the_adapter():
@@ -130,16 +131,15 @@ def test_defaults_and_cli_settings_reach_the_adapter():
     model = tiny_llama()
     bn.attach(model, cfg)
     layers = bn.adapter_layers(model)
-    assert (
-        len(layers) == 4
-        and layers[0][1].adapter_down.out_features == bn.DEFAULTS["bottleneck_size"]
-    )
+    size = bn.DEFAULTS["bottleneck_size"]
+    assert len(layers) == 4 and layers[0][1].adapter_down["default"].out_features == size
     cfg = TrainConfig(
         data="d", out="o", method="bottleneck", bottleneck_size=4, bottleneck_placement="mlp"
     )
     model = tiny_llama()
     bn.attach(model, cfg)
-    assert [layer.adapter_down.out_features for _, layer in bn.adapter_layers(model)] == [4, 4]
+    sizes = [layer.adapter_down["default"].out_features for _, layer in bn.adapter_layers(model)]
+    assert sizes == [4, 4]
 
 
 def test_bf16_base_with_fp32_adapter_runs():
@@ -178,6 +178,41 @@ def test_batched_left_padded_generation_equals_one_at_a_time():
     assert batched == single
 
 
+def test_named_adapters_per_row_and_unload_restores_the_base(tmp_path):
+    """Two adapters (sizes and placements differ) on one base: `row_adapters` gives each row
+    its own adapter's output, None rows the base's; unloading both restores the base modules."""
+    from graftlm.surgery import row_adapters
+
+    base_model = tiny_llama()
+    base = logits(base_model)
+    first, second = trained(), trained(placement="mlp")
+    perturb_trainable(second, seed=5)
+    expected = {"a": logits(first), "b": logits(second), None: base}
+    bn.save(first, tmp_path / "a", None)
+    bn.save(second, tmp_path / "b", None)
+
+    model = tiny_llama()
+    bn.load(model, tmp_path / "a", "a")
+    bn.load(model, tmp_path / "b", "b")
+    assert bn.active_adapter(model) == "b"
+    torch.testing.assert_close(logits(model), expected["b"])
+    model.graftlm_other_adapters = {"a": "bottleneck", "b": "bottleneck"}  # as load_any does
+    for names in (["a", "b"], ["b", None], [None, "a"]):
+        with row_adapters(model, names):
+            out = logits(model)
+        for row, name in enumerate(names):
+            torch.testing.assert_close(out[row], expected[name][row], atol=1e-5, rtol=0)
+    bn.unload(model, "b")
+    assert bn.active_adapter(model) == "a"
+    torch.testing.assert_close(logits(model), expected["a"])
+    bn.unload(model, "a")
+    assert not bn.adapter_layers(model) and not bn.adapters(model)
+    torch.testing.assert_close(logits(model), base, atol=0, rtol=0)
+    assert sorted(model.state_dict()) == sorted(base_model.state_dict())
+    with pytest.raises(GraftError, match="no bottleneck adapter named 'a'"):
+        bn.unload(model, "a")
+
+
 def test_merge_is_refused():
     assert bn.MERGEABLE is False
     with pytest.raises(GraftError, match="cannot be merged"):
@@ -196,9 +231,15 @@ def test_config_errors_name_the_field():
         bn.BottleneckConfig(activation="swishy")
 
 
-def test_second_adapter_is_refused():
-    with pytest.raises(GraftError, match="already holds"):
-        bn.add_bottleneck(trained(), bn.BottleneckConfig(size=4))
+def test_taken_or_bad_adapter_names_are_refused(tmp_path):
+    model = trained()
+    with pytest.raises(GraftError, match="named 'default' is already loaded"):
+        bn.add_bottleneck(model, bn.BottleneckConfig(size=4))
+    bn.save(model, tmp_path / "a", None)
+    with pytest.raises(GraftError, match="named 'default' is already loaded"):
+        bn.load(model, tmp_path / "a")
+    with pytest.raises(GraftError, match="letters, digits"):
+        bn.add_bottleneck(model, bn.BottleneckConfig(size=4), "a.b")
 
 
 def test_model_without_decoder_blocks():
@@ -279,3 +320,37 @@ def test_bad_config_files(tmp_path):
 def test_describe(tmp_path):
     folder, _ = _saved(tmp_path, placement="mlp")
     assert bn.describe(folder)["method_facts"]["bottleneck"] == "size 8, silu, placement 'mlp'"
+
+
+# -- the built-in model (slow) -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trained_on_the_built_in_model_generates_the_same_text_batched(smollm2, tmp_path):
+    """`graftlm train --method bottleneck` a few steps; `graftlm generate`'s batched,
+    left-padded text equals one prompt at a time, and differs from the base model's."""
+    from pathlib import Path
+
+    from graftlm.cli import main as cli_main
+    from graftlm.data import prompt_for_generation
+    from graftlm.generate import SamplingConfig, load_for_inference
+    from graftlm.generate import generate as run_generate
+
+    def generate(model, tokenizer, prompts, batch_size):
+        sampling = SamplingConfig(max_new_tokens=12)
+        return run_generate(model, tokenizer, prompts, sampling=sampling, batch_size=batch_size)
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "tickets"
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:48]))
+    out = tmp_path / "bn"
+    args = ["train", "--method", "bottleneck", "--data", str(train), "--out", str(out)]
+    assert cli_main([*args, "--steps", "6", "--batch-size", "8", "--quiet"]) == 0
+    model, tokenizer = load_for_inference(None, {"default": str(out)})
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()[:5]]
+    prompts = [prompt_for_generation({"messages": r["messages"][:-1]}, tokenizer) for r in rows]
+    batched = generate(model, tokenizer, prompts, batch_size=5)
+    single = [generate(model, tokenizer, [p], batch_size=1)[0] for p in prompts]
+    assert batched == single
+    base, _ = smollm2
+    assert batched != generate(base, tokenizer, prompts, batch_size=5)

@@ -39,6 +39,13 @@ def greedy(model: torch.nn.Module) -> torch.Tensor:
         )
 
 
+def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The (merged) weights under the plain model's keys, as `graftlm merge` copies them."""
+    return {
+        k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if "ia3_l" not in k
+    }
+
+
 def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
@@ -78,7 +85,7 @@ def test_graftlm_adapter_loads_in_peft(case, tmp_path):
     assert torch.equal(greedy(other), greedy(model))
     # PEFT's merge folds the same vectors into the same weights as ours
     ia3.merge(model)
-    ours = ia3.unload(model).state_dict()
+    ours = plain_state(model)
     theirs = other.merge_and_unload().state_dict()
     assert sorted(ours) == sorted(theirs)
     for key in ours:
@@ -121,7 +128,7 @@ def test_fresh_adapter_is_the_base_and_only_vectors_train():
     summary = ia3.attach(model, TrainConfig(data="d", out="o", method="ia3"))
     close(logits(model), base, atol=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith(".ia3_l") for n in trainable)
+    assert trainable and all(n.endswith(".ia3_l.default") for n in trainable)
     assert summary.trainable == 2 * (32 + 32 + 128)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
 
@@ -131,8 +138,8 @@ def test_targets_from_the_cli_string():
     ia3.attach(model, TrainConfig(data="d", out="o", method="ia3", targets="q_proj,down_proj"))
     layers = dict(ia3.ia3_layers(model))
     assert sorted({n.rsplit(".", 1)[-1] for n in layers}) == ["down_proj", "q_proj"]
-    assert layers["model.layers.0.mlp.down_proj"].feedforward
-    assert not layers["model.layers.0.self_attn.q_proj"].feedforward
+    assert layers["model.layers.0.mlp.down_proj"].feedforward == {"default": True}
+    assert layers["model.layers.0.self_attn.q_proj"].feedforward == {"default": False}
 
 
 def test_merge_equals_forward_is_idempotent_and_unmerge_restores():
@@ -155,11 +162,11 @@ def test_merge_refuses_nan_and_changes_nothing():
     model = trained()
     layers = ia3.ia3_layers(model)
     with torch.no_grad():
-        layers[-1][1].ia3_l[0, 0] = float("nan")
+        layers[-1][1].ia3_l["default"][0, 0] = float("nan")
     before = {n: t.clone() for n, t in model.state_dict().items()}
     with pytest.raises(GraftError, match="NaN"):
         ia3.merge(model)
-    assert all(not layer.merged for _, layer in layers)
+    assert all(layer.merged is None for _, layer in layers)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor.nan_to_num(), before[name].nan_to_num())
 
@@ -172,7 +179,7 @@ def test_train_loop_path_and_round_trip_through_adapter_io(tmp_path):
     hidden = model.model(input_ids=inputs()).last_hidden_state
     hidden.pow(2).mean().backward()
     optimizer.step()
-    assert any((layer.ia3_l != 1).any() for _, layer in ia3.ia3_layers(model))
+    assert any((layer.ia3_l["default"] != 1).any() for _, layer in ia3.ia3_layers(model))
     model.eval()
     expected = logits(model)
     save_trained(model, tmp_path / "t", "ia3")
@@ -195,6 +202,45 @@ def test_batched_left_padded_generation_equals_one_at_a_time():
     assert batched == single
 
 
+def test_named_adapters_per_row_and_unload_restores_the_base(tmp_path):
+    """Two adapters on one base (one on other layers): `row_adapters` gives each row its own
+    adapter's output, None rows the base's; unloading both restores the base modules."""
+    from graftlm.surgery import row_adapters
+
+    base_model = tiny_llama()
+    base = logits(base_model)
+    first = trained()
+    second = tiny_llama()
+    ia3.add_ia3(second, ia3.default_spec(second, "q_proj,o_proj,down_proj"))
+    perturb_trainable(second, seed=3)
+    expected = {"a": logits(first), "b": logits(second), None: base}
+    ia3.save(first, tmp_path / "a", None)
+    ia3.save(second, tmp_path / "b", None)
+
+    model = tiny_llama()
+    ia3.load(model, tmp_path / "a", "a")
+    ia3.load(model, tmp_path / "b", "b")
+    assert ia3.active_adapter(model) == "b"
+    close(logits(model), expected["b"])
+    model.graftlm_other_adapters = {"a": "ia3", "b": "ia3"}  # as adapter_io.load_any records them
+    for names in (["a", "b"], ["b", None], [None, "a"]):
+        with row_adapters(model, names):
+            out = logits(model)
+        for row, name in enumerate(names):
+            close(out[row], expected[name][row])
+    ia3.set_active(model, "a")
+    close(logits(model), expected["a"])
+    ia3.unload(model, "a")
+    assert ia3.active_adapter(model) == "b"
+    close(logits(model), expected["b"])
+    ia3.unload(model, "b")
+    assert not ia3.ia3_layers(model) and not ia3.adapters(model)
+    close(logits(model), base, atol=0)
+    assert sorted(model.state_dict()) == sorted(base_model.state_dict())
+    with pytest.raises(GraftError, match="no \\(IA\\)³ adapter named 'b'"):
+        ia3.unload(model, "b")
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -203,10 +249,15 @@ def test_targets_matching_nothing_names_the_layers():
         ia3.add_ia3(tiny_llama(), ia3.default_spec(tiny_llama(), "qkv"))
 
 
-def test_second_adapter_is_refused():
+def test_taken_or_bad_adapter_names_are_refused(tmp_path):
     model = trained()
-    with pytest.raises(GraftError, match="already holds"):
+    with pytest.raises(GraftError, match="named 'default' is already loaded"):
         ia3.add_ia3(model, ia3.default_spec(model, None))
+    ia3.save(model, tmp_path / "a", None)
+    with pytest.raises(GraftError, match="named 'default' is already loaded"):
+        ia3.load(model, tmp_path / "a")
+    with pytest.raises(GraftError, match="letters, digits"):
+        ia3.add_ia3(model, ia3.default_spec(model, None), "a.b")
 
 
 def _saved(tmp_path) -> tuple:
@@ -268,3 +319,48 @@ def test_describe(tmp_path):
     ia3.save(trained(), tmp_path / "a", None)
     facts = ia3.describe(tmp_path / "a")["method_facts"]
     assert facts["vectors"].startswith("4 on layer outputs, 2 on layer inputs")
+
+
+# -- the built-in model (slow) -----------------------------------------------------------------
+
+
+def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=2
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_trained_on_the_built_in_model_peft_generates_the_same_text(smollm2_copy, tmp_path):
+    """`graftlm train --method ia3` a few steps, `graftlm generate` (batched, left padding);
+    PEFT loads the folder and greedily generates the same text one prompt at a time."""
+    from pathlib import Path
+
+    from graftlm.cli import main as cli_main
+    from graftlm.data import prompt_for_generation
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "tickets"
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:48]))
+    out = tmp_path / "ia3"
+    args = ["train", "--method", "ia3", "--data", str(train), "--out", str(out), "--steps", "6"]
+    assert cli_main([*args, "--batch-size", "8", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()[:4]]
+    rows = [{"messages": row["messages"][:-1]} for row in rows]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preds = tmp_path / "preds.jsonl"
+    args = ["generate", "--adapter", str(out), "--input", str(tmp_path / "in.jsonl")]
+    assert cli_main([*args, "--output", str(preds), "--max-new-tokens", "8"]) == 0
+    outputs = [json.loads(line)["output"] for line in preds.read_text().splitlines()]
+
+    model, tokenizer = smollm2_copy
+    base_texts = [greedy_text(model, tokenizer, prompt_for_generation(r, tokenizer)) for r in rows]
+    peft_model = peft.PeftModel.from_pretrained(model, str(out)).eval()
+    peft_texts = [
+        greedy_text(peft_model, tokenizer, prompt_for_generation(r, tokenizer)) for r in rows
+    ]
+    assert peft_texts == outputs
+    assert outputs != base_texts, "6 steps at the default lr should change some greedy answers"

@@ -93,43 +93,82 @@ class BottleneckConfig:
 
 
 class BottleneckAdapter(nn.Module):
-    """A frozen output projection followed by a residual bottleneck MLP.
+    """A frozen output projection followed by named residual bottleneck MLPs.
 
     Args:
         base_layer: the sublayer's last linear layer (kept whole, frozen, as `base_layer`).
-        config: size, activation, dropout, scaling.
 
-    Shapes: input `(..., in)`, output `(..., d)` with `d` the base layer's output features;
-    `adapter_down` is `[size, d]`, `adapter_up` `[d, size]` (both with biases, fp32).
+    One adapter is active at a time; row-aware (`graftlm.methods.base`, item 7): with
+    `row_groups` set, each group of batch rows gets its own adapter (or none).
+
+    Shapes: input `(batch, ..., in)`, output `(batch, ..., d)` with `d` the base layer's output
+    features; per adapter, `adapter_down[name]` is `Linear(d -> size)` and `adapter_up[name]`
+    `Linear(size -> d)`, both with biases, fp32.
     """
 
-    def __init__(self, base_layer: nn.Module, config: BottleneckConfig) -> None:
+    graftlm_row_aware = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        d = output_features(base_layer)
-        device = base_layer.weight.device
-        self.adapter_down = nn.Linear(d, config.size, device=device, dtype=torch.float32)
-        self.activation = ACTIVATIONS[config.activation]()
-        self.adapter_up = nn.Linear(config.size, d, device=device, dtype=torch.float32)
-        nn.init.zeros_(self.adapter_up.weight)
-        nn.init.zeros_(self.adapter_up.bias)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling = float(config.scaling)
-        self.disabled = False
+        self.features = output_features(base_layer)
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.activation = nn.ModuleDict()
+        self.dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None
+        self.row_groups: list[tuple[str | None, torch.Tensor]] | None = None
+
+    def add(self, name: str, config: BottleneckConfig) -> None:
+        """Adapter `name`: down as `nn.Linear` starts, up at zero (so the output is unchanged)."""
+        device = next(self.base_layer.parameters()).device
+        d = self.features
+        self.adapter_down[name] = nn.Linear(d, config.size, device=device, dtype=torch.float32)
+        up = nn.Linear(config.size, d, device=device, dtype=torch.float32)
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        self.adapter_up[name] = up
+        self.activation[name] = ACTIVATIONS[config.activation]()
+        self.dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling[name] = float(config.scaling)
+
+    def delete(self, name: str) -> None:
+        for container in (self.adapter_down, self.adapter_up, self.activation, self.dropout):
+            del container[name]
+        del self.scaling[name]
+        if self.active == name:
+            self.active = None
+
+    def delta(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """`scaling · up(act(down(dropout(h))))`, in the adapter's dtype (fp32 unless autocast)."""
+        down = self.adapter_down[name]
+        z = self.dropout[name](h).to(down.weight.dtype)
+        return self.adapter_up[name](self.activation[name](down(z))) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
-        if self.disabled:
+        if self.row_groups is not None:
+            out = h
+            for name, rows in self.row_groups:
+                if name is not None and name in self.adapter_down:
+                    delta = self.delta(name, h.index_select(0, rows))
+                    out = out.index_add(0, rows, delta.to(h.dtype))
+            return out
+        if self.active is None or self.active not in self.adapter_down:
             return h
-        z = self.dropout(h).to(self.adapter_down.weight.dtype)  # fp32 unless autocast says bf16
-        delta = self.adapter_up(self.activation(self.adapter_down(z)))
-        return h + (delta * self.scaling).to(h.dtype)
+        return h + self.delta(self.active, h).to(h.dtype)
 
 
 def output_features(layer: nn.Module) -> int:
-    """Output width of a linear layer (`nn.Linear`, GPT-2's `Conv1D` stores `[in, out]`)."""
+    """Output width of a linear layer (`nn.Linear`; GPT-2's `Conv1D` stores `[in, out]`), also
+    inside another method's wrapper."""
     if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
         return int(layer.weight.shape[1])
+    if hasattr(layer, "out_features"):
+        return int(layer.out_features)
+    if hasattr(layer, "base_layer"):
+        return output_features(layer.base_layer)
     return int(layer.weight.shape[0])
 
 
@@ -142,10 +181,21 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, BottleneckAdapter]]:
 
 
 def _last_linear(module: nn.Module, prefix: str) -> str | None:
+    """Name of the last linear layer inside `module`; a wrapper around one (another adapter
+    of this or another method) counts as the layer, and its inside is not searched."""
+    from graftlm.methods.lora import LoraEmbedding, LoraLayerBase
     from graftlm.surgery import is_linear
 
-    names = [f"{prefix}.{n}" for n, m in module.named_modules() if n and is_linear(m)]
-    return names[-1] if names else None
+    last, skip = None, None
+    for name, child in module.named_modules():
+        if not name or (skip is not None and name.startswith(skip)):
+            continue
+        wrapper = isinstance(child, LoraLayerBase) or hasattr(child, "base_layer")
+        if wrapper:
+            skip = name + "."  # named_modules() is pre-order: the inside follows directly
+        if is_linear(child) or (wrapper and not isinstance(child, LoraEmbedding)):
+            last = f"{prefix}.{name}"
+    return last
 
 
 def find_sites(model: nn.Module, placement: str) -> list[tuple[str, str]]:
@@ -190,37 +240,67 @@ def find_sites(model: nn.Module, placement: str) -> list[tuple[str, str]]:
 # -- attach -----------------------------------------------------------------------------------
 
 
+def adapters(model: nn.Module) -> dict[str, BottleneckConfig]:
+    """The bottleneck adapters of `model`: {name: config} (a live dict, in the order added)."""
+    if not hasattr(model, "graftlm_bottleneck"):
+        model.graftlm_bottleneck = {}
+    return model.graftlm_bottleneck
+
+
 def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "default"):
-    """Insert bottleneck adapters where `config.placement` says and freeze everything else.
+    """Insert adapter `name` where `config.placement` says and make it the active, and only
+    trainable, one.
 
     Returns:
         An `InjectSummary`.
 
     Raises:
-        GraftError: the model already holds bottleneck adapters; no decoder blocks found.
+        GraftError: the name is taken or not a plain identifier; no decoder blocks found.
     """
     from graftlm.surgery import _set_module, base_fingerprint, summarize
 
-    if adapter_layers(model):
-        raise GraftError(
-            "the model already holds bottleneck adapters; they load one adapter at a time"
-        )
+    known = adapters(model)
+    if name in known:
+        raise GraftError(f"a bottleneck adapter named {name!r} is already loaded")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
     base_fingerprint(model)  # of the untouched base: wrapping changes module names
-    sites = find_sites(model, config.placement)
-    for param in model.parameters():
-        param.requires_grad_(False)
     added = []
-    for module_name, kind in sites:
-        _set_module(model, module_name, BottleneckAdapter(model.get_submodule(module_name), config))
+    for module_name, kind in find_sites(model, config.placement):
+        layer = model.get_submodule(module_name)
+        if not isinstance(layer, BottleneckAdapter):
+            layer = BottleneckAdapter(layer)
+            _set_module(model, module_name, layer)
+        layer.add(name, config)
         added.append(
             (module_name, "bneck-attn" if kind == "attention" else "bneck-mlp", config.size)
         )
-    model.graftlm_bottleneck = (name, config)
+    known[name] = config
+    set_active(model, name)
     return summarize(model, name, added)
 
 
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Make adapter `name` the one every site applies (None: none) and the only trainable one."""
+    if name is not None and name not in adapters(model):
+        raise GraftError(f"no bottleneck adapter named {name!r}; loaded: {list(adapters(model))}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        layer.active = name
+        if name in layer.adapter_down:
+            layer.adapter_down[name].requires_grad_(True)
+            layer.adapter_up[name].requires_grad_(True)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter the sites apply (the one added or loaded last, unless set)."""
+    layers = adapter_layers(model)
+    return layers[0][1].active if layers else None
+
+
 def attach(model: nn.Module, cfg) -> Any:
-    """Add bottleneck adapter "default" as `cfg` describes (bottleneck_size, _placement, dropout)."""
+    """Add bottleneck adapter "default" as `cfg` says (bottleneck_size/_placement, dropout)."""
     config = BottleneckConfig(
         size=cfg.bottleneck_size or DEFAULTS["bottleneck_size"],
         placement=cfg.bottleneck_placement,
@@ -241,34 +321,61 @@ def merge(model: nn.Module) -> None:
     )
 
 
-def remove(model: nn.Module) -> nn.Module:
-    """Take the adapters out again, restoring the base model's modules."""
+def unload(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; the last one out restores the base model's own modules.
+
+    Raises:
+        GraftError: no adapter of that name.
+    """
     from graftlm.surgery import _set_module
 
+    known = adapters(model)
+    if name not in known:
+        raise GraftError(f"no bottleneck adapter named {name!r}; loaded: {list(known)}")
+    active = active_adapter(model)
     for module_name, layer in adapter_layers(model):
-        _set_module(model, module_name, layer.base_layer)
-    if hasattr(model, "graftlm_bottleneck"):
-        del model.graftlm_bottleneck
-    return model
+        if name in layer.adapter_down:
+            layer.delete(name)
+        if not layer.adapter_down:
+            _set_module(model, module_name, layer.base_layer)
+    del known[name]
+    if known:
+        set_active(model, active if active in known else list(known)[-1])
 
 
 # -- save / load ------------------------------------------------------------------------------
 
 
-def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under their file keys (`base_model.model.<module>.adapter_down.weight`, ...)."""
+def _name_or_active(model: nn.Module, name: str | None) -> str:
+    name = active_adapter(model) if name is None else name
+    if name is None or name not in adapters(model):
+        raise GraftError(f"no bottleneck adapter named {name!r}; loaded: {list(adapters(model))}")
+    return name
+
+
+def state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s (default: the active one's) tensors under their file keys
+    (`base_model.model.<module>.adapter_down.weight`, ...), fp32."""
+    name = _name_or_active(model, name)
     out = {}
     for module_name, layer in adapter_layers(model):
-        params = dict(layer.named_parameters())
+        if name not in layer.adapter_down:
+            continue
+        linears = {"adapter_down": layer.adapter_down[name], "adapter_up": layer.adapter_up[name]}
         for key in TENSORS:
-            out[f"{PREFIX}{module_name}.{key}"] = params[key].detach().float()
+            owner, leaf = key.split(".")
+            out[f"{PREFIX}{module_name}.{key}"] = getattr(linears[owner], leaf).detach().float()
     return out
 
 
-def config_dict(model: nn.Module, base_model_name: str | None) -> dict[str, Any]:
-    """`adapter_config.json` of the model's bottleneck adapter (see docs/bottleneck_format.md)."""
-    name, config = model.graftlm_bottleneck
-    layers = adapter_layers(model)
+def config_dict(
+    model: nn.Module, base_model_name: str | None, name: str | None = None
+) -> dict[str, Any]:
+    """`adapter_config.json` of adapter `name` (default: the active one); see
+    docs/bottleneck_format.md."""
+    name = _name_or_active(model, name)
+    config = adapters(model)[name]
+    layers = [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapter_down]
     return {
         "peft_type": PEFT_TYPE,
         "task_type": "CAUSAL_LM",
@@ -279,18 +386,17 @@ def config_dict(model: nn.Module, base_model_name: str | None) -> dict[str, Any]
         "non_linearity": config.activation,
         "scaling": config.scaling,
         "dropout": config.dropout,
-        "hidden_size": output_features(layers[0][1].base_layer),
+        "hidden_size": layers[0][1].features,
         "target_modules": sorted({".".join(n.split(".")[-2:]) for n, _ in layers}),
         "num_adapters": len(layers),
     }
 
 
 def save(model: nn.Module, folder: Path, base_model_name: str | None) -> dict[str, torch.Tensor]:
-    """Write `adapter_config.json` and `adapter_model.safetensors` atomically; returns the tensors."""
+    """Write the active adapter's `adapter_config.json` and `adapter_model.safetensors`, each
+    atomically; returns the tensors written."""
     from graftlm.adapters import atomic_save_safetensors, atomic_write_json
 
-    if not adapter_layers(model):
-        raise GraftError("the model holds no bottleneck adapter to save")
     tensors = state_dict(model)
     folder = Path(folder)
     atomic_save_safetensors(folder / WEIGHTS_FILE, tensors)
@@ -342,7 +448,8 @@ _KEY = re.compile(r"(?P<module>.+)\.(?P<tensor>adapter_(?:down|up)\.(?:weight|bi
 
 
 def load(model: nn.Module, folder: Path, name: str = "default") -> None:
-    """Put a saved bottleneck adapter onto a base model.
+    """Put a saved bottleneck adapter onto a base model as adapter `name` (several may be
+    loaded under different names; the last one loaded is active).
 
     Raises:
         GraftError: unreadable files; keys that are not adapter tensors, name modules the model
@@ -352,6 +459,8 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
     from graftlm.adapters import read_adapter_weights
 
     folder = Path(folder)
+    if name in adapters(model):
+        raise GraftError(f"a bottleneck adapter named {name!r} is already loaded")
     config = read_config(folder)
     tensors = read_adapter_weights(folder)
     weights_path = folder / WEIGHTS_FILE
@@ -406,9 +515,15 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
     add_bottleneck(model, config, name)
     with torch.no_grad():
         for module_name, layer in adapter_layers(model):
-            params = dict(layer.named_parameters())
+            if name not in layer.adapter_down:
+                continue
+            linears = {
+                "adapter_down": layer.adapter_down[name],
+                "adapter_up": layer.adapter_up[name],
+            }
             for key in TENSORS:
-                params[key].copy_(groups[module_name][key].float())
+                owner, leaf = key.split(".")
+                getattr(linears[owner], leaf).copy_(groups[module_name][key].float())
 
 
 def describe(folder: Path) -> dict[str, Any]:

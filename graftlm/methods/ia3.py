@@ -78,92 +78,164 @@ FEEDFORWARD_SUFFIXES = (
 
 
 class IA3Linear(nn.Module):
-    """A linear layer (`nn.Linear` or GPT-2's `Conv1D`) with an (IA)³ scaling vector.
+    """A linear layer (`nn.Linear` or GPT-2's `Conv1D`) with named (IA)³ scaling vectors.
 
-    The original layer is kept whole as `base_layer` (frozen, as PEFT lays it out); the vector
-    is `ia3_l`, fp32, `[out, 1]` (scales the output, bias included) or, for a feedforward layer,
-    `[1, in]` (scales the input).
+    The original layer is kept whole as `base_layer` (frozen, as PEFT lays it out); the vectors
+    live in the ParameterDict `ia3_l`, fp32, `[out, 1]` (scaling the output, bias included) or,
+    for a feedforward layer, `[1, in]` (scaling the input). One adapter is active at a time;
+    row-aware (`graftlm.methods.base`, item 7): with `row_groups` set, each group of batch rows
+    is scaled by its own adapter's vector (or not at all).
 
-    Shapes: input `(..., in_features)`, output `(..., out_features)`.
+    Shapes: input `(batch, ..., in_features)`, output `(batch, ..., out_features)`.
     """
 
-    def __init__(self, base_layer: nn.Module, feedforward: bool) -> None:
+    graftlm_row_aware = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.fan_in_fan_out = _is_conv1d(base_layer)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.out_features, self.in_features = base_layer.weight.shape
-        self.feedforward = feedforward
+        self.out_features, self.in_features = layer_dims(base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.feedforward: dict[str, bool] = {}
+        self.active: str | None = None
+        self.merged: str | None = None
+        self.row_groups: list[tuple[str | None, torch.Tensor]] | None = None
+
+    def add(self, name: str, feedforward: bool) -> None:
+        """A new vector of ones for adapter `name` (the model is unchanged by it)."""
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        self.ia3_l = nn.Parameter(
-            torch.ones(shape, dtype=torch.float32, device=base_layer.weight.device)
-        )
-        self.merged = False
-        self.disabled = False
+        device = next(self.base_layer.parameters()).device
+        self.ia3_l[name] = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device))
+        self.feedforward[name] = feedforward
+
+    def delete(self, name: str) -> None:
+        """Remove adapter `name` (unmerging it first if merged)."""
+        if self.merged == name:
+            self.unmerge()
+        del self.ia3_l[name]
+        del self.feedforward[name]
+        if self.active == name:
+            self.active = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:
+        if self.row_groups is not None:
+            return self._rows_forward(x)
+        name = self.active
+        if name is None or name == self.merged or name not in self.ia3_l:
             return self.base_layer(x)
-        scale = self.ia3_l.flatten()
-        if self.feedforward:
+        scale = self.ia3_l[name].flatten()
+        if self.feedforward[name]:
             return self.base_layer((x * scale).to(x.dtype))
         result = self.base_layer(x)
         return (result * scale).to(result.dtype)
 
-    def _weight_scale(self) -> torch.Tensor:
-        """The vector shaped to multiply the stored weight (`[out, in]`, Conv1D `[in, out]`)."""
-        scale = self.ia3_l.detach().float()
-        return scale.T if self.fan_in_fan_out else scale
+    def _rows_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row scaled by its group's adapter (`row_groups`), in one base product."""
+        if self.merged is not None:
+            raise GraftError(
+                f"per-row adapters need unmerged (IA)³ adapters; {self.merged!r} is merged"
+            )
+        groups = [(n, rows) for n, rows in self.row_groups if n is not None and n in self.ia3_l]
+        ff = [n for n, _ in groups if self.feedforward[n]]
+        out = [n for n, _ in groups if not self.feedforward[n]]
+        if ff:
+            x = (x * self._row_scales(x, groups, ff, self.in_features)).to(x.dtype)
+        result = self.base_layer(x)
+        if out:
+            scale = self._row_scales(result, groups, out, self.out_features)
+            result = (result * scale).to(result.dtype)
+        return result
+
+    def _row_scales(self, like: torch.Tensor, groups, names: list[str], width: int):
+        """`[batch, 1, ..., width]` of ones, with each named group's rows set to its vector."""
+        scale = torch.ones(like.shape[0], width, dtype=torch.float32, device=like.device)
+        for name, rows in groups:
+            if name in names:
+                vector = self.ia3_l[name].flatten().to(scale.dtype)
+                scale = scale.index_copy(0, rows, vector.expand(len(rows), -1))
+        return scale.view(like.shape[0], *([1] * (like.dim() - 2)), width)
 
     def merge(self) -> None:
-        """Fold the vector into the base weight (and bias), in fp32; idempotent.
+        """Fold the active adapter's vector into the base weight (and bias), in fp32.
+
+        Idempotent for the merged adapter.
 
         Raises:
-            GraftError: the vector holds NaN/inf (nothing is changed then).
+            GraftError: another adapter is merged; the base layer is not a plain linear
+                layer; the vector holds NaN/inf (nothing is changed then).
         """
-        if self.merged:
+        name = self.active
+        if name is None or name not in self.ia3_l or self.merged == name:
             return
-        if not torch.isfinite(self.ia3_l).all():
-            raise GraftError("the (IA)³ vector holds NaN/inf values; refusing to merge it")
-        self._rescale(self._weight_scale(), bias_scale=self.ia3_l.detach().float().flatten())
-        self.merged = True
+        if self.merged is not None:
+            raise GraftError(f"(IA)³ adapter {self.merged!r} is merged; unmerge it first")
+        if not (isinstance(self.base_layer, nn.Linear) or _is_conv1d(self.base_layer)):
+            raise GraftError(
+                f"(IA)³ merges into nn.Linear / Conv1D weights, not a {type(self.base_layer).__name__}"
+            )
+        vector = self.ia3_l[name].detach().float()
+        if not torch.isfinite(vector).all():
+            raise GraftError(f"(IA)³ adapter {name!r} holds NaN/inf values; refusing to merge it")
+        self._rescale(vector, self.feedforward[name])
+        self.merged = name
 
     def unmerge(self) -> None:
-        """Divide the vector out of the base weight again (no-op when not merged).
+        """Divide the merged vector out of the base weight again (no-op when none is merged).
 
         Raises:
             GraftError: a zero entry makes the merge impossible to undo.
         """
-        if not self.merged:
+        name = self.merged
+        if name is None:
             return
-        if (self.ia3_l == 0).any():
-            raise GraftError("the (IA)³ vector has zero entries: the merge cannot be undone")
-        inverse = 1.0 / self.ia3_l.detach().float()
-        self._rescale(inverse.T if self.fan_in_fan_out else inverse, bias_scale=inverse.flatten())
-        self.merged = False
+        vector = self.ia3_l[name].detach().float()
+        if (vector == 0).any():
+            raise GraftError(f"(IA)³ adapter {name!r} has zero entries: the merge cannot be undone")
+        self._rescale(1.0 / vector, self.feedforward[name])
+        self.merged = None
 
-    def _rescale(self, weight_scale: torch.Tensor, bias_scale: torch.Tensor) -> None:
+    def _rescale(self, vector: torch.Tensor, feedforward: bool) -> None:
+        # `vector` is [out, 1] or [1, in]: it multiplies an [out, in] weight directly, and
+        # Conv1D's [in, out] weight transposed
         weight = self.base_layer.weight
+        scale = vector.T if _is_conv1d(self.base_layer) else vector
         with torch.no_grad():
-            weight.copy_((weight.detach().float() * weight_scale).to(weight.dtype))
+            weight.copy_((weight.detach().float() * scale).to(weight.dtype))
             bias = getattr(self.base_layer, "bias", None)
-            if bias is not None and not self.feedforward:  # the output scale covers the bias
-                bias.copy_((bias.detach().float() * bias_scale).to(bias.dtype))
+            if bias is not None and not feedforward:  # the output scale covers the bias
+                bias.copy_((bias.detach().float() * vector.flatten()).to(bias.dtype))
 
     def extra_repr(self) -> str:
-        kind = "input [1, in]" if self.feedforward else "output [out, 1]"
-        return f"in={self.in_features}, out={self.out_features}, scales={kind}"
+        kinds = {n: "in" if ff else "out" for n, ff in self.feedforward.items()}
+        return f"in={self.in_features}, out={self.out_features}, scales={kinds}"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """`(out_features, in_features)` of a linear layer, also inside other methods' wrappers."""
+    if _is_conv1d(module):
+        in_f, out_f = module.weight.shape
+        return int(out_f), int(in_f)
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return int(module.out_features), int(module.in_features)
+    if hasattr(module, "base_layer"):  # e.g. a bottleneck adapter around the layer
+        return layer_dims(module.base_layer)
+    return tuple(int(d) for d in module.weight.shape)  # type: ignore[return-value]
+
+
 def ia3_layers(model: nn.Module) -> list[tuple[str, IA3Linear]]:
     """Every (IA)³ layer of `model`, with its module name, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
+
+
+def adapters(model: nn.Module) -> dict[str, IA3Spec]:
+    """The (IA)³ adapters of `model`: {name: spec} (a live dict, in the order added)."""
+    if not hasattr(model, "graftlm_ia3"):
+        model.graftlm_ia3 = {}
+    return model.graftlm_ia3
 
 
 # -- which layers -----------------------------------------------------------------------------
@@ -218,52 +290,58 @@ def _peft_feedforward(spec: tuple[str, ...] | str, name: str) -> bool:
     return any(name.endswith(key) for key in spec)
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Linear layers that may take a vector (not the output head, not inside an IA3 layer)."""
-    from graftlm.surgery import _output_head_names, is_linear
+def _outer_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """`(name, module, is a linear layer)` in model order, never the inside of a wrapper.
 
-    heads = _output_head_names(model)
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if n
-        and ".base_layer" not in n
-        and n not in heads
-        and (isinstance(m, IA3Linear) or is_linear(m))
-    ]
+    Linear layers are plain ones and any method's wrapper around one (an `IA3Linear`, a LoRA
+    layer, a bottleneck adapter); LoRA's own A and B are `nn.Linear` too, hence the skipping.
+    """
+    from graftlm.methods.lora import LoraEmbedding, LoraLayerBase
+    from graftlm.surgery import is_linear
+
+    found, skip = [], None
+    for name, module in model.named_modules():
+        if not name or (skip is not None and name.startswith(skip)):
+            continue
+        wrapper = isinstance(module, LoraLayerBase) or hasattr(module, "base_layer")
+        if wrapper:
+            skip = name + "."  # named_modules() is pre-order: the inside follows directly
+        linear = is_linear(module) or (wrapper and not isinstance(module, LoraEmbedding))
+        found.append((name, module, linear))
+    return found
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m, linear in _outer_modules(model) if linear]
 
 
 def find_targets(model: nn.Module, spec: IA3Spec) -> list[tuple[str, bool]]:
     """`(module name, is feedforward)` for every layer `spec` selects, in model order.
 
     Raises:
-        GraftError: nothing matched (listing the model's linear-layer names), or a matched
-            module is not a linear layer.
+        GraftError: nothing matched (listing the model's linear-layer names), or a name in a
+            list of targets names a module that is not a linear layer.
     """
+    from graftlm.surgery import _output_head_names
+
+    layers = _layers(model)
+    heads = _output_head_names(model)
     found = []
-    linear = {n for n, _ in _candidates(model)} if spec.targets == "all-linear" else set()
-    for name, module in model.named_modules():
-        if not name or ".base_layer" in name:
-            continue
+    for name, _ in layers:
         if spec.targets == "all-linear":
-            hit = name in linear
+            hit = name not in heads
         else:
             hit = _peft_match(spec.targets, name)
-        if not hit or (spec.exclude is not None and _peft_match(spec.exclude, name)):
-            continue
-        if getattr(module, "is_quantized_linear", False):
-            raise GraftError(
-                f"(IA)³ on a 4-bit layer ({name}) is not supported; use a 16/32-bit base"
-            )
-        if not isinstance(module, nn.Linear) and not _is_conv1d(module):
-            if isinstance(spec.targets, str):
-                continue  # a regex may also match containers (e.g. '.*attn.*'); PEFT skips none
-            raise GraftError(
-                f"target {name!r} is a {type(module).__name__}; (IA)³ adapts linear layers only"
-            )
-        found.append((name, _peft_feedforward(spec.feedforward, name)))
+        if hit and not (spec.exclude is not None and _peft_match(spec.exclude, name)):
+            found.append((name, _peft_feedforward(spec.feedforward, name)))
+    if isinstance(spec.targets, tuple):  # PEFT refuses a named module it cannot adapt
+        for name, module, linear in _outer_modules(model):
+            if not linear and _peft_match(spec.targets, name):
+                raise GraftError(
+                    f"target {name!r} is a {type(module).__name__}; (IA)³ adapts linear layers only"
+                )
     if not found:
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in _candidates(model)})
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in layers if n not in heads})
         raise GraftError(
             f"targets {spec.targets!r} matched no layer of {type(model).__name__}; "
             f"its linear layers are named: {', '.join(names)}"
@@ -293,32 +371,53 @@ def default_spec(model: nn.Module, targets: str | None) -> IA3Spec:
 
 
 def add_ia3(model: nn.Module, spec: IA3Spec, name: str = "default"):
-    """Wrap every layer `spec` selects in an `IA3Linear` (vectors at one) and freeze the rest.
+    """Add adapter `name` (vectors at one) on every layer `spec` selects and make it the active,
+    and only trainable, one.
 
     Returns:
         An `InjectSummary`.
 
     Raises:
-        GraftError: the model already holds an (IA)³ adapter; no layer matched.
+        GraftError: the name is taken or not a plain identifier; no layer matched.
     """
     from graftlm.surgery import _set_module, base_fingerprint, summarize
 
-    if ia3_layers(model):
-        raise GraftError(
-            f"the model already holds (IA)³ adapter {getattr(model, 'graftlm_ia3', ('?',))[0]!r}; "
-            "(IA)³ adapters load one at a time"
-        )
+    known = adapters(model)
+    if name in known:
+        raise GraftError(f"an (IA)³ adapter named {name!r} is already loaded")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
     base_fingerprint(model)  # of the untouched base: the wrapped layers change module names
-    targets = find_targets(model, spec)
+    added = []
+    for module_name, feedforward in find_targets(model, spec):
+        layer = model.get_submodule(module_name)
+        if not isinstance(layer, IA3Linear):
+            layer = IA3Linear(layer)
+            _set_module(model, module_name, layer)
+        layer.add(name, feedforward)
+        added.append((module_name, "IA3-in" if feedforward else "IA3-out", 1))
+    known[name] = spec
+    set_active(model, name)
+    return summarize(model, name, added)
+
+
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Make adapter `name` the one every (IA)³ layer applies (None: none) and the only
+    trainable parameters of the model."""
+    if name is not None and name not in adapters(model):
+        raise GraftError(f"no (IA)³ adapter named {name!r}; loaded: {list(adapters(model))}")
     for param in model.parameters():
         param.requires_grad_(False)
-    added = []
-    for module_name, feedforward in targets:
-        layer = IA3Linear(model.get_submodule(module_name), feedforward)
-        _set_module(model, module_name, layer)
-        added.append((module_name, "IA3-in" if feedforward else "IA3-out", 1))
-    model.graftlm_ia3 = (name, spec)
-    return summarize(model, name, added)
+    for _, layer in ia3_layers(model):
+        layer.active = name
+        if name in layer.ia3_l:
+            layer.ia3_l[name].requires_grad_(True)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter the (IA)³ layers apply (the one added or loaded last, unless set)."""
+    layers = ia3_layers(model)
+    return layers[0][1].active if layers else None
 
 
 def attach(model: nn.Module, cfg) -> Any:
@@ -327,20 +426,22 @@ def attach(model: nn.Module, cfg) -> Any:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every vector into its layer's weight (fp32 math); idempotent, all or nothing.
+    """Fold the active adapter's vectors into the layers' weights (fp32 math); idempotent,
+    all or nothing.
 
     Raises:
-        GraftError: no (IA)³ layers, or a vector with NaN/inf (then nothing is merged).
+        GraftError: no (IA)³ adapter; a vector with NaN/inf (then nothing is merged).
     """
-    layers = ia3_layers(model)
-    if not layers:
-        raise GraftError("the model holds no (IA)³ adapter to merge")
-    for module_name, layer in layers:
-        if not layer.merged and not torch.isfinite(layer.ia3_l).all():
+    name = active_adapter(model)
+    if name is None:
+        raise GraftError("the model holds no active (IA)³ adapter to merge")
+    for module_name, layer in ia3_layers(model):
+        if name in layer.ia3_l and not torch.isfinite(layer.ia3_l[name]).all():
             raise GraftError(
-                f"(IA)³ vector of {module_name} has NaN/inf values; refusing to merge (nothing was merged)"
+                f"(IA)³ adapter {name!r} has NaN/inf values in {module_name}; refusing to merge "
+                "it (nothing was merged)"
             )
-    for _, layer in layers:
+    for _, layer in ia3_layers(model):
         layer.merge()
 
 
@@ -350,23 +451,48 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def unload(model: nn.Module) -> nn.Module:
-    """Replace every (IA)³ layer by its base layer (merge first to keep the adaptation)."""
+def unload(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` (unmerged first if merged); the last one out restores the base
+    model's own modules.
+
+    Raises:
+        GraftError: no adapter of that name.
+    """
     from graftlm.surgery import _set_module
 
+    known = adapters(model)
+    if name not in known:
+        raise GraftError(f"no (IA)³ adapter named {name!r}; loaded: {list(known)}")
+    active = active_adapter(model)
     for module_name, layer in ia3_layers(model):
-        _set_module(model, module_name, layer.base_layer)
-    if hasattr(model, "graftlm_ia3"):
-        del model.graftlm_ia3
-    return model
+        if name in layer.ia3_l:
+            layer.delete(name)
+        if not layer.ia3_l:
+            _set_module(model, module_name, layer.base_layer)
+    del known[name]
+    if known:
+        set_active(model, active if active in known else list(known)[-1])
 
 
 # -- save / load ------------------------------------------------------------------------------
 
 
-def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The vectors under PEFT's keys (`base_model.model.<module>.ia3_l`), fp32."""
-    return {PREFIX + n + KEY_SUFFIX: layer.ia3_l.detach().float() for n, layer in ia3_layers(model)}
+def _name_or_active(model: nn.Module, name: str | None) -> str:
+    name = active_adapter(model) if name is None else name
+    if name is None or name not in adapters(model):
+        raise GraftError(f"no (IA)³ adapter named {name!r}; loaded: {list(adapters(model))}")
+    return name
+
+
+def state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s (default: the active one's) vectors under PEFT's keys
+    (`base_model.model.<module>.ia3_l`), fp32."""
+    name = _name_or_active(model, name)
+    return {
+        PREFIX + module_name + KEY_SUFFIX: layer.ia3_l[name].detach().float()
+        for module_name, layer in ia3_layers(model)
+        if name in layer.ia3_l
+    }
 
 
 def _suffix_spec(names: list[str], candidates: list[str], rule) -> tuple[str, ...] | str:
@@ -382,12 +508,19 @@ def _suffix_spec(names: list[str], candidates: list[str], rule) -> tuple[str, ..
     return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def peft_config(model: nn.Module, base_model_name: str | None) -> dict[str, Any]:
-    """`adapter_config.json` for the model's (IA)³ adapter, with PEFT's field names."""
-    layers = ia3_layers(model)
+def peft_config(
+    model: nn.Module, base_model_name: str | None, name: str | None = None
+) -> dict[str, Any]:
+    """`adapter_config.json` for (IA)³ adapter `name` (default: the active one), PEFT's fields.
+
+    `target_modules` / `feedforward_modules` are suffix lists when PEFT's matching rules select
+    exactly the adapted layers with them, else anchored regexes of the exact names.
+    """
+    name = _name_or_active(model, name)
+    layers = [(n, layer) for n, layer in ia3_layers(model) if name in layer.ia3_l]
     adapted = [n for n, _ in layers]
-    feedforward = [n for n, layer in layers if layer.feedforward]
-    everything = [n for n, m in model.named_modules() if n and ".base_layer" not in n]
+    feedforward = [n for n, layer in layers if layer.feedforward[name]]
+    everything = [n for n, _, _ in _outer_modules(model)]
     targets = _suffix_spec(adapted, everything, _peft_match)
     ff: tuple[str, ...] | str = ()
     if feedforward and isinstance(targets, tuple):
@@ -406,21 +539,22 @@ def peft_config(model: nn.Module, base_model_name: str | None) -> dict[str, Any]
         "target_modules": list(targets) if isinstance(targets, tuple) else targets,
         "exclude_modules": None,
         "feedforward_modules": list(ff) if isinstance(ff, tuple) else ff,
-        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "fan_in_fan_out": any(_is_conv1d(layer.base_layer) for _, layer in layers),
         "modules_to_save": None,
         "init_ia3_weights": True,
     }
 
 
 def save(model: nn.Module, folder: Path, base_model_name: str | None) -> dict[str, torch.Tensor]:
-    """Write the PEFT `IA3` folder (config + safetensors, each atomically); returns the tensors.
+    """Write the active adapter as a PEFT `IA3` folder (config + safetensors, each atomically).
 
-    Merged vectors are saved as they are (the weights file never depends on merge state).
+    Merged vectors are saved as they are (the file never depends on the merge state).
+
+    Returns:
+        The tensors written.
     """
     from graftlm.adapters import atomic_save_safetensors, atomic_write_json
 
-    if not ia3_layers(model):
-        raise GraftError("the model holds no (IA)³ adapter to save")
     tensors = state_dict(model)
     folder = Path(folder)
     atomic_save_safetensors(folder / WEIGHTS_FILE, tensors)
@@ -462,14 +596,18 @@ def read_spec(folder: Path) -> IA3Spec:
 def load(model: nn.Module, folder: Path, name: str = "default") -> None:
     """Put a saved (IA)³ adapter (graftlm's or PEFT's) onto a base model.
 
+    Several adapters may be loaded under different names; the last one loaded is active.
+
     Raises:
         GraftError: unreadable files; keys naming modules the model lacks, layers the config
             selects without a vector (all listed at once); a vector of the wrong shape (file,
-            key, expected and found shapes).
+            key, expected and found shapes); the name is taken.
     """
     from graftlm.adapters import read_adapter_weights
 
     folder = Path(folder)
+    if name in adapters(model):
+        raise GraftError(f"an (IA)³ adapter named {name!r} is already loaded")
     spec = read_spec(folder)
     tensors = read_adapter_weights(folder)
     weights_path = folder / WEIGHTS_FILE
@@ -507,8 +645,7 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
             + (f"vectors for layers it does not select: {extra[:10]}" if extra else "")
         )
     for module_name, feedforward in selected.items():
-        module = modules[module_name]
-        out_f, in_f = module.weight.shape[::-1] if _is_conv1d(module) else module.weight.shape
+        out_f, in_f = layer_dims(modules[module_name])
         expected = (1, in_f) if feedforward else (out_f, 1)
         found = tuple(vectors[module_name].shape)
         if found != expected:
@@ -520,7 +657,8 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
     add_ia3(model, spec, name)
     with torch.no_grad():
         for module_name, layer in ia3_layers(model):
-            layer.ia3_l.copy_(vectors[module_name].float())
+            if name in layer.ia3_l:
+                layer.ia3_l[name].copy_(vectors[module_name].float())
 
 
 def describe(folder: Path) -> dict[str, Any]:
