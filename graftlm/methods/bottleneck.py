@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,14 @@ import torch
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.methods.bottleneck_layer import (
+    DEFAULT_ACTIVATION,
+    PLACEMENTS,
+    BottleneckAdapter,
+    BottleneckConfig,
+    output_features,
+)
+from graftlm.methods.layer_walk import outer_modules
 
 NAME = "bottleneck"
 PEFT_TYPE = "BOTTLENECK"
@@ -39,9 +46,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-PLACEMENTS = ("both", "mlp")
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-DEFAULT_ACTIVATION = "silu"
 # parameter name inside the adapted module -> shape, as a function of (hidden d, bottleneck size)
 TENSORS = {
     "adapter_down.weight": lambda d, s: (s, d),
@@ -56,122 +60,6 @@ _ATTENTION = re.compile(r".*(attn|attention).*", re.IGNORECASE)
 _MLP = re.compile(r".*(mlp|feed_forward|ffn).*", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class BottleneckConfig:
-    """Settings of one bottleneck adapter (the JSON form is `adapter_config.json`).
-
-    Attributes:
-        size: hidden width of the bottleneck (down-projection rows).
-        placement: "both" (after attention and after the MLP) or "mlp" (after the MLP only).
-        activation: the nonlinearity between down and up: relu, gelu, silu or tanh.
-        dropout: dropout on the adapter's input during training.
-        scaling: factor on the adapter's output (1.0: Houlsby's form).
-    """
-
-    size: int = 64
-    placement: str = "both"
-    activation: str = DEFAULT_ACTIVATION
-    dropout: float = 0.0
-    scaling: float = 1.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
-            raise GraftError(f"bottleneck_size should be a positive integer, got {self.size!r}")
-        if self.placement not in PLACEMENTS:
-            raise GraftError(f"placement should be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.activation not in ACTIVATIONS:
-            raise GraftError(
-                f"non_linearity should be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
-            )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise GraftError(f"dropout should be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
-            raise GraftError(f"scaling should be a number, got {self.scaling!r}")
-
-
-# -- the layer --------------------------------------------------------------------------------
-
-
-class BottleneckAdapter(nn.Module):
-    """A frozen output projection followed by named residual bottleneck MLPs.
-
-    Args:
-        base_layer: the sublayer's last linear layer (kept whole, frozen, as `base_layer`).
-
-    One adapter is active at a time; row-aware (`graftlm.methods.base`, item 7): with
-    `row_groups` set, each group of batch rows gets its own adapter (or none).
-
-    Shapes: input `(batch, ..., in)`, output `(batch, ..., d)` with `d` the base layer's output
-    features; per adapter, `adapter_down[name]` is `Linear(d -> size)` and `adapter_up[name]`
-    `Linear(size -> d)`, both with biases, fp32.
-    """
-
-    graftlm_row_aware = True
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.features = output_features(base_layer)
-        self.adapter_down = nn.ModuleDict()
-        self.adapter_up = nn.ModuleDict()
-        self.activation = nn.ModuleDict()
-        self.dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.active: str | None = None
-        self.row_groups: list[tuple[str | None, torch.Tensor]] | None = None
-
-    def add(self, name: str, config: BottleneckConfig) -> None:
-        """Adapter `name`: down as `nn.Linear` starts, up at zero (so the output is unchanged)."""
-        device = next(self.base_layer.parameters()).device
-        d = self.features
-        self.adapter_down[name] = nn.Linear(d, config.size, device=device, dtype=torch.float32)
-        up = nn.Linear(config.size, d, device=device, dtype=torch.float32)
-        nn.init.zeros_(up.weight)
-        nn.init.zeros_(up.bias)
-        self.adapter_up[name] = up
-        self.activation[name] = ACTIVATIONS[config.activation]()
-        self.dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling[name] = float(config.scaling)
-
-    def delete(self, name: str) -> None:
-        for container in (self.adapter_down, self.adapter_up, self.activation, self.dropout):
-            del container[name]
-        del self.scaling[name]
-        if self.active == name:
-            self.active = None
-
-    def delta(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        """`scaling · up(act(down(dropout(h))))`, in the adapter's dtype (fp32 unless autocast)."""
-        down = self.adapter_down[name]
-        z = self.dropout[name](h).to(down.weight.dtype)
-        return self.adapter_up[name](self.activation[name](down(z))) * self.scaling[name]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.base_layer(x)
-        if self.row_groups is not None:
-            out = h
-            for name, rows in self.row_groups:
-                if name is not None and name in self.adapter_down:
-                    delta = self.delta(name, h.index_select(0, rows))
-                    out = out.index_add(0, rows, delta.to(h.dtype))
-            return out
-        if self.active is None or self.active not in self.adapter_down:
-            return h
-        return h + self.delta(self.active, h).to(h.dtype)
-
-
-def output_features(layer: nn.Module) -> int:
-    """Output width of a linear layer (`nn.Linear`; GPT-2's `Conv1D` stores `[in, out]`), also
-    inside another method's wrapper."""
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        return int(layer.weight.shape[1])
-    if hasattr(layer, "out_features"):
-        return int(layer.out_features)
-    if hasattr(layer, "base_layer"):
-        return output_features(layer.base_layer)
-    return int(layer.weight.shape[0])
-
-
 def adapter_layers(model: nn.Module) -> list[tuple[str, BottleneckAdapter]]:
     """Every bottleneck adapter of `model` with the name of the module it adapts."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)]
@@ -181,21 +69,9 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, BottleneckAdapter]]:
 
 
 def _last_linear(module: nn.Module, prefix: str) -> str | None:
-    """Name of the last linear layer inside `module`; a wrapper around one (another adapter
-    of this or another method) counts as the layer, and its inside is not searched."""
-    from graftlm.methods.lora import LoraEmbedding, LoraLayerBase
-    from graftlm.surgery import is_linear
-
-    last, skip = None, None
-    for name, child in module.named_modules():
-        if not name or (skip is not None and name.startswith(skip)):
-            continue
-        wrapper = isinstance(child, LoraLayerBase) or hasattr(child, "base_layer")
-        if wrapper:
-            skip = name + "."  # named_modules() is pre-order: the inside follows directly
-        if is_linear(child) or (wrapper and not isinstance(child, LoraEmbedding)):
-            last = f"{prefix}.{name}"
-    return last
+    """Name of the last linear layer inside `module` (a wrapper around one counts as one)."""
+    names = [name for name, _, linear in outer_modules(module, prefix) if linear]
+    return names[-1] if names else None
 
 
 def find_sites(model: nn.Module, placement: str) -> list[tuple[str, str]]:
