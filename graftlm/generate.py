@@ -286,7 +286,8 @@ def generate_file(
 
     rows, _ = read_rows(input_path, require_answer=False)
     prompts = [prompt_for_generation(row, tokenizer) for row in rows]
-    known = adapter_names(model)
+    # LoRA adapters, and those of other methods that adapter_io.load_any recorded
+    known = adapter_names(model) + list(getattr(model, "graftlm_other_adapters", {}) or {})
     per_row = []
     for row in rows:
         name = row.get("adapter", default_adapter)
