@@ -46,6 +46,7 @@ def close(actual, expected, atol=ATOL):
 
 def with_prompt(kind="llama", init="random", **kwargs):
     model = BUILD[kind]()
+    torch.manual_seed(0)  # the random init draws from the global generator
     prompt_tuning.add_prompt(model, P, init, **kwargs)
     perturb_trainable(model)  # simulate training: visible, seeded changes
     return model.eval()
@@ -53,6 +54,7 @@ def with_prompt(kind="llama", init="random", **kwargs):
 
 def with_prefix(kind="llama", **kwargs):
     model = BUILD[kind]()
+    torch.manual_seed(0)
     prefix_tuning.add_prefix(model, P, "random", **kwargs)
     perturb_trainable(model)
     return model.eval()
@@ -286,6 +288,26 @@ def test_shared_prefix_forward_is_exact(method):
         torch.testing.assert_close(grad, results[1][2][name], rtol=1e-4, atol=1e-5)
     row = batch["input_ids"][0].tolist()
     assert prefix_sharing_is_exact(model, Example(row, row, "x"), 2)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(method):
+    """`--low-memory` re-runs layers in backward: each must see its prefix again."""
+    from graftlm.train import loss_sum
+
+    results = []
+    for checkpointing in (False, True):
+        model = with_prompt() if method == "prompt" else with_prefix()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.train()
+        loss, _ = loss_sum(model, shared_prefix_batch(), torch.float32, share_prefix=False)
+        loss.backward()
+        results.append((loss.detach(), model.prompt_encoder.default.embedding.weight.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
 
 
 def write_chat(path, rows: int):

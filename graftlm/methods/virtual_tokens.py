@@ -43,6 +43,7 @@ ENCODERS = "prompt_encoder"  # model attribute holding the trained modules, as i
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PEFT_KEY = "prompt_embeddings"  # the one tensor PEFT saves for both methods
+PLAN_KWARG = "graftlm_virtual_tokens"  # the decoder keyword argument that carries a pass's Plan
 
 # one layer's prefix: keys and values, each [1, kv_heads, P, head_dim]
 LayerKV = tuple[torch.Tensor, torch.Tensor]
@@ -100,6 +101,7 @@ class Plan:
     layers: list[LayerKV]
     valid: torch.Tensor | None
     shift: int | torch.Tensor
+    used: int = 0  # attention calls that added the prefix (0 after a forward: not supported)
 
 
 class VirtualTokens:
@@ -115,7 +117,7 @@ class VirtualTokens:
         self.geometry = geometry
         self.active: str | None = None
         self.enabled = True
-        self.current: Plan | None = None  # the prefixes of the running forward pass
+        self.current: Plan | None = None  # the plan of the running (outermost) forward pass
         self.capture: dict[int, LayerKV] | None = None  # set during prompt tuning's virtual pass
         self.cache: dict[int, tuple[tuple, list[LayerKV]]] = {}  # inference prefixes, by encoder
         self.handles: list = []  # the decoder hooks, removed by `uninstall`
@@ -140,24 +142,34 @@ class VirtualTokens:
             kwargs = {**dict(zip(names, args)), **kwargs}
         inputs = kwargs.get("input_ids")
         inputs = kwargs["inputs_embeds"] if inputs is None else inputs
-        self.current = self._plan(inputs.shape[0])
-        if self.current is None:
+        plan = self._plan(inputs.shape[0])
+        if plan is None:
             return None
+        # The plan travels with the call, down to every attention layer: activation
+        # checkpointing re-runs a layer with its original arguments, and so with its prefix.
+        self.current = plan
+        kwargs = dict(kwargs)
+        kwargs[PLAN_KWARG] = plan
         # PEFT's positions: virtual tokens / prefix slots at 0..P-1, the input after them.
         # Missing positions are made as the decoder would make them.
-        kwargs = dict(kwargs)
         positions = kwargs.get("position_ids")
         if positions is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             seen = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(seen, seen + inputs.shape[1], device=inputs.device)[None]
-        shift = self.current.shift
+        shift = plan.shift
         kwargs["position_ids"] = positions + (shift[:, None] if torch.is_tensor(shift) else shift)
         return (), kwargs
 
     def after_forward(self, decoder: nn.Module, args, kwargs, output) -> None:
-        if self.capture is None:
-            self.current = None  # the autograd graph keeps what backward needs
+        if self.capture is not None or self.current is None:
+            return
+        plan, self.current = self.current, None  # the autograd graph keeps what backward needs
+        if plan.used == 0:
+            raise GraftError(
+                f"{type(decoder).__name__} did not pass its keyword arguments on to attention, "
+                "so the prompt/prefix could not be added; this model is not supported"
+            )
 
     def _plan(self, rows: int) -> Plan | None:
         groups = self.encoders.row_groups
@@ -240,9 +252,10 @@ def virtual_token_attention(
     layer = getattr(module, "layer_idx", None)
     if state is not None and state.capture is not None:
         state.capture[layer] = (key, value)
-    plan = state.current if state is not None and state.capture is None else None
+    plan: Plan | None = kwargs.pop(PLAN_KWARG, None)
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    plan.used += 1
     prefix_key, prefix_value = plan.layers[layer]
     rows, _, queries, _ = query.shape
     length = prefix_key.shape[2]
