@@ -600,3 +600,19 @@ def test_eval_loss_equals_peft_forward_loss_on_smollm2(tmp_path, smollm2, smollm
     with vt.disabled(model):  # and the adapter matters
         base = evaluate_file(model, tokenizer, str(rows))["loss"]
     assert abs(base - ours) > 0.05
+
+
+def test_inspect_describes_prompt_and_prefix_folders(tmp_path):
+    from graftlm.adapter_io import save_trained
+    from graftlm.inspect_adapter import describe
+
+    model = with_prompt()
+    save_trained(model, tmp_path / "prompt", "prompt")
+    facts = describe(tmp_path / "prompt")
+    assert facts["method"] == "prompt" and facts["num_virtual_tokens"] == P
+    assert facts["trainable_parameters"] == P * 64
+    assert facts["method_facts"]["virtual tokens"] == P
+    save_trained(with_prefix(projection=True), tmp_path / "prefix", "prefix")
+    facts = describe(tmp_path / "prefix")
+    assert facts["method"] == "prefix" and facts["prefix_projection"] is True
+    assert facts["trainable_parameters"] == P * 2 * 2 * 32  # the folded prefix

@@ -276,9 +276,14 @@ def merge(model: nn.Module) -> None:
 def describe(folder: Path) -> dict:
     """Prefix length and layout, for `graftlm inspect`."""
     config = vt.read_config(folder, PEFT_TYPE)
-    return {
-        "virtual tokens": config["num_virtual_tokens"],
-        "layers": config.get("num_layers"),
-        "key/value heads": config.get("num_attention_heads"),
-        "projection": "folded" if config.get("prefix_projection") else "none",
+    facts = {
+        "num_virtual_tokens": config["num_virtual_tokens"],
+        "prefix_projection": bool(config.get("prefix_projection")),
     }
+    labels = {
+        "virtual tokens": config["num_virtual_tokens"],
+        "prefix layers": config.get("num_layers"),
+        "key/value heads": config.get("num_attention_heads"),
+        "projection": "trained with, folded" if config.get("prefix_projection") else "none",
+    }
+    return {**facts, "method_facts": labels}

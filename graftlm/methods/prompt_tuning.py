@@ -228,9 +228,10 @@ def describe(folder: Path) -> dict:
     """Virtual tokens and init, for `graftlm inspect`."""
     config = vt.read_config(folder, PEFT_TYPE)
     facts = {
-        "virtual tokens": config["num_virtual_tokens"],
-        "init": config.get("prompt_tuning_init"),
+        "num_virtual_tokens": config["num_virtual_tokens"],
+        "prompt_tuning_init": config.get("prompt_tuning_init"),
     }
+    labels = {"virtual tokens": config["num_virtual_tokens"], "init": facts["prompt_tuning_init"]}
     if config.get("prompt_tuning_init_text"):
-        facts["init text"] = config["prompt_tuning_init_text"]
-    return facts
+        labels["init text"] = config["prompt_tuning_init_text"]
+    return {**facts, "method_facts": labels}
