@@ -213,6 +213,61 @@ def test_named_adapters_per_row_and_unload_restores_the_base(tmp_path):
         bn.unload(model, "a")
 
 
+def test_serving_engine_mixes_bottleneck_ia3_and_base_rows_as_each_alone(tmp_path):
+    """The registry loads a bottleneck and an (IA)³ adapter onto one base (the IA3 vectors sit
+    on down_proj, which the bottleneck adapter wraps); the engine's batched rows each give what
+    their adapter gives alone."""
+    import threading
+
+    from graftlm.adapter_io import load_any
+    from graftlm.engine import Engine, Request
+    from graftlm.generate import SamplingConfig, generate
+    from graftlm.methods import ia3
+    from graftlm.registry import AdapterRegistry
+
+    bn.save(trained(), tmp_path / "a", None)
+    other = tiny_llama()
+    ia3.add_ia3(other, ia3.default_spec(other, None))
+    perturb_trainable(other, seed=2)
+    ia3.save(other, tmp_path / "b", None)
+    folders = {"a": tmp_path / "a", "b": tmp_path / "b"}
+
+    tokenizer = helpers.tiny_tokenizer()
+    model = tiny_llama()
+    registry = AdapterRegistry(model)
+    for name, folder in folders.items():
+        registry.register(name, folder)
+    engine = Engine(model, tokenizer, registry, max_batch=4)
+    sampling = SamplingConfig(max_new_tokens=6)
+    prompts = ["a", "hello there", "the quick brown fox", "xy", "ok", "tell me more"]
+    row_names = ["a", "b", None, "b", "a", None]
+    answers: dict[int, str] = {}
+    done = threading.Event()
+
+    def listener(row):
+        def on_event(event):
+            if event.kind in ("done", "error"):
+                answers[row] = event.text if event.kind == "done" else repr(event.error)
+                if len(answers) == len(prompts):
+                    done.set()
+
+        return on_event
+
+    engine.start()
+    try:
+        for row, (prompt, name) in enumerate(zip(prompts, row_names)):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            engine.submit(Request(prompt_ids, name, sampling, listener(row)))
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    for row, (prompt, name) in enumerate(zip(prompts, row_names)):
+        alone = tiny_llama()
+        if name is not None:
+            load_any(alone, folders[name], name)
+        assert [answers[row]] == generate(alone, tokenizer, [prompt], sampling=sampling)
+
+
 def test_merge_is_refused():
     assert bn.MERGEABLE is False
     with pytest.raises(GraftError, match="cannot be merged"):
