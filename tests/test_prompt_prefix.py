@@ -387,6 +387,10 @@ def test_disable_copy_and_cache_invalidation():
     close(logits(model, x), adapted)
     twin = copy.deepcopy(model)
     close(logits(twin, x), adapted)
+    other = copy.deepcopy(model)
+    vt.remove_encoder(other, "default")  # the copy's last adapter out: the copy is the base
+    close(logits(other, x), base)
+    close(logits(model, x), adapted)  # and the original keeps its hooks
     with torch.no_grad():  # an in-place update (as optimizer.step does) invalidates the cache
         twin.prompt_encoder.default.embedding.weight.mul_(2)
     assert (logits(twin, x) - adapted).abs().max() > 0.1

@@ -120,7 +120,6 @@ class VirtualTokens:
         self.current: Plan | None = None  # the plan of the running (outermost) forward pass
         self.capture: dict[int, LayerKV] | None = None  # set during prompt tuning's virtual pass
         self.cache: dict[int, tuple[tuple, list[LayerKV]]] = {}  # inference prefixes, by encoder
-        self.handles: list = []  # the decoder hooks, removed by `uninstall`
         self.attention_before: str | None = None
 
     @property
@@ -165,7 +164,7 @@ class VirtualTokens:
         if self.capture is not None or self.current is None:
             return
         plan, self.current = self.current, None  # the autograd graph keeps what backward needs
-        if plan.used == 0:
+        if output is not None and plan.used == 0:  # (None: the forward raised; let that show)
             raise GraftError(
                 f"{type(decoder).__name__} did not pass its keyword arguments on to attention, "
                 "so the prompt/prefix could not be added; this model is not supported"
@@ -367,10 +366,8 @@ def install(model: nn.Module, method: str) -> VirtualTokens:
     for attention in attentions:
         attention.graftlm_virtual_tokens = state
     setattr(model, ENCODERS, VirtualTokenAdapters())
-    state.handles = [
-        decoder.register_forward_pre_hook(state.before_forward, with_kwargs=True),
-        decoder.register_forward_hook(state.after_forward, with_kwargs=True, always_call=True),
-    ]
+    decoder.register_forward_pre_hook(state.before_forward, with_kwargs=True)
+    decoder.register_forward_hook(state.after_forward, with_kwargs=True, always_call=True)
     state.attention_before = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     return state
@@ -381,8 +378,16 @@ def uninstall(model: nn.Module) -> None:
     state = state_of(model)
     if state is None:
         return
-    for handle in state.handles:
-        handle.remove()
+    # by identity, not by handle: a deep copy of the model holds copies of the hooks
+    for hooks in (state.decoder._forward_pre_hooks, state.decoder._forward_hooks):
+        for key in [k for k, hook in hooks.items() if getattr(hook, "__self__", None) is state]:
+            del hooks[key]
+            for flags in (
+                "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called",
+            ):
+                getattr(state.decoder, flags, {}).pop(key, None)
     model.set_attn_implementation(state.attention_before or "sdpa")
     for module in model.modules():
         if getattr(module, "graftlm_virtual_tokens", None) is state:
