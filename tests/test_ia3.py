@@ -171,6 +171,20 @@ def test_merge_refuses_nan_and_changes_nothing():
         assert torch.equal(tensor.nan_to_num(), before[name].nan_to_num())
 
 
+def test_merge_of_a_second_adapter_is_refused_while_one_is_merged(tmp_path):
+    ia3.save(trained(), tmp_path / "a", None)
+    model = tiny_llama()
+    ia3.load(model, tmp_path / "a", "a")
+    ia3.load(model, tmp_path / "a", "b")
+    ia3.merge(model)  # "b", the active one
+    merged = {n: t.clone() for n, t in model.state_dict().items()}
+    ia3.set_active(model, "a")
+    with pytest.raises(GraftError, match="'b' is merged; unmerge"):
+        ia3.merge(model)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, merged[name])
+
+
 def test_train_loop_path_and_round_trip_through_adapter_io(tmp_path):
     """Forward through the inner decoder (the loop's path), save_trained, load_any."""
     model = tiny_llama()
