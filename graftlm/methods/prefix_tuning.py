@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.methods import virtual_token_files as files
 from graftlm.methods import virtual_tokens as vt
 
 NAME = "prefix"
@@ -223,7 +224,7 @@ def save(model: nn.Module, folder: Path, base_model_name: str | None) -> dict[st
         raise GraftError("adapter 'default' is not a prefix tuning adapter")
     with torch.no_grad():
         flat = encoder.flat().float()
-    return vt.save_weights(folder, peft_config(model, encoder, base_model_name), flat)
+    return files.save_weights(folder, peft_config(model, encoder, base_model_name), flat)
 
 
 def load(model: nn.Module, folder: Path, name: str = "default") -> None:
@@ -234,10 +235,10 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
             not fit this model (the message names the file, the field and both values).
     """
     folder = Path(folder)
-    config = vt.read_config(folder, PEFT_TYPE)
+    config = files.read_config(folder, PEFT_TYPE)
     vt.install(model, NAME)
     g = vt.geometry_of(model)
-    where = folder / vt.CONFIG_FILE
+    where = folder / files.CONFIG_FILE
     expected = {
         "num_layers": g.num_layers,
         "token_dim": g.kv_dim,
@@ -250,7 +251,7 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
         )
         raise GraftError(f"{where}: {detail}: the adapter was trained on another model")
     count = config["num_virtual_tokens"]
-    weights = vt.read_weights(folder, (count, g.num_layers * 2 * g.kv_dim))
+    weights = files.read_weights(folder, (count, g.num_layers * 2 * g.kv_dim))
     encoder = PrefixEncoder(count, g, encoder_hidden_size=config.get("encoder_hidden_size"))
     encoder.init = "random"
     with torch.no_grad():
@@ -270,12 +271,12 @@ def merge(model: nn.Module) -> None:
     Raises:
         GraftError: always.
     """
-    raise vt.merge_refused(NAME)
+    raise files.merge_refused(NAME)
 
 
 def describe(folder: Path) -> dict:
     """Prefix length and layout, for `graftlm inspect`."""
-    config = vt.read_config(folder, PEFT_TYPE)
+    config = files.read_config(folder, PEFT_TYPE)
     facts = {
         "num_virtual_tokens": config["num_virtual_tokens"],
         "prefix_projection": bool(config.get("prefix_projection")),

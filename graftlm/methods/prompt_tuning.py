@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.methods import virtual_token_files as files
 from graftlm.methods import virtual_tokens as vt
 
 NAME = "prompt"
@@ -179,7 +180,7 @@ def save(model: nn.Module, folder: Path, base_model_name: str | None) -> dict[st
     if not isinstance(encoder, PromptEmbedding):
         raise GraftError("adapter 'default' is not a prompt tuning adapter")
     config = peft_config(model, encoder, base_model_name)
-    return vt.save_weights(folder, config, encoder.embedding.weight)
+    return files.save_weights(folder, config, encoder.embedding.weight)
 
 
 def load(model: nn.Module, folder: Path, name: str = "default") -> None:
@@ -190,16 +191,16 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
             that does not fit this model (the message names the file and both shapes).
     """
     folder = Path(folder)
-    config = vt.read_config(folder, PEFT_TYPE)
+    config = files.read_config(folder, PEFT_TYPE)
     vt.install(model, NAME)
     geometry = vt.geometry_of(model)
     if config["token_dim"] != geometry.hidden_size:
         raise GraftError(
-            f"{folder / vt.CONFIG_FILE}: token_dim {config['token_dim']} does not match this "
+            f"{folder / files.CONFIG_FILE}: token_dim {config['token_dim']} does not match this "
             f"model's hidden size {geometry.hidden_size}: the adapter was trained on another model"
         )
     count = config["num_virtual_tokens"]
-    weights = vt.read_weights(folder, (count, geometry.hidden_size))
+    weights = files.read_weights(folder, (count, geometry.hidden_size))
     encoder = PromptEmbedding(count, geometry.hidden_size)
     init = str(config.get("prompt_tuning_init") or "RANDOM").upper()
     encoder.init = {v: k for k, v in _PEFT_INIT.items()}.get(init, "random")
@@ -221,12 +222,12 @@ def merge(model: nn.Module) -> None:
     Raises:
         GraftError: always.
     """
-    raise vt.merge_refused(NAME)
+    raise files.merge_refused(NAME)
 
 
 def describe(folder: Path) -> dict:
     """Virtual tokens and init, for `graftlm inspect`."""
-    config = vt.read_config(folder, PEFT_TYPE)
+    config = files.read_config(folder, PEFT_TYPE)
     facts = {
         "num_virtual_tokens": config["num_virtual_tokens"],
         "prompt_tuning_init": config.get("prompt_tuning_init"),

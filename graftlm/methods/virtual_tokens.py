@@ -40,9 +40,6 @@ from graftlm.errors import GraftError
 
 ATTENTION = "graftlm_virtual_tokens"  # the attention implementation name we register
 ENCODERS = "prompt_encoder"  # model attribute holding the trained modules, as in PEFT
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-PEFT_KEY = "prompt_embeddings"  # the one tensor PEFT saves for both methods
 PLAN_KWARG = "graftlm_virtual_tokens"  # the decoder keyword argument that carries a pass's Plan
 
 # one layer's prefix: keys and values, each [1, kv_heads, P, head_dim]
@@ -402,6 +399,7 @@ def add_encoder(
     state = install(model, method)
     encoder.to(device=model.get_input_embeddings().weight.device)
     state.encoders[name] = encoder
+    state.cache.clear()  # a replaced adapter's prefixes must not be reused
     if activate or state.active is None:
         state.active = name
     return state
@@ -484,91 +482,3 @@ def make_trainable(model: nn.Module, name: str) -> None:
     trained = {id(p) for p in active_encoder(model, name).parameters()}
     for param in model.parameters():
         param.requires_grad_(id(param) in trained)
-
-
-# -- files --------------------------------------------------------------------------------
-
-
-def read_config(folder, peft_type: str) -> dict:
-    """adapter_config.json of `folder`, checked to be of `peft_type` for a causal LM."""
-    import json
-    from pathlib import Path
-
-    path = Path(folder) / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GraftError(f"{path}: not found (is {folder} an adapter folder?)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise GraftError(f"{path}: not valid JSON ({exc})") from None
-    found = str(data.get("peft_type", "")).upper()
-    if found != peft_type:
-        raise GraftError(f"{path}: peft_type is {found!r}, expected {peft_type!r}")
-    task = data.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        raise GraftError(f"{path}: task_type {task!r}; graftlm loads CAUSAL_LM adapters only")
-    submodules = data.get("num_transformer_submodules") or 1
-    if submodules != 1:
-        raise GraftError(
-            f"{path}: num_transformer_submodules is {submodules!r} (an encoder-decoder adapter); "
-            "graftlm loads decoder-only adapters"
-        )
-    for field_name in ("num_virtual_tokens", "token_dim"):
-        value = data.get(field_name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise GraftError(f"{path}: {field_name} should be a positive integer, got {value!r}")
-    return data
-
-
-def read_weights(folder, expected_shape: tuple[int, ...]) -> torch.Tensor:
-    """The `prompt_embeddings` tensor of `folder`, checked against `expected_shape`."""
-    from pathlib import Path
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        legacy = folder / "adapter_model.bin"
-        if not legacy.is_file():
-            raise GraftError(f"{path}: not found")
-        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
-        path = legacy
-    else:
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError) as exc:
-            raise GraftError(f"{path}: not a readable safetensors file ({exc})") from None
-    if PEFT_KEY not in tensors:
-        raise GraftError(f"{path}: no {PEFT_KEY!r} tensor (found keys: {sorted(tensors)})")
-    extra = sorted(set(tensors) - {PEFT_KEY})
-    if extra:
-        raise GraftError(f"{path}: unexpected tensors {extra} next to {PEFT_KEY!r}")
-    tensor = tensors[PEFT_KEY]
-    if tuple(tensor.shape) != tuple(expected_shape):
-        raise GraftError(
-            f"{path}: {PEFT_KEY!r} has shape {list(tensor.shape)}, this model needs "
-            f"{list(expected_shape)}"
-        )
-    return tensor.float()
-
-
-def save_weights(folder, config: dict, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Write adapter_config.json and adapter_model.safetensors (PEFT's layout) atomically."""
-    from pathlib import Path
-
-    from graftlm.adapters import atomic_save_safetensors, atomic_write_json
-
-    folder = Path(folder)
-    tensors = {PEFT_KEY: tensor.detach().float().cpu().contiguous()}
-    atomic_save_safetensors(folder / WEIGHTS_FILE, tensors)
-    atomic_write_json(folder / CONFIG_FILE, config)
-    return tensors
-
-
-def merge_refused(method: str) -> GraftError:
-    return GraftError(
-        f"{method} tuning adds virtual tokens to attention; there are no weights to fold it into, "
-        "so it cannot be merged. Serve or generate with the adapter loaded instead"
-    )
