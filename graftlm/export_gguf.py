@@ -31,7 +31,8 @@ GGUF that llama.cpp runs without an adapter. Two kinds of base:
   style BPE tokenizer whose pre-tokenizer llama.cpp knows; see that module for what is refused).
 
 Refused with a `GraftError`, never dropped: an architecture without a tensor-name map, embedding
-adapters, ``modules_to_save``, trained biases, and modules llama.cpp has no tensor for.
+adapters, ``modules_to_save``, trained biases, modules llama.cpp has no tensor for, and (unless
+``force``) an adapter whose base fingerprint does not match the base's embedding rows.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ MERGED_QUANTS = ("f16", "q8_0", "q4_0", "q4_1")
 """Types for the adapted weights of ``--format gguf-merged``."""
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>A|B)\.weight$")
+
+
 # -- the base model -------------------------------------------------------------------------------
 
 
@@ -253,7 +256,7 @@ class LoraPair:
         module: Hugging Face module name (``model.layers.0.self_attn.q_proj``).
         tensor: llama.cpp base tensor (``blk.0.attn_q.weight``).
         a: ``(r, in)`` float32, as trained.
-        b: ``(out, r)`` float32 in llama.cpp's row order, times `fold` (see the module docstring).
+        b: ``(out, r)`` float32 as trained, rows in llama.cpp's order (permuted for q and k).
         scale: the module's true scale (alpha_m / r_m, or alpha_m / sqrt(r_m) with rsLoRA).
     """
 
@@ -290,18 +293,18 @@ def lora_pairs(
     config, graft = read_adapter_config(adapter)
     expected = (graft.get("base_fingerprint") or {}).get("weights_sha256")
     if expected and not force:
-        found = embedding_hash(base)
-        if found is not None and found != expected:
+        base_hash = embedding_hash(base)
+        if base_hash is not None and base_hash != expected:
             raise GraftError(
                 f"{adapter}: adapter was trained on a different base model than {str(base.path)!r} "
-                f"(weights fingerprint {expected} != {found}); pass --force to export it anyway"
+                f"(weights fingerprint {expected} != {base_hash}); pass --force to export it anyway"
             )
     weights = read_adapter_weights(adapter)
     problems: list[str] = []
     if config.modules_to_save:
         problems.append(
             f"modules_to_save {list(config.modules_to_save)!r} (whole trained modules have no "
-            "place in a llama.cpp LoRA file; use --format gguf-merged with a Hugging Face base)"
+            "place in a llama.cpp LoRA file)"
         )
     found: dict[str, dict[str, Any]] = {}
     others = []
@@ -331,11 +334,11 @@ def lora_pairs(
         tensor = f"{name}.weight"
         a = ab["A"].float().numpy()
         b = ab["B"].float().numpy()
-        expected = base.shapes.get(tensor)
-        if expected is None or expected != (b.shape[0], a.shape[1]) or a.shape[0] != b.shape[1]:
+        base_shape = base.shapes.get(tensor)
+        if base_shape != (b.shape[0], a.shape[1]) or a.shape[0] != b.shape[1]:
             mismatched.append(
                 f"{module}: A {tuple(a.shape)}, B {tuple(b.shape)}; base {tensor} is "
-                f"{'absent' if expected is None else expected}"
+                f"{'absent' if base_shape is None else base_shape}"
             )
             continue
         heads = qk_heads(tensor, base.n_head, base.n_head_kv)
