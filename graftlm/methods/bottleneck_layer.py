@@ -2,7 +2,7 @@
 
 ::
 
-    x ──► output projection (frozen) ──► h ──┬──────────────────────────────────► (+) ──► h'
+    x ──► output projection (frozen) ──► h ──┬──────────────────────────────────────► (+) ──► h'
                                              └► down [size, d] ─► act ─► up [d, size] ─┘
 
 `up` starts at zero, so a fresh adapter leaves the layer's output unchanged.
