@@ -206,13 +206,14 @@ def test_train_loop_path_and_round_trip_through_adapter_io(tmp_path):
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time():
-    from graftlm.generate import generate
+    from graftlm.generate import SamplingConfig, generate
 
     model, tokenizer = trained(), helpers.tiny_tokenizer()
     model.eval()
     prompts = ["<|im_start|>user\nhi<|im_end|>\n", "<|im_start|>user\na longer prompt here\n"]
-    batched = generate(model, tokenizer, prompts, batch_size=2)
-    single = [generate(model, tokenizer, [p], batch_size=1)[0] for p in prompts]
+    sampling = SamplingConfig(max_new_tokens=24)
+    batched = generate(model, tokenizer, prompts, sampling=sampling, batch_size=2)
+    single = [generate(model, tokenizer, [p], sampling=sampling)[0] for p in prompts]
     assert batched == single
 
 
