@@ -142,13 +142,21 @@ def test_defaults_and_cli_settings_reach_the_adapter():
     assert sizes == [4, 4]
 
 
-def test_bf16_base_with_fp32_adapter_runs():
-    model = trained().to(torch.bfloat16)
-    for _, layer in bn.adapter_layers(model):
-        layer.adapter_down.float()
-        layer.adapter_up.float()
-    out = logits(model)
-    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+def test_bf16_base_with_fp32_adapter_runs_and_trains_under_autocast():
+    """A bf16 base (the loop's compute dtype where the CPU/GPU has bf16): the adapter is
+    created in fp32, computes in bf16 under autocast, and its fp32 parameters get gradients."""
+    model = tiny_llama().to(torch.bfloat16)
+    bn.add_bottleneck(model, bn.BottleneckConfig(size=8))
+    perturb_trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=inputs()).last_hidden_state
+    assert hidden.dtype == torch.bfloat16
+    hidden.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    out = logits(model)  # no autocast: bf16 hidden states, fp32 adapter
+    assert torch.isfinite(out).all()
 
 
 def test_round_trip_through_adapter_io(tmp_path):

@@ -133,6 +133,19 @@ def test_fresh_adapter_is_the_base_and_only_vectors_train():
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_bf16_base_with_fp32_vectors_runs_and_trains_under_autocast():
+    model = tiny_llama().to(torch.bfloat16)
+    ia3.attach(model, TrainConfig(data="d", out="o", method="ia3"))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=inputs()).last_hidden_state
+    assert hidden.dtype == torch.bfloat16
+    hidden.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+    assert torch.isfinite(logits(model)).all()
+
+
 def test_targets_from_the_cli_string():
     model = tiny_llama()
     ia3.attach(model, TrainConfig(data="d", out="o", method="ia3", targets="q_proj,down_proj"))
