@@ -35,10 +35,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool) and f.default is not True:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
-        if f.type == "bool | None":  # unset = the method's default, so both ways are flags
+        if f.type in ("bool", bool, "bool | None"):  # on by default, or unset = method's default
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                 help=help_text,
@@ -274,7 +274,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="teacher-forced loss on the answers (and exact match with --generate)")
+    p = sub.add_parser(
+        "eval", help="teacher-forced loss on the answers (and exact match with --generate)"
+    )
     p.add_argument("--data", required=True, help="rows with answers (.jsonl/.csv/.parquet)")
     p.add_argument("--adapter", default=None, help="adapter folder (default: the base model alone)")
     p.add_argument("--model", default=None)
@@ -447,7 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_generate, _add_chat, _add_eval, _add_merge, _add_export, _add_inspect, _add_serve):
+    for add in (
+        _add_train,
+        _add_generate,
+        _add_chat,
+        _add_eval,
+        _add_merge,
+        _add_export,
+        _add_inspect,
+        _add_serve,
+    ):
         add(sub)
     return parser
 

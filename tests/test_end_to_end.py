@@ -24,7 +24,20 @@ def trained(tmp_path_factory, smollm2):
     data = tmp_path_factory.getbasetemp() / "train64.jsonl"
     data.write_text("".join((DATA / "train.jsonl").read_text().splitlines(keepends=True)[:64]))
     code = cli_main(
-        ["train", "--data", str(data), "--out", str(out), "--steps", "8", "--batch-size", "8", "--lr", "1e-3", "--quiet"]
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "8",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--quiet",
+        ]
     )
     assert code == 0
     return out
@@ -39,7 +52,10 @@ def test_outputs_of_a_training_run(trained):
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"):
         assert (trained / name).is_file()
     config = json.loads((trained / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert (
+        config["peft_type"] == "LORA"
+        and config["base_model_name_or_path"] == "smollm2-135m-instruct"
+    )
 
 
 def test_generate_merge_and_plain_transformers_agree(trained, tmp_path, smollm2):
@@ -50,7 +66,22 @@ def test_generate_merge_and_plain_transformers_agree(trained, tmp_path, smollm2)
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps(r) + "\n" for r in _prompts()))
     preds = tmp_path / "preds.jsonl"
-    assert cli_main(["generate", "--adapter", str(trained), "--input", str(inputs), "--output", str(preds), "--max-new-tokens", "12"]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--adapter",
+                str(trained),
+                "--input",
+                str(inputs),
+                "--output",
+                str(preds),
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 4 and all("output" in r and "messages" in r for r in rows)
 
@@ -64,11 +95,17 @@ def test_generate_merge_and_plain_transformers_agree(trained, tmp_path, smollm2)
         prompt = prompt_for_generation(row, tokenizer)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
-            out = merged.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)
-            base = base_model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)
+            out = merged.generate(
+                **ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2
+            )
+            base = base_model.generate(
+                **ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2
+            )
         text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         assert text == row["output"]
-        differs_from_base += text != tokenizer.decode(base[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        differs_from_base += text != tokenizer.decode(
+            base[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+        )
     assert differs_from_base > 0, "8 steps at lr 1e-3 should change some greedy answers"
 
 
@@ -81,14 +118,38 @@ def test_peft_loads_the_trained_adapter_with_the_same_greedy_text(trained, smoll
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps(r) + "\n" for r in _prompts(2)))
     preds = tmp_path / "preds.jsonl"
-    assert cli_main(["generate", "--adapter", str(trained), "--input", str(inputs), "--output", str(preds), "--max-new-tokens", "12", "--batch-size", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--adapter",
+                str(trained),
+                "--input",
+                str(inputs),
+                "--output",
+                str(preds),
+                "--max-new-tokens",
+                "12",
+                "--batch-size",
+                "1",
+            ]
+        )
+        == 0
+    )
     peft_model = PeftModel.from_pretrained(model, str(trained)).eval()
     for line in preds.read_text().splitlines():
         row = json.loads(line)
-        ids = tokenizer(prompt_for_generation(row, tokenizer), add_special_tokens=False, return_tensors="pt")
+        ids = tokenizer(
+            prompt_for_generation(row, tokenizer), add_special_tokens=False, return_tensors="pt"
+        )
         with torch.no_grad():
-            out = peft_model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)
-        assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) == row["output"]
+            out = peft_model.generate(
+                **ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2
+            )
+        assert (
+            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            == row["output"]
+        )
 
 
 def test_peft_trained_rslora_adapter_generates_the_same_text_in_graftlm(smollm2_copy, tmp_path):
@@ -101,7 +162,14 @@ def test_peft_trained_rslora_adapter_generates_the_same_text_in_graftlm(smollm2_
     model, tokenizer = smollm2_copy
     torch.manual_seed(0)
     peft_model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules="all-linear", init_lora_weights=False)
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules="all-linear",
+            init_lora_weights=False,
+        ),
     )
     with torch.no_grad():  # a visible but sane update, like a trained adapter
         for name, param in peft_model.named_parameters():
@@ -114,10 +182,34 @@ def test_peft_trained_rslora_adapter_generates_the_same_text_in_graftlm(smollm2_
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     preds = tmp_path / "preds.jsonl"
-    assert cli_main(["generate", "--adapter", str(folder), "--model", "smollm2-135m-instruct", "--input", str(inputs), "--output", str(preds), "--max-new-tokens", "16"]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--adapter",
+                str(folder),
+                "--model",
+                "smollm2-135m-instruct",
+                "--input",
+                str(inputs),
+                "--output",
+                str(preds),
+                "--max-new-tokens",
+                "16",
+            ]
+        )
+        == 0
+    )
     outputs = [json.loads(line)["output"] for line in preds.read_text().splitlines()]
     for row, output in zip(rows, outputs):
-        ids = tokenizer(prompt_for_generation(row, tokenizer), add_special_tokens=False, return_tensors="pt")
+        ids = tokenizer(
+            prompt_for_generation(row, tokenizer), add_special_tokens=False, return_tensors="pt"
+        )
         with torch.no_grad():
-            out = peft_model.generate(**ids, max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2)
-        assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) == output
+            out = peft_model.generate(
+                **ids, max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2
+            )
+        assert (
+            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            == output
+        )

@@ -99,7 +99,11 @@ def test_eval_cli_errors(tmp_path, tiny_model_dir, capsys):
     "prediction, reference, expected",
     [
         ("intent=set_alarm; time=13:50; day=today", "intent=set_alarm; time=13:50; day=today", 1.0),
-        ("intent=set_alarm; time=13:30; day=today", "intent=set_alarm; time=13:50; day=today", 2 / 3),
+        (
+            "intent=set_alarm; time=13:30; day=today",
+            "intent=set_alarm; time=13:50; day=today",
+            2 / 3,
+        ),
         ("day=today;intent=set_alarm", "intent=set_alarm; time=13:50; day=today", 2 / 3),
         ('{"a": 1, "b": "x", "c": [1]}', '{"b": "x", "a": 1, "c": [1]}', 1.0),
         ('{"a": 2, "b": "x"}', '{"a": 1, "b": "x"}', 0.5),

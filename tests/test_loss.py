@@ -62,6 +62,8 @@ def test_head_module_variant_matches():
     with torch.no_grad():
         head.weight.copy_(weight)
     logits = head(hidden).float()
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    ref = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum"
+    )
     loss, _ = head_lm_loss_sum(hidden, head, labels, chunk_size=3)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)

@@ -800,7 +800,9 @@ def dequantize_model_linears(model: nn.Module, dtype: torch.dtype = torch.float3
     replaced = 0
     for name, module in list(model.named_modules()):
         if type(module) is NF4Linear:
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+            plain = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype
+            )
             with torch.no_grad():
                 plain.weight.copy_(module.dequantized_weight(torch.float32).to(dtype))
                 if module.bias is not None:
