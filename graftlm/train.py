@@ -42,10 +42,11 @@ from graftlm.train_config import TrainConfig
 logger = logging.getLogger("graftlm")
 
 # Padded tokens per forward pass when --micro-batch-size is not given. Activations grow with the
-# tokens of one forward, the speed does not: on SmolLM2-135M (LoRA r8 q/v, batch 8 x 256, this
-# 2-core CPU) 2048 tokens per pass peaked at 4.7 GB and 11.9 s/step, 1024 at 3.0 GB and 12.3 s,
-# 512 at 2.0 GB and 11.4 s, 256 at 1.4 GB and 13.5 s (matrix products of 256 rows lose speed).
-MICRO_BATCH_TOKENS = 512
+# tokens of one pass, the speed barely moves: on SmolLM2-135M (LoRA r8 q/v, batch 8 x 256, this
+# 2-core CPU, fused kernels) 2048 tokens per pass peaked at 4.7 GB RSS and took 11.7 s/step,
+# 1024 tokens 3.0 GB and 11.2 s, 512 tokens 2.0 GB and 12.4 s (matrix products of 512 rows run
+# ~15% below their 2048-row speed), 256 tokens 1.4 GB and 13.5 s. The loss is the same for all.
+MICRO_BATCH_TOKENS = 1024
 EVAL_BATCH_TOKENS = 4096  # evaluation keeps no activations for a backward: bigger passes are fine
 
 

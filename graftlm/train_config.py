@@ -68,7 +68,7 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
     micro_batch_size: int | None = field(
         default=None,
-        metadata={"help": "sequences per forward pass (default: by length, ~512 tokens)"},
+        metadata={"help": "sequences per forward pass (default: by length, ~1024 tokens)"},
     )
     seq_len: int = field(
         default=1024, metadata={"help": "maximum tokens per sequence (longer rows are truncated)"}
