@@ -235,9 +235,34 @@ class LoraLinear(LoraLayerBase):
                 delta = self._lora(name, x.index_select(0, rows))
                 result = result.index_add(0, rows, delta.to(out_dtype))
             return result
-        for name in self._unmerged_active():
+        active = self._unmerged_active()
+        if (
+            not torch.is_grad_enabled()
+            and result.dtype == torch.float32
+            and self._no_dropout(active)
+        ):
+            return self._lora_inference(active, x, result)
+        for name in active:
             result = result + self._lora(name, x)
         return result.to(out_dtype)
+
+    def _no_dropout(self, names: list[str]) -> bool:
+        return not self.training or all(
+            isinstance(self.lora_dropout[n], nn.Identity) for n in names
+        )
+
+    def _lora_inference(self, names: list[str], x: torch.Tensor, result: torch.Tensor):
+        """Decoding path: per adapter one `x·Aᵀ` and one `addmm` that adds `scale·(x·Aᵀ)·Bᵀ`
+        into the base output in place, instead of five module calls and two temporaries.
+        Each generated token runs this in every adapted layer, where the Python and kernel
+        overhead of the plain path cost 20-45% over the base model (bench/generation_overhead.py).
+        """
+        flat = result.view(-1, self.out_features)
+        for name in names:
+            after_a = F.linear(x.to(torch.float32), self.lora_A[name].weight)
+            flat.addmm_(after_a.view(-1, after_a.shape[-1]), self.lora_B[name].weight.t(),
+                        alpha=self.scaling[name])  # fmt: skip
+        return result
 
     def to_plain(self) -> nn.Module:
         """A plain base-class layer holding the (possibly merged) weight and bias."""
