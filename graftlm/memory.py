@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 
@@ -25,6 +27,32 @@ def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (what the OS measured)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+# glibc's mallopt parameter: requests at least this large are served by mmap and unmapped on free
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
+    """Make glibc hand every freed block of `threshold_bytes` or more straight back to the OS.
+
+    By default glibc raises its mmap threshold (up to 32 MB) each time a large block is freed,
+    so the per-layer temporaries of a training step (dequantized NF4 weights, activations of a
+    few MB) end up on the heap, where fragmentation keeps freed memory resident: measured on a
+    QLoRA run of SmolLM2-135M, peak RSS 2.26 GB with the default, 1.19 GB with the threshold
+    fixed at 128 KiB. The price is a page fault per 4 KiB page of every new large temporary,
+    so graftlm does this in `--low-memory` mode only. Process-wide and not undone.
+
+    Returns:
+        True if the setting was applied (Linux with glibc), False elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
 
 
 def memory_accounting(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:

@@ -33,7 +33,7 @@ from graftlm.data import Example, collate, length_grouped_batches, load_dataset,
 from graftlm.errors import GraftError
 from graftlm.fused_ops import fused_forwards
 from graftlm.loss import fused_lm_loss_sum, head_lm_loss_sum
-from graftlm.memory import format_memory, memory_accounting
+from graftlm.memory import format_memory, memory_accounting, return_freed_memory_to_os
 from graftlm.methods import method_module
 from graftlm.runtime import Runtime, bf16_supported
 from graftlm.surgery import base_fingerprint
@@ -387,8 +387,12 @@ def train(
         f"{planned['adapter_bytes'] / 1e6:.1f} MB, AdamW state "
         f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
     )
-    if cfg.low_memory and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.low_memory:
+        return_freed_memory_to_os()
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}

@@ -493,3 +493,26 @@ def test_qlora_adapter_gives_same_outputs_in_peft_on_bitsandbytes_base(tmp_path)
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_qlora_run_peaks_at_most_0_6_of_the_lora_run(tmp_path):
+    """Issue #4: the same training run on the built-in model, each in its own process, with each
+    method's defaults; peak RSS as the run measured it (`graftlm.json` training.memory)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "tickets" / "train.jsonl"
+    peaks = {}
+    for method in ("lora", "qlora"):
+        out = tmp_path / method
+        subprocess.run(
+            [sys.executable, "-m", "graftlm", "train", "--method", method, "--data", str(data),
+             "--out", str(out), "--steps", "2", "--quiet"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        graft = json.loads((out / "graftlm.json").read_text())
+        peaks[method] = graft["training"]["memory"]["peak_rss_bytes"]
+    assert peaks["qlora"] <= 0.6 * peaks["lora"], peaks
