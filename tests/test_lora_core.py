@@ -578,3 +578,25 @@ def test_nan_merge_is_refused_and_changes_nothing():
     with torch.no_grad():
         last.lora_B["default"].weight[0, 0] = 0.0
     assert torch.isfinite(logits(model)).all() and logits(model).shape == expected.shape
+
+
+def test_decoding_path_equals_the_training_path(tiny_llama):
+    """Without grad, LoraLinear adds scale·(x·Aᵀ)·Bᵀ with one in-place addmm: same outputs."""
+    from graftlm.surgery import inject, lora_layers, set_adapter
+
+    inject(tiny_llama, LoraConfig(rank=4, alpha=8), "a")
+    inject(tiny_llama, LoraConfig(rank=2, alpha=8, use_rslora=True), "b")
+    set_adapter(tiny_llama, ["a", "b"])  # two unmerged adapters active at once
+    with torch.no_grad():
+        for _, layer in lora_layers(tiny_llama):
+            for b in layer.lora_B.values():
+                b.weight.normal_(std=0.2)
+    ids = torch.randint(3, 200, (2, 7))
+    with torch.enable_grad():
+        expected = tiny_llama(ids).logits.detach()
+    with torch.inference_mode():
+        got = tiny_llama(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        set_adapter(tiny_llama, "a")
+        assert not torch.allclose(tiny_llama(ids).logits, got)  # "b" really contributed

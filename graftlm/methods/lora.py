@@ -239,14 +239,16 @@ class LoraLinear(LoraLayerBase):
         if (
             not torch.is_grad_enabled()
             and result.dtype == torch.float32
-            and self._no_dropout(active)
+            and self._plain_lora_without_dropout(active)
         ):
             return self._lora_inference(active, x, result)
         for name in active:
             result = result + self._lora(name, x)
         return result.to(out_dtype)
 
-    def _no_dropout(self, names: list[str]) -> bool:
+    def _plain_lora_without_dropout(self, names: list[str]) -> bool:
+        if type(self)._lora is not LoraLinear._lora:  # AdaLoRA's P·Λ·Q: its own product
+            return False
         return not self.training or all(
             isinstance(self.lora_dropout[n], nn.Identity) for n in names
         )
