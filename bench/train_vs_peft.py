@@ -72,7 +72,7 @@ def worker_graftlm(args) -> dict:
         lr=args.lr,
         seed=0,
         warmup_ratio=0.0,
-        low_memory=args.low_memory,
+        low_memory=True if args.low_memory else None,  # None: the method's recipe (QLoRA: on)
         **extra,
     )
     train(cfg, progress=False)
