@@ -256,8 +256,10 @@ class LoraLinear(LoraLayerBase):
     def _lora_inference(self, names: list[str], x: torch.Tensor, result: torch.Tensor):
         """Decoding path: per adapter one `x·Aᵀ` and one `addmm` that adds `scale·(x·Aᵀ)·Bᵀ`
         into the base output in place, instead of five module calls and two temporaries.
-        Each generated token runs this in every adapted layer, where the Python and kernel
-        overhead of the plain path cost 20-45% over the base model (bench/generation_overhead.py).
+        Each generated token runs this in every adapted layer: with the plain path a rank-16
+        adapter on all linear layers of SmolLM2-135M cost 1.23x (batch 1) and 1.47x (batch 8)
+        the base model's time per token, with this one 1.13x and 1.27x
+        (bench/generation_overhead.py).
         """
         flat = result.view(-1, self.out_features)
         for name in names:
