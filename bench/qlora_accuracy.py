@@ -114,10 +114,14 @@ def main() -> None:
             "exact_match": round(accuracy, 3),
             "train_s": training.get("train_seconds"),
             "peak_rss_mb": round((training.get("memory") or {}).get("peak_rss_bytes", 0) / 1e6),
-            "base_weight_mb": round((training.get("memory") or {}).get("base_weight_bytes", 0) / 1e6),
+            "base_weight_mb": round(
+                (training.get("memory") or {}).get("base_weight_bytes", 0) / 1e6
+            ),
         }
         record["rows"] = n
-    record["qlora_in_peft_on_bnb"] = {"exact_match": round(score_in_peft(qlora, test, args.rows), 3)}
+    record["qlora_in_peft_on_bnb"] = {
+        "exact_match": round(score_in_peft(qlora, test, args.rows), 3)
+    }
     q, lo, p = (record[k]["exact_match"] for k in ("qlora", "lora", "qlora_in_peft_on_bnb"))
     record["qlora_minus_lora_points"] = round(100 * (q - lo), 1)
     record["peft_bnb_minus_graftlm_points"] = round(100 * (p - q), 1)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,9 @@ def make_text_rows(path: Path, tokenizer, seq_len: int, rows: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from graftlm.memory import peak_rss_bytes  # VmHWM: this worker's own peak, not its parent's
+
+    return peak_rss_bytes() / 2**20
 
 
 def worker_graftlm(args) -> dict:

@@ -24,7 +24,19 @@ def tensor_bytes(tensors) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (what the OS measured)."""
+    """The process's peak resident set size so far (what the OS measured).
+
+    On Linux this is `VmHWM` of /proc/self/status, the high-water mark of this program's own
+    memory. `getrusage`'s `ru_maxrss` is not: Linux carries it across `exec`, so a run started
+    from a large process (a test runner, a notebook) would report that process's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
