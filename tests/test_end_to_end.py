@@ -48,6 +48,23 @@ def _prompts(n: int = 4) -> list[dict]:
     return [{"messages": row["messages"][:-1]} for row in rows]
 
 
+def _generate_file(tmp_path: Path, adapter, rows: list[dict], *flags: str) -> list[dict]:
+    """`graftlm generate --input` on `rows` (written to a file); the rows it writes back."""
+    inputs, preds = tmp_path / "in.jsonl", tmp_path / "preds.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    command = [
+        "generate",
+        "--adapter",
+        str(adapter),
+        "--input",
+        str(inputs),
+        "--output",
+        str(preds),
+    ]
+    assert cli_main([*command, *flags]) == 0
+    return [json.loads(line) for line in preds.read_text().splitlines()]
+
+
 def test_outputs_of_a_training_run(trained):
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"):
         assert (trained / name).is_file()
@@ -63,26 +80,7 @@ def test_generate_merge_and_plain_transformers_agree(trained, tmp_path, smollm2)
 
     from graftlm.data import prompt_for_generation
 
-    inputs = tmp_path / "in.jsonl"
-    inputs.write_text("".join(json.dumps(r) + "\n" for r in _prompts()))
-    preds = tmp_path / "preds.jsonl"
-    assert (
-        cli_main(
-            [
-                "generate",
-                "--adapter",
-                str(trained),
-                "--input",
-                str(inputs),
-                "--output",
-                str(preds),
-                "--max-new-tokens",
-                "12",
-            ]
-        )
-        == 0
-    )
-    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    rows = _generate_file(tmp_path, trained, _prompts(), "--max-new-tokens", "12")
     assert len(rows) == 4 and all("output" in r and "messages" in r for r in rows)
 
     merged_dir = tmp_path / "merged"
@@ -115,30 +113,11 @@ def test_peft_loads_the_trained_adapter_with_the_same_greedy_text(trained, smoll
     from graftlm.data import prompt_for_generation
 
     model, tokenizer = smollm2_copy
-    inputs = tmp_path / "in.jsonl"
-    inputs.write_text("".join(json.dumps(r) + "\n" for r in _prompts(2)))
-    preds = tmp_path / "preds.jsonl"
-    assert (
-        cli_main(
-            [
-                "generate",
-                "--adapter",
-                str(trained),
-                "--input",
-                str(inputs),
-                "--output",
-                str(preds),
-                "--max-new-tokens",
-                "12",
-                "--batch-size",
-                "1",
-            ]
-        )
-        == 0
+    rows = _generate_file(
+        tmp_path, trained, _prompts(2), "--max-new-tokens", "12", "--batch-size", "1"
     )
     peft_model = PeftModel.from_pretrained(model, str(trained)).eval()
-    for line in preds.read_text().splitlines():
-        row = json.loads(line)
+    for row in rows:
         ids = tokenizer(
             prompt_for_generation(row, tokenizer), add_special_tokens=False, return_tensors="pt"
         )
@@ -179,28 +158,10 @@ def test_peft_trained_rslora_adapter_generates_the_same_text_in_graftlm(smollm2_
     folder = tmp_path / "peft_adapter"
     peft_model.save_pretrained(folder)
     rows = _prompts(6)
-    inputs = tmp_path / "in.jsonl"
-    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    preds = tmp_path / "preds.jsonl"
-    assert (
-        cli_main(
-            [
-                "generate",
-                "--adapter",
-                str(folder),
-                "--model",
-                "smollm2-135m-instruct",
-                "--input",
-                str(inputs),
-                "--output",
-                str(preds),
-                "--max-new-tokens",
-                "16",
-            ]
-        )
-        == 0
+    written = _generate_file(
+        tmp_path, folder, rows, "--model", "smollm2-135m-instruct", "--max-new-tokens", "16"
     )
-    outputs = [json.loads(line)["output"] for line in preds.read_text().splitlines()]
+    outputs = [r["output"] for r in written]
     for row, output in zip(rows, outputs):
         ids = tokenizer(
             prompt_for_generation(row, tokenizer), add_special_tokens=False, return_tensors="pt"
