@@ -64,9 +64,13 @@ def main() -> None:
             )
         return (time.perf_counter() - start) / args.new_tokens / batch * 1e3
 
-    # "base": a copy of the plain model made before any adapter exists (no wrapper modules)
+    # "base": a copy of the plain model made before any adapter exists (no wrapper modules).
+    # The adapted model is a copy too: the loaded weights are a private file mapping, and the
+    # first merge writes them (copy-on-write into fresh pages), so comparing the loaded weights
+    # with a heap copy measured memory placement as well as the adapter.
     base_model = copy.deepcopy(model)
-    adapted = model
+    adapted = copy.deepcopy(model)
+    del model
     inject(adapted, adapter)
     with torch.no_grad():
         for _, layer in lora_layers(adapted):

@@ -52,8 +52,10 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
     so the per-layer temporaries of a training step (dequantized NF4 weights, activations of a
     few MB) end up on the heap, where fragmentation keeps freed memory resident: measured on a
     QLoRA run of SmolLM2-135M, peak RSS 2.26 GB with the default, 1.19 GB with the threshold
-    fixed at 128 KiB. The price is a page fault per 4 KiB page of every new large temporary,
-    so graftlm does this in `--low-memory` mode only. Process-wide and not undone.
+    fixed at 128 KiB. The price is a page fault per page of every new large temporary, so
+    graftlm does this in `--low-memory` mode only, at 1 MiB (activations of a few hundred tokens
+    and the dequantized weights are above it; the many small tensors stay on the heap).
+    Process-wide and not undone.
 
     Returns:
         True if the setting was applied (Linux with glibc), False elsewhere.

@@ -32,7 +32,12 @@ from graftlm.adapter_io import save_trained
 from graftlm.data import Example, collate, length_grouped_batches, load_dataset, split_eval
 from graftlm.errors import GraftError
 from graftlm.fused_ops import fused_forwards
-from graftlm.loss import fused_lm_loss_sum, head_lm_loss_sum
+from graftlm.loss import (
+    fused_lm_loss_sum,
+    head_lm_loss_sum,
+    logits_buffer_scope,
+    release_logits_buffer,
+)
 from graftlm.memory import format_memory, memory_accounting, return_freed_memory_to_os
 from graftlm.methods import method_module
 from graftlm.runtime import Runtime, bf16_supported
@@ -47,6 +52,14 @@ logger = logging.getLogger("graftlm")
 # 1024 tokens 3.0 GB and 11.2 s, 512 tokens 2.0 GB and 12.4 s (matrix products of 512 rows run
 # ~15% below their 2048-row speed), 256 tokens 1.4 GB and 13.5 s. The loss is the same for all.
 MICRO_BATCH_TOKENS = 1024
+# --low-memory: smaller passes instead of recomputing layers. On the same run, 512 tokens per
+# pass with large temporaries unmapped on free (memory.return_freed_memory_to_os, 1 MiB) peaked
+# at 1.6 GB at about the default's speed; activation checkpointing (the old low-memory mode)
+# reached 1.4 GB at half the speed. Checkpointing stays for rows longer than
+# LOW_MEMORY_CHECKPOINT_TOKENS, whose activations no cut into micro-batches can bound.
+LOW_MEMORY_BATCH_TOKENS = 512
+LOW_MEMORY_CHECKPOINT_TOKENS = 1024
+LOW_MEMORY_MMAP_THRESHOLD = 4 << 20
 EVAL_BATCH_TOKENS = 4096  # evaluation keeps no activations for a backward: bigger passes are fine
 
 
@@ -91,7 +104,8 @@ def micro_batches(
     current: list[int] = []
     for i in ordered:
         width = len(examples[current[0]]) if current else len(examples[i])
-        limit = cfg.micro_batch_size or max(1, MICRO_BATCH_TOKENS // max(width, 1))
+        budget = LOW_MEMORY_BATCH_TOKENS if cfg.low_memory else MICRO_BATCH_TOKENS
+        limit = cfg.micro_batch_size or max(1, budget // max(width, 1))
         limit = min(limit, per_rank)
         if current and len(current) >= limit:
             chunks.append(current)
@@ -100,6 +114,13 @@ def micro_batches(
     if current:
         chunks.append(current)
     return runtime.shard(chunks)
+
+
+def needs_checkpointing(cfg: TrainConfig, examples: list[Example]) -> bool:
+    """Low-memory mode recomputes activations only when rows are too long for small passes."""
+    if not cfg.low_memory or not examples:
+        return False
+    return max(map(len, examples)) > LOW_MEMORY_CHECKPOINT_TOKENS
 
 
 def count_steps(n_examples: int, cfg: TrainConfig) -> int:
@@ -387,12 +408,15 @@ def train(
         f"{planned['adapter_bytes'] / 1e6:.1f} MB, AdamW state "
         f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
     )
+    checkpointing = needs_checkpointing(cfg, examples)
     if cfg.low_memory:
-        return_freed_memory_to_os()
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        return_freed_memory_to_os(LOW_MEMORY_MMAP_THRESHOLD)
+    if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        runtime.log(
+            f"low-memory: rows of up to {max(map(len, examples))} tokens, activation "
+            "checkpointing on"
+        )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -409,8 +433,8 @@ def train(
     plan = step_batches(examples, cfg, total_steps)
     eval_every = cfg.eval_every or max(1, total_steps // 3)
     with autocast(compute_dtype, device):
-        # activation checkpointing recomputes layers without a cache: no sharing in low-memory mode
-        share_prefix = not cfg.low_memory and prefix_sharing_is_exact(
+        # activation checkpointing recomputes layers without a cache: no sharing with it
+        share_prefix = not checkpointing and prefix_sharing_is_exact(
             model, max(examples, key=len), pad_id
         )
     logger.debug("shared-prefix forward: %s", "on" if share_prefix else "off")
@@ -442,7 +466,7 @@ def train(
     t0 = time.perf_counter()
     step = start_step
     kernels = fused_forwards(model) if cfg.fused_kernels else contextlib.nullcontext(0)
-    with StopFlag() as flag, kernels as fused:
+    with StopFlag() as flag, kernels as fused, logits_buffer_scope():
         logger.debug("fused kernels on %d modules", fused)
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
@@ -495,6 +519,7 @@ def train(
                 eval_loss, eval_tokens = evaluate(
                     model, eval_examples, pad_id, compute_dtype, runtime, share_prefix=share_prefix
                 )
+                release_logits_buffer()  # evaluation's passes are larger than training's
                 row_eval = {
                     "step": done,
                     "eval_loss": round(eval_loss, 6),

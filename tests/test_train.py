@@ -353,13 +353,39 @@ def test_shared_prefix_forward_gives_the_same_loss_and_gradients(kind, tiny_mode
     assert prefix_sharing_is_exact(model, Example(ids[0].tolist(), ids[0].tolist(), "x"), 2)
 
 
-def test_low_memory_mode_trains_the_same_adapter(tmp_path, tiny_model_dir):
-    """Activation checkpointing recomputes activations: same numbers, less memory."""
+def test_low_memory_passes_are_smaller_and_checkpointing_is_for_long_rows(tmp_path, tiny_model_dir):
+    from dataclasses import replace
+
+    from graftlm import train as train_module
+    from graftlm.data import Example
+    from graftlm.runtime import Runtime
+
+    examples = [Example(input_ids=[1] * 256, labels=[1] * 256, source=f"x:{i}") for i in range(8)]
+    cfg = base_cfg(tmp_path, tiny_model_dir, batch_size=8, steps=1)
+    low = replace(cfg, low_memory=True)
+    plan = list(range(8))
+    assert [len(c) for c in micro_batches(plan, examples, cfg, Runtime.single())] == [4, 4]
+    assert [len(c) for c in micro_batches(plan, examples, low, Runtime.single())] == [2] * 4
+    assert not train_module.needs_checkpointing(low, examples)
+    assert not train_module.needs_checkpointing(cfg, examples)
+    long_row = Example(input_ids=[1] * 1500, labels=[1] * 1500, source="x:long")
+    assert train_module.needs_checkpointing(low, examples + [long_row])
+    assert not train_module.needs_checkpointing(cfg, examples + [long_row])
+
+
+@pytest.mark.parametrize("checkpoint_above", [None, 8], ids=["small-passes", "checkpointing"])
+def test_low_memory_mode_trains_the_same_adapter(
+    tmp_path, tiny_model_dir, monkeypatch, checkpoint_above
+):
+    """Smaller passes, and activation checkpointing for long rows: same numbers, less memory."""
     from safetensors.torch import load_file
 
+    from graftlm import train as train_module
     from graftlm.train import train
     from graftlm.train_config import TrainConfig
 
+    if checkpoint_above:  # every row counts as long: the recomputing path
+        monkeypatch.setattr(train_module, "LOW_MEMORY_CHECKPOINT_TOKENS", checkpoint_above)
     data = write_chat(tmp_path / "train.jsonl", 16)
     weights = {}
     for low_memory in (False, True):
@@ -376,7 +402,7 @@ def test_low_memory_mode_trains_the_same_adapter(tmp_path, tiny_model_dir):
         torch.testing.assert_close(weights[True][key], tensor, rtol=1e-4, atol=1e-6)
 
 
-def test_qlora_recipe_turns_on_activation_checkpointing():
+def test_qlora_recipe_turns_on_low_memory_mode():
     from graftlm.train_config import TrainConfig
 
     assert TrainConfig(data="d", out="o", method="qlora").with_method_defaults().low_memory

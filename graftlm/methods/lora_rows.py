@@ -20,6 +20,8 @@ version counters), change; it holds a copy of those adapters' weights on this la
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 # Use the gathered path from this many distinct adapters on a layer; below it the per-adapter
@@ -36,7 +38,8 @@ class _Bank:
         # in-place edits (an optimizer step, a test perturbing B) bump a tensor's `_version`;
         # a deleted adapter drops the bank (LoraLayerBase.delete), so names + versions (and
         # storage addresses) suffice
-        self.versions = [(t, t._version, t.data_ptr()) for pair in weights for t in pair]
+        self.tensors = [t for pair in weights for t in pair]
+        self.versions = _versions(self.tensors)
         r_max = max(layer.ranks[n] for n in names)
         device, dtype = weights[0][0].device, weights[0][0].dtype
         self.a = torch.zeros(len(names), r_max, layer.in_features, device=device, dtype=dtype)
@@ -71,7 +74,7 @@ class _Bank:
         if self.names != names:
             return False
         # `.to()` / `.half()` swap a Parameter's storage without bumping its version
-        if not all(t._version == v and t.data_ptr() == p for t, v, p in self.versions):
+        if _versions(self.tensors) != self.versions:
             return False
         if self.groups is not groups and self.rows_key != _rows_key(groups, names):
             # by content: a server may enter `row_adapters` anew at every decode step, and the
@@ -79,6 +82,14 @@ class _Bank:
             self.map_rows(groups)
         self.groups = groups
         return True
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+def _versions(tensors: list[torch.Tensor]) -> tuple:
+    # checked in every adapted layer at every decode step: map() keeps the loop in C
+    return tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
 
 
 def _rows_key(groups, names: list[str]) -> tuple:
