@@ -1,8 +1,9 @@
 """QLoRA: LoRA (`lora_method`) on a base whose linear layers are 4-bit NF4 (`methods.nf4`).
 
 The same attach/save/load/merge as LoRA (`attach` quantizes the base because cfg.method is
-"qlora"); only the recipe differs: activation checkpointing is on by default, as in the QLoRA
-paper and PEFT's `prepare_model_for_kbit_training`, because a user picks QLoRA to save memory.
+"qlora"); only the recipe differs: `--low-memory` is on by default (smaller passes, large freed
+blocks back to the OS, activation checkpointing for long rows; the QLoRA paper and PEFT's
+`prepare_model_for_kbit_training` turn on checkpointing), because a user picks QLoRA to save memory.
 """
 
 from __future__ import annotations
