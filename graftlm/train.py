@@ -52,11 +52,12 @@ logger = logging.getLogger("graftlm")
 # 1024 tokens 3.0 GB and 11.2 s, 512 tokens 2.0 GB and 12.4 s (matrix products of 512 rows run
 # ~15% below their 2048-row speed), 256 tokens 1.4 GB and 13.5 s. The loss is the same for all.
 MICRO_BATCH_TOKENS = 1024
-# --low-memory: smaller passes instead of recomputing layers. On the same run, 512 tokens per
-# pass with large temporaries unmapped on free (memory.return_freed_memory_to_os, 1 MiB) peaked
-# at 1.6 GB at about the default's speed; activation checkpointing (the old low-memory mode)
-# reached 1.4 GB at half the speed. Checkpointing stays for rows longer than
-# LOW_MEMORY_CHECKPOINT_TOKENS, whose activations no cut into micro-batches can bound.
+# --low-memory: smaller passes instead of recomputing layers. Against PEFT on the run above
+# (bench/train_vs_peft.py): 512 tokens per pass with blocks of 4 MiB or more unmapped on free
+# (memory.return_freed_memory_to_os) 1.11x its speed at 0.31x its peak (the default: 1.14x at
+# 0.46x); with a 1 MiB threshold 0.26x the peak but 0.80x the speed (page faults of fresh
+# temporaries); activation checkpointing (the old mode) 0.23x at 0.51x. Checkpointing stays for
+# rows longer than LOW_MEMORY_CHECKPOINT_TOKENS, whose activations no micro-batch can bound.
 LOW_MEMORY_BATCH_TOKENS = 512
 LOW_MEMORY_CHECKPOINT_TOKENS = 1024
 LOW_MEMORY_MMAP_THRESHOLD = 4 << 20
