@@ -102,6 +102,14 @@ class TrainConfig:
             "memory (default per method: on for qlora, off otherwise)"
         },
     )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "recompute each layer in the backward instead of keeping its activations: "
+            "the least memory, ~1/2 the speed (default: on in the qlora recipe; otherwise on "
+            "only with --low-memory and rows over 1024 tokens)"
+        },
+    )
     fused_kernels: bool = field(
         default=True,
         metadata={

@@ -371,6 +371,9 @@ def test_low_memory_passes_are_smaller_and_checkpointing_is_for_long_rows(tmp_pa
     long_row = Example(input_ids=[1] * 1500, labels=[1] * 1500, source="x:long")
     assert train_module.needs_checkpointing(low, examples + [long_row])
     assert not train_module.needs_checkpointing(cfg, examples + [long_row])
+    assert train_module.needs_checkpointing(replace(cfg, activation_checkpointing=True), examples)
+    off = replace(low, activation_checkpointing=False)
+    assert not train_module.needs_checkpointing(off, examples + [long_row])
 
 
 @pytest.mark.parametrize("checkpoint_above", [None, 8], ids=["small-passes", "checkpointing"])
@@ -406,6 +409,9 @@ def test_qlora_recipe_turns_on_low_memory_mode():
     from graftlm.train_config import TrainConfig
 
     assert TrainConfig(data="d", out="o", method="qlora").with_method_defaults().low_memory
+    qlora = TrainConfig(data="d", out="o", method="qlora").with_method_defaults()
+    assert qlora.activation_checkpointing is True
+    assert TrainConfig(data="d", out="o").with_method_defaults().activation_checkpointing is None
     assert not TrainConfig(data="d", out="o").with_method_defaults().low_memory
     off = TrainConfig(data="d", out="o", method="qlora", low_memory=False)
     assert off.with_method_defaults().low_memory is False
