@@ -74,6 +74,8 @@ def worker_graftlm(args) -> dict:
         seed=0,
         warmup_ratio=0.0,
         low_memory=True if args.low_memory else None,  # None: the method's recipe (QLoRA: on)
+        # None: the recipe (QLoRA: on; LoRA: only with --low-memory and rows over 1024 tokens)
+        activation_checkpointing=False if args.no_activation_checkpointing else None,
         **extra,
     )
     train(cfg, progress=False)
@@ -188,6 +190,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--low-memory", action="store_true")
+    parser.add_argument("--no-activation-checkpointing", action="store_true")
     parser.add_argument("--worker", choices=["graftlm", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,6 +238,7 @@ def main() -> None:
         ]
         + (["--steps", str(args.steps)] if args.steps else [])
         + (["--low-memory"] if args.low_memory else [])
+        + (["--no-activation-checkpointing"] if args.no_activation_checkpointing else [])
     )
     results = {kind: run_worker(kind, argv) for kind in ("peft", "graftlm")}
     print(
