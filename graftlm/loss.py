@@ -60,6 +60,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden[start : start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
             if need_weight_grad:
                 grad_weight += (grad_logits.T @ h).float()
+        if not getattr(_workspace, "scopes", 0):  # outside a training run: nothing is kept
+            release_logits_buffer()
         ctx.save_for_backward(grad_hidden, grad_weight if need_weight_grad else torch.empty(0))
         ctx.need_weight_grad = need_weight_grad
         ctx.weight_dtype = weight.dtype
@@ -81,7 +83,8 @@ def _logits_buffer(numel: int, device: torch.device) -> torch.Tensor:
 
     Every micro-batch projects to the vocabulary; a fresh `[rows, vocab]` tensor each time is
     hundreds of MB the allocator maps and the kernel zero-fills again (with `--low-memory`'s
-    allocator setting, every time). The buffer lives until `release_logits_buffer()`.
+    allocator setting, every time). Inside `logits_buffer_scope()` the buffer is kept until
+    `release_logits_buffer()` or the end of the scope.
     """
     held = getattr(_workspace, "logits", None)
     if held is None or held.numel() < numel or held.device != device:
@@ -97,11 +100,15 @@ def release_logits_buffer() -> None:
 
 @contextlib.contextmanager
 def logits_buffer_scope() -> Iterator[None]:
-    """Reuse one logits buffer inside the block (a training run) and free it on the way out."""
+    """Reuse one logits buffer inside the block (a training run) and free it on the way out;
+    outside such a block every loss call frees its buffer when done."""
+    _workspace.scopes = getattr(_workspace, "scopes", 0) + 1
     try:
         yield
     finally:
-        release_logits_buffer()
+        _workspace.scopes -= 1
+        if not _workspace.scopes:
+            release_logits_buffer()
 
 
 def select_labelled(

@@ -53,9 +53,9 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
     few MB) end up on the heap, where fragmentation keeps freed memory resident: measured on a
     QLoRA run of SmolLM2-135M, peak RSS 2.26 GB with the default, 1.19 GB with the threshold
     fixed at 128 KiB. The price is a page fault per page of every new large temporary, so
-    graftlm does this in `--low-memory` mode only, at 1 MiB (activations of a few hundred tokens
-    and the dequantized weights are above it; the many small tensors stay on the heap).
-    Process-wide and not undone.
+    graftlm does this in `--low-memory` mode only: at 4 MiB (the vocabulary chunks and the
+    dequantized weights are above it, the activations of its ~512-token passes mostly below),
+    or at 128 KiB when activation checkpointing is on too. Process-wide and not undone.
 
     Returns:
         True if the setting was applied (Linux with glibc), False elsewhere.

@@ -67,3 +67,21 @@ def test_head_module_variant_matches():
     )
     loss, _ = head_lm_loss_sum(hidden, head, labels, chunk_size=3)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_buffer_is_kept_inside_a_scope_only():
+    """A training run reuses one logits buffer across passes; other callers keep nothing."""
+    from graftlm import loss as loss_module
+
+    hidden, weight, labels = _case()
+    fused_lm_loss_sum(hidden, weight, labels, chunk_size=4)
+    assert getattr(loss_module._workspace, "logits", None) is None
+    with loss_module.logits_buffer_scope():
+        first, _ = fused_lm_loss_sum(hidden, weight, labels, chunk_size=4)
+        held = loss_module._workspace.logits
+        assert held is not None and held.numel() == 4 * weight.shape[0]
+        second, _ = fused_lm_loss_sum(hidden, weight, labels, chunk_size=4)
+        assert loss_module._workspace.logits is held  # the same memory, not a new tensor
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        torch.testing.assert_close(second, _reference(hidden, weight, labels), rtol=1e-5, atol=1e-5)
+    assert loss_module._workspace.logits is None
