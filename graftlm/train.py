@@ -60,6 +60,11 @@ MICRO_BATCH_TOKENS = 1024
 # rows longer than LOW_MEMORY_CHECKPOINT_TOKENS, whose activations no micro-batch can bound.
 LOW_MEMORY_BATCH_TOKENS = 512
 LOW_MEMORY_CHECKPOINT_TOKENS = 1024
+# With activation checkpointing a pass keeps only each layer's input (~2.3 KB per token on the
+# built-in model), so bigger passes cost little memory and save work: every pass runs each
+# layer three times (forward, recompute, backward), and a QLoRA layer dequantizes its weight
+# each time.
+CHECKPOINTED_BATCH_TOKENS = 2048
 LOW_MEMORY_MMAP_THRESHOLD = 4 << 20
 EVAL_BATCH_TOKENS = 4096  # evaluation keeps no activations for a backward: bigger passes are fine
 
@@ -94,10 +99,25 @@ def step_batches(examples: list[Example], cfg: TrainConfig, total_steps: int) ->
     return plan[:total_steps]
 
 
+def tokens_per_pass(cfg: TrainConfig, checkpointing: bool) -> int:
+    """Padded tokens per forward pass when --micro-batch-size is not given."""
+    if checkpointing:
+        return CHECKPOINTED_BATCH_TOKENS
+    return LOW_MEMORY_BATCH_TOKENS if cfg.low_memory else MICRO_BATCH_TOKENS
+
+
 def micro_batches(
-    indices: list[int], examples: list[Example], cfg: TrainConfig, runtime: Runtime
+    indices: list[int],
+    examples: list[Example],
+    cfg: TrainConfig,
+    runtime: Runtime,
+    budget: int | None = None,
 ) -> list[list[int]]:
-    """Cut one step's sequences into micro-batches (longest first) and keep this rank's share."""
+    """Cut one step's sequences into micro-batches (longest first) and keep this rank's share.
+
+    `budget`: padded tokens per pass (default `tokens_per_pass(cfg, checkpointing=False)`).
+    """
+    budget = budget or tokens_per_pass(cfg, checkpointing=False)
     ordered = sorted(indices, key=lambda i: len(examples[i]), reverse=True)
     # with several ranks, cut at least one micro-batch per rank so that every rank has work
     per_rank = -(-len(indices) // runtime.world_size)
@@ -105,7 +125,6 @@ def micro_batches(
     current: list[int] = []
     for i in ordered:
         width = len(examples[current[0]]) if current else len(examples[i])
-        budget = LOW_MEMORY_BATCH_TOKENS if cfg.low_memory else MICRO_BATCH_TOKENS
         limit = cfg.micro_batch_size or max(1, budget // max(width, 1))
         limit = min(limit, per_rank)
         if current and len(current) >= limit:
@@ -413,6 +432,7 @@ def train(
         f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
     )
     checkpointing = needs_checkpointing(cfg, examples)
+    pass_tokens = tokens_per_pass(cfg, checkpointing)
     if cfg.low_memory:
         # with checkpointing, memory comes first: every block of 128 KiB or more is unmapped on
         # free (QLoRA on tickets peaked at 1.19 GB with it, 1.96 GB with 4 MiB)
@@ -473,7 +493,7 @@ def train(
         logger.debug("fused kernels on %d modules", fused)
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
-            chunks = micro_batches(plan[step], examples, cfg, runtime)
+            chunks = micro_batches(plan[step], examples, cfg, runtime, pass_tokens)
             labelled = sum(sum(1 for y in examples[i].labels[1:] if y != -100) for i in plan[step])
             tokens = sum(len(examples[i]) for i in plan[step])
             total_loss = 0.0

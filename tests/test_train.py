@@ -372,6 +372,9 @@ def test_low_memory_passes_are_smaller_and_checkpointing_is_for_long_rows(tmp_pa
     assert train_module.needs_checkpointing(low, examples + [long_row])
     assert not train_module.needs_checkpointing(cfg, examples + [long_row])
     assert train_module.needs_checkpointing(replace(cfg, activation_checkpointing=True), examples)
+    # with checkpointing a pass keeps only layer inputs: bigger passes, fewer recomputations
+    budget = train_module.tokens_per_pass(low, checkpointing=True)
+    assert [len(c) for c in micro_batches(plan, examples, low, Runtime.single(), budget)] == [8]
     off = replace(low, activation_checkpointing=False)
     assert not train_module.needs_checkpointing(off, examples + [long_row])
 
