@@ -66,6 +66,9 @@ LOW_MEMORY_CHECKPOINT_TOKENS = 1024
 # each time.
 CHECKPOINTED_BATCH_TOKENS = 2048
 LOW_MEMORY_MMAP_THRESHOLD = 4 << 20
+# with checkpointing too, memory comes first: every block of 128 KiB or more is unmapped on free
+# (QLoRA on tickets peaked at 1.19 GB with it, 1.96 GB with 4 MiB)
+CHECKPOINTED_MMAP_THRESHOLD = 128 << 10
 EVAL_BATCH_TOKENS = 4096  # evaluation keeps no activations for a backward: bigger passes are fine
 
 
@@ -434,9 +437,8 @@ def train(
     checkpointing = needs_checkpointing(cfg, examples)
     pass_tokens = tokens_per_pass(cfg, checkpointing)
     if cfg.low_memory:
-        # with checkpointing, memory comes first: every block of 128 KiB or more is unmapped on
-        # free (QLoRA on tickets peaked at 1.19 GB with it, 1.96 GB with 4 MiB)
-        return_freed_memory_to_os(128 << 10 if checkpointing else LOW_MEMORY_MMAP_THRESHOLD)
+        threshold = CHECKPOINTED_MMAP_THRESHOLD if checkpointing else LOW_MEMORY_MMAP_THRESHOLD
+        return_freed_memory_to_os(threshold)
     if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         runtime.log("activation checkpointing on")

@@ -411,8 +411,8 @@ def test_low_memory_mode_trains_the_same_adapter(
 def test_qlora_recipe_turns_on_low_memory_mode():
     from graftlm.train_config import TrainConfig
 
-    assert TrainConfig(data="d", out="o", method="qlora").with_method_defaults().low_memory
     qlora = TrainConfig(data="d", out="o", method="qlora").with_method_defaults()
+    assert qlora.low_memory
     assert qlora.activation_checkpointing is True
     assert TrainConfig(data="d", out="o").with_method_defaults().activation_checkpointing is None
     assert not TrainConfig(data="d", out="o").with_method_defaults().low_memory
