@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.small_batch_linear import use_small_batch_kernel
 
 logger = logging.getLogger("graftlm")
 
@@ -118,6 +119,7 @@ def load_for_inference(
     if adapters and not others:
         set_adapter(base, next(iter(adapters)))
     base.eval()
+    use_small_batch_kernel(base)  # decode steps: a few rows per product, see the module
     return base, tokenizer
 
 

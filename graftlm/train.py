@@ -41,6 +41,7 @@ from graftlm.loss import (
 from graftlm.memory import format_memory, memory_accounting, return_freed_memory_to_os
 from graftlm.methods import method_module
 from graftlm.runtime import Runtime, bf16_supported
+from graftlm.small_batch_linear import is_plain_linear
 from graftlm.surgery import base_fingerprint
 from graftlm.train_config import TrainConfig
 
@@ -256,7 +257,7 @@ def loss_sum(
     """Summed next-token loss of a micro-batch over its labelled tokens, and their count."""
     hidden = decoder_hidden(model, batch, share_prefix=share_prefix)
     head = model.get_output_embeddings()
-    if type(head) is nn.Linear and head.bias is None:
+    if is_plain_linear(head) and head.bias is None:
         return fused_lm_loss_sum(hidden, head.weight, batch["labels"], compute_dtype=compute_dtype)
     return head_lm_loss_sum(hidden, head, batch["labels"])
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm import small_batch_linear
 from graftlm.errors import GraftError
 from graftlm.methods.lora_rows import gathered_rows_forward
 
@@ -211,7 +212,7 @@ class LoraLinear(LoraLayerBase):
                 else torch.addmm(self.bias, flat, self.weight)
             )
             return out.view(shape)
-        return F.linear(x, self.weight, self.bias)
+        return small_batch_linear.linear(x, self.weight, self.bias)  # decode steps: C kernel
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         lora_a = self.lora_A[name]
@@ -273,7 +274,12 @@ class LoraLinear(LoraLayerBase):
         if self.fan_in_fan_out:
             plain = self.base_class(self.out_features, self.in_features)
         else:
-            plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            kind = (
+                self.base_class
+                if small_batch_linear.is_plain_linear(self.base_class)
+                else nn.Linear
+            )
+            plain = kind(self.in_features, self.out_features, bias=self.bias is not None)
         plain.weight = self.weight
         plain.bias = self.bias
         return plain

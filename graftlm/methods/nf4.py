@@ -35,6 +35,7 @@ from torch import nn
 
 from graftlm.errors import GraftError
 from graftlm.methods.lora import LoraLayerBase, LoraLinear
+from graftlm.small_batch_linear import is_plain_linear
 
 __all__ = [
     "NF4_CODE",
@@ -765,7 +766,7 @@ def quantize_model_linears(
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and name not in skip and name.rsplit(".", 1)[-1] not in skip
+        if is_plain_linear(module) and name not in skip and name.rsplit(".", 1)[-1] not in skip
     ]
     replaced, params, before, after = [], 0, 0, 0
     for name, linear in targets:

@@ -1,0 +1,202 @@
+"""Linear layers for decode steps: a small C kernel for `x @ W.T` when x has only a few rows.
+
+A decode step multiplies every weight matrix by one row per running request. For 2-16 rows
+MKL's sgemm packs the weight on each call and streams it at ~5 GB/s on this project's 2-core
+EPYC (17 GB/s is what the memory gives), so the step costs about twice what reading the weights
+does. `kernels/small_batch_linear.c` reads each weight row once, with a software prefetch, and
+meets all rows of x while the weight row is in L1 (AVX2 + FMA, fp32, one thread); measured on
+200 matrices of 1536 x 576, 8 rows: 58 ms against MKL's 125 ms.
+
+It is also batch-invariant: every output element is summed in the same order whatever the
+number of rows, so a request's greedy answer does not depend on what shares its batch.
+
+`use_small_batch_kernel(model)` turns a model's `nn.Linear` layers (adapter wrappers keep
+theirs as `base_layer`, so those too) into `SmallBatchLinear`, which takes the kernel only
+without autograd, on CPU fp32, for at most `MAX_ROWS` rows, and otherwise is `nn.Linear`
+itself (prefill, training, bf16). The kernel is compiled on first use with the system's C
+compiler into graftlm's cache; without a compiler, on a CPU without AVX2/FMA, or with
+`GRAFTLM_SMALL_BATCH_KERNEL=0`, every call stays on `nn.Linear` (logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("graftlm")
+
+SOURCE = Path(__file__).with_name("kernels") / "small_batch_linear.c"
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
+# above 16 rows MKL's packing pays for itself (measured: 16 rows about even, 32 MKL ahead)
+MAX_ROWS = 16
+DISABLE_VAR = "GRAFTLM_SMALL_BATCH_KERNEL"
+
+_build_lock = threading.Lock()
+
+
+class SmallBatchLinear(nn.Linear):
+    """`nn.Linear` whose inference forward with at most `MAX_ROWS` rows runs the C kernel.
+
+    Same parameters, state-dict keys and results (up to float rounding) as `nn.Linear`; with
+    autograd on, on other devices or dtypes, or with more rows it is `nn.Linear.forward`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """`F.linear(x, weight, bias)`, through the kernel where it applies: no autograd, CPU,
+    fp32, a contiguous weight `(out, in)` and at most `MAX_ROWS` rows in x `(..., in)`."""
+    if (
+        not torch.is_grad_enabled()
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and 0 < x.numel() <= MAX_ROWS * weight.shape[-1]
+        and weight.is_contiguous()
+    ):
+        function = kernel()
+        if function is not None:
+            return _run(function, x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def is_plain_linear(module: nn.Module | type) -> bool:
+    """`nn.Linear` itself or a `SmallBatchLinear` (not a quantized or adapter subclass); a
+    module or a class."""
+    cls = module if isinstance(module, type) else type(module)
+    return cls in (nn.Linear, SmallBatchLinear)
+
+
+def use_small_batch_kernel(model: nn.Module) -> int:
+    """Turn every plain `nn.Linear` in `model` into a `SmallBatchLinear`, in place.
+
+    Weights are not copied (the module's class changes, nothing else), so merging, adapters
+    and state dicts work as before. Returns how many layers changed; 0 where the kernel is not
+    available (nothing is changed then).
+    """
+    if kernel() is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = SmallBatchLinear
+            count += 1
+    return count
+
+
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through the kernel: x `(..., in)`, weight `(out, in)`.
+
+    Raises:
+        RuntimeError: the kernel is not available here (see the module docstring).
+    """
+    function = kernel()
+    if function is None:
+        raise RuntimeError("the small-batch linear kernel is not available on this machine")
+    return _run(function, x, weight.contiguous(), bias)
+
+
+def _run(function, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    in_features = weight.shape[1]
+    rows = x.reshape(-1, in_features)  # a view for the usual (batch, 1, in) decode input
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty((rows.shape[0], weight.shape[0]), dtype=torch.float32)
+    function(
+        rows.data_ptr(),
+        rows.shape[0],
+        in_features,
+        rows.stride(0),
+        weight.data_ptr(),
+        weight.shape[0],
+        out.data_ptr(),
+    )
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@functools.lru_cache(maxsize=1)
+def kernel():
+    """The compiled kernel as a ctypes function, or None where it cannot run here."""
+    if os.environ.get(DISABLE_VAR, "1") == "0":
+        return None
+    with _build_lock:
+        reason = _unavailable_reason()
+        library = None if reason else _build()
+    if library is None:
+        logger.info("decode steps use nn.Linear: %s", reason or "the C kernel did not build")
+        return None
+    function = library.graftlm_small_batch_linear
+    c_long, c_ptr = ctypes.c_long, ctypes.c_void_p
+    function.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_long, c_ptr]
+    function.restype = None
+    return function
+
+
+def _unavailable_reason() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = set(next((line for line in handle if line.startswith("flags")), "").split())
+    except OSError:
+        return "no /proc/cpuinfo to check the CPU for AVX2 and FMA"
+    if not {"avx2", "fma"} <= flags:
+        return "this CPU has no AVX2 + FMA"
+    if _compiler() is None:
+        return "no C compiler (cc, gcc or clang) on PATH"
+    return None
+
+
+def _compiler() -> str | None:
+    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    return next((path for c in candidates if (path := shutil.which(c))), None)
+
+
+def _build() -> ctypes.CDLL | None:
+    from graftlm.models import cache_root
+
+    source = SOURCE.read_bytes()
+    compiler = _compiler()
+    key = hashlib.sha256(source + " ".join((compiler, *COMPILE_FLAGS)).encode()).hexdigest()
+    target = cache_root() / "kernels" / f"small_batch_linear-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # compile beside the target and rename: another process never loads a half-written file
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(handle)
+        try:
+            result = subprocess.run(
+                [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", partial],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if result.returncode != 0:
+                logger.warning("compiling %s failed:\n%s", SOURCE, result.stderr.strip())
+                return None
+            os.replace(partial, target)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            logger.warning("compiling %s failed: %s", SOURCE, exc)
+            return None
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as exc:
+        logger.warning("loading %s failed: %s", target, exc)
+        return None
