@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     from graftlm.config import LoraConfig
     from graftlm.models import load_model
+    from graftlm.small_batch_linear import use_small_batch_kernel
     from graftlm.surgery import inject, lora_layers, merge, unmerge
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,11 +39,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument(
+        "--no-small-batch-kernel",
+        action="store_true",
+        help="decode with torch's F.linear instead of graftlm's small-batch C kernel",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m-instruct")
     model.eval()
+    if not args.no_small_batch_kernel:  # as graftlm generate / serve load it
+        use_small_batch_kernel(model)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "My router will not turn on after the storm last night."}],
         tokenize=False,
@@ -92,7 +100,12 @@ def main() -> None:
         f"SmolLM2-135M, LoRA rank {args.rank} on {args.targets}, {args.new_tokens} new tokens, "
         f"{torch.get_num_threads()} threads, median of {args.repeats}"
     )
-    result = {"rank": args.rank, "targets": args.targets, "new_tokens": args.new_tokens}
+    result = {
+        "rank": args.rank,
+        "targets": args.targets,
+        "new_tokens": args.new_tokens,
+        "small_batch_kernel": not args.no_small_batch_kernel,
+    }
     for batch in batches:
         base = statistics.median(times[("base", batch)])
         for kind in ("base", "unmerged", "merged"):

@@ -352,6 +352,12 @@ def main() -> None:
     parser.add_argument("--load-tokens", type=int, default=8, help="max_tokens in the load test")
     parser.add_argument("--max-batch", type=int, default=32, help="server --max-batch")
     parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument(
+        "--no-small-batch-kernel",
+        action="store_true",
+        help="graftlm decodes with torch's F.linear instead of its small-batch C kernel "
+        "(the load test's server is unaffected)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -364,6 +370,7 @@ def main() -> None:
 
     from graftlm.data import prompt_for_generation
     from graftlm.models import load_model
+    from graftlm.small_batch_linear import use_small_batch_kernel
 
     buffer = io.StringIO()
     tee = Tee(sys.stdout, buffer)
@@ -374,6 +381,8 @@ def main() -> None:
 
         model, tokenizer = load_model("smollm2-135m-instruct")
         model.eval()
+        if not args.no_small_batch_kernel:  # as graftlm generate / serve load it
+            use_small_batch_kernel(model)
         print(
             f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} "
             f"thread(s), load average {os.getloadavg()[0]:.1f}; SmolLM2-135M-Instruct fp32; "

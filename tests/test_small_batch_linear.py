@@ -1,0 +1,149 @@
+"""The decode-step linear kernel: equal to F.linear, batch-invariant, used only where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm import small_batch_linear as sbl
+from graftlm.config import LoraConfig
+from graftlm.surgery import inject, lora_layers, merge, unmerge
+from tests.helpers import tiny_llama
+
+needs_kernel = pytest.mark.skipif(
+    sbl.kernel() is None, reason="no C compiler or no AVX2/FMA on this machine"
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16])
+@pytest.mark.parametrize("shape", [(96, 64), (37, 61), (5, 8), (1, 3)])
+def test_kernel_matches_f_linear(rows, shape):
+    generator = torch.Generator().manual_seed(rows)
+    out_features, in_features = shape
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    got = sbl.small_batch_linear(x, weight)
+    torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sbl.small_batch_linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5
+    )
+
+
+@needs_kernel
+def test_kernel_takes_leading_dims_and_strided_rows():
+    x = torch.randn(4, 1, 70)
+    weight = torch.randn(33, 70)
+    got = sbl.small_batch_linear(x, weight)
+    assert got.shape == (4, 1, 33)
+    torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    wide = torch.randn(3, 140)
+    view = wide[:, ::2]  # last-dim stride 2: copied first
+    torch.testing.assert_close(
+        sbl.small_batch_linear(view, weight), F.linear(view, weight), rtol=1e-5, atol=1e-5
+    )
+    rows = wide[:, :70]  # row stride 140, last-dim stride 1: read in place
+    torch.testing.assert_close(
+        sbl.small_batch_linear(rows, weight), F.linear(rows, weight), rtol=1e-5, atol=1e-5
+    )
+
+
+@needs_kernel
+def test_a_row_does_not_depend_on_its_batch():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 203, generator=generator)
+    weight = torch.randn(77, 203, generator=generator)
+    full = sbl.small_batch_linear(x, weight)
+    for rows in range(1, 17):
+        assert torch.equal(sbl.small_batch_linear(x[:rows], weight), full[:rows]), rows
+        assert torch.equal(
+            sbl.small_batch_linear(x[rows - 1 : rows], weight), full[rows - 1 : rows]
+        )
+
+
+@needs_kernel
+def test_linear_dispatch_keeps_autograd_and_large_batches_on_torch(monkeypatch):
+    calls = []
+    real = sbl._run
+    monkeypatch.setattr(sbl, "_run", lambda *a: calls.append(1) or real(*a))
+    weight = torch.randn(8, 16)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        sbl.linear(x, weight)
+        sbl.linear(torch.randn(sbl.MAX_ROWS + 1, 16), weight)  # prefill-sized: torch
+        sbl.linear(x.bfloat16(), weight.bfloat16())  # not fp32: torch
+        sbl.linear(x, weight.t().contiguous().t())  # not contiguous: torch
+    assert len(calls) == 1
+    leaf = torch.randn(8, 16, requires_grad=True)
+    out = sbl.linear(x, leaf)  # autograd on: torch, and the gradient flows
+    out.sum().backward()
+    assert len(calls) == 1 and leaf.grad is not None
+
+
+@needs_kernel
+def test_model_with_kernel_generates_what_it_did_without():
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    inject(model, LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for b in layer.lora_B.values():
+                b.weight.normal_(std=0.5)
+    plain = copy.deepcopy(model)
+    changed = sbl.use_small_batch_kernel(model)
+    assert changed == sum(type(m) is nn.Linear for m in plain.modules()) > 0
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    with torch.inference_mode():
+        want = plain.generate(ids, max_new_tokens=12, do_sample=False)
+        got = model.generate(ids, max_new_tokens=12, do_sample=False)
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits)
+        step = ids[:, :1]
+        torch.testing.assert_close(model(step).logits, plain(step).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, want)
+    merge(model)  # merging rewrites the weight the kernel reads
+    with torch.inference_mode():
+        merged = model.generate(ids, max_new_tokens=12, do_sample=False)
+    unmerge(model)
+    assert torch.equal(merged, want)
+    # training is untouched: gradients reach the adapter through the kernel-ready layers
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert all(
+        b.weight.grad is not None for _, layer in lora_layers(model) for b in layer.lora_B.values()
+    )
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(sbl.DISABLE_VAR, "0")
+    sbl.kernel.cache_clear()
+    try:
+        assert sbl.kernel() is None
+        model = nn.Sequential(nn.Linear(4, 4))
+        assert sbl.use_small_batch_kernel(model) == 0
+        assert type(model[0]) is nn.Linear
+        with pytest.raises(RuntimeError, match="not available"):
+            sbl.small_batch_linear(torch.randn(1, 4), torch.randn(4, 4))
+    finally:
+        monkeypatch.delenv(sbl.DISABLE_VAR)
+        sbl.kernel.cache_clear()
+
+
+def test_a_failed_compile_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRAFTLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(sbl.shutil, "which", lambda name: "/bin/false")
+    sbl.kernel.cache_clear()
+    try:
+        assert sbl.kernel() is None
+        assert not list((tmp_path / "kernels").glob("*.so"))  # no half-written library left
+        with torch.no_grad():
+            out = sbl.linear(torch.ones(2, 3), torch.ones(4, 3))
+        assert torch.equal(out, torch.full((2, 4), 3.0))
+    finally:
+        sbl.kernel.cache_clear()
