@@ -130,22 +130,113 @@ def _run(function, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def add_lora(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor | None = None,
+) -> bool:
+    """Add LoRA updates into `out` in place through the kernel; False (nothing done) where it
+    does not apply (autograd on, not CPU fp32, more than `MAX_ROWS` rows, no kernel).
+
+    Args:
+        x: layer input `(..., in)`, R rows once flattened.
+        a: `(n, r, in)` stacked A matrices (a bank padded to rank r), or one `(r, in)`.
+        b: `(n, out, r)` stacked B matrices, or one `(out, r)`.
+        scales: `(n,)` fp32 scale per bank slot (`scale_tensor` makes a cached one).
+        out: the base output `(..., out)`, contiguous; row i gets
+            `scales[s] * (x_i @ a[s].T) @ b[s].T` with `s = slots[i]`.
+        slots: `(R,)` int64 bank slot per row, -1 for rows without an update; None: slot 0.
+    """
+    in_features = a.shape[-1]
+    rows = x.reshape(-1, in_features)
+    if (
+        torch.is_grad_enabled()
+        or rows.shape[0] > MAX_ROWS
+        or rows.shape[0] == 0
+        or x.device.type != "cpu"
+        or not all(t.dtype == torch.float32 for t in (x, a, b, scales, out))
+        or not (a.is_contiguous() and b.is_contiguous() and out.is_contiguous())
+    ):
+        return False
+    function = add_lora_kernel()
+    if function is None:
+        return False
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if slots is not None:
+        slots = slots.to(torch.int64).contiguous()
+        assert slots.shape == (rows.shape[0],), "one slot per flattened row"
+    scales = scales.contiguous()
+    failed = function(
+        rows.data_ptr(),
+        rows.shape[0],
+        in_features,
+        rows.stride(0),
+        a.data_ptr(),
+        a.shape[-2],
+        b.data_ptr(),
+        b.shape[-2],
+        None if slots is None else slots.data_ptr(),
+        scales.data_ptr(),
+        out.data_ptr(),
+    )
+    if failed:
+        raise MemoryError("graftlm_add_lora could not allocate its work buffers")
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def scale_tensor(scale: float) -> torch.Tensor:
+    """A cached `(1,)` fp32 tensor holding `scale`, for `add_lora` (read-only)."""
+    return torch.tensor([scale], dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def add_lora_kernel():
+    """The compiled LoRA-update function (see `add_lora`), or None."""
+    library = _library()
+    if library is None:
+        return None
+    function = library.graftlm_add_lora
+    c_long, c_ptr = ctypes.c_long, ctypes.c_void_p
+    function.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_long, c_ptr, c_long, c_ptr,
+                         c_ptr, c_ptr]  # fmt: skip
+    function.restype = ctypes.c_int
+    return function
+
+
 @functools.lru_cache(maxsize=1)
 def kernel():
     """The compiled kernel as a ctypes function, or None where it cannot run here."""
-    if os.environ.get(DISABLE_VAR, "1") == "0":
-        return None
-    with _build_lock:
-        reason = _unavailable_reason()
-        library = None if reason else _build()
+    library = _library()
     if library is None:
-        logger.info("decode steps use nn.Linear: %s", reason or "the C kernel did not build")
         return None
     function = library.graftlm_small_batch_linear
     c_long, c_ptr = ctypes.c_long, ctypes.c_void_p
     function.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_long, c_ptr]
     function.restype = None
     return function
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(DISABLE_VAR, "1") == "0":
+        return None
+    with _build_lock:
+        reason = _unavailable_reason()
+        library = None if reason else _build()
+    if library is None:
+        logger.info("decode steps use torch's kernels: %s", reason or "the C kernel did not build")
+    return library
+
+
+def clear_cache() -> None:
+    """Forget the loaded library (after changing `GRAFTLM_SMALL_BATCH_KERNEL` or `CC`)."""
+    for cached in (_library, kernel, add_lora_kernel):
+        cached.cache_clear()
 
 
 def _unavailable_reason() -> str | None:

@@ -67,6 +67,60 @@ def test_a_row_does_not_depend_on_its_batch():
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_add_lora_matches_torch_per_row_slots(rows):
+    generator = torch.Generator().manual_seed(rows)
+    slots_n, rank, in_features, out_features = 3, 6, 37, 45
+    a = torch.randn(slots_n, rank, in_features, generator=generator)
+    b = torch.randn(slots_n, out_features, rank, generator=generator)
+    scales = torch.tensor([0.5, 2.0, -1.0])
+    x = torch.randn(rows, 1, in_features, generator=generator)
+    base = torch.randn(rows, 1, out_features, generator=generator)
+    slots = torch.randint(-1, slots_n, (rows,), generator=generator)
+    want = base.clone()
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            want[i] += scales[slot] * (x[i] @ a[slot].T @ b[slot].T)
+    got = base.clone()
+    with torch.no_grad():
+        assert sbl.add_lora(x, a, b, scales, got, slots)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    one = base.clone()  # one adapter for every row: (r, in) and (out, r), no slots
+    with torch.no_grad():
+        assert sbl.add_lora(x, a[1], b[1], sbl.scale_tensor(2.0), one)
+    torch.testing.assert_close(one, base + 2.0 * (x @ a[1].T @ b[1].T), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_add_lora_rows_do_not_depend_on_their_batch():
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 8, 40, generator=generator)
+    b = torch.randn(2, 24, 8, generator=generator)
+    scales = torch.tensor([1.5, 0.25])
+    x = torch.randn(12, 40, generator=generator)
+    slots = torch.tensor([0, 1] * 6)
+    full = torch.zeros(12, 24)
+    with torch.no_grad():
+        sbl.add_lora(x, a, b, scales, full, slots)
+        for row in range(12):
+            alone = torch.zeros(1, 24)
+            sbl.add_lora(x[row : row + 1], a, b, scales, alone, slots[row : row + 1])
+            assert torch.equal(alone, full[row : row + 1]), row
+
+
+@needs_kernel
+def test_add_lora_declines_where_torch_should_run():
+    a, b, scale = torch.randn(4, 8), torch.randn(6, 4), sbl.scale_tensor(1.0)
+    out = torch.zeros(2, 6)
+    assert not sbl.add_lora(torch.randn(2, 8), a, b, scale, out)  # autograd on
+    with torch.no_grad():
+        assert not sbl.add_lora(torch.randn(sbl.MAX_ROWS + 1, 8), a, b, scale, torch.zeros(17, 6))
+        assert not sbl.add_lora(torch.randn(2, 8).double(), a, b, scale, out)
+        assert not sbl.add_lora(torch.randn(2, 8), a, b, scale, torch.zeros(6, 2).t())
+    assert torch.equal(out, torch.zeros(2, 6))
+
+
+@needs_kernel
 def test_linear_dispatch_keeps_autograd_and_large_batches_on_torch(monkeypatch):
     calls = []
     real = sbl._run
@@ -121,7 +175,7 @@ def test_model_with_kernel_generates_what_it_did_without():
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv(sbl.DISABLE_VAR, "0")
-    sbl.kernel.cache_clear()
+    sbl.clear_cache()
     try:
         assert sbl.kernel() is None
         model = nn.Sequential(nn.Linear(4, 4))
@@ -131,14 +185,14 @@ def test_disabled_by_environment(monkeypatch):
             sbl.small_batch_linear(torch.randn(1, 4), torch.randn(4, 4))
     finally:
         monkeypatch.delenv(sbl.DISABLE_VAR)
-        sbl.kernel.cache_clear()
+        sbl.clear_cache()
 
 
 def test_a_failed_compile_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("GRAFTLM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setattr(sbl.shutil, "which", lambda name: "/bin/false")
-    sbl.kernel.cache_clear()
+    sbl.clear_cache()
     try:
         assert sbl.kernel() is None
         assert not list((tmp_path / "kernels").glob("*.so"))  # no half-written library left
@@ -146,4 +200,4 @@ def test_a_failed_compile_falls_back(monkeypatch, tmp_path):
             out = sbl.linear(torch.ones(2, 3), torch.ones(4, 3))
         assert torch.equal(out, torch.full((2, 4), 3.0))
     finally:
-        sbl.kernel.cache_clear()
+        sbl.clear_cache()

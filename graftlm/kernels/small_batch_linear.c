@@ -10,6 +10,8 @@
  * depend on the rows it is batched with.
  */
 #include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
 
 static inline float lanes_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -80,4 +82,54 @@ void graftlm_small_batch_linear(const float *x, long M, long K, long ldx, const 
             int rows = M - m0 < 8 ? (int)(M - m0) : 8;
             NARROW[rows](x + m0 * ldx, K, ldx, w + o * K, y + m0 * N + o, N);
         }
+}
+
+/* LoRA updates of a few rows: y[m] += scales[s] * (x[m] @ a[s].T) @ b[s].T with s = slots[m]
+ * (rows with s < 0 are left alone; slots NULL: every row uses slot 0). a is [slots, r, K] and b
+ * [slots, N, r], both contiguous (a padded bank: ranks below r are zero rows / columns); y is
+ * [M, N] contiguous. Rows sharing a slot are multiplied together, each through the tiles above,
+ * so a row's update is summed in the same order whatever else is in the batch. Returns 0, or 1
+ * when out of memory (nothing is changed then). */
+
+int graftlm_add_lora(const float *x, long M, long K, long ldx, const float *a, long r,
+                     const float *b, long N, const long *slots, const float *scales, float *y) {
+    float *xs = malloc(sizeof(float) * (size_t)(M * K + M * r + M * N));
+    long *rows = malloc(sizeof(long) * (size_t)M);
+    if (!xs || !rows) {
+        free(xs);
+        free(rows);
+        return 1;
+    }
+    float *t = xs + M * K, *u = t + M * r;
+    char *done = calloc((size_t)M, 1);
+    if (!done) {
+        free(xs);
+        free(rows);
+        return 1;
+    }
+    for (long first = 0; first < M; first++) {
+        long slot = slots ? slots[first] : 0;
+        if (done[first] || slot < 0) continue;
+        long count = 0;
+        for (long m = first; m < M; m++)
+            if (!done[m] && (slots ? slots[m] : 0) == slot) {
+                done[m] = 1;
+                rows[count] = m;
+                memcpy(xs + count * K, x + m * ldx, sizeof(float) * (size_t)K);
+                count++;
+            }
+        graftlm_small_batch_linear(xs, count, K, K, a + slot * r * K, r, t);
+        float scale = scales[slot];
+        for (long i = 0; i < count * r; i++) t[i] *= scale;
+        graftlm_small_batch_linear(t, count, r, r, b + slot * N * r, N, u);
+        for (long i = 0; i < count; i++) {
+            float *out = y + rows[i] * N;
+            const float *add = u + i * N;
+            for (long o = 0; o < N; o++) out[o] += add[o];
+        }
+    }
+    free(done);
+    free(rows);
+    free(xs);
+    return 0;
 }

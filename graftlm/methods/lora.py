@@ -255,15 +255,18 @@ class LoraLinear(LoraLayerBase):
         )
 
     def _lora_inference(self, names: list[str], x: torch.Tensor, result: torch.Tensor):
-        """Decoding path: per adapter one `x·Aᵀ` and one `addmm` that adds `scale·(x·Aᵀ)·Bᵀ`
-        into the base output in place, instead of five module calls and two temporaries.
-        Each generated token runs this in every adapted layer: with the plain path a rank-16
-        adapter on all linear layers of SmolLM2-135M cost 1.23x (batch 1) and 1.47x (batch 8)
-        the base model's time per token, with this one 1.13x and 1.27x; with the bench's
-        models placed alike in memory, 1.24x and 1.12x (bench/generation_overhead.py).
+        """Decoding path: per adapter, for a few rows (decode steps), one C call that adds
+        `scale·(x·Aᵀ)·Bᵀ` into the base output (small_batch_linear.add_lora); otherwise one
+        `x·Aᵀ` and one in-place `addmm`, instead of five module calls and two temporaries.
+        Each generated token runs this in every adapted layer; what it costs against the base
+        model is measured by bench/generation_overhead.py (README, "How training is made fast").
         """
         flat = result.view(-1, self.out_features)
         for name in names:
+            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+            scale = small_batch_linear.scale_tensor(self.scaling[name])
+            if small_batch_linear.add_lora(x, lora_a, lora_b, scale, flat):
+                continue  # a few rows: one C call for both products
             after_a = F.linear(x.to(torch.float32), self.lora_A[name].weight)
             flat.addmm_(after_a.view(-1, after_a.shape[-1]), self.lora_B[name].weight.t(),
                         alpha=self.scaling[name])  # fmt: skip

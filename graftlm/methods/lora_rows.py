@@ -12,7 +12,9 @@ A and B per row, and computes every row's update with two `bmm`::
     h = bmm(x_rows [m, T, in], A_rows^T [m, in, r_max])     # [m, T, r_max]
     y[rows] += bmm(h, B_rows^T [m, r_max, out]) * scale_rows
 
-so the kernel count no longer grows with the number of adapters. Rows without an adapter on this
+so the kernel count no longer grows with the number of adapters. A decode step (at most
+`small_batch_linear.MAX_ROWS` rows) skips the gathers: one C call reads each row's A and B
+from the bank in place (`small_batch_linear.add_lora`). Rows without an adapter on this
 layer (base rows, or an adapter that does not target it) are left out of `x_rows` and pay nothing.
 The bank is cached per layer and rebuilt when the batch's adapters, or their weights (tensor
 version counters), change; it holds a copy of those adapters' weights on this layer only.
@@ -23,6 +25,8 @@ from __future__ import annotations
 import operator
 
 import torch
+
+from graftlm import small_batch_linear
 
 # Use the gathered path from this many distinct adapters on a layer; below it the per-adapter
 # loop launches fewer kernels (measured on the built-in model, see bench/serve_bench.py).
@@ -63,6 +67,10 @@ class _Bank:
                 slots.append(torch.full_like(group_rows, slot_of[name]))
         self.rows = torch.cat(rows)
         self.slots = torch.cat(slots)
+        # the same per batch row, -1 for rows this bank does not touch (the C kernel's form)
+        batch = sum(group_rows.numel() for _, group_rows in groups)
+        self.slot_of_row = torch.full((batch,), -1, dtype=torch.int64, device=self.rows.device)
+        self.slot_of_row[self.rows] = self.slots
         self.row_scale = self.scale.index_select(0, self.slots)[:, None, None]
         # one adapter per row, rows in bank order: use the bank as is, no per-step gather
         arange = torch.arange(self.rows.numel(), device=self.rows.device)
@@ -123,6 +131,12 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
     if bank is None or not bank.valid_for(groups, names):
         bank = _Bank(layer, groups, names)
         layer._row_bank = bank
+    if x.shape[0] == bank.slot_of_row.numel() and result.is_contiguous():
+        # a decode step (a few rows): each row's update in one C call, no gathered copies
+        tokens = x.numel() // (x.shape[0] * layer.in_features)
+        slots = bank.slot_of_row if tokens == 1 else bank.slot_of_row.repeat_interleave(tokens)
+        if small_batch_linear.add_lora(x, bank.a, bank.b, bank.scale, result, slots):
+            return result
     every_row = bank.rows_in_order and bank.rows.numel() == x.shape[0]
     xs = x if every_row else x.index_select(0, bank.rows)
     xs = xs.reshape(xs.shape[0], -1, layer.in_features).to(bank.a.dtype)  # [m, T, in]
