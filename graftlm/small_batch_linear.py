@@ -42,6 +42,7 @@ COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 # above 16 rows MKL's packing pays for itself (measured: 16 rows about even, 32 MKL ahead)
 MAX_ROWS = 16
 DISABLE_VAR = "GRAFTLM_SMALL_BATCH_KERNEL"
+_F32 = torch.float32
 
 _build_lock = threading.Lock()
 
@@ -62,8 +63,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     fp32, a contiguous weight `(out, in)` and at most `MAX_ROWS` rows in x `(..., in)`."""
     if (
         not torch.is_grad_enabled()
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and x.dtype is _F32
+        and weight.dtype is _F32
         and x.device.type == "cpu"
         and 0 < x.numel() <= MAX_ROWS * weight.shape[-1]
         and weight.is_contiguous()
@@ -115,7 +116,7 @@ def _run(function, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     rows = x.reshape(-1, in_features)  # a view for the usual (batch, 1, in) decode input
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty((rows.shape[0], weight.shape[0]), dtype=torch.float32)
+    out = torch.empty((rows.shape[0], weight.shape[0]), dtype=_F32)
     function(
         rows.data_ptr(),
         rows.shape[0],
@@ -150,15 +151,25 @@ def add_lora(
             `scales[s] * (x_i @ a[s].T) @ b[s].T` with `s = slots[i]`.
         slots: `(R,)` int64 bank slot per row, -1 for rows without an update; None: slot 0.
     """
-    in_features = a.shape[-1]
-    rows = x.reshape(-1, in_features)
+    # every adapted layer runs this at every decode step: cheap checks first, no generators
     if (
         torch.is_grad_enabled()
-        or rows.shape[0] > MAX_ROWS
-        or rows.shape[0] == 0
+        or x.dtype is not _F32
+        or a.dtype is not _F32
+        or b.dtype is not _F32
+        or out.dtype is not _F32
+        or scales.dtype is not _F32
         or x.device.type != "cpu"
-        or not all(t.dtype == torch.float32 for t in (x, a, b, scales, out))
-        or not (a.is_contiguous() and b.is_contiguous() and out.is_contiguous())
+    ):
+        return False
+    in_features = a.shape[-1]
+    rows = x.reshape(-1, in_features)
+    if not (
+        0 < rows.shape[0] <= MAX_ROWS
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and out.is_contiguous()
+        and scales.is_contiguous()
     ):
         return False
     function = add_lora_kernel()
@@ -169,7 +180,6 @@ def add_lora(
     if slots is not None:
         slots = slots.to(torch.int64).contiguous()
         assert slots.shape == (rows.shape[0],), "one slot per flattened row"
-    scales = scales.contiguous()
     failed = function(
         rows.data_ptr(),
         rows.shape[0],
