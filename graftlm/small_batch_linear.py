@@ -138,6 +138,8 @@ def add_lora(
     scales: torch.Tensor,
     out: torch.Tensor,
     slots: torch.Tensor | None = None,
+    *,
+    b_transposed: bool = False,
 ) -> bool:
     """Add LoRA updates into `out` in place through the kernel; False (nothing done) where it
     does not apply (autograd on, not CPU fp32, more than `MAX_ROWS` rows, no kernel).
@@ -145,7 +147,8 @@ def add_lora(
     Args:
         x: layer input `(..., in)`, R rows once flattened.
         a: `(n, r, in)` stacked A matrices (a bank padded to rank r), or one `(r, in)`.
-        b: `(n, out, r)` stacked B matrices, or one `(out, r)`.
+        b: `(n, out, r)` stacked B matrices, or one `(out, r)`; with `b_transposed`
+            `(n, r, out)` / `(r, out)` (faster: the kernel then needs no sum across lanes).
         scales: `(n,)` fp32 scale per bank slot (`scale_tensor` makes a cached one).
         out: the base output `(..., out)`, contiguous; row i gets
             `scales[s] * (x_i @ a[s].T) @ b[s].T` with `s = slots[i]`.
@@ -188,7 +191,8 @@ def add_lora(
         a.data_ptr(),
         a.shape[-2],
         b.data_ptr(),
-        b.shape[-2],
+        b.shape[-1] if b_transposed else b.shape[-2],
+        int(b_transposed),
         None if slots is None else slots.data_ptr(),
         scales.data_ptr(),
         out.data_ptr(),
@@ -212,8 +216,8 @@ def add_lora_kernel():
         return None
     function = library.graftlm_add_lora
     c_long, c_ptr = ctypes.c_long, ctypes.c_void_p
-    function.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_long, c_ptr, c_long, c_ptr,
-                         c_ptr, c_ptr]  # fmt: skip
+    function.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_long, c_ptr, c_long, ctypes.c_int,
+                         c_ptr, c_ptr, c_ptr]  # fmt: skip
     function.restype = ctypes.c_int
     return function
 
@@ -275,10 +279,14 @@ def _build() -> ctypes.CDLL | None:
     key = hashlib.sha256(source + " ".join((compiler, *COMPILE_FLAGS)).encode()).hexdigest()
     target = cache_root() / "kernels" / f"small_batch_linear-{key[:16]}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # compile beside the target and rename: another process never loads a half-written file
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(handle)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # compile beside the target and rename: no process loads a half-written file
+            handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(handle)
+        except OSError as exc:
+            logger.warning("cannot write the compiled kernel to %s: %s", target.parent, exc)
+            return None
         try:
             result = subprocess.run(
                 [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", partial],

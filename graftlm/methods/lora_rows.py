@@ -6,11 +6,11 @@ but costs ~5 small kernels per adapter per layer: with 8 distinct adapters in a 
 the built-in model that made a step ~1.5-1.9x slower than the same batch on one adapter.
 
 Here, for inference, a layer stacks the adapters of the batch into a bank padded to the largest
-rank (`A [n, r_max, in]`, `B [n, out, r_max]`; the zero padding adds exact zeros), gathers one
-A and B per row, and computes every row's update with two `bmm`::
+rank (`A [n, r_max, in]`, `B^T [n, r_max, out]`; the zero padding adds exact zeros), gathers
+one A and B per row, and computes every row's update with two `bmm`::
 
     h = bmm(x_rows [m, T, in], A_rows^T [m, in, r_max])     # [m, T, r_max]
-    y[rows] += bmm(h, B_rows^T [m, r_max, out]) * scale_rows
+    y[rows] += bmm(h, B^T_rows [m, r_max, out]) * scale_rows
 
 so the kernel count no longer grows with the number of adapters. A decode step (at most
 `small_batch_linear.MAX_ROWS` rows) skips the gathers: one C call reads each row's A and B
@@ -47,11 +47,12 @@ class _Bank:
         r_max = max(layer.ranks[n] for n in names)
         device, dtype = weights[0][0].device, weights[0][0].dtype
         self.a = torch.zeros(len(names), r_max, layer.in_features, device=device, dtype=dtype)
-        self.b = torch.zeros(len(names), layer.out_features, r_max, device=device, dtype=dtype)
+        # B transposed: what bmm multiplies by, and the C kernel's fast layout
+        self.b_t = torch.zeros(len(names), r_max, layer.out_features, device=device, dtype=dtype)
         for slot, (name, (lora_a, lora_b)) in enumerate(zip(names, weights)):
             rank = layer.ranks[name]
             self.a[slot, :rank] = lora_a.detach()
-            self.b[slot, :, :rank] = lora_b.detach()
+            self.b_t[slot, :rank] = lora_b.detach().t()
         self.scale = torch.tensor([layer.scaling[n] for n in names], device=device, dtype=dtype)
         self.map_rows(groups)
 
@@ -135,17 +136,19 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
         # a decode step (a few rows): each row's update in one C call, no gathered copies
         tokens = x.numel() // (x.shape[0] * layer.in_features)
         slots = bank.slot_of_row if tokens == 1 else bank.slot_of_row.repeat_interleave(tokens)
-        if small_batch_linear.add_lora(x, bank.a, bank.b, bank.scale, result, slots):
+        if small_batch_linear.add_lora(
+            x, bank.a, bank.b_t, bank.scale, result, slots, b_transposed=True
+        ):
             return result
     every_row = bank.rows_in_order and bank.rows.numel() == x.shape[0]
     xs = x if every_row else x.index_select(0, bank.rows)
     xs = xs.reshape(xs.shape[0], -1, layer.in_features).to(bank.a.dtype)  # [m, T, in]
     if bank.identity:
-        a, b = bank.a, bank.b
+        a, b_t = bank.a, bank.b_t
     else:
-        a, b = bank.a.index_select(0, bank.slots), bank.b.index_select(0, bank.slots)
+        a, b_t = bank.a.index_select(0, bank.slots), bank.b_t.index_select(0, bank.slots)
     h = torch.bmm(xs, a.transpose(1, 2))  # [m, T, r_max]
-    delta = torch.bmm(h, b.transpose(1, 2)) * bank.row_scale  # [m, T, out]
+    delta = torch.bmm(h, b_t) * bank.row_scale  # [m, T, out]
     delta = delta.reshape((xs.shape[0],) + result.shape[1:]).to(result.dtype)
     if every_row:
         return result + delta
