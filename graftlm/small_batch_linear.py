@@ -4,18 +4,20 @@ A decode step multiplies every weight matrix by one row per running request. For
 MKL's sgemm packs the weight on each call and streams it at ~5 GB/s on this project's 2-core
 EPYC (17 GB/s is what the memory gives), so the step costs about twice what reading the weights
 does. `kernels/small_batch_linear.c` reads each weight row once, with a software prefetch, and
-meets all rows of x while the weight row is in L1 (AVX2 + FMA, fp32, one thread); measured on
-200 matrices of 1536 x 576, 8 rows: 58 ms against MKL's 125 ms.
+meets all rows of x while the weight row is in L1 (AVX2 + FMA, fp32, one thread). Measured on
+200 matrices of 1536 x 576 with 8 rows: 58-88 ms against MKL's 125-135 ms (runs drift); at one
+row MKL's gemv is as fast, and the kernel is used there too for the property below.
 
-It is also batch-invariant: every output element is summed in the same order whatever the
-number of rows, so a request's greedy answer does not depend on what shares its batch.
+It is batch-invariant: every output element is summed in the same order whatever the number of
+rows, so a decode step gives a request the same numbers whatever shares its batch.
 
-`use_small_batch_kernel(model)` turns a model's `nn.Linear` layers (adapter wrappers keep
-theirs as `base_layer`, so those too) into `SmallBatchLinear`, which takes the kernel only
-without autograd, on CPU fp32, for at most `MAX_ROWS` rows, and otherwise is `nn.Linear`
-itself (prefill, training, bf16). The kernel is compiled on first use with the system's C
-compiler into graftlm's cache; without a compiler, on a CPU without AVX2/FMA, or with
-`GRAFTLM_SMALL_BATCH_KERNEL=0`, every call stays on `nn.Linear` (logged once).
+`use_small_batch_kernel(model)` turns a model's `nn.Linear` layers into `SmallBatchLinear`,
+which takes the kernel only without autograd, on CPU fp32, for at most `MAX_ROWS` rows of one
+token each (decode steps), and otherwise is `nn.Linear` itself (prompts, training, bf16);
+LoRA layers call `linear` for their base product and `add_lora` for their update. The kernel
+is compiled on first use with the system's C compiler into graftlm's cache; without a
+compiler, on a CPU without AVX2/FMA, or with `GRAFTLM_SMALL_BATCH_KERNEL=0`, every call stays
+on torch (logged once).
 """
 
 from __future__ import annotations
@@ -60,13 +62,20 @@ class SmallBatchLinear(nn.Linear):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """`F.linear(x, weight, bias)`, through the kernel where it applies: no autograd, CPU,
-    fp32, a contiguous weight `(out, in)` and at most `MAX_ROWS` rows in x `(..., in)`."""
+    fp32, a contiguous weight `(out, in)` and at most `MAX_ROWS` rows in x `(..., in)`, one
+    token per sequence if x is `(batch, tokens, in)`.
+
+    Prompts (several tokens per sequence) always go through torch, so a prompt's prefill is
+    computed the same way however many prompts share it; decode steps always go through the
+    kernel, which gives a row the same result whatever its batch.
+    """
     if (
         not torch.is_grad_enabled()
         and x.dtype is _F32
         and weight.dtype is _F32
         and x.device.type == "cpu"
         and 0 < x.numel() <= MAX_ROWS * weight.shape[-1]
+        and (x.dim() < 3 or x.shape[-2] == 1)  # one token per sequence: a decode step
         and weight.is_contiguous()
     ):
         function = kernel()
@@ -142,7 +151,8 @@ def add_lora(
     b_transposed: bool = False,
 ) -> bool:
     """Add LoRA updates into `out` in place through the kernel; False (nothing done) where it
-    does not apply (autograd on, not CPU fp32, more than `MAX_ROWS` rows, no kernel).
+    does not apply (autograd on, not CPU fp32, more than `MAX_ROWS` rows, several tokens per
+    sequence, no kernel), as for `linear`.
 
     Args:
         x: layer input `(..., in)`, R rows once flattened.
@@ -163,6 +173,7 @@ def add_lora(
         or out.dtype is not _F32
         or scales.dtype is not _F32
         or x.device.type != "cpu"
+        or (x.dim() >= 3 and x.shape[-2] != 1)
     ):
         return False
     in_features = a.shape[-1]

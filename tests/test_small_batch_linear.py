@@ -140,11 +140,15 @@ def test_linear_dispatch_keeps_autograd_and_large_batches_on_torch(monkeypatch):
         sbl.linear(torch.randn(sbl.MAX_ROWS + 1, 16), weight)  # prefill-sized: torch
         sbl.linear(x.bfloat16(), weight.bfloat16())  # not fp32: torch
         sbl.linear(x, weight.t().contiguous().t())  # not contiguous: torch
+        sbl.linear(torch.randn(2, 3, 16), weight)  # a prompt (3 tokens per sequence): torch
     assert len(calls) == 1
+    with torch.no_grad():
+        sbl.linear(torch.randn(5, 1, 16), weight)  # a decode step of 5 sequences
+    assert len(calls) == 2
     leaf = torch.randn(8, 16, requires_grad=True)
     out = sbl.linear(x, leaf)  # autograd on: torch, and the gradient flows
     out.sum().backward()
-    assert len(calls) == 1 and leaf.grad is not None
+    assert len(calls) == 2 and leaf.grad is not None
 
 
 @needs_kernel
