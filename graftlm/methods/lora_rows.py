@@ -110,7 +110,8 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
 
     Declines (the caller then runs its per-adapter loop) when gradients are on (the bank is a
     detached copy), when a training-mode layer would apply LoRA dropout (the bank skips it), or
-    when fewer than `MIN_GROUPS` of the batch's adapters touch this layer.
+    when fewer than `MIN_GROUPS` of the batch's adapters touch this layer, unless it is a decode
+    step the C kernel takes (`small_batch_linear.add_lora`).
 
     Args:
         layer: a `LoraLinear` (or subclass) whose `row_groups` is set.
@@ -124,7 +125,13 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
         return None
     groups = layer.row_groups
     names = [n for n, _ in groups if n is not None and n in layer.ranks]
-    if len(names) < MIN_GROUPS:
+    # a decode step (a few rows, one token each) takes the C kernel even for one adapter
+    decode_step = (
+        x.shape[0] <= small_batch_linear.MAX_ROWS
+        and x.numel() == x.shape[0] * layer.in_features
+        and result.is_contiguous()
+    )
+    if not names or (len(names) < MIN_GROUPS and not decode_step):
         return None
     if layer.training and any(_drops(layer.lora_dropout[n]) for n in names):
         return None
@@ -132,14 +139,15 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
     if bank is None or not bank.valid_for(groups, names):
         bank = _Bank(layer, groups, names)
         layer._row_bank = bank
-    if x.shape[0] == bank.slot_of_row.numel() and result.is_contiguous():
-        # a decode step (a few rows): each row's update in one C call, no gathered copies
-        tokens = x.numel() // (x.shape[0] * layer.in_features)
-        slots = bank.slot_of_row if tokens == 1 else bank.slot_of_row.repeat_interleave(tokens)
+    if decode_step and x.shape[0] == bank.slot_of_row.numel():
+        # each row's update in one C call that reads the bank in place: no gathered copies
+        slots = bank.slot_of_row
         if small_batch_linear.add_lora(
             x, bank.a, bank.b_t, bank.scale, result, slots, b_transposed=True
         ):
             return result
+    if len(names) < MIN_GROUPS:
+        return None
     every_row = bank.rows_in_order and bank.rows.numel() == x.shape[0]
     xs = x if every_row else x.index_select(0, bank.rows)
     xs = xs.reshape(xs.shape[0], -1, layer.in_features).to(bank.a.dtype)  # [m, T, in]
