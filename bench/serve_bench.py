@@ -4,7 +4,8 @@ On the built-in model (SmolLM2-135M-Instruct, fp32, one thread) with 8 adapters 
 every linear layer, random B) and 8 chat prompts of ~40 tokens:
 
 1. one decode step of the 8-row batch, isolating what the adapters cost on top of the base:
-   graftlm's gathered bmm, its per-adapter loop (what lora_rows.py replaces), one adapter for
+   graftlm's per-row bank (lora_rows.py: at a decode step one C call per layer reads each row's
+   A and B in place), its per-adapter loop (what the bank replaces), one adapter for
    all rows, and Hugging Face PEFT's mixed batch (`adapter_names=[...]`);
 2. whole generations of `--tokens` tokens per prompt (eos ignored, so every setup does the same
    work): graftlm's engine with 8 different adapters, the same with one adapter, PEFT's mixed
@@ -117,11 +118,14 @@ def hf_generate(model, inputs: dict, tokens: int, pad: int, **kwargs) -> float:
     return time.perf_counter() - start
 
 
+MIXED = "graftlm, 8 adapters (per-row bank)"
+
+
 def step_benchmark(model, registry, peft_model, prompts, repeats: int) -> None:
     """One decode forward (8 rows, ~40 cached tokens each): where each setup spends its time."""
     import copy
 
-    from graftlm.methods import lora_rows
+    from graftlm.methods import lora
     from graftlm.surgery import row_adapters
 
     names = registry.names()
@@ -135,8 +139,9 @@ def step_benchmark(model, registry, peft_model, prompts, repeats: int) -> None:
 
     def ours(rows, loop=False):
         def run():
-            saved = lora_rows.MIN_GROUPS
-            lora_rows.MIN_GROUPS = 10**6 if loop else saved
+            # loop: LoraLinear's own per-adapter loop, without the bank (what lora_rows replaces)
+            saved = lora.gathered_rows_forward
+            lora.gathered_rows_forward = (lambda *args: None) if loop else saved
             try:
                 with row_adapters(model, rows), torch.inference_mode():
                     c = copy.deepcopy(cache)
@@ -144,7 +149,7 @@ def step_benchmark(model, registry, peft_model, prompts, repeats: int) -> None:
                     model(input_ids=last, cache=c, use_cache=True, logits_to_keep=1)
                     return time.perf_counter() - start
             finally:
-                lora_rows.MIN_GROUPS = saved
+                lora.gathered_rows_forward = saved
 
         return run
 
@@ -167,7 +172,7 @@ def step_benchmark(model, registry, peft_model, prompts, repeats: int) -> None:
     peft_names = list(peft_model.peft_config)
     setups = {
         "base model alone (graftlm, no adapter rows)": ours([None] * len(prompts)),
-        "graftlm, 8 adapters (gathered bmm)": ours(internal),
+        MIXED: ours(internal),
         "graftlm, 8 adapters (per-adapter loop)": ours(internal, loop=True),
         "graftlm, 1 adapter": ours([internal[0]] * len(prompts)),
         "PEFT, adapters disabled": peft_run(None),
@@ -188,13 +193,13 @@ def step_benchmark(model, registry, peft_model, prompts, repeats: int) -> None:
     for label, seconds in best.items():
         over = seconds - (peft_base if label.startswith("PEFT") else base)
         print(f"{label:<46} {1000 * seconds:7.1f} {1000 * over:+11.1f} ms")
-    ours8 = best["graftlm, 8 adapters (gathered bmm)"] - base
+    ours8 = best[MIXED] - base
     theirs8 = best["PEFT mixed batch, 8 adapters"] - peft_base
     mixed_peft = best["PEFT mixed batch, 8 adapters"]
     print(
         f"\nadapter cost of a mixed step: PEFT {1000 * theirs8:.0f} ms, graftlm "
         f"{1000 * ours8:.0f} ms ({theirs8 / max(ours8, 1e-4):.1f}x less)"
-        f"\nmixed step: graftlm {mixed_peft / best['graftlm, 8 adapters (gathered bmm)']:.2f}x "
+        f"\nmixed step: graftlm {mixed_peft / best[MIXED]:.2f}x "
         f"faster than PEFT; the ceiling with free adapters (PEFT's mixed step / the base step) "
         f"is {mixed_peft / base:.2f}x"
     )

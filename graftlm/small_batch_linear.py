@@ -143,12 +143,10 @@ def _run(function, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
 def add_lora(
     x: torch.Tensor,
     a: torch.Tensor,
-    b: torch.Tensor,
+    b_t: torch.Tensor,
     scales: torch.Tensor,
     out: torch.Tensor,
     slots: torch.Tensor | None = None,
-    *,
-    b_transposed: bool = False,
 ) -> bool:
     """Add LoRA updates into `out` in place through the kernel; False (nothing done) where it
     does not apply (autograd on, not CPU fp32, more than `MAX_ROWS` rows, several tokens per
@@ -157,11 +155,11 @@ def add_lora(
     Args:
         x: layer input `(..., in)`, R rows once flattened.
         a: `(n, r, in)` stacked A matrices (a bank padded to rank r), or one `(r, in)`.
-        b: `(n, out, r)` stacked B matrices, or one `(out, r)`; with `b_transposed`
-            `(n, r, out)` / `(r, out)` (faster: the kernel then needs no sum across lanes).
+        b_t: `(n, r, out)` stacked B matrices transposed, or one `(r, out)` (the kernel runs
+            its vectors along the outputs: no sum across lanes per output).
         scales: `(n,)` fp32 scale per bank slot (`scale_tensor` makes a cached one).
         out: the base output `(..., out)`, contiguous; row i gets
-            `scales[s] * (x_i @ a[s].T) @ b[s].T` with `s = slots[i]`.
+            `(scales[s] * x_i @ a[s].T) @ b_t[s]` with `s = slots[i]`.
         slots: `(R,)` int64 bank slot per row, -1 for rows without an update; None: slot 0.
     """
     # every adapted layer runs this at every decode step: cheap checks first, no generators
@@ -169,7 +167,7 @@ def add_lora(
         torch.is_grad_enabled()
         or x.dtype is not _F32
         or a.dtype is not _F32
-        or b.dtype is not _F32
+        or b_t.dtype is not _F32
         or out.dtype is not _F32
         or scales.dtype is not _F32
         or x.device.type != "cpu"
@@ -181,7 +179,7 @@ def add_lora(
     if not (
         0 < rows.shape[0] <= MAX_ROWS
         and a.is_contiguous()
-        and b.is_contiguous()
+        and b_t.is_contiguous()
         and out.is_contiguous()
         and scales.is_contiguous()
     ):
@@ -201,9 +199,8 @@ def add_lora(
         rows.stride(0),
         a.data_ptr(),
         a.shape[-2],
-        b.data_ptr(),
-        b.shape[-1] if b_transposed else b.shape[-2],
-        int(b_transposed),
+        b_t.data_ptr(),
+        b_t.shape[-1],
         None if slots is None else slots.data_ptr(),
         scales.data_ptr(),
         out.data_ptr(),
@@ -219,30 +216,30 @@ def scale_tensor(scale: float) -> torch.Tensor:
     return torch.tensor([scale], dtype=torch.float32)
 
 
+_LONG, _PTR = ctypes.c_long, ctypes.c_void_p
+
+
 @functools.lru_cache(maxsize=1)
 def add_lora_kernel():
     """The compiled LoRA-update function (see `add_lora`), or None."""
-    library = _library()
-    if library is None:
-        return None
-    function = library.graftlm_add_lora
-    c_long, c_ptr = ctypes.c_long, ctypes.c_void_p
-    function.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_long, c_ptr, c_long, ctypes.c_int,
-                         c_ptr, c_ptr, c_ptr]  # fmt: skip
-    function.restype = ctypes.c_int
-    return function
+    argtypes = [_PTR, _LONG, _LONG, _LONG, _PTR, _LONG, _PTR, _LONG, _PTR, _PTR, _PTR]
+    return _function("graftlm_add_lora", argtypes, ctypes.c_int)
 
 
 @functools.lru_cache(maxsize=1)
 def kernel():
     """The compiled kernel as a ctypes function, or None where it cannot run here."""
+    argtypes = [_PTR, _LONG, _LONG, _LONG, _PTR, _LONG, _PTR]
+    return _function("graftlm_small_batch_linear", argtypes, None)
+
+
+def _function(name: str, argtypes: list, restype):
     library = _library()
     if library is None:
         return None
-    function = library.graftlm_small_batch_linear
-    c_long, c_ptr = ctypes.c_long, ctypes.c_void_p
-    function.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_long, c_ptr]
-    function.restype = None
+    function = getattr(library, name)
+    function.argtypes = argtypes
+    function.restype = restype
     return function
 
 

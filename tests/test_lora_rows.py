@@ -159,3 +159,31 @@ def test_lora_dropout_in_training_mode_keeps_the_loop():
         assert getattr(layer, "_row_bank", None) is None  # dropout applies: loop path
         logits(model.eval(), ids)
         assert layer._row_bank is not None
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["wide", "qv", None, "mlp", "emb", "qv"], ["qv", None, "qv", None, None, "qv"], ["wide"] * 6],
+)
+def test_decode_steps_through_the_c_kernel_equal_torch_and_each_row_alone(names, monkeypatch):
+    from graftlm import small_batch_linear
+
+    if small_batch_linear.kernel() is None:
+        pytest.skip("no C compiler or no AVX2/FMA here: decode steps run on torch")
+    model = adapted_model()
+    small_batch_linear.use_small_batch_kernel(model)
+    ids = batch(length=1)  # one token per row: a decode step's shape
+    with graftlm.row_adapters(model, names):
+        kernel = logits(model, ids)
+    for row, name in enumerate(names):
+        with graftlm.row_adapters(model, [name]):
+            alone = logits(model, ids[row : row + 1])
+        assert torch.equal(kernel[row : row + 1], alone)  # the kernel is batch-invariant
+    layer = model.model.layers[0].self_attn.q_proj
+    one_adapter = len({n for n in names if n}) == 1
+    assert (getattr(layer, "_row_bank", None) is None) == one_adapter  # one: no bank
+    monkeypatch.setattr(small_batch_linear, "add_lora", lambda *args, **kwargs: False)
+    monkeypatch.setattr(small_batch_linear, "kernel", lambda: None)
+    with graftlm.row_adapters(model, names):
+        torch_path = logits(model, ids)
+    torch.testing.assert_close(kernel, torch_path, atol=1e-5, rtol=1e-5)

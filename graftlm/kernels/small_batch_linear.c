@@ -86,7 +86,8 @@ void graftlm_small_batch_linear(const float *x, long M, long K, long ldx, const 
 
 /* out[i, :] += t[i, :] @ bt for `rows` rows of t [rows, r] and bt [r, N]: vectors run along the
  * outputs (a broadcast of t[i, k] times a row of bt), so there is no per-output lane sum; each
- * output accumulates k = 0..r-1 in order onto its previous value, whatever the number of rows. */
+ * output accumulates k = 0..r-1 in order onto its previous value with fused multiply-adds (the
+ * vector lanes and the scalar tail alike), whatever the number of rows. */
 static void add_rows_times(const float *t, long rows, long r, const float *bt, long N, float *out,
                            const long *out_rows) {
     long N8 = N & ~7L;
@@ -103,23 +104,20 @@ static void add_rows_times(const float *t, long rows, long r, const float *bt, l
         for (long i = 0; i < rows; i++) {
             float *y = out + out_rows[i] * N + o;
             float acc = *y;
-            for (long k = 0; k < r; k++) acc += t[i * r + k] * bt[k * N + o];
+            for (long k = 0; k < r; k++) acc = __builtin_fmaf(t[i * r + k], bt[k * N + o], acc);
             *y = acc;
         }
 }
 
-/* LoRA updates of a few rows: y[m] += (scales[s] * x[m] @ a[s].T) @ B[s].T with s = slots[m]
- * (rows with s < 0 are left alone; slots NULL: every row uses slot 0). a is [slots, r, K]; b is
- * B transposed, [slots, r, N], when b_transposed (a bank built for this), else B as stored,
- * [slots, N, r]; both contiguous (a bank padded to rank r holds zeros there); y is [M, N]
- * contiguous. Rows sharing a slot are multiplied together, so A and B are read once per slot,
- * and a row's update is computed the same way whatever else is in the batch. Returns 0, or 1
- * when out of memory (nothing is changed then). */
+/* LoRA updates of a few rows: y[m] += (scales[s] * x[m] @ a[s].T) @ bt[s] with s = slots[m]
+ * (rows with s < 0 are left alone; slots NULL: every row uses slot 0). a is [slots, r, K] and bt
+ * is B transposed, [slots, r, N], both contiguous (a bank padded to rank r holds zeros there); y
+ * is [M, N] contiguous. Rows sharing a slot are multiplied together, so A and B are read once
+ * per slot, and a row's update is computed the same way whatever else is in the batch. Returns
+ * 0, or 1 when out of memory (nothing is changed then). */
 int graftlm_add_lora(const float *x, long M, long K, long ldx, const float *a, long r,
-                     const float *b, long N, int b_transposed, const long *slots,
-                     const float *scales, float *y) {
-    size_t floats = (size_t)(M * K + M * r + (b_transposed ? 0 : M * N));
-    float *xs = malloc(sizeof(float) * floats);
+                     const float *bt, long N, const long *slots, const float *scales, float *y) {
+    float *xs = malloc(sizeof(float) * (size_t)(M * K + M * r));
     long *rows = malloc(sizeof(long) * (size_t)M);
     char *done = calloc((size_t)M, 1);
     if (!xs || !rows || !done) {
@@ -128,7 +126,7 @@ int graftlm_add_lora(const float *x, long M, long K, long ldx, const float *a, l
         free(done);
         return 1;
     }
-    float *t = xs + M * K, *u = t + M * r;
+    float *t = xs + M * K;
     for (long first = 0; first < M; first++) {
         long slot = slots ? slots[first] : 0;
         if (done[first] || slot < 0) continue;
@@ -143,16 +141,7 @@ int graftlm_add_lora(const float *x, long M, long K, long ldx, const float *a, l
         graftlm_small_batch_linear(xs, count, K, K, a + slot * r * K, r, t);
         float scale = scales[slot];
         for (long i = 0; i < count * r; i++) t[i] *= scale;
-        if (b_transposed) {
-            add_rows_times(t, count, r, b + slot * r * N, N, y, rows);
-            continue;
-        }
-        graftlm_small_batch_linear(t, count, r, r, b + slot * N * r, N, u);
-        for (long i = 0; i < count; i++) {
-            float *out = y + rows[i] * N;
-            const float *add = u + i * N;
-            for (long o = 0; o < N; o++) out[o] += add[o];
-        }
+        add_rows_times(t, count, r, bt + slot * r * N, N, y, rows);
     }
     free(done);
     free(rows);

@@ -49,6 +49,8 @@ class LoraLayerBase(nn.Module):
         self.row_groups: RowGroups | None = None
         # PiSSA: the initial (A0, B0) per adapter, needed to save a plain LoRA over the original W
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # per adapter: (B's version and address, B transposed) for decode steps (LoraLinear)
+        self._b_t: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
 
     # -- adapter management -------------------------------------------------------------------
 
@@ -71,7 +73,7 @@ class LoraLayerBase(nn.Module):
         for container in self._adapter_containers():
             if name in container:
                 del container[name]
-        for table in (self.scaling, self.ranks, self.pissa_init):
+        for table in (self.scaling, self.ranks, self.pissa_init, self._b_t):
             table.pop(name, None)
         self._row_bank = None  # the per-row bank (lora_rows.py) may hold a copy of it
         self.active_adapters = [n for n in self.active_adapters if n != name]
@@ -263,14 +265,25 @@ class LoraLinear(LoraLayerBase):
         """
         flat = result.view(-1, self.out_features)
         for name in names:
-            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+            lora_a, lora_b_t = self.lora_A[name].weight, self.transposed_b(name)
             scale = small_batch_linear.scale_tensor(self.scaling[name])
-            if small_batch_linear.add_lora(x, lora_a, lora_b, scale, flat):
+            if small_batch_linear.add_lora(x, lora_a, lora_b_t, scale, flat):
                 continue  # a few rows: one C call for both products
             after_a = F.linear(x.to(torch.float32), self.lora_A[name].weight)
             flat.addmm_(after_a.view(-1, after_a.shape[-1]), self.lora_B[name].weight.t(),
                         alpha=self.scaling[name])  # fmt: skip
         return result
+
+    def transposed_b(self, name: str) -> torch.Tensor:
+        """`lora_B[name].weight` transposed, `(r, out)` contiguous, for the decode-step kernel;
+        cached until the weight changes (in-place edits bump its version counter)."""
+        weight = self.lora_B[name].weight
+        key = (weight._version, weight.data_ptr())
+        cached = self._b_t.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().t().contiguous())
+            self._b_t[name] = cached
+        return cached[1]
 
     def to_plain(self) -> nn.Module:
         """A plain base-class layer holding the (possibly merged) weight and bias."""

@@ -135,6 +135,20 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
         return None
     if layer.training and any(_drops(layer.lora_dropout[n]) for n in names):
         return None
+    if len(names) < MIN_GROUPS:
+        # one adapter: its own A and B, no bank (a bank per layer is rebuilt whenever the
+        # batch's set of adapters changes)
+        name = names[0]
+        rows = next(r for n, r in groups if n == name)
+        slots = None
+        if rows.numel() != x.shape[0]:  # some rows are base-only
+            slots = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+            slots[rows] = 0
+        weights = layer.lora_A[name].weight, layer.transposed_b(name)
+        scale = small_batch_linear.scale_tensor(layer.scaling[name])
+        if small_batch_linear.add_lora(x, *weights, scale, result, slots):
+            return result
+        return None
     bank = getattr(layer, "_row_bank", None)
     if bank is None or not bank.valid_for(groups, names):
         bank = _Bank(layer, groups, names)
@@ -142,12 +156,8 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
     if decode_step and x.shape[0] == bank.slot_of_row.numel():
         # each row's update in one C call that reads the bank in place: no gathered copies
         slots = bank.slot_of_row
-        if small_batch_linear.add_lora(
-            x, bank.a, bank.b_t, bank.scale, result, slots, b_transposed=True
-        ):
+        if small_batch_linear.add_lora(x, bank.a, bank.b_t, bank.scale, result, slots):
             return result
-    if len(names) < MIN_GROUPS:
-        return None
     every_row = bank.rows_in_order and bank.rows.numel() == x.shape[0]
     xs = x if every_row else x.index_select(0, bank.rows)
     xs = xs.reshape(xs.shape[0], -1, layer.in_features).to(bank.a.dtype)  # [m, T, in]
