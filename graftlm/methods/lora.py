@@ -281,7 +281,8 @@ class LoraLinear(LoraLayerBase):
         key = (weight._version, weight.data_ptr())
         cached = self._b_t.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, weight.detach().t().contiguous())
+            with torch.inference_mode(False):  # a normal tensor: the model stays deep-copyable
+                cached = (key, weight.detach().t().contiguous())
             self._b_t[name] = cached
         return cached[1]
 
