@@ -69,6 +69,7 @@ static const tile_fn NARROW[9] = {0, tile_1x1, tile_2x1, tile_3x1, tile_4x1,
 /* y[M, N] (contiguous) = x[M, K] (row stride ldx) @ w[N, K].T (contiguous) */
 void graftlm_small_batch_linear(const float *x, long M, long K, long ldx, const float *w, long N,
                                 float *y) {
+    if (M <= 0 || N <= 0) return;
     if (M <= 8) {
         int rows = (int)M, nw = WIDTH[rows];
         long o = 0;
