@@ -69,19 +69,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     computed the same way however many prompts share it; decode steps always go through the
     kernel, which gives a row the same result whatever its batch.
     """
-    if (
+    if kernel_takes(x, weight.shape[-1]) and weight.dtype is _F32 and weight.is_contiguous():
+        return _run(kernel(), x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def kernel_takes(x: torch.Tensor, in_features: int) -> bool:
+    """x `(..., in_features)` is a decode step the kernel runs: it is available, autograd is
+    off, x is CPU fp32 with 1 to `MAX_ROWS` rows, one token per sequence if `(batch, tokens,
+    in)`. Callers check this before preparing operands only the kernel needs."""
+    return (
         not torch.is_grad_enabled()
         and x.dtype is _F32
-        and weight.dtype is _F32
         and x.device.type == "cpu"
-        and 0 < x.numel() <= MAX_ROWS * weight.shape[-1]
+        and 0 < x.numel() <= MAX_ROWS * in_features
         and (x.dim() < 3 or x.shape[-2] == 1)  # one token per sequence: a decode step
-        and weight.is_contiguous()
-    ):
-        function = kernel()
-        if function is not None:
-            return _run(function, x, weight, bias)
-    return F.linear(x, weight, bias)
+        and kernel() is not None
+    )
 
 
 def is_plain_linear(module: nn.Module | type) -> bool:
@@ -163,21 +167,13 @@ def add_lora(
         slots: `(R,)` int64 bank slot per row, -1 for rows without an update; None: slot 0.
     """
     # every adapted layer runs this at every decode step: cheap checks first, no generators
-    if (
-        torch.is_grad_enabled()
-        or x.dtype is not _F32
-        or a.dtype is not _F32
-        or b_t.dtype is not _F32
-        or out.dtype is not _F32
-        or scales.dtype is not _F32
-        or x.device.type != "cpu"
-        or (x.dim() >= 3 and x.shape[-2] != 1)
-    ):
-        return False
     in_features = a.shape[-1]
-    rows = x.reshape(-1, in_features)
     if not (
-        0 < rows.shape[0] <= MAX_ROWS
+        kernel_takes(x, in_features)
+        and a.dtype is _F32
+        and b_t.dtype is _F32
+        and out.dtype is _F32
+        and scales.dtype is _F32
         and a.is_contiguous()
         and b_t.is_contiguous()
         and out.is_contiguous()
@@ -187,6 +183,7 @@ def add_lora(
     function = add_lora_kernel()
     if function is None:
         return False
+    rows = x.reshape(-1, in_features)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if slots is not None:

@@ -264,12 +264,14 @@ class LoraLinear(LoraLayerBase):
         model is measured by bench/generation_overhead.py (README, "How training is made fast").
         """
         flat = result.view(-1, self.out_features)
+        decode_step = small_batch_linear.kernel_takes(x, self.in_features)
         for name in names:
-            lora_a, lora_b_t = self.lora_A[name].weight, self.transposed_b(name)
-            scale = small_batch_linear.scale_tensor(self.scaling[name])
-            if small_batch_linear.add_lora(x, lora_a, lora_b_t, scale, flat):
-                continue  # a few rows: one C call for both products
-            after_a = F.linear(x.to(torch.float32), self.lora_A[name].weight)
+            lora_a = self.lora_A[name].weight
+            if decode_step:  # B transposed is built (and kept) only for the kernel
+                scale = small_batch_linear.scale_tensor(self.scaling[name])
+                if small_batch_linear.add_lora(x, lora_a, self.transposed_b(name), scale, flat):
+                    continue  # one C call for both products
+            after_a = F.linear(x.to(torch.float32), lora_a)
             flat.addmm_(after_a.view(-1, after_a.shape[-1]), self.lora_B[name].weight.t(),
                         alpha=self.scaling[name])  # fmt: skip
         return result

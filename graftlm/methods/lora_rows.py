@@ -127,8 +127,8 @@ def gathered_rows_forward(layer, x: torch.Tensor, result: torch.Tensor) -> torch
     names = [n for n, _ in groups if n is not None and n in layer.ranks]
     # a decode step (a few rows, one token each) takes the C kernel even for one adapter
     decode_step = (
-        x.shape[0] <= small_batch_linear.MAX_ROWS
-        and x.numel() == x.shape[0] * layer.in_features
+        small_batch_linear.kernel_takes(x, layer.in_features)
+        and x.numel() == x.shape[0] * layer.in_features  # rows are the batch's rows
         and result.is_contiguous()
     )
     if not names or (len(names) < MIN_GROUPS and not decode_step):
