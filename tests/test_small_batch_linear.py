@@ -111,6 +111,60 @@ def test_add_lora_rows_do_not_depend_on_their_batch():
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lora_linear_equals_linear_then_add_lora(rows, with_bias):
+    generator = torch.Generator().manual_seed(rows)
+    rank, in_features, out_features = 7, 53, 41
+    x = torch.randn(rows, 1, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    a = torch.randn(rank, in_features, generator=generator)
+    b_t = torch.randn(rank, out_features, generator=generator)
+    with torch.no_grad():
+        want = sbl.linear(x, weight, bias)
+        assert sbl.add_lora(x, a, b_t, sbl.scale_tensor(0.75), want)
+        got = sbl.lora_linear(x, weight, bias, a, b_t, 0.75)
+        assert torch.equal(got, want)  # the same operations in the same order
+        first = sbl.lora_linear(x[:1], weight, bias, a, b_t, 0.75)
+        assert torch.equal(first, got[:1])  # and a row's result does not depend on its batch
+    plain = F.linear(x, weight, bias) + 0.75 * (x @ a.T @ b_t)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-4)
+    assert sbl.lora_linear(x, weight, bias, a, b_t, 0.75) is None  # autograd on: torch's job
+    with torch.no_grad():
+        prompt = torch.randn(2, 3, in_features)  # several tokens per sequence
+        assert sbl.lora_linear(prompt, weight, bias, a, b_t, 0.75) is None
+
+
+@needs_kernel
+def test_lora_layer_decode_step_is_one_call_and_equals_torch(monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(24, 40))
+    sbl.use_small_batch_kernel(layer)
+    inject(layer, LoraConfig(rank=4, alpha=8, targets=("0",)))
+    lora = layer[0]
+    with torch.no_grad():
+        lora.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 1, 24)
+    with torch.no_grad():
+        base = F.linear(x, lora.weight, lora.bias)
+        update = x @ lora.lora_A["default"].weight.T @ lora.lora_B["default"].weight.T
+    want = base + lora.scaling["default"] * update
+    calls = []
+    real = sbl.lora_linear
+    monkeypatch.setattr(sbl, "lora_linear", lambda *a: calls.append(1) or real(*a))
+    lora.eval()
+    with torch.inference_mode():
+        got = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the cached B transposed follows an in-place edit of B
+        lora.lora_B["default"].weight.mul_(2)
+        again = layer(x)
+    torch.testing.assert_close(again - base, 2 * (want - base), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_add_lora_declines_where_torch_should_run():
     a, b, scale = torch.randn(4, 8), torch.randn(6, 4), sbl.scale_tensor(1.0)
     out = torch.zeros(2, 6)

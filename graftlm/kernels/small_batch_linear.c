@@ -149,3 +149,36 @@ int graftlm_add_lora(const float *x, long M, long K, long ldx, const float *a, l
     free(xs);
     return 0;
 }
+
+/* A layer with one LoRA adapter at a decode step, in one call:
+ * y[M, N] (contiguous) = x @ w.T (+ bias) + (scale * x @ a.T) @ bt, a [r, K], bt [r, N].
+ * The same operations in the same order as graftlm_small_batch_linear, the bias add and
+ * graftlm_add_lora with every row on slot 0, so the result equals those calls bit for bit; one
+ * call instead of three saves the interpreter's per-call cost in every layer of every step.
+ * Returns 0, or 1 when out of memory (y is then unspecified). */
+int graftlm_lora_linear(const float *x, long M, long K, long ldx, const float *w, long N,
+                        const float *bias, const float *a, long r, const float *bt, float scale,
+                        float *y) {
+    graftlm_small_batch_linear(x, M, K, ldx, w, N, y);
+    if (M <= 0 || N <= 0) return 0;
+    if (bias)
+        for (long m = 0; m < M; m++)
+            for (long o = 0; o < N; o++) y[m * N + o] += bias[o];
+    if (r <= 0) return 0;
+    float small[16 * 64];
+    long identity[16];
+    float *t = M * r <= 16 * 64 ? small : malloc(sizeof(float) * (size_t)(M * r));
+    long *rows = M <= 16 ? identity : malloc(sizeof(long) * (size_t)M);
+    if (!t || !rows) {
+        if (t != small) free(t);
+        if (rows != identity) free(rows);
+        return 1;
+    }
+    for (long m = 0; m < M; m++) rows[m] = m;
+    graftlm_small_batch_linear(x, M, K, ldx, a, r, t);
+    for (long i = 0; i < M * r; i++) t[i] *= scale;
+    add_rows_times(t, M, r, bt, N, y, rows);
+    if (t != small) free(t);
+    if (rows != identity) free(rows);
+    return 0;
+}

@@ -222,6 +222,10 @@ class LoraLinear(LoraLayerBase):
         return self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_groups is None and not self.disabled:
+            step = self._one_adapter_decode_step(x)
+            if step is not None:
+                return step
         result = self.base_forward(x)
         if self.disabled:
             return result
@@ -248,6 +252,35 @@ class LoraLinear(LoraLayerBase):
         for name in active:
             result = result + self._lora(name, x)
         return result.to(out_dtype)
+
+    def _one_adapter_decode_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A decode step with one unmerged adapter: base product, bias and update in one C call
+        (small_batch_linear.lora_linear); None where that does not apply (prompts, autograd,
+        several adapters, AdaLoRA's product, an NF4 or Conv1D base). Generation runs this in
+        every adapted layer at every token, so the Python around the kernels is the cost that
+        bench/generation_overhead.py sees at batch 1."""
+        cls = type(self)
+        if (
+            cls.base_forward is not LoraLinear.base_forward
+            or cls._lora is not LoraLinear._lora
+            or self.fan_in_fan_out
+            or not small_batch_linear.kernel_takes(x, self.in_features)
+        ):
+            return None
+        active = self._unmerged_active()
+        if len(active) != 1:
+            return None
+        name = active[0]
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
+        return small_batch_linear.lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A[name].weight,
+            self.transposed_b(name),
+            self.scaling[name],
+        )
 
     def _plain_lora_without_dropout(self, names: list[str]) -> bool:
         if type(self)._lora is not LoraLinear._lora:  # AdaLoRA's P·Λ·Q: its own product
