@@ -85,22 +85,57 @@ void graftlm_small_batch_linear(const float *x, long M, long K, long ldx, const 
         }
 }
 
-/* out[i, :] += t[i, :] @ bt for `rows` rows of t [rows, r] and bt [r, N]: vectors run along the
- * outputs (a broadcast of t[i, k] times a row of bt), so there is no per-output lane sum; each
- * output accumulates k = 0..r-1 in order onto its previous value with fused multiply-adds (the
- * vector lanes and the scalar tail alike), whatever the number of rows. */
+/* out[out_rows[i0 + i], o : o + 8W] += t[i0 + i, :] @ bt[:, o : o + 8W] for R rows: R x W
+ * independent accumulators, so the fused multiply-adds of consecutive k do not wait on each
+ * other (one accumulator would chain r of them, latency-bound). */
+#define ADD_TILE(R, W)                                                                           \
+    static void add_tile_##R##x##W(const float *t, long r, const float *bt, long N, float *out,  \
+                                   const long *out_rows, long i0, long o) {                      \
+        __m256 acc[R][W];                                                                        \
+        for (int i = 0; i < R; i++)                                                              \
+            for (int w = 0; w < W; w++)                                                          \
+                acc[i][w] = _mm256_loadu_ps(out + out_rows[i0 + i] * N + o + 8 * w);             \
+        for (long k = 0; k < r; k++)                                                             \
+            for (int w = 0; w < W; w++) {                                                        \
+                __m256 b = _mm256_loadu_ps(bt + k * N + o + 8 * w);                              \
+                for (int i = 0; i < R; i++)                                                      \
+                    acc[i][w] =                                                                  \
+                        _mm256_fmadd_ps(_mm256_set1_ps(t[(i0 + i) * r + k]), b, acc[i][w]);      \
+            }                                                                                    \
+        for (int i = 0; i < R; i++)                                                              \
+            for (int w = 0; w < W; w++)                                                          \
+                _mm256_storeu_ps(out + out_rows[i0 + i] * N + o + 8 * w, acc[i][w]);             \
+    }
+ADD_TILE(1, 4)
+ADD_TILE(2, 4)
+ADD_TILE(3, 2)
+ADD_TILE(4, 2)
+ADD_TILE(1, 1)
+ADD_TILE(2, 1)
+ADD_TILE(3, 1)
+ADD_TILE(4, 1)
+
+typedef void (*add_tile_fn)(const float *, long, const float *, long, float *, const long *, long,
+                            long);
+static const add_tile_fn ADD_WIDE[5] = {0, add_tile_1x4, add_tile_2x4, add_tile_3x2, add_tile_4x2};
+static const int ADD_WIDTH[5] = {0, 4, 4, 2, 2};
+static const add_tile_fn ADD_NARROW[5] = {0, add_tile_1x1, add_tile_2x1, add_tile_3x1,
+                                          add_tile_4x1};
+
+/* out[out_rows[i], :] += t[i, :] @ bt for `rows` rows of t [rows, r] and bt [r, N]: vectors
+ * run along the outputs (a broadcast of t[i, k] times a row of bt), so there is no per-output
+ * lane sum; each output accumulates k = 0..r-1 in order onto its previous value with fused
+ * multiply-adds (the vector lanes and the scalar tail alike), whatever the number of rows or
+ * the tile that computes it. */
 static void add_rows_times(const float *t, long rows, long r, const float *bt, long N, float *out,
                            const long *out_rows) {
     long N8 = N & ~7L;
-    for (long o = 0; o < N8; o += 8)
-        for (long i = 0; i < rows; i++) {
-            float *y = out + out_rows[i] * N + o;
-            __m256 acc = _mm256_loadu_ps(y);
-            for (long k = 0; k < r; k++)
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(t[i * r + k]), _mm256_loadu_ps(bt + k * N + o),
-                                      acc);
-            _mm256_storeu_ps(y, acc);
-        }
+    for (long i0 = 0; i0 < rows; i0 += 4) {
+        int R = rows - i0 < 4 ? (int)(rows - i0) : 4;
+        long step = 8L * ADD_WIDTH[R], o = 0;
+        for (; o + step <= N8; o += step) ADD_WIDE[R](t, r, bt, N, out, out_rows, i0, o);
+        for (; o < N8; o += 8) ADD_NARROW[R](t, r, bt, N, out, out_rows, i0, o);
+    }
     for (long o = N8; o < N; o++)
         for (long i = 0; i < rows; i++) {
             float *y = out + out_rows[i] * N + o;

@@ -222,13 +222,19 @@ class LoraLinear(LoraLayerBase):
         return self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_groups is None and not self.disabled:
-            step = self._one_adapter_decode_step(x)
-            if step is not None:
-                return step
-        result = self.base_forward(x)
         if self.disabled:
-            return result
+            return self.base_forward(x)
+        if self.row_groups is None:
+            # the common inference cases first, with the least Python: every generated token
+            # runs this in every adapted layer
+            active = self._unmerged_active()
+            if not active:  # merged (or no adapter active): the base layer alone
+                return self.base_forward(x)
+            if len(active) == 1:
+                step = self._one_adapter_decode_step(x, active[0])
+                if step is not None:
+                    return step
+        result = self.base_forward(x)
         out_dtype = result.dtype
         if self.row_groups is not None:
             self._check_rows()
@@ -253,11 +259,11 @@ class LoraLinear(LoraLayerBase):
             result = result + self._lora(name, x)
         return result.to(out_dtype)
 
-    def _one_adapter_decode_step(self, x: torch.Tensor) -> torch.Tensor | None:
-        """A decode step with one unmerged adapter: base product, bias and update in one C call
-        (small_batch_linear.lora_linear); None where that does not apply (prompts, autograd,
-        several adapters, AdaLoRA's product, an NF4 or Conv1D base). Generation runs this in
-        every adapted layer at every token, so the Python around the kernels is the cost that
+    def _one_adapter_decode_step(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """A decode step with one unmerged adapter, `name`: base product, bias and update in one
+        C call (small_batch_linear.lora_linear); None where that does not apply (prompts,
+        autograd, AdaLoRA's product, an NF4 or Conv1D base). Generation runs this in every
+        adapted layer at every token, so the Python around the kernels is the cost that
         bench/generation_overhead.py sees at batch 1."""
         cls = type(self)
         if (
@@ -267,10 +273,6 @@ class LoraLinear(LoraLayerBase):
             or not small_batch_linear.kernel_takes(x, self.in_features)
         ):
             return None
-        active = self._unmerged_active()
-        if len(active) != 1:
-            return None
-        name = active[0]
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return None
         return small_batch_linear.lora_linear(
