@@ -18,7 +18,9 @@ same tokenized rows, rank, targets, batch, sequence length, learning rate and se
 Workloads: `text` = plain-text rows of `--seq-len` tokens, every position labelled (the timed
 check of the issue); `chat` = the tickets chat task, rows of varied length, loss on answers only
 (where padding and unlabelled positions matter), timed to finish `--epochs` epochs.
-Prints tokens/s, peak RSS, the loss of the last steps and the ratios.
+Prints tokens/s, peak RSS, the loss of the last steps and the ratios, and each side's achieved
+FLOP/s (tokens/s times the model's forward + backward FLOPs per token, counted by torch in a third
+process) against matrix-product peaks measured here in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -166,6 +168,60 @@ def worker_peft(args) -> dict:
     }
 
 
+def worker_flops(args) -> dict:
+    """Model FLOPs per token and this machine's matmul peaks, for the achieved-FLOP/s lines.
+
+    FLOPs: one forward + backward of PEFT's model (fp32, the same rank and targets) over the
+    first `--batch-size` rows, each alone (no padding), counted by torch's FlopCounterMode
+    (matrix products and attention); per token, that is the work a training step must do, so
+    tokens/s times it is each side's achieved FLOP/s. Peaks: a 2048 x 2048 fp32 and a bf16
+    matrix product (512 x 512 where bf16 is emulated) with this process's threads (what both
+    workers get).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from graftlm.data import collate, load_dataset
+    from graftlm.models import load_model
+    from graftlm.runtime import bf16_supported
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2-135m-instruct", dtype=torch.float32)
+    examples, _ = load_dataset(args.data, tokenizer, args.seq_len)
+    targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
+    model = get_peft_model(
+        model,
+        LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0),
+    )
+    model.train()
+    flops, tokens = 0, 0
+    for example in examples[: args.batch_size]:
+        batch = collate([example], tokenizer.pad_token_id)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        flops += counter.get_total_flops()
+        tokens += batch["input_ids"].shape[1]
+        model.zero_grad(set_to_none=True)
+
+    def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        torch.mm(a, b)  # warm-up: thread pool, packing buffers
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+    return {
+        "flops_per_token": flops / tokens,
+        "peak_fp32": matmul_peak(torch.float32, 2048, 4),
+        # smaller: on CPUs without bf16 units one 2048 x 2048 bf16 product takes ~1 min
+        "peak_bf16": matmul_peak(torch.bfloat16, 2048 if bf16_supported() else 512, 2),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_worker(kind: str, argv: list[str]) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", kind, *argv],
@@ -191,7 +247,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--low-memory", action="store_true")
     parser.add_argument("--no-activation-checkpointing", action="store_true")
-    parser.add_argument("--worker", choices=["graftlm", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["graftlm", "peft", "flops"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -199,7 +255,8 @@ def main() -> None:
         import warnings
 
         warnings.filterwarnings("ignore")
-        result = worker_graftlm(args) if args.worker == "graftlm" else worker_peft(args)
+        workers = {"graftlm": worker_graftlm, "peft": worker_peft, "flops": worker_flops}
+        result = workers[args.worker](args)
         print(json.dumps(result))
         return
 
@@ -241,6 +298,7 @@ def main() -> None:
         + (["--no-activation-checkpointing"] if args.no_activation_checkpointing else [])
     )
     results = {kind: run_worker(kind, argv) for kind in ("peft", "graftlm")}
+    flops = run_worker("flops", argv)
     print(
         f"workload {args.workload}, {args.method}: rank {args.rank}, targets {args.targets}, batch {args.batch_size}, seq-len {args.seq_len}"
     )
@@ -249,6 +307,20 @@ def main() -> None:
         print(
             f"  {kind:8s} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
             f"  loss first {r['losses'][0]:.4f} last {r['losses'][-1]:.4f}"
+        )
+    per_token = flops["flops_per_token"]
+    print(
+        f"  model FLOPs (forward + backward, no padding, torch's FlopCounterMode): "
+        f"{per_token / 1e9:.3f} GFLOP/token; matmul peak measured here (2048 x 2048, "
+        f"{flops['threads']} threads): fp32 {flops['peak_fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {flops['peak_bf16'] / 1e9:.1f} GFLOP/s"
+    )
+    for kind, r in results.items():
+        achieved = r["tokens_per_s"] * per_token
+        print(
+            f"  {kind:8s} achieves {achieved / 1e9:6.1f} GFLOP/s: "
+            f"{achieved / flops['peak_fp32']:.2f} of the fp32 peak, "
+            f"{achieved / flops['peak_bf16']:.2f} of the bf16 peak"
         )
     g, p = results["graftlm"], results["peft"]
     print(
