@@ -186,11 +186,18 @@ def test_streaming_matches_the_whole_answer_and_ends_with_done(setup):
 
 
 def test_stop_strings_cut_the_answer(setup):
-    server, reference, tokenizer, *_ = setup
-    full = solo(reference, tokenizer, "hello there", "alpha", 20, chat=False)
-    stop = full[5:8]
-    expected = full[: full.index(stop)]
+    server, *_ = setup
     client = server.client()
+    # the uncut answer from the server itself: this tiny random model's text is chaotic (a
+    # rounding difference in a prompt's matrix products, which MKL may make with another
+    # memory alignment, changes it), and the test is about cutting, not about equality with
+    # `graftlm generate` (tested above)
+    full = client.completions.create(model="alpha", prompt="hello there", max_tokens=20)
+    full = full.choices[0].text
+    cut = max(1, len(full) // 3)
+    stop = full[cut : cut + 3]
+    assert stop, f"the answer is too short to pick a stop string from: {full!r}"
+    expected = full[: full.index(stop)]
     reply = client.completions.create(
         model="alpha", prompt="hello there", max_tokens=20, stop=[stop]
     )
