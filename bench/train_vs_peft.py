@@ -91,9 +91,21 @@ def worker_graftlm(args) -> dict:
     }
 
 
+def with_peft_lora(model, args):
+    """`model` wrapped by PEFT's `get_peft_model` with the bench's LoRA (rank, alpha 2 x rank,
+    targets, no dropout), in training mode."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
+    model = get_peft_model(
+        model,
+        LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0),
+    )
+    return model.train()
+
+
 def worker_peft(args) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from graftlm.data import collate, length_grouped_batches, load_dataset
     from graftlm.models import load_model
@@ -121,12 +133,7 @@ def worker_peft(args) -> dict:
             dtype=dtype,
         )
     examples, _ = load_dataset(args.data, tokenizer, args.seq_len)
-    targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
-    model = get_peft_model(
-        model,
-        LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0),
-    )
-    model.train()
+    model = with_peft_lora(model, args)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     # the plain loop: shuffled fixed-size batches, padded to the longest row
     order = [
@@ -179,7 +186,6 @@ def worker_flops(args) -> dict:
     workers get).
     """
     import torch
-    from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
 
     from graftlm.data import collate, load_dataset
@@ -189,12 +195,7 @@ def worker_flops(args) -> dict:
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m-instruct", dtype=torch.float32)
     examples, _ = load_dataset(args.data, tokenizer, args.seq_len)
-    targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
-    model = get_peft_model(
-        model,
-        LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0),
-    )
-    model.train()
+    model = with_peft_lora(model, args)
     flops, tokens = 0, 0
     for example in examples[: args.batch_size]:
         batch = collate([example], tokenizer.pad_token_id)
