@@ -13,11 +13,12 @@ rows, so a decode step gives a request the same numbers whatever shares its batc
 
 `use_small_batch_kernel(model)` turns a model's `nn.Linear` layers into `SmallBatchLinear`,
 which takes the kernel only without autograd, on CPU fp32, for at most `MAX_ROWS` rows of one
-token each (decode steps), and otherwise is `nn.Linear` itself (prompts, training, bf16);
-LoRA layers call `linear` for their base product and `add_lora` for their update. The kernel
-is compiled on first use with the system's C compiler into graftlm's cache; without a
-compiler, on a CPU without AVX2/FMA, or with `GRAFTLM_SMALL_BATCH_KERNEL=0`, every call stays
-on torch (logged once).
+token each (decode steps), and otherwise is `nn.Linear` itself (prompts, training, bf16).
+A LoRA layer with one adapter runs its decode step as one call, `lora_linear` (base product,
+bias and update); with several adapters, or a per-row bank, it calls `linear` for its base
+product and `add_lora` for the updates. The kernel is compiled on first use with the system's
+C compiler into graftlm's cache; without a compiler, on a CPU without AVX2/FMA, or with
+`GRAFTLM_SMALL_BATCH_KERNEL=0`, every call stays on torch (logged once).
 """
 
 from __future__ import annotations
