@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -86,6 +87,29 @@ def test_train_writes_adapter_metrics_plot_and_learns(tmp_path, tiny_model_dir):
     assert result.eval_loss == pytest.approx(eval_rows[-1]["eval_loss"], rel=1e-4)
     graft = json.loads((out / "graftlm.json").read_text())
     assert graft["training"]["steps"] == 12
+
+
+def test_bf16_training_follows_the_fp32_run(tmp_path, tiny_model_dir):
+    """What `--dtype auto` picks on CPUs with bf16 matrix units (frozen weights in bf16,
+    autocast): emulated and slow here, but the same code path. The adapter stays fp32 and the
+    losses follow the fp32 run within bf16's rounding."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        (tmp_path / dtype).mkdir()
+        result = train(base_cfg(tmp_path / dtype, tiny_model_dir, dtype=dtype), progress=False)
+        rows = (result.out / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["loss"] for line in rows if '"loss"' in line]
+        weights = load_file(str(result.out / "adapter_model.safetensors"))
+        runs[dtype] = (losses, weights)
+    (fp32_losses, fp32_weights), (bf16_losses, bf16_weights) = runs["float32"], runs["bfloat16"]
+    assert len(bf16_losses) == len(fp32_losses) == 6
+    assert all(math.isfinite(loss) for loss in bf16_losses)
+    assert bf16_losses[-1] < bf16_losses[0]
+    assert bf16_losses != fp32_losses  # bf16 really ran: its rounding shows
+    for ours, reference in zip(bf16_losses, fp32_losses):
+        assert ours == pytest.approx(reference, rel=0.03)
+    assert all(w.dtype == torch.float32 for w in bf16_weights.values())
+    assert bf16_weights.keys() == fp32_weights.keys()
 
 
 def test_step_loss_does_not_depend_on_micro_batch_size(tmp_path, tiny_model_dir):
