@@ -214,11 +214,13 @@ def worker_flops(args) -> dict:
             torch.mm(a, b)
         return 2 * size**3 * repeats / (time.perf_counter() - start)
 
+    # smaller where bf16 is emulated: one 2048 x 2048 bf16 product takes ~1 min there
+    bf16_size = 2048 if bf16_supported() else 512
     return {
         "flops_per_token": flops / tokens,
         "peak_fp32": matmul_peak(torch.float32, 2048, 4),
-        # smaller: on CPUs without bf16 units one 2048 x 2048 bf16 product takes ~1 min
-        "peak_bf16": matmul_peak(torch.bfloat16, 2048 if bf16_supported() else 512, 2),
+        "peak_bf16": matmul_peak(torch.bfloat16, bf16_size, 2),
+        "bf16_size": bf16_size,
         "threads": torch.get_num_threads(),
     }
 
@@ -312,9 +314,9 @@ def main() -> None:
     per_token = flops["flops_per_token"]
     print(
         f"  model FLOPs (forward + backward, no padding, torch's FlopCounterMode): "
-        f"{per_token / 1e9:.3f} GFLOP/token; matmul peak measured here (2048 x 2048, "
-        f"{flops['threads']} threads): fp32 {flops['peak_fp32'] / 1e9:.1f} GFLOP/s, "
-        f"bf16 {flops['peak_bf16'] / 1e9:.1f} GFLOP/s"
+        f"{per_token / 1e9:.3f} GFLOP/token; matmul peaks measured here ({flops['threads']} "
+        f"threads): fp32 {flops['peak_fp32'] / 1e9:.1f} GFLOP/s (2048 x 2048), "
+        f"bf16 {flops['peak_bf16'] / 1e9:.1f} GFLOP/s ({flops['bf16_size']} x {flops['bf16_size']})"
     )
     for kind, r in results.items():
         achieved = r["tokens_per_s"] * per_token
