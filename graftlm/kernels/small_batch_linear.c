@@ -145,6 +145,30 @@ static void add_rows_times(const float *t, long rows, long r, const float *bt, l
         }
 }
 
+/* y[m] += (scale * x[m] @ a.T) @ bt for every row m: graftlm_add_lora with no slots. x is read
+ * in place (row stride ldx) and the small buffers live on the stack: nothing to group or copy.
+ * Returns 0, or 1 when out of memory (nothing is changed then). */
+static int add_lora_every_row(const float *x, long M, long K, long ldx, const float *a, long r,
+                              const float *bt, long N, float scale, float *y) {
+    if (M <= 0 || N <= 0 || r <= 0) return 0;
+    float small[16 * 64];
+    long identity[16];
+    float *t = M * r <= 16 * 64 ? small : malloc(sizeof(float) * (size_t)(M * r));
+    long *rows = M <= 16 ? identity : malloc(sizeof(long) * (size_t)M);
+    if (!t || !rows) {
+        if (t != small) free(t);
+        if (rows != identity) free(rows);
+        return 1;
+    }
+    for (long m = 0; m < M; m++) rows[m] = m;
+    graftlm_small_batch_linear(x, M, K, ldx, a, r, t);
+    for (long i = 0; i < M * r; i++) t[i] *= scale;
+    add_rows_times(t, M, r, bt, N, y, rows);
+    if (t != small) free(t);
+    if (rows != identity) free(rows);
+    return 0;
+}
+
 /* LoRA updates of a few rows: y[m] += (scales[s] * x[m] @ a[s].T) @ bt[s] with s = slots[m]
  * (rows with s < 0 are left alone; slots NULL: every row uses slot 0). a is [slots, r, K] and bt
  * is B transposed, [slots, r, N], both contiguous (a bank padded to rank r holds zeros there); y
@@ -153,6 +177,7 @@ static void add_rows_times(const float *t, long rows, long r, const float *bt, l
  * 0, or 1 when out of memory (nothing is changed then). */
 int graftlm_add_lora(const float *x, long M, long K, long ldx, const float *a, long r,
                      const float *bt, long N, const long *slots, const float *scales, float *y) {
+    if (!slots) return add_lora_every_row(x, M, K, ldx, a, r, bt, N, scales[0], y);
     float *xs = malloc(sizeof(float) * (size_t)(M * K + M * r));
     long *rows = malloc(sizeof(long) * (size_t)M);
     char *done = calloc((size_t)M, 1);
@@ -195,25 +220,8 @@ int graftlm_lora_linear(const float *x, long M, long K, long ldx, const float *w
                         const float *bias, const float *a, long r, const float *bt, float scale,
                         float *y) {
     graftlm_small_batch_linear(x, M, K, ldx, w, N, y);
-    if (M <= 0 || N <= 0) return 0;
     if (bias)
         for (long m = 0; m < M; m++)
             for (long o = 0; o < N; o++) y[m * N + o] += bias[o];
-    if (r <= 0) return 0;
-    float small[16 * 64];
-    long identity[16];
-    float *t = M * r <= 16 * 64 ? small : malloc(sizeof(float) * (size_t)(M * r));
-    long *rows = M <= 16 ? identity : malloc(sizeof(long) * (size_t)M);
-    if (!t || !rows) {
-        if (t != small) free(t);
-        if (rows != identity) free(rows);
-        return 1;
-    }
-    for (long m = 0; m < M; m++) rows[m] = m;
-    graftlm_small_batch_linear(x, M, K, ldx, a, r, t);
-    for (long i = 0; i < M * r; i++) t[i] *= scale;
-    add_rows_times(t, M, r, bt, N, y, rows);
-    if (t != small) free(t);
-    if (rows != identity) free(rows);
-    return 0;
+    return add_lora_every_row(x, M, K, ldx, a, r, bt, N, scale, y);
 }

@@ -224,40 +224,43 @@ class LoraLinear(LoraLayerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.base_forward(x)
-        if self.row_groups is None:
-            # the common inference cases first, with the least Python: every generated token
-            # runs this in every adapted layer
-            active = self._unmerged_active()
-            if not active:  # merged (or no adapter active): the base layer alone
-                return self.base_forward(x)
-            if len(active) == 1:
-                step = self._one_adapter_decode_step(x, active[0])
-                if step is not None:
-                    return step
-        result = self.base_forward(x)
-        out_dtype = result.dtype
         if self.row_groups is not None:
-            self._check_rows()
-            # many adapters in one batch at inference: two bmm over a padded bank (lora_rows.py)
-            gathered = gathered_rows_forward(self, x, result)
-            if gathered is not None:
-                return gathered
-            for name, rows in self.row_groups:
-                if name is None or name not in self.ranks:
-                    continue  # base-only rows, or an adapter that does not touch this layer
-                delta = self._lora(name, x.index_select(0, rows))
-                result = result.index_add(0, rows, delta.to(out_dtype))
-            return result
+            return self._rows_forward(x)
+        # the common inference cases first, with the least Python: every generated token runs
+        # this in every adapted layer
         active = self._unmerged_active()
+        if not active:  # merged (or no adapter active): the base layer alone
+            return self.base_forward(x)
+        if len(active) == 1:
+            step = self._one_adapter_decode_step(x, active[0])
+            if step is not None:
+                return step
+        result = self.base_forward(x)
         if (
             not torch.is_grad_enabled()
             and result.dtype == torch.float32
             and self._plain_lora_without_dropout(active)
         ):
             return self._lora_inference(active, x, result)
+        out_dtype = result.dtype
         for name in active:
             result = result + self._lora(name, x)
         return result.to(out_dtype)
+
+    def _rows_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row of the batch with its own adapter (`row_groups`), or none."""
+        self._check_rows()
+        result = self.base_forward(x)
+        # many adapters in one batch at inference: two bmm over a padded bank (lora_rows.py)
+        gathered = gathered_rows_forward(self, x, result)
+        if gathered is not None:
+            return gathered
+        for name, rows in self.row_groups:
+            if name is None or name not in self.ranks:
+                continue  # base-only rows, or an adapter that does not touch this layer
+            delta = self._lora(name, x.index_select(0, rows))
+            result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
 
     def _one_adapter_decode_step(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """A decode step with one unmerged adapter, `name`: base product, bias and update in one
@@ -265,15 +268,12 @@ class LoraLinear(LoraLayerBase):
         autograd, AdaLoRA's product, an NF4 or Conv1D base). Generation runs this in every
         adapted layer at every token, so the Python around the kernels is the cost that
         bench/generation_overhead.py sees at batch 1."""
-        cls = type(self)
         if (
-            cls.base_forward is not LoraLinear.base_forward
-            or cls._lora is not LoraLinear._lora
+            type(self).base_forward is not LoraLinear.base_forward
             or self.fan_in_fan_out
             or not small_batch_linear.kernel_takes(x, self.in_features)
+            or not self._plain_lora_without_dropout([name])
         ):
-            return None
-        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return None
         return small_batch_linear.lora_linear(
             x,
