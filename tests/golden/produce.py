@@ -1,0 +1,104 @@
+"""Write every file format graftlm produces, on a fixed seed, and print their SHA-256 as JSON.
+
+Run as ``python tests/golden/produce.py WORKDIR MANIFEST.json`` (from the repository root). It goes through the
+public API and the CLI only, so the same script ran on the code before the "one house plan"
+restructure produced ``expected.json`` beside it; ``tests/test_golden_files.py`` runs it on the
+code of today and asks for the same bytes.
+
+What is compared: each method's adapter folder (adapter_config.json, weights, graftlm.json less
+its time and peak memory), metrics.jsonl less its timing fields, the merged model folder, and the GGUF
+adapter and merged files. Times and the checkpoint's pickles are left out (they hold the time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
+
+import helpers  # noqa: E402
+
+from graftlm.cli import main as cli_main  # noqa: E402
+
+METHODS = ("lora", "qlora", "adalora", "ia3", "bottleneck", "prompt", "prefix")
+# metrics.jsonl fields that depend on the clock or the machine's load
+TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
+
+
+def _rows(n: int = 24) -> list[dict]:
+    colours = ["red", "green", "blue", "amber"]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Ticket {i}: the {colours[i % 4]} light blinks."},
+                {"role": "assistant", "content": f"Category: {colours[i % 4]}"},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _strip_metrics(text: str) -> str:
+    rows = []
+    for line in text.splitlines():
+        row = json.loads(line)
+        rows.append({k: v for k, v in row.items() if not any(t in k for t in TIMING)})
+    return "\n".join(json.dumps(r, sort_keys=True) for r in rows)
+
+
+def _digest_folder(folder: Path, out: dict, prefix: str, root: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or "checkpoint" in path.parts or path.suffix == ".png":
+            continue
+        key = f"{prefix}/{path.relative_to(folder)}"
+        if path.name == "graftlm.json":
+            data = json.loads(path.read_text())
+            data.pop("created", None)
+            data.get("training", {}).pop("train_seconds", None)
+            data.get("training", {}).get("memory", {}).pop("peak_rss_bytes", None)
+            out[key] = _sha(json.dumps(data, sort_keys=True).replace(str(root), "ROOT").encode())
+        elif path.name == "metrics.jsonl":
+            out[key] = _sha(_strip_metrics(path.read_text()).encode())
+        elif path.suffix == ".json":  # they name the base folder, which differs run to run
+            out[key] = _sha(path.read_text().replace(str(root), "ROOT").encode())
+        else:
+            out[key] = _sha(path.read_bytes())
+
+
+def produce(root: Path) -> dict[str, str]:
+    torch.manual_seed(0)
+    base = helpers.save_tiny_model_dir(root / "base", "llama", seed=0)
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    digests: dict[str, str] = {}
+    for method in METHODS:
+        out = root / method
+        args = ["train", "--model", str(base), "--data", str(data), "--out", str(out),
+                "--method", method, "--steps", "3", "--batch-size", "4", "--seq-len", "64",
+                "--dtype", "float32", "--seed", "0", "--threads", "1", "--quiet"]
+        assert cli_main(args) == 0, method
+        _digest_folder(out, digests, method, root)
+    merged = root / "merged"
+    assert cli_main(["merge", "--adapter", str(root / "lora"), "--out", str(merged),
+                     "--model", str(base)]) == 0
+    _digest_folder(merged, digests, "merged", root)
+    gguf_adapter = root / "lora.gguf"
+    assert cli_main(["export", "--adapter", str(root / "lora"), "--format", "gguf",
+                     "--out", str(gguf_adapter), "--model", str(base)]) == 0
+    digests["lora.gguf"] = _sha(gguf_adapter.read_bytes())
+    return digests
+
+
+if __name__ == "__main__":
+    target, manifest = Path(sys.argv[1]), Path(sys.argv[2])
+    target.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(produce(target), indent=1, sort_keys=True) + "\n")
