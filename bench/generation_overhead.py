@@ -6,7 +6,7 @@
 On the built-in model, greedy decoding of `--new-tokens` tokens (no early stop) from a short chat
 prompt, at batch 1 and batch 8, for: the base model alone; the same weights with a LoRA adapter
 left unmerged (the adapter's B is random, so its product is really computed); the adapter merged
-into the weights (`graftlm.surgery.merge`, the LoRA layers still in place). The three run
+into the weights (`graftlm.methods.lora.inject.merge`, the LoRA layers still in place). The three run
 interleaved (the base is a copy of the model made before the adapter was added), `--repeats`
 times each, in one process; the median of each is reported as
 milliseconds per generated token (per row at batch 8: milliseconds per decoding step / 8) and
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from graftlm.config import LoraConfig
-    from graftlm.models import load_model
-    from graftlm.small_batch_linear import use_small_batch_kernel
-    from graftlm.surgery import inject, lora_layers, merge, unmerge
+    from graftlm.kernels.small_batch_linear import use_small_batch_kernel
+    from graftlm.methods.lora.config import LoraConfig
+    from graftlm.methods.lora.inject import inject, lora_layers, merge, unmerge
+    from graftlm.models.load import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=16)

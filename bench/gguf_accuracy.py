@@ -6,7 +6,7 @@
 Trains an adapter with `graftlm train`'s defaults if `--adapter` does not exist yet, then scores
 greedy exact match on the task's held-out test rows (unseen phrasings) four ways:
 
-- graftlm (`graftlm.generate`, fp32 on the dequantized built-in model) — the reference;
+- graftlm (`graftlm.infer.generate`, fp32 on the dequantized built-in model) — the reference;
 - llama.cpp on the built-in Q4_1 GGUF + the adapter exported with ``--format gguf`` (f32);
 - llama.cpp on the merged model exported with ``--format gguf-merged`` (``--quant`` f16, q8_0, q4_1).
 
@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from graftlm.cli import main as cli_main
-    from graftlm.data import prompt_for_generation, read_rows, reference_answer
-    from graftlm.export_gguf import export_adapter_gguf, export_merged_gguf
-    from graftlm.generate import SamplingConfig, generate, load_for_inference
-    from graftlm.llamacpp_run import LlamaCpp
-    from graftlm.models import builtin_gguf_path
+    from graftlm.cli.parser import main as cli_main
+    from graftlm.data.dataset import prompt_for_generation, read_rows, reference_answer
+    from graftlm.export.gguf import export_adapter_gguf, export_merged_gguf
+    from graftlm.export.llamacpp_run import LlamaCpp
+    from graftlm.infer.generate import SamplingConfig, generate, load_for_inference
+    from graftlm.models.load import builtin_gguf_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="tickets", help="a folder under examples/data")

@@ -26,7 +26,7 @@ from contextlib import redirect_stdout
 import torch
 from torch import nn
 
-from graftlm.methods.nf4 import NF4Linear, quantize_nf4
+from graftlm.quant.nf4 import NF4Linear, quantize_nf4
 
 HF_NAMES = {
     "attn_q": "self_attn.q_proj",

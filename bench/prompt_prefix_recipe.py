@@ -5,7 +5,7 @@
 
 Prints and appends to `bench/results/prompt_prefix.jsonl`: the settings, optimizer steps,
 training seconds, final train/eval loss, and on the task's test file (unseen phrasings) greedy
-exact match and field accuracy (`graftlm.answer_fields`). Seconds depend on machine load;
+exact match and field accuracy (`graftlm.infer.answer_fields`). Seconds depend on machine load;
 accuracies do not.
 """
 
@@ -43,11 +43,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from graftlm.answer_fields import field_accuracy
-    from graftlm.data import prompt_for_generation, read_rows, reference_answer
-    from graftlm.generate import SamplingConfig, generate, load_for_inference
-    from graftlm.train import train
-    from graftlm.train_config import TrainConfig
+    from graftlm.data.dataset import prompt_for_generation, read_rows, reference_answer
+    from graftlm.infer.answer_fields import field_accuracy
+    from graftlm.infer.generate import SamplingConfig, generate, load_for_inference
+    from graftlm.train.config import TrainConfig
+    from graftlm.train.loop import train
 
     settings = dict(item.split("=", 1) for item in args.set)
     settings = {k: parse_value(v) for k, v in settings.items()}

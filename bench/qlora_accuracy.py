@@ -47,9 +47,9 @@ def score_in_peft(adapter: Path, test: Path, rows: int | None) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from graftlm.data import prompt_for_generation, read_rows, reference_answer
-    from graftlm.generate import _eos_ids
-    from graftlm.models import _ensure_converted, builtin_gguf_path, load_tokenizer
+    from graftlm.data.dataset import prompt_for_generation, read_rows, reference_answer
+    from graftlm.infer.generate import _eos_ids
+    from graftlm.models.load import _ensure_converted, builtin_gguf_path, load_tokenizer
 
     folder = _ensure_converted(builtin_gguf_path(), None)
     base = AutoModelForCausalLM.from_pretrained(

@@ -34,8 +34,8 @@ def parse_value(text: str):
 
 
 def score(adapter: Path, test: Path, rows: int | None) -> tuple[float, int, float]:
-    from graftlm.data import prompt_for_generation, read_rows, reference_answer
-    from graftlm.generate import SamplingConfig, generate, load_for_inference
+    from graftlm.data.dataset import prompt_for_generation, read_rows, reference_answer
+    from graftlm.infer.generate import SamplingConfig, generate, load_for_inference
 
     data, _ = read_rows(test)
     data = data[:rows] if rows else data
@@ -64,9 +64,9 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from graftlm.runtime import bf16_supported
-    from graftlm.train import train
-    from graftlm.train_config import TrainConfig
+    from graftlm.train.config import TrainConfig
+    from graftlm.train.distributed import bf16_supported
+    from graftlm.train.loop import train
 
     runs = args.set or [[]]
     for settings in runs:

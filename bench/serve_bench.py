@@ -49,7 +49,7 @@ QUESTIONS = [
 def make_adapters(model, folder: Path, count: int) -> dict[str, str]:
     """`count` adapters of rank 8..16 on every linear layer, B random (so each one matters)."""
     import graftlm
-    from graftlm.config import LoraConfig
+    from graftlm.methods.lora.config import LoraConfig
 
     folders = {}
     generator = torch.Generator().manual_seed(0)
@@ -68,8 +68,8 @@ def make_adapters(model, folder: Path, count: int) -> dict[str, str]:
 
 def engine_run(engine, prompts: list[list[int]], adapters: list[str | None], tokens: int) -> float:
     """Submit every prompt at once; seconds until the last one finishes."""
-    from graftlm.engine import Request
-    from graftlm.generate import SamplingConfig
+    from graftlm.infer.generate import SamplingConfig
+    from graftlm.serve.scheduler import Request
 
     done = threading.Semaphore(0)
     errors = []
@@ -125,8 +125,8 @@ def step_benchmark(model, registry, peft_model, prompts, repeats: int) -> None:
     """One decode forward (8 rows, ~40 cached tokens each): where each setup spends its time."""
     import copy
 
-    from graftlm.methods import lora
-    from graftlm.surgery import row_adapters
+    from graftlm.methods.lora import layer as lora
+    from graftlm.methods.lora.inject import row_adapters
 
     names = registry.names()
     internal = [e.internal for e in registry.acquire(names)]
@@ -207,9 +207,9 @@ def step_benchmark(model, registry, peft_model, prompts, repeats: int) -> None:
 
 def batch_benchmarks(args, model, registry, peft_model, folders, prompts, tokenizer) -> None:
     """Whole generations: 8 requests of `tokens` tokens each, every setup doing the same work."""
-    from graftlm.adapters import load_adapter
-    from graftlm.engine import Engine
-    from graftlm.surgery import delete_adapter
+    from graftlm.methods.lora.files import load_adapter
+    from graftlm.methods.lora.inject import delete_adapter
+    from graftlm.serve.scheduler import Engine
 
     names = list(folders)
     engine = Engine(model, tokenizer, registry, max_batch=len(prompts))
@@ -269,7 +269,7 @@ def batch_benchmarks(args, model, registry, peft_model, folders, prompts, tokeni
 def load_test(args, folders) -> None:
     import openai
 
-    from graftlm.serve import create_server
+    from graftlm.serve.app import create_server
 
     with socket_port() as port:
         pass
@@ -373,16 +373,16 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
 
-    from graftlm.data import prompt_for_generation
-    from graftlm.models import load_model
-    from graftlm.small_batch_linear import use_small_batch_kernel
+    from graftlm.data.dataset import prompt_for_generation
+    from graftlm.kernels.small_batch_linear import use_small_batch_kernel
+    from graftlm.models.load import load_model
 
     buffer = io.StringIO()
     tee = Tee(sys.stdout, buffer)
     with redirect_stdout(tee), tempfile.TemporaryDirectory() as tmp:
         import peft
 
-        from graftlm.registry import AdapterRegistry
+        from graftlm.serve.adapter_pool import AdapterRegistry
 
         model, tokenizer = load_model("smollm2-135m-instruct")
         model.eval()

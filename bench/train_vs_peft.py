@@ -7,7 +7,7 @@
 Both sides run in their own subprocess (so peak RSS is each one's own), on the same model, the
 same tokenized rows, rank, targets, batch, sequence length, learning rate and seed:
 
-- graftlm: `graftlm.train.train` (what `graftlm train` runs), its defaults for everything else;
+- graftlm: `graftlm.train.loop.train` (what `graftlm train` runs), its defaults for everything else;
   tokens/s from its metrics.jsonl (`tokens`, `elapsed_s`).
 - PEFT: `get_peft_model` + AdamW + a padded batch loop with `model(**batch, labels=...)`, in the
   best precision this CPU has (bf16 weights + autocast where bf16 is fast, else fp32).
@@ -52,14 +52,16 @@ def make_text_rows(path: Path, tokenizer, seq_len: int, rows: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    from graftlm.memory import peak_rss_bytes  # VmHWM: this worker's own peak, not its parent's
+    from graftlm.train.memory import (
+        peak_rss_bytes,  # VmHWM: this worker's own peak, not its parent's
+    )
 
     return peak_rss_bytes() / 2**20
 
 
 def worker_graftlm(args) -> dict:
-    from graftlm.train import train
-    from graftlm.train_config import TrainConfig
+    from graftlm.train.config import TrainConfig
+    from graftlm.train.loop import train
 
     out = Path(tempfile.mkdtemp(prefix="bench-graftlm-")) / "out"
     extra = {"steps": args.steps} if args.steps else {"epochs": args.epochs}
@@ -107,9 +109,9 @@ def with_peft_lora(model, args):
 def worker_peft(args) -> dict:
     import torch
 
-    from graftlm.data import collate, length_grouped_batches, load_dataset
-    from graftlm.models import load_model
-    from graftlm.runtime import bf16_supported
+    from graftlm.data.dataset import collate, length_grouped_batches, load_dataset
+    from graftlm.models.load import load_model
+    from graftlm.train.distributed import bf16_supported
 
     torch.manual_seed(0)
     bf16 = bf16_supported()
@@ -118,7 +120,7 @@ def worker_peft(args) -> dict:
     if args.method == "qlora":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from graftlm.models import _ensure_converted, builtin_gguf_path
+        from graftlm.models.load import _ensure_converted, builtin_gguf_path
 
         del model
         model = AutoModelForCausalLM.from_pretrained(
@@ -143,7 +145,7 @@ def worker_peft(args) -> dict:
         for i in [b]
     ]
     steps = args.steps or int(args.epochs * len(examples) / args.batch_size + 0.999)
-    from graftlm.train import lr_lambda
+    from graftlm.train.steps import lr_lambda
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps, 0.0)
@@ -188,9 +190,9 @@ def worker_flops(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from graftlm.data import collate, load_dataset
-    from graftlm.models import load_model
-    from graftlm.runtime import bf16_supported
+    from graftlm.data.dataset import collate, load_dataset
+    from graftlm.models.load import load_model
+    from graftlm.train.distributed import bf16_supported
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m-instruct", dtype=torch.float32)
@@ -265,7 +267,7 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp(prefix="bench-data-")) / f"{args.workload}.jsonl"
     if args.workload == "text":
-        from graftlm.models import load_tokenizer
+        from graftlm.models.load import load_tokenizer
 
         make_text_rows(
             data,

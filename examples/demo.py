@@ -32,11 +32,11 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    from graftlm.data import prompt_for_generation, read_rows, reference_answer
-    from graftlm.generate import SamplingConfig, generate, load_for_inference
-    from graftlm.surgery import disable_adapters
-    from graftlm.train import train
-    from graftlm.train_config import TrainConfig
+    from graftlm.data.dataset import prompt_for_generation, read_rows, reference_answer
+    from graftlm.infer.generate import SamplingConfig, generate, load_for_inference
+    from graftlm.methods.lora.inject import disable_adapters
+    from graftlm.train.config import TrainConfig
+    from graftlm.train.loop import train
 
     started = time.perf_counter()
     out = Path(args.out)

@@ -17,20 +17,20 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "LoraConfig": "graftlm.config",
-    "inject": "graftlm.surgery",
-    "set_adapter": "graftlm.surgery",
-    "delete_adapter": "graftlm.surgery",
-    "active_adapters": "graftlm.surgery",
-    "disable_adapters": "graftlm.surgery",
-    "row_adapters": "graftlm.surgery",
-    "merge": "graftlm.surgery",
-    "unmerge": "graftlm.surgery",
-    "merge_and_unload": "graftlm.surgery",
-    "adapter_names": "graftlm.surgery",
-    "save_adapter": "graftlm.adapters",
-    "load_adapter": "graftlm.adapters",
-    "load_model": "graftlm.models",
+    "LoraConfig": "graftlm.methods.lora.config",
+    "inject": "graftlm.methods.lora.inject",
+    "set_adapter": "graftlm.methods.lora.inject",
+    "delete_adapter": "graftlm.methods.lora.inject",
+    "active_adapters": "graftlm.methods.lora.inject",
+    "disable_adapters": "graftlm.methods.lora.inject",
+    "row_adapters": "graftlm.methods.lora.inject",
+    "merge": "graftlm.methods.lora.inject",
+    "unmerge": "graftlm.methods.lora.inject",
+    "merge_and_unload": "graftlm.methods.lora.inject",
+    "adapter_names": "graftlm.methods.lora.inject",
+    "save_adapter": "graftlm.methods.lora.files",
+    "load_adapter": "graftlm.methods.lora.files",
+    "load_model": "graftlm.models.load",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from graftlm.cli import main
+from graftlm.cli.parser import main
 
 sys.exit(main())

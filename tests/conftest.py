@@ -75,7 +75,7 @@ def tiny_model_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from graftlm.models import load_model
+    from graftlm.models.load import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct")
     return model, tokenizer
@@ -91,6 +91,6 @@ def smollm2_copy(smollm2):
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from graftlm.models import load_tokenizer
+    from graftlm.models.load import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")

@@ -16,6 +16,8 @@ used together, e.g. for training-loop tests without the real model.
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
@@ -154,3 +156,46 @@ def save_tiny_model_dir(path: str | Path, kind: str = "llama", seed: int = 0) ->
     tiny_model_factory(kind, seed=seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+LABELS = ["red", "green", "blue"]
+
+
+def write_chat(path: Path, rows: int, seed: int = 0) -> Path:
+    """`rows` chat rows whose answer is one of LABELS, named in the question."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(rows):
+            label = rng.choice(LABELS)
+            user = f"item {i} is {label}" + " !" * rng.randint(0, 6)
+            handle.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": user},
+                            {"role": "assistant", "content": label},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def base_cfg(tmp_path: Path, model_dir: Path, **overrides):
+    """A short LoRA TrainConfig on `write_chat` rows: rank 4, 6 steps of 8, checkpoints every 2."""
+    from graftlm.train.config import TrainConfig
+
+    values = dict(
+        data=str(write_chat(tmp_path / "train.jsonl", 40)),
+        out=str(tmp_path / "out"),
+        model=str(model_dir),
+        rank=4,
+        batch_size=8,
+        steps=6,
+        save_every=2,
+        dtype="float32",
+        lr=1e-2,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)

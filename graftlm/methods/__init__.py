@@ -14,15 +14,15 @@ from types import ModuleType
 
 from graftlm.errors import GraftError
 
-# --method value -> module implementing graftlm.methods.base.MethodModule
+# --method value -> module implementing graftlm.adapters.contract.MethodModule
 REGISTRY: dict[str, str] = {
-    "lora": "graftlm.methods.lora_method",
-    "qlora": "graftlm.methods.qlora_method",
-    "adalora": "graftlm.methods.adalora",
-    "prompt": "graftlm.methods.prompt_tuning",
-    "prefix": "graftlm.methods.prefix_tuning",
-    "bottleneck": "graftlm.methods.bottleneck",
-    "ia3": "graftlm.methods.ia3",
+    "lora": "graftlm.methods.lora.method",
+    "qlora": "graftlm.methods.lora.qlora",
+    "adalora": "graftlm.methods.adalora.method",
+    "prompt": "graftlm.methods.virtual_tokens.prompt",
+    "prefix": "graftlm.methods.virtual_tokens.prefix",
+    "bottleneck": "graftlm.methods.bottleneck.method",
+    "ia3": "graftlm.methods.ia3.method",
 }
 
 # adapter_config.json "peft_type" -> --method value ("BOTTLENECK" is graftlm's own: PEFT lacks it)

@@ -82,18 +82,57 @@ def produce(root: Path) -> dict[str, str]:
     digests: dict[str, str] = {}
     for method in METHODS:
         out = root / method
-        args = ["train", "--model", str(base), "--data", str(data), "--out", str(out),
-                "--method", method, "--steps", "3", "--batch-size", "4", "--seq-len", "64",
-                "--dtype", "float32", "--seed", "0", "--threads", "1", "--quiet"]
+        args = [
+            "train",
+            "--model",
+            str(base),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--method",
+            method,
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "64",
+            "--dtype",
+            "float32",
+            "--seed",
+            "0",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
         assert cli_main(args) == 0, method
         _digest_folder(out, digests, method, root)
     merged = root / "merged"
-    assert cli_main(["merge", "--adapter", str(root / "lora"), "--out", str(merged),
-                     "--model", str(base)]) == 0
+    assert (
+        cli_main(
+            ["merge", "--adapter", str(root / "lora"), "--out", str(merged), "--model", str(base)]
+        )
+        == 0
+    )
     _digest_folder(merged, digests, "merged", root)
     gguf_adapter = root / "lora.gguf"
-    assert cli_main(["export", "--adapter", str(root / "lora"), "--format", "gguf",
-                     "--out", str(gguf_adapter), "--model", str(base)]) == 0
+    assert (
+        cli_main(
+            [
+                "export",
+                "--adapter",
+                str(root / "lora"),
+                "--format",
+                "gguf",
+                "--out",
+                str(gguf_adapter),
+                "--model",
+                str(base),
+            ]
+        )
+        == 0
+    )
     digests["lora.gguf"] = _sha(gguf_adapter.read_bytes())
     return digests
 

@@ -1,0 +1,149 @@
+"""`graftlm inspect`: what an adapter folder holds, read without loading any model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from graftlm.errors import GraftError
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Facts about an adapter folder: method, ranks, targets, parameters, size, fingerprint, training.
+
+    Only the safetensors header is read (shapes), not the weights.
+
+    Raises:
+        GraftError: not an adapter folder, or unreadable files.
+    """
+    from safetensors import safe_open
+
+    from graftlm.methods.lora.files import CONFIG_FILE, WEIGHTS_FILE
+
+    folder = Path(path)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise GraftError(f"{folder}: not an adapter folder (no {CONFIG_FILE})")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GraftError(f"{config_path}: not valid JSON ({exc})") from None
+    graft: dict[str, Any] = {}
+    if (folder / "graftlm.json").is_file():
+        graft = json.loads((folder / "graftlm.json").read_text(encoding="utf-8"))
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise GraftError(f"{weights}: not found")
+    shapes: dict[str, list[int]] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = list(handle.get_slice(key).get_shape())
+    except Exception as exc:
+        raise GraftError(f"{weights}: cannot read, file is truncated or corrupt ({exc})") from None
+    parameters = 0
+    for shape in shapes.values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        parameters += count
+    ranks: dict[int, int] = {}
+    modules = set()
+    for key, shape in shapes.items():
+        if key.endswith("lora_A.weight") or key.endswith("lora_embedding_A"):
+            ranks[shape[0]] = ranks.get(shape[0], 0) + 1
+            modules.add(key.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1])
+    from graftlm.methods import PEFT_TYPES, method_module
+
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    method = graft.get("method") or PEFT_TYPES.get(peft_type, peft_type.lower())
+    if method == "lora" and graft.get("quantize"):
+        method = "qlora"
+    module = method_module(method) if method in PEFT_TYPES.values() or method == "qlora" else None
+    extra = module.describe(folder) if module and hasattr(module, "describe") else {}
+    facts = {
+        "path": str(folder),
+        "method": method,
+        "peft_type": peft_type,
+        "rank": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "use_rslora": config.get("use_rslora", False),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "rank_pattern": config.get("rank_pattern") or {},
+        "target_modules": config.get("target_modules"),
+        "adapted_module_kinds": sorted(modules),
+        "adapted_modules": sum(ranks.values()),
+        "trainable_parameters": parameters,
+        "file_bytes": weights.stat().st_size,
+        "base_model": config.get("base_model_name_or_path"),
+        "quantize": graft.get("quantize"),
+        "base_fingerprint": graft.get("base_fingerprint"),
+        "created": graft.get("created"),
+        "training": graft.get("training"),
+        "memory": (graft.get("training") or {}).get("memory"),
+        **extra,
+    }
+    return facts
+
+
+def format_description(facts: dict[str, Any]) -> str:
+    """Human-readable lines for `describe`'s facts."""
+    lines = [
+        f"adapter        {facts['path']}",
+        f"method         {facts['method']}"
+        + (f" on a {facts['quantize']} base" if facts.get("quantize") else ""),
+    ]
+    if facts["rank"] is not None:  # the LoRA family
+        lines += [
+            f"rank           {facts['rank']}  (alpha {facts['alpha']}, scale "
+            + ("alpha/sqrt(r), rsLoRA" if facts["use_rslora"] else "alpha/r")
+            + ")",
+            "ranks in file  " + ", ".join(f"r={r}: {n} modules" for r, n in facts["ranks"].items()),
+        ]
+    if facts.get("target_modules"):
+        lines.append(f"targets        {facts['target_modules']}")
+    if facts["adapted_modules"]:
+        lines.append(
+            f"modules        {facts['adapted_modules']} ({', '.join(facts['adapted_module_kinds'])})"
+        )
+    lines += [
+        f"parameters     {facts['trainable_parameters']:,}",
+        f"file size      {facts['file_bytes'] / 1e6:.2f} MB",
+        f"base model     {facts['base_model']}",
+    ]
+    if facts.get("rank_pattern"):
+        lines.append(f"rank pattern   {facts['rank_pattern']}")
+    for key, value in (facts.get("method_facts") or {}).items():
+        lines.append(f"{key:<14} {value}")
+    if facts.get("memory"):
+        from graftlm.train.memory import format_memory
+
+        lines.append(f"memory         {format_memory(facts['memory'])} (when trained)")
+    fp = facts.get("base_fingerprint")
+    if fp:
+        lines.append(
+            f"base print     {fp.get('architecture')} shapes {fp.get('shapes_sha256')} weights {fp.get('weights_sha256')}"
+        )
+    if facts.get("created"):
+        lines.append(f"created        {facts['created']}")
+    training = facts.get("training")
+    if training:
+        lines.append(
+            "training       "
+            + ", ".join(
+                f"{k} {training[k]}"
+                for k in (
+                    "steps",
+                    "epochs",
+                    "examples",
+                    "final_loss",
+                    "eval_loss",
+                    "train_seconds",
+                    "data",
+                )
+                if training.get(k) is not None
+            )
+        )
+    return "\n".join(lines)

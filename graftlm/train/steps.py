@@ -1,0 +1,109 @@
+"""Step planning: which sequences make each optimizer step, how a step is cut into passes,
+and the learning-rate schedule. Pure functions of the settings and the data.
+"""
+
+from __future__ import annotations
+
+import math
+
+from graftlm.data.dataset import Example, length_grouped_batches
+from graftlm.train.config import TrainConfig
+from graftlm.train.distributed import Runtime
+
+# Padded tokens per forward pass when --micro-batch-size is not given. Activations grow with the
+# tokens of one pass, the speed barely moves: on SmolLM2-135M (LoRA r8 q/v, batch 8 x 256, this
+# 2-core CPU, fused kernels) 2048 tokens per pass peaked at 4.7 GB RSS and took 11.7 s/step,
+# 1024 tokens 3.0 GB and 11.2 s, 512 tokens 2.0 GB and 12.4 s (matrix products of 512 rows run
+# ~15% below their 2048-row speed), 256 tokens 1.4 GB and 13.5 s. The loss is the same for all.
+MICRO_BATCH_TOKENS = 1024
+# --low-memory: smaller passes instead of recomputing layers. Against PEFT on the run above
+# (bench/train_vs_peft.py): 512 tokens per pass with blocks of 4 MiB or more unmapped on free
+# (memory.return_freed_memory_to_os) 1.11x its speed at 0.31x its peak (the default: 1.14x at
+# 0.46x); with a 1 MiB threshold 0.26x the peak but 0.80x the speed (page faults of fresh
+# temporaries); activation checkpointing (the old mode) 0.23x at 0.51x. Checkpointing stays for
+# rows longer than LOW_MEMORY_CHECKPOINT_TOKENS, whose activations no micro-batch can bound.
+LOW_MEMORY_BATCH_TOKENS = 512
+LOW_MEMORY_CHECKPOINT_TOKENS = 1024
+# With activation checkpointing a pass keeps only each layer's input (~2.3 KB per token on the
+# built-in model), so bigger passes cost little memory and save work: every pass runs each
+# layer three times (forward, recompute, backward), and a QLoRA layer dequantizes its weight
+# each time.
+CHECKPOINTED_BATCH_TOKENS = 2048
+
+
+def step_batches(examples: list[Example], cfg: TrainConfig, total_steps: int) -> list[list[int]]:
+    """The example indices of every optimizer step, epoch after epoch, from (seed, epoch) alone."""
+    lengths = [len(e) for e in examples]
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total_steps:
+        plan.extend(length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch))
+        epoch += 1
+    return plan[:total_steps]
+
+
+def tokens_per_pass(cfg: TrainConfig, checkpointing: bool) -> int:
+    """Padded tokens per forward pass when --micro-batch-size is not given."""
+    if checkpointing:
+        return CHECKPOINTED_BATCH_TOKENS
+    return LOW_MEMORY_BATCH_TOKENS if cfg.low_memory else MICRO_BATCH_TOKENS
+
+
+def micro_batches(
+    indices: list[int],
+    examples: list[Example],
+    cfg: TrainConfig,
+    runtime: Runtime,
+    budget: int | None = None,
+) -> list[list[int]]:
+    """Cut one step's sequences into micro-batches (longest first) and keep this rank's share.
+
+    `budget`: padded tokens per pass (default `tokens_per_pass(cfg, checkpointing=False)`).
+    """
+    budget = budget or tokens_per_pass(cfg, checkpointing=False)
+    ordered = sorted(indices, key=lambda i: len(examples[i]), reverse=True)
+    # with several ranks, cut at least one micro-batch per rank so that every rank has work
+    per_rank = -(-len(indices) // runtime.world_size)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in ordered:
+        width = len(examples[current[0]]) if current else len(examples[i])
+        limit = cfg.micro_batch_size or max(1, budget // max(width, 1))
+        limit = min(limit, per_rank)
+        if current and len(current) >= limit:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return runtime.shard(chunks)
+
+
+def needs_checkpointing(cfg: TrainConfig, examples: list[Example]) -> bool:
+    """`--activation-checkpointing` if set; else low-memory mode recomputes activations only
+    when rows are too long for small passes."""
+    if cfg.activation_checkpointing is not None:
+        return cfg.activation_checkpointing
+    if not cfg.low_memory or not examples:
+        return False
+    return max(map(len, examples)) > LOW_MEMORY_CHECKPOINT_TOKENS
+
+
+def count_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of the run: `--steps`, else enough for `--epochs` over the data."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    """Warmup then cosine decay, as a factor of `--lr` for `torch.optim.lr_scheduler.LambdaLR`."""
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
