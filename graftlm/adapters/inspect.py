@@ -118,8 +118,6 @@ def format_description(facts: dict[str, Any]) -> str:
     for key, value in (facts.get("method_facts") or {}).items():
         lines.append(f"{key:<14} {value}")
     if facts.get("memory"):
-        from graftlm.train.memory import format_memory
-
         lines.append(f"memory         {format_memory(facts['memory'])} (when trained)")
     fp = facts.get("base_fingerprint")
     if fp:
@@ -147,3 +145,14 @@ def format_description(facts: dict[str, Any]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def format_memory(memory: dict[str, int]) -> str:
+    """The memory record of graftlm.json's "training" entry as one line: 'base weights 270.0 MB, adapter 19.6 MB, optimizer state 39.2 MB, peak RSS ...'."""
+    labels = (
+        ("base_weight_bytes", "base weights"),
+        ("adapter_bytes", "adapter"),
+        ("optimizer_state_bytes", "optimizer state"),
+        ("peak_rss_bytes", "peak RSS"),
+    )
+    return ", ".join(f"{label} {memory[k] / 1e6:.1f} MB" for k, label in labels if k in memory)

@@ -86,14 +86,3 @@ def memory_accounting(model: nn.Module, optimizer: torch.optim.Optimizer | None)
         "optimizer_state_bytes": tensor_bytes(state),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-
-
-def format_memory(memory: dict[str, int]) -> str:
-    """One line: 'base weights 270.0 MB, adapter 19.6 MB, optimizer state 39.2 MB, peak RSS ...'."""
-    labels = (
-        ("base_weight_bytes", "base weights"),
-        ("adapter_bytes", "adapter"),
-        ("optimizer_state_bytes", "optimizer state"),
-        ("peak_rss_bytes", "peak RSS"),
-    )
-    return ", ".join(f"{label} {memory[k] / 1e6:.1f} MB" for k, label in labels if k in memory)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.layer_walk import outer_modules
+from graftlm.adapters.wrapped_layers import WrappedLayerAdapters
 from graftlm.errors import GraftError
 from graftlm.methods.bottleneck.layer import (
     DEFAULT_ACTIVATION,
@@ -61,12 +62,18 @@ _ATTENTION = re.compile(r".*(attn|attention).*", re.IGNORECASE)
 _MLP = re.compile(r".*(mlp|feed_forward|ffn).*", re.IGNORECASE)
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, BottleneckAdapter]]:
-    """Every bottleneck adapter of `model` with the name of the module it adapts."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)]
-
-
 # -- where the adapters go --------------------------------------------------------------------
+
+
+# adapters / set_active / active_adapter / unload, shared with (IA)³
+BOTTLENECK_ADAPTERS = WrappedLayerAdapters(
+    "bottleneck", BottleneckAdapter, "graftlm_bottleneck", ("adapter_down", "adapter_up")
+)
+adapter_layers = BOTTLENECK_ADAPTERS.layers
+adapters = BOTTLENECK_ADAPTERS.adapters
+set_active = BOTTLENECK_ADAPTERS.set_active
+active_adapter = BOTTLENECK_ADAPTERS.active_adapter
+unload = BOTTLENECK_ADAPTERS.unload
 
 
 def _last_linear(module: nn.Module, prefix: str) -> str | None:
@@ -117,13 +124,6 @@ def find_sites(model: nn.Module, placement: str) -> list[tuple[str, str]]:
 # -- attach -----------------------------------------------------------------------------------
 
 
-def adapters(model: nn.Module) -> dict[str, BottleneckConfig]:
-    """The bottleneck adapters of `model`: {name: config} (a live dict, in the order added)."""
-    if not hasattr(model, "graftlm_bottleneck"):
-        model.graftlm_bottleneck = {}
-    return model.graftlm_bottleneck
-
-
 def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "default"):
     """Insert adapter `name` where `config.placement` says and make it the active, and only
     trainable, one.
@@ -158,25 +158,6 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "defa
     return summarize(model, name, added)
 
 
-def set_active(model: nn.Module, name: str | None) -> None:
-    """Make adapter `name` the one every site applies (None: none) and the only trainable one."""
-    if name is not None and name not in adapters(model):
-        raise GraftError(f"no bottleneck adapter named {name!r}; loaded: {list(adapters(model))}")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for _, layer in adapter_layers(model):
-        layer.active = name
-        if name in layer.adapter_down:
-            layer.adapter_down[name].requires_grad_(True)
-            layer.adapter_up[name].requires_grad_(True)
-
-
-def active_adapter(model: nn.Module) -> str | None:
-    """The adapter the sites apply (the one added or loaded last, unless set)."""
-    layers = adapter_layers(model)
-    return layers[0][1].active if layers else None
-
-
 def attach(model: nn.Module, cfg) -> Any:
     """Add bottleneck adapter "default" as `cfg` says (bottleneck_size/_placement, dropout)."""
     config = BottleneckConfig(
@@ -199,42 +180,13 @@ def merge(model: nn.Module) -> None:
     )
 
 
-def unload(model: nn.Module, name: str) -> None:
-    """Remove adapter `name`; the last one out restores the base model's own modules.
-
-    Raises:
-        GraftError: no adapter of that name.
-    """
-    from graftlm.adapters.modules import set_module
-
-    known = adapters(model)
-    if name not in known:
-        raise GraftError(f"no bottleneck adapter named {name!r}; loaded: {list(known)}")
-    active = active_adapter(model)
-    for module_name, layer in adapter_layers(model):
-        if name in layer.adapter_down:
-            layer.delete(name)
-        if not layer.adapter_down:
-            set_module(model, module_name, layer.base_layer)
-    del known[name]
-    if known:
-        set_active(model, active if active in known else list(known)[-1])
-
-
 # -- save / load ------------------------------------------------------------------------------
-
-
-def _name_or_active(model: nn.Module, name: str | None) -> str:
-    name = active_adapter(model) if name is None else name
-    if name is None or name not in adapters(model):
-        raise GraftError(f"no bottleneck adapter named {name!r}; loaded: {list(adapters(model))}")
-    return name
 
 
 def state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """Adapter `name`'s (default: the active one's) tensors under their file keys
     (`base_model.model.<module>.adapter_down.weight`, ...), fp32."""
-    name = _name_or_active(model, name)
+    name = BOTTLENECK_ADAPTERS.name_or_active(model, name)
     out = {}
     for module_name, layer in adapter_layers(model):
         if name not in layer.adapter_down:
@@ -251,7 +203,7 @@ def config_dict(
 ) -> dict[str, Any]:
     """`adapter_config.json` of adapter `name` (default: the active one); see
     docs/bottleneck_format.md."""
-    name = _name_or_active(model, name)
+    name = BOTTLENECK_ADAPTERS.name_or_active(model, name)
     config = adapters(model)[name]
     layers = [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapter_down]
     return {

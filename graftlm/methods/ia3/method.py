@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.layer_walk import is_conv1d, layer_dims, outer_modules
+from graftlm.adapters.wrapped_layers import WrappedLayerAdapters
 from graftlm.errors import GraftError
 from graftlm.methods.ia3.layer import IA3Linear
 from graftlm.methods.ia3.targets import (
@@ -52,16 +53,13 @@ PREFIX = "base_model.model."
 KEY_SUFFIX = ".ia3_l"
 
 
-def ia3_layers(model: nn.Module) -> list[tuple[str, IA3Linear]]:
-    """Every (IA)³ layer of `model`, with its module name, in model order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
-
-
-def adapters(model: nn.Module) -> dict[str, IA3Spec]:
-    """The (IA)³ adapters of `model`: {name: spec} (a live dict, in the order added)."""
-    if not hasattr(model, "graftlm_ia3"):
-        model.graftlm_ia3 = {}
-    return model.graftlm_ia3
+# adapters / set_active / active_adapter / unload, shared with bottleneck adapters
+IA3_ADAPTERS = WrappedLayerAdapters("(IA)³", IA3Linear, "graftlm_ia3", ("ia3_l",))
+ia3_layers = IA3_ADAPTERS.layers
+adapters = IA3_ADAPTERS.adapters
+set_active = IA3_ADAPTERS.set_active
+active_adapter = IA3_ADAPTERS.active_adapter
+unload = IA3_ADAPTERS.unload
 
 
 # -- attach / merge ---------------------------------------------------------------------------
@@ -97,25 +95,6 @@ def add_ia3(model: nn.Module, spec: IA3Spec, name: str = "default"):
     known[name] = spec
     set_active(model, name)
     return summarize(model, name, added)
-
-
-def set_active(model: nn.Module, name: str | None) -> None:
-    """Make adapter `name` the one every (IA)³ layer applies (None: none) and the only
-    trainable parameters of the model."""
-    if name is not None and name not in adapters(model):
-        raise GraftError(f"no (IA)³ adapter named {name!r}; loaded: {list(adapters(model))}")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for _, layer in ia3_layers(model):
-        layer.active = name
-        if name in layer.ia3_l:
-            layer.ia3_l[name].requires_grad_(True)
-
-
-def active_adapter(model: nn.Module) -> str | None:
-    """The adapter the (IA)³ layers apply (the one added or loaded last, unless set)."""
-    layers = ia3_layers(model)
-    return layers[0][1].active if layers else None
 
 
 def attach(model: nn.Module, cfg) -> Any:
@@ -159,43 +138,13 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def unload(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` (unmerged first if merged); the last one out restores the base
-    model's own modules.
-
-    Raises:
-        GraftError: no adapter of that name.
-    """
-    from graftlm.adapters.modules import set_module
-
-    known = adapters(model)
-    if name not in known:
-        raise GraftError(f"no (IA)³ adapter named {name!r}; loaded: {list(known)}")
-    active = active_adapter(model)
-    for module_name, layer in ia3_layers(model):
-        if name in layer.ia3_l:
-            layer.delete(name)
-        if not layer.ia3_l:
-            set_module(model, module_name, layer.base_layer)
-    del known[name]
-    if known:
-        set_active(model, active if active in known else list(known)[-1])
-
-
 # -- save / load ------------------------------------------------------------------------------
-
-
-def _name_or_active(model: nn.Module, name: str | None) -> str:
-    name = active_adapter(model) if name is None else name
-    if name is None or name not in adapters(model):
-        raise GraftError(f"no (IA)³ adapter named {name!r}; loaded: {list(adapters(model))}")
-    return name
 
 
 def state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """Adapter `name`'s (default: the active one's) vectors under PEFT's keys
     (`base_model.model.<module>.ia3_l`), fp32."""
-    name = _name_or_active(model, name)
+    name = IA3_ADAPTERS.name_or_active(model, name)
     return {
         PREFIX + module_name + KEY_SUFFIX: layer.ia3_l[name].detach().float()
         for module_name, layer in ia3_layers(model)
@@ -211,7 +160,7 @@ def peft_config(
     `target_modules` / `feedforward_modules` are suffix lists when PEFT's matching rules select
     exactly the adapted layers with them, else anchored regexes of the exact names.
     """
-    name = _name_or_active(model, name)
+    name = IA3_ADAPTERS.name_or_active(model, name)
     layers = [(n, layer) for n, layer in ia3_layers(model) if name in layer.ia3_l]
     adapted = [n for n, _ in layers]
     feedforward = [n for n, layer in layers if layer.feedforward[name]]
