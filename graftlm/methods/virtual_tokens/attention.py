@@ -482,3 +482,14 @@ def make_trainable(model: nn.Module, name: str) -> None:
     trained = {id(p) for p in active_encoder(model, name).parameters()}
     for param in model.parameters():
         param.requires_grad_(id(param) in trained)
+
+
+def add_loaded_encoder(
+    model: nn.Module, method: str, name: str, encoder: VirtualTokenEncoder, weights: torch.Tensor
+) -> None:
+    """Finish loading a prompt or prefix folder: `weights` into `encoder`, which becomes adapter
+    `name`, active and trainable (as LoRA's load: the base frozen, this adapter trainable)."""
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(weights)
+    add_encoder(model, method, name, encoder, activate=True)
+    make_trainable(model, name)

@@ -255,15 +255,11 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
     weights = files.read_weights(folder, (count, g.num_layers * 2 * g.kv_dim))
     encoder = PrefixEncoder(count, g, encoder_hidden_size=config.get("encoder_hidden_size"))
     encoder.init = "random"
-    with torch.no_grad():
-        encoder.embedding.weight.copy_(weights)
-    vt.add_encoder(model, NAME, name, encoder, activate=True)
-    vt.make_trainable(model, name)  # as LoRA's load: the base frozen, this adapter trainable
+    vt.add_loaded_encoder(model, NAME, name, encoder, weights)
 
 
-def unload(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` (any prompt/prefix adapter); the last one out restores the base."""
-    vt.remove_encoder(model, name)
+# removes adapter `name` (any prompt/prefix adapter); the last one out restores the base
+unload = vt.remove_encoder
 
 
 def merge(model: nn.Module) -> None:

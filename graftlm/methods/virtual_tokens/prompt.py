@@ -206,15 +206,11 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
     init = str(config.get("prompt_tuning_init") or "RANDOM").upper()
     encoder.init = {v: k for k, v in _PEFT_INIT.items()}.get(init, "random")
     encoder.init_text = config.get("prompt_tuning_init_text") if encoder.init == "text" else None
-    with torch.no_grad():
-        encoder.embedding.weight.copy_(weights)
-    vt.add_encoder(model, NAME, name, encoder, activate=True)
-    vt.make_trainable(model, name)  # as LoRA's load: the base frozen, this adapter trainable
+    vt.add_loaded_encoder(model, NAME, name, encoder, weights)
 
 
-def unload(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` (any prompt/prefix adapter); the last one out restores the base."""
-    vt.remove_encoder(model, name)
+# removes adapter `name` (any prompt/prefix adapter); the last one out restores the base
+unload = vt.remove_encoder
 
 
 def merge(model: nn.Module) -> None:
