@@ -11,6 +11,8 @@ import re
 
 from torch import nn
 
+from graftlm.errors import GraftError
+
 # The first numbered segment of a module name is its block index ("model.layers.3.mlp" -> 3).
 LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
@@ -56,3 +58,13 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names become parts of module and file keys: letters, digits, '_' and '-' only.
+
+    Raises:
+        GraftError: any other character, or an empty name.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlm.adapters.modules import check_adapter_name
 from graftlm.errors import GraftError
 from graftlm.methods.adalora.budget import TrainingHooks  # noqa: F401  (the contract's name)
 from graftlm.methods.adalora.config import PEFT_TYPE, AdaLoraConfig  # noqa: F401  (contract)
@@ -110,8 +111,7 @@ def inject(
         raise GraftError(
             f"adapter {name!r} already exists; delete_adapter() it first or pick a new name"
         )
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
+    check_adapter_name(name)
     base_fingerprint(model)
     targets = find_targets(model, config.as_lora())
     layers: list[tuple[str, nn.Module]] = []

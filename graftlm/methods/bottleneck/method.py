@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.layer_walk import outer_modules
+from graftlm.adapters.modules import check_adapter_name
 from graftlm.adapters.wrapped_layers import WrappedLayerAdapters
 from graftlm.errors import GraftError
 from graftlm.methods.bottleneck.layer import (
@@ -140,8 +141,7 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "defa
     known = adapters(model)
     if name in known:
         raise GraftError(f"a bottleneck adapter named {name!r} is already loaded")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
+    check_adapter_name(name)
     base_fingerprint(model)  # of the untouched base: wrapping changes module names
     added = []
     for module_name, kind in find_sites(model, config.placement):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.layer_walk import is_conv1d, layer_dims, outer_modules
+from graftlm.adapters.modules import check_adapter_name
 from graftlm.adapters.wrapped_layers import WrappedLayerAdapters
 from graftlm.errors import GraftError
 from graftlm.methods.ia3.layer import IA3Linear
@@ -81,8 +82,7 @@ def add_ia3(model: nn.Module, spec: IA3Spec, name: str = "default"):
     known = adapters(model)
     if name in known:
         raise GraftError(f"an (IA)³ adapter named {name!r} is already loaded")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
+    check_adapter_name(name)
     base_fingerprint(model)  # of the untouched base: the wrapped layers change module names
     added = []
     for module_name, feedforward in find_targets(model, spec):

@@ -18,6 +18,7 @@ from torch import nn
 
 from graftlm.adapters.modules import (
     LAYER_INDEX,
+    check_adapter_name,
     is_linear,
     linear_dims,
     name_matches,
@@ -220,8 +221,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
         raise GraftError(
             f"adapter {name!r} already exists; delete_adapter() it first or pick a new name"
         )
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
+    check_adapter_name(name)
     if config.quantize == "nf4":
         quantize_base(model)
     base_fingerprint(model)
