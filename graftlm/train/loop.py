@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlm.adapters.inspect import format_memory
 from graftlm.adapters.io import save_trained
 from graftlm.data.dataset import Example, collate, load_dataset, split_eval
 from graftlm.errors import GraftError
@@ -43,7 +44,7 @@ from graftlm.train.forward import (
     training_device,
 )
 from graftlm.train.loss import logits_buffer_scope, release_logits_buffer
-from graftlm.train.memory import format_memory, memory_accounting, return_freed_memory_to_os
+from graftlm.train.memory import memory_accounting, return_freed_memory_to_os
 from graftlm.train.metrics import MetricsWriter, progress_bar
 from graftlm.train.steps import (
     count_steps,
