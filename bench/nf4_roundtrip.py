@@ -26,7 +26,8 @@ from contextlib import redirect_stdout
 import torch
 from torch import nn
 
-from graftlm.quant.nf4 import NF4Linear, quantize_nf4
+from graftlm.quant.nf4 import quantize_nf4
+from graftlm.quant.nf4_linear import NF4Linear
 
 HF_NAMES = {
     "attn_q": "self_attn.q_proj",

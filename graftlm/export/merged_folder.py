@@ -71,7 +71,7 @@ def merge_to_folder(
         module.merge(base)
         merged = _plain_copy(base, base_name)
     if quantize == "nf4":
-        from graftlm.quant.nf4 import dequantize_model_linears
+        from graftlm.quant.nf4_linear import dequantize_model_linears
 
         dequantize_model_linears(merged)
     merged.to(parse_dtype(dtype))

@@ -315,7 +315,8 @@ def shard_decoder_layers(model: nn.Module, trainable: list[torch.Tensor], world_
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from graftlm.quant.nf4 import LoraNF4Linear, NF4Linear
+    from graftlm.methods.lora.nf4_layer import LoraNF4Linear
+    from graftlm.quant.nf4_linear import NF4Linear
 
     if any(isinstance(m, (NF4Linear, LoraNF4Linear)) for m in model.modules()):
         raise GraftError(

@@ -9,16 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from graftlm.methods.lora.nf4_layer import LoraNF4Linear
 from graftlm.quant.nf4 import (
     NF4_CODE,
-    LoraNF4Linear,
-    NF4Linear,
     NF4Tensor,
     dequantize_nf4,
     dynamic_code,
-    quantize_model_linears,
     quantize_nf4,
 )
+from graftlm.quant.nf4_linear import NF4Linear, quantize_model_linears
 
 bnbf = pytest.importorskip("bitsandbytes.functional", reason="pip install bitsandbytes==0.50.*")
 

@@ -189,7 +189,7 @@ def quantize_base(model: nn.Module) -> None:
     """
     if any(getattr(m, "is_quantized_linear", False) for m in model.modules()):
         return
-    from graftlm.quant.nf4 import quantize_model_linears
+    from graftlm.quant.nf4_linear import quantize_model_linears
 
     base_fingerprint(model)
     quantize_model_linears(model)
@@ -248,7 +248,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
 
 def _wrap_linear(module: nn.Module) -> LoraLayerBase:
     if getattr(module, "is_quantized_linear", False):
-        from graftlm.quant.nf4 import LoraNF4Linear
+        from graftlm.methods.lora.nf4_layer import LoraNF4Linear
 
         return LoraNF4Linear(module)
     return LoraLinear(module)

@@ -1,0 +1,121 @@
+"""`LoraNF4Linear`: LoRA adapters over a frozen NF4 base layer (QLoRA).
+
+Kept apart from `graftlm.quant` so that quantization never imports the LoRA method: this module
+imports `graftlm.quant.nf4_linear.NF4Linear` and subclasses `LoraLinear`, not the other way round.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graftlm.errors import GraftError
+from graftlm.methods.lora.layer import LoraLayerBase, LoraLinear
+from graftlm.quant.nf4_linear import NF4Linear
+
+__all__ = ["LoraNF4Linear"]
+
+
+class LoraNF4Linear(LoraLinear):
+    """LoRA over a frozen NF4 base (QLoRA): `y = NF4Linear(x) + sum_a scale_a * B_a(A_a(x))`.
+
+    The NF4 layer is kept whole as `base_layer` (PEFT's name); its bias is also exposed as
+    `bias`, the same Parameter, so bias training and PEFT's `...base_layer.bias` keys work as for
+    `LoraLinear`. `weight` is the packed uint8 codes, like bitsandbytes' `Linear4bit.weight`:
+    good for `.device` and identity checks, not for arithmetic.
+
+    Merging cannot write into 4-bit codes without re-rounding the update away, so a merge keeps
+    `dequant(W) + sum of merged deltas` as an fp32 `merged_weight` (full size, while merged);
+    unmerging the last adapter drops it, giving back the exact NF4 base. `to_plain()` returns an
+    `nn.Linear` with that full-precision weight, so `merge_and_unload` yields a plain model.
+
+    Args:
+        base: the NF4Linear to adapt (reused, not copied).
+
+    Shapes: input `(..., in_features)`, output `(..., out_features)`.
+    """
+
+    def __init__(self, base: NF4Linear) -> None:
+        LoraLayerBase.__init__(self)
+        self.fan_in_fan_out = False
+        self.bias = base.bias  # registered before base_layer: named_parameters() says `bias`
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base_class = nn.Linear
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.register_buffer("merged_weight", None, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight_packed
+
+    def add(self, name: str, rank: int, scaling: float, dropout: float, init: str) -> None:
+        """Create adapter `name`; as `LoraLinear.add`, except that PiSSA is refused.
+
+        Raises:
+            GraftError: `init="pissa"` (it rewrites the base weight, which is 4-bit here), or
+                the name exists.
+        """
+        if init == "pissa":
+            raise GraftError(
+                "init='pissa' rewrites the base weight, which is NF4 here; use init='kaiming' or "
+                "'gaussian' with quantize='nf4', or PiSSA without quantization"
+            )
+        super().add(name, rank, scaling, dropout, init)
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the updates of `names` (default: active adapters) to an fp32 copy of the base.
+
+        Raises:
+            GraftError: the merged weight would contain NaN or inf (nothing changes then).
+        """
+        names = self.active_adapters if names is None else names
+        for name in names:
+            if name in self.merged_adapters or name not in self.ranks:
+                continue
+            base = self.merged_weight
+            if base is None:
+                base = self.base_layer.dequantized_weight(torch.float32)
+            merged = base + self.delta_weight(name).to(base.device)
+            if not torch.isfinite(merged).all():
+                raise GraftError(f"merging adapter {name!r} would put NaN/inf into the base weight")
+            self.merged_weight = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Take merged updates out again; with none left the exact NF4 base is used again."""
+        names = list(self.merged_adapters) if names is None else names
+        for name in names:
+            if name not in self.merged_adapters:
+                continue
+            self.merged_adapters.remove(name)
+            if self.merged_adapters:
+                self.merged_weight = self.merged_weight - self.delta_weight(name)
+            else:
+                self.merged_weight = None
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone (with any merged updates): `x @ W.T + b`."""
+        return self.base_layer.linear_with(x, self.merged_weight)
+
+    def to_plain(self) -> nn.Module:
+        """An `nn.Linear` holding `dequant(W)` plus merged updates, in the base's original dtype."""
+        weight = self.merged_weight
+        if weight is None:
+            weight = self.base_layer.dequantized_weight(torch.float32)
+        dtype = self.base_layer.weight_dtype
+        plain = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+        plain.weight.requires_grad_(False)
+        if self.bias is not None:
+            plain.bias = self.bias
+        return plain
