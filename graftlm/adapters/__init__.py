@@ -1,1 +1,1 @@
-"""adapters."""
+"""The method contract and what every method shares: folder I/O, module facts, wrappers."""

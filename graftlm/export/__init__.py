@@ -1,1 +1,1 @@
-"""export."""
+"""Adapters to other forms: merged folders, GGUF adapter and merged files for llama.cpp."""

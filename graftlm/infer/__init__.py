@@ -1,1 +1,1 @@
-"""infer."""
+"""Running a base model with adapters: loading for inference, generation, evaluation."""

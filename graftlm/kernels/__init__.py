@@ -1,1 +1,1 @@
-"""kernels."""
+"""The C decode-step kernel and its bindings, and fused training ops."""

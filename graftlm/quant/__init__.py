@@ -1,1 +1,1 @@
-"""quant."""
+"""NF4 4-bit base weights (the QLoRA base): the format and the linear layer."""

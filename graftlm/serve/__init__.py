@@ -1,1 +1,1 @@
-"""serve."""
+"""`graftlm serve`: the OpenAI-compatible app, wire format, scheduler and adapter pool."""

@@ -1,1 +1,1 @@
-"""methods/adalora."""
+"""AdaLoRA: SVD-shaped LoRA whose rank budget is reallocated by importance."""

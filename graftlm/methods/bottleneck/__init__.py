@@ -1,1 +1,1 @@
-"""methods/bottleneck."""
+"""Bottleneck adapters (Houlsby / Pfeiffer): small residual MLPs after sublayers."""

@@ -1,1 +1,1 @@
-"""methods/ia3."""
+"""(IA)³: learned vectors that rescale activations."""

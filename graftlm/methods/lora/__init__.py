@@ -1,1 +1,1 @@
-"""methods/lora."""
+"""LoRA and QLoRA: layers, injection and switching, per-row adapters, PEFT folders."""

@@ -1,1 +1,1 @@
-"""methods/virtual_tokens."""
+"""Prompt and prefix tuning: virtual tokens in front of every input or attention."""
