@@ -120,11 +120,11 @@ def worker_peft(args) -> dict:
     if args.method == "qlora":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from graftlm.models.load import _ensure_converted, builtin_gguf_path
+        from graftlm.models.gguf_cache import builtin_gguf_path, ensure_converted
 
         del model
         model = AutoModelForCausalLM.from_pretrained(
-            _ensure_converted(builtin_gguf_path(), None),
+            ensure_converted(builtin_gguf_path(), None),
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",

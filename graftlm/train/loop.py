@@ -43,8 +43,13 @@ from graftlm.train.forward import (
     prefix_sharing_is_exact,
     training_device,
 )
+from graftlm.models.load import load_model
 from graftlm.train.loss import logits_buffer_scope, release_logits_buffer
-from graftlm.train.memory import memory_accounting, return_freed_memory_to_os
+from graftlm.train.memory import (
+    memory_accounting,
+    release_free_heap,
+    return_freed_memory_to_os,
+)
 from graftlm.train.metrics import MetricsWriter, progress_bar
 from graftlm.train.steps import (
     count_steps,
@@ -104,6 +109,7 @@ def plan_memory(
     checkpointing = needs_checkpointing(cfg, examples)
     pass_tokens = tokens_per_pass(cfg, checkpointing)
     if cfg.low_memory:
+        release_free_heap()  # what attach freed (a quantized base's full-precision weights)
         threshold = CHECKPOINTED_MMAP_THRESHOLD if checkpointing else LOW_MEMORY_MMAP_THRESHOLD
         return_freed_memory_to_os(threshold)
     if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -225,8 +231,6 @@ def train(
         GraftError: bad data, bad settings, an output folder holding another run, a
             checkpoint that does not match the settings.
     """
-    from graftlm.models.load import load_model
-
     runtime = runtime or Runtime.single()
     cfg = cfg.with_method_defaults()
     out = Path(cfg.out)

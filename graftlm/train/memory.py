@@ -69,6 +69,25 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
         return False
 
 
+def release_free_heap() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`).
+
+    Quantizing a base for QLoRA frees its full-precision linear weights into the heap, where
+    they would stay resident beside the 4-bit copies for the whole run; trimming once after the
+    quantization lets the run peak below the full-precision base.
+
+    Returns:
+        True if memory was released (Linux with glibc), False elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return False
+
+
 def memory_accounting(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
     """Bytes of the frozen base (weights + buffers, 4-bit codes as stored), the trainable adapter,
     and the optimizer state (AdamW: two moments per trainable value), plus the peak RSS.

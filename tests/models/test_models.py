@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from graftlm.errors import GraftError
-from graftlm.models import load as models
+from graftlm.models import gguf_cache as models
 from graftlm.models.load import (
     BUILTIN_NAME,
     builtin_gguf_path,
@@ -64,7 +64,7 @@ def test_builtin_first_load_writes_a_complete_cache(fresh_builtin):
     folder = gguf_cache_path(builtin_gguf_path(), fresh_builtin.cache)
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
-    assert models._MARKER in names
+    assert models.MARKER in names
     assert _leftover_tmp(fresh_builtin.cache) == []
     assert folder.stat().st_mode & 0o777 == 0o755
 
@@ -264,7 +264,7 @@ def _fake_converter(calls: list, seed: int = 0, delay: float = 0.0):
         time.sleep(delay)
         helpers.tiny_llama(seed=seed).save_pretrained(out)
         helpers.tiny_tokenizer().save_pretrained(out)
-        (out / models._MARKER).write_text(json.dumps({"seed": seed}))
+        (out / models.MARKER).write_text(json.dumps({"seed": seed}))
 
     return convert
 
@@ -369,7 +369,7 @@ def test_damaged_cache_folder_is_replaced(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(models, "_convert_gguf", _fake_converter(calls))
     load_model(gguf, cache_dir=cache)
-    assert len(calls) == 1 and (target / models._MARKER).is_file()
+    assert len(calls) == 1 and (target / models.MARKER).is_file()
 
 
 def test_a_cache_finished_meanwhile_by_another_process_wins(monkeypatch, tmp_path):
@@ -388,7 +388,7 @@ def test_a_cache_finished_meanwhile_by_another_process_wins(monkeypatch, tmp_pat
     monkeypatch.setattr(models, "_convert_gguf", racing)
     model, _ = load_model(gguf, cache_dir=cache)
     _assert_same_weights(model, helpers.tiny_llama(seed=1))
-    assert json.loads((target / models._MARKER).read_text()) == {"seed": 1}
+    assert json.loads((target / models.MARKER).read_text()) == {"seed": 1}
     assert _leftover_tmp(cache) == []
 
 
@@ -400,7 +400,7 @@ def test_concurrent_loads_convert_once(monkeypatch, tmp_path):
 
     def worker():
         try:
-            results.append(models._ensure_converted(gguf.resolve(), cache))
+            results.append(models.ensure_converted(gguf.resolve(), cache))
         except Exception as e:  # surfaced below; a thread would swallow it
             errors.append(e)
 

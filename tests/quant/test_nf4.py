@@ -503,9 +503,9 @@ def test_qlora_run_peaks_at_most_0_6_of_the_lora_run(tmp_path):
     import sys
     from pathlib import Path
 
-    from graftlm.models.load import _ensure_converted, builtin_gguf_path
+    from graftlm.models.gguf_cache import builtin_gguf_path, ensure_converted
 
-    _ensure_converted(builtin_gguf_path(), None)  # a first-time conversion must not count in a run
+    ensure_converted(builtin_gguf_path(), None)  # a first-time conversion must not count in a run
     data = Path(__file__).resolve().parents[2] / "examples" / "data" / "tickets" / "train.jsonl"
     peaks = {}
     for method in ("lora", "qlora"):
