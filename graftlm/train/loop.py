@@ -32,6 +32,7 @@ from graftlm.errors import GraftError
 from graftlm.kernels.fused_ops import fused_forwards
 from graftlm.methods import method_module
 from graftlm.methods.lora.inject import base_fingerprint
+from graftlm.models.load import load_model
 from graftlm.train import checkpoint as ckpt
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime, bf16_supported
@@ -43,7 +44,6 @@ from graftlm.train.forward import (
     prefix_sharing_is_exact,
     training_device,
 )
-from graftlm.models.load import load_model
 from graftlm.train.loss import logits_buffer_scope, release_logits_buffer
 from graftlm.train.memory import (
     memory_accounting,
