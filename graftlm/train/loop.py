@@ -241,17 +241,10 @@ def train(
     metrics = MetricsWriter(out)
     state = _resume_state(cfg, out, metrics, runtime)
     torch.manual_seed(cfg.seed)
-    # Frozen base weights are held in the compute dtype: no per-step casts of the big matrices.
-    model, tokenizer = load_model(cfg.model, dtype=compute_dtype)
-    model.to(device)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, pad_id, examples, eval_examples, summary = _load_and_attach(
+        cfg, runtime, device, compute_dtype
     )
-    examples, eval_examples = _read_examples(cfg, tokenizer, runtime)
     method = method_module(cfg.method)
-    base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
-    summary = method.attach(model, cfg)
-    runtime.log(str(summary))
     memory_plan = plan_memory(model, cfg, examples, runtime)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -320,13 +313,7 @@ def train(
                 release_logits_buffer()  # evaluation's passes are larger than training's
                 row_eval = _eval_row(done, eval_loss, eval_tokens, elapsed)
             if runtime.is_main:
-                metrics.append(row, row_eval)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{last_loss:.4f}",
-                    tok_s=f"{row['tokens_per_s']:.0f}",
-                    **({"eval": f"{eval_loss:.4f}"} if row_eval else {}),
-                )
+                _report_step(metrics, bar, row, row_eval)
             if stop or (done % cfg.save_every == 0 and done < total_steps):
                 if runtime.is_main:
                     save_checkpoint(done, elapsed)
@@ -341,12 +328,9 @@ def train(
     if not interrupted and runtime.is_main:
         training = _training_record(cfg, total_steps, len(examples), train_seconds, memory)
         training.update(final_loss=last_loss, eval_loss=eval_loss)
-        save_trained(model, out, cfg.method, training=training)
-        metrics.plot()
+        _write_outputs(model, cfg, metrics, training, runtime)
         # the finished run keeps its checkpoint: --resume on it is a no-op
         save_checkpoint(total_steps, train_seconds)
-        runtime.log(f"adapter written to {out} ({train_seconds:.0f} s of training)")
-        runtime.log(f"memory: {format_memory(memory)}")
     elif interrupted:
         runtime.log(
             f"stopped at step {step}/{total_steps}; continue with --resume (checkpoint in {out / ckpt.FOLDER})"
@@ -363,6 +347,43 @@ def train(
         total_parameters=summary.total,
         memory=memory,
     )
+
+
+def _load_and_attach(cfg: TrainConfig, runtime: Runtime, device, compute_dtype):
+    """The base model with the method's adapter attached, its pad id, and the examples."""
+    # Frozen base weights are held in the compute dtype: no per-step casts of the big matrices.
+    model, tokenizer = load_model(cfg.model, dtype=compute_dtype)
+    model.to(device)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    examples, eval_examples = _read_examples(cfg, tokenizer, runtime)
+    base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
+    summary = method_module(cfg.method).attach(model, cfg)
+    runtime.log(str(summary))
+    return model, pad_id, examples, eval_examples, summary
+
+
+def _report_step(metrics: MetricsWriter, bar, row: dict, row_eval: dict | None) -> None:
+    """One step into metrics.jsonl and onto the progress bar."""
+    metrics.append(row, row_eval)
+    bar.update(1)
+    bar.set_postfix(
+        loss=f"{row['loss']:.4f}",
+        tok_s=f"{row['tokens_per_s']:.0f}",
+        **({"eval": f"{row_eval['eval_loss']:.4f}"} if row_eval else {}),
+    )
+
+
+def _write_outputs(
+    model, cfg: TrainConfig, metrics: MetricsWriter, training: dict, runtime
+) -> None:
+    """The adapter folder (with graftlm.json) and the loss plot of a finished run."""
+    out = Path(cfg.out)
+    save_trained(model, out, cfg.method, training=training)
+    metrics.plot()
+    runtime.log(f"adapter written to {out} ({training['train_seconds']:.0f} s of training)")
+    runtime.log(f"memory: {format_memory(training['memory'])}")
 
 
 def _optimizer(params: list[torch.Tensor], cfg: TrainConfig, total_steps: int):
