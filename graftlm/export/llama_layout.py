@@ -43,7 +43,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+import torch
+from safetensors import safe_open
 
 from graftlm.errors import GraftError
 
@@ -154,8 +157,6 @@ def _check_rows(rows: int, n_head: int) -> None:
 
 def ggml_type(kind: str) -> Any:
     """``"f16"`` -> `gguf.GGMLQuantizationType.F16` (also f32, bf16, q8_0, q4_0, q4_1)."""
-    import gguf
-
     return {
         "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,
@@ -168,8 +169,6 @@ def ggml_type(kind: str) -> Any:
 
 def file_type(kind: str) -> int:
     """``general.file_type`` for a file whose matrices are mostly `kind`."""
-    import gguf
-
     return int(
         {
             "f32": gguf.LlamaFileType.ALL_F32,
@@ -196,8 +195,6 @@ def encode(weights: np.ndarray, kind: str, name: str = "") -> tuple[np.ndarray, 
     Returns:
         (data for `gguf.GGUFWriter.add_tensor`, its ``raw_dtype``).
     """
-    import gguf
-
     qtype = ggml_type(kind)
     if weights.ndim < 2:
         qtype = gguf.GGMLQuantizationType.F32
@@ -212,8 +209,6 @@ def encode(weights: np.ndarray, kind: str, name: str = "") -> tuple[np.ndarray, 
 
 def new_writer(arch: str, **kwargs: Any) -> Any:
     """A `gguf.GGUFWriter` for `arch` whose chatter (endianness, file plan) stays at debug level."""
-    import gguf
-
     quiet = logging.getLogger("gguf")
     if quiet.level == logging.NOTSET:
         quiet.setLevel(logging.WARNING)
@@ -331,9 +326,6 @@ def write_llama_folder(
     Raises:
         GraftError: what the module docstring lists as unsupported, or unknown tensors.
     """
-    import gguf
-    from safetensors import safe_open
-
     folder = Path(folder)
     hp = llama_hparams(folder)
     writer = new_writer("llama", use_temp_file=True)
@@ -359,8 +351,6 @@ def write_llama_folder(
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise GraftError(f"{folder}: no *.safetensors weights (graftlm never reads pickle files)")
-    import torch
-
     unknown = []
     tensors: list[tuple[tuple[int, str], str, Any]] = []
     for file in files:
@@ -401,7 +391,8 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     Raises:
         GraftError: no ``tokenizer.json``, not byte-level BPE, or an unknown pre-tokenizer.
     """
-    import gguf
+    # transformers (a second to import) only for writing a tokenizer: the name maps and q/k
+    # order above load without it
     from transformers import AutoTokenizer
 
     convert = (

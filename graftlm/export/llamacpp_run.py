@@ -44,7 +44,7 @@ class LlamaCpp:
         n_ctx: int = 2048,
         n_threads: int | None = None,
     ) -> None:
-        try:
+        try:  # llama-cpp-python is optional (a C++ build): only the tests and bench run it
             from llama_cpp import Llama
         except ImportError:
             raise GraftError(
@@ -73,7 +73,7 @@ class LlamaCpp:
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 256) -> list[str]:
         """Greedy continuation of each prompt text, without the end-of-generation token."""
-        from llama_cpp import llama_cpp as lib
+        from llama_cpp import llama_cpp as lib  # optional, as in __init__ (loaded by now)
 
         vocab = lib.llama_model_get_vocab(self.llm._model.model)
         results = []

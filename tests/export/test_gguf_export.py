@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp (graftlm/export/gguf.py, graftlm/export/llama_layout.py).
+"""GGUF export for llama.cpp (graftlm/export/gguf_*.py, graftlm/export/llama_layout.py).
 
 Fast tests on tiny Llama models: the q/k row permutation, the adapter file as llama.cpp reads it
 (names, orientation, one alpha per file with per-module scales folded into B), the writer's
@@ -621,7 +621,7 @@ def test_4bit_merged_gguf_is_written_loads_and_warns_that_the_fine_tune_is_lost(
     from graftlm.export.llamacpp_run import LlamaCpp
 
     out = task.root / f"merged-{quant}.gguf"
-    with caplog.at_level("INFO", logger="graftlm.export.gguf"):
+    with caplog.at_level("INFO", logger="graftlm.export.gguf_merged"):
         export_merged_gguf(task.adapter, out, quant=quant)
     assert "much of the fine-tune is lost" in caplog.text
     _, tensors = _tensors(out)
