@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from graftlm.errors import GraftError
 
@@ -28,6 +29,7 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    # torch-backed: imported in the command so that `graftlm --help` answers at once
     from graftlm.export.merged_folder import merge_to_folder
 
     out = merge_to_folder(
@@ -77,6 +79,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # torch-backed: imported in the command so that `graftlm --help` answers at once
     from graftlm.export.gguf import export_adapter_gguf, export_merged_gguf
 
     if args.format == "gguf":
@@ -111,8 +114,7 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import json
-
+    # loads the method modules (torch) to describe a folder: imported in the command, as above
     from graftlm.adapters.inspect import describe, format_description
 
     facts = describe(args.adapter)

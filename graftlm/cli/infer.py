@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_config(args: argparse.Namespace):
+    # torch-backed: imported in the command so that `graftlm --help` answers at once
     from graftlm.infer.generate import SamplingConfig
 
     return SamplingConfig(
@@ -72,6 +74,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # torch-backed: imported in the command so that `graftlm --help` answers at once
     from graftlm.data.dataset import prompt_for_generation
     from graftlm.infer.generate import generate, generate_file, load_for_inference
 
@@ -114,6 +117,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    # torch-backed: imported in the command so that `graftlm --help` answers at once
     from graftlm.data.dataset import prompt_for_generation
     from graftlm.infer.generate import load_for_inference, stream
 
@@ -175,8 +179,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
+    # torch-backed: imported in the command so that `graftlm --help` answers at once
     from graftlm.infer.evaluate import evaluate_file
     from graftlm.infer.generate import load_for_inference, parse_dtype
     from graftlm.methods.lora.files import atomic_write_json

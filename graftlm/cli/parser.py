@@ -47,6 +47,7 @@ def setup_logging(debug: bool) -> None:
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore")
+        # imported here, after parsing: `graftlm --help` and flag errors skip transformers (~1 s)
         try:
             from transformers.utils import logging as hf_logging
 

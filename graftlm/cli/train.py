@@ -91,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         if nproc > 1:  # this process only waits: it never imports torch
             return launch_local(cfg, nproc, quiet=args.quiet, debug=args.debug)
+    # torch-backed: imported only here, so `graftlm --help` and the --nproc launcher above
+    # never wait for torch
     from graftlm.train.distributed import Runtime
     from graftlm.train.loop import train
 
