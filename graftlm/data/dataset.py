@@ -1,4 +1,4 @@
-"""Training data: read rows, render them through the chat template, label masks, batches, packing.
+"""Training data: read rows, render them through the chat template, label masks, batches.
 
 Labels line up with ``input_ids`` (Hugging Face convention: the model shifts them by one), with -100
 where a token carries no loss::
@@ -7,13 +7,13 @@ where a token carries no loss::
     labels  -100 ...................................... -100  Hello ! <|im_end|>  -100
 
 Chat rows learn every assistant turn (its content and end-of-turn token); prompt/completion and
-Alpaca rows learn the completion/output; text rows learn everything. Row formats and file reading
-live in `graftlm.data.formats`.
+Alpaca rows learn the completion/output; text rows learn everything. Row formats live in
+`graftlm.data.formats`, file reading in `graftlm.data.readers`, chat templates in
+`graftlm.data.chat_template`; the names most callers need are re-exported here.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import random
 from collections.abc import Sequence
@@ -21,23 +21,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from graftlm.data.formats import (
-    FORMATS,
-    WHERE,
-    RowErrors,
+from graftlm.data.chat_template import (
     TemplateProblem,
-    detect_format,
     end_tokens,
     has_chat_template,
     prompt_for_generation,
-    read_rows,
-    read_rows_counted,
-    reference_answer,
     render_chat,
+)
+from graftlm.data.formats import (
+    FORMATS,
+    WHERE,
+    detect_format,
+    reference_answer,
     row_problem,
     to_messages,
     user_text,
 )
+from graftlm.data.readers import RowErrors, read_rows, read_rows_counted
 from graftlm.errors import GraftError
 
 __all__ = [
@@ -49,12 +49,10 @@ __all__ = [
     "detect_format",
     "length_grouped_batches",
     "load_dataset",
-    "pack",
     "prompt_for_generation",
     "read_rows",
     "reference_answer",
     "row_problem",
-    "shard",
     "split_eval",
     "tokenize_rows",
 ]
@@ -76,13 +74,11 @@ class Example:
         input_ids: token ids, ``(seq,)``.
         labels: same length; the token id where it carries loss, -100 elsewhere.
         source: ``"file:line"`` of the row it came from, for messages.
-        position_ids: for packed rows, positions restarting at 0 at each packed example; else None.
     """
 
     input_ids: list[int]
     labels: list[int]
     source: str
-    position_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -306,7 +302,8 @@ def length_grouped_batches(
     Args:
         lengths: token count per example.
         micro_batch_size: most sequences per batch.
-        seed, epoch: the shuffle's seed; every rank must pass the same ones (then `shard`).
+        seed, epoch: the shuffle's seed; every rank must pass the same ones (then
+            `graftlm.train.distributed.Runtime.shard`).
         shuffle: see above.
         max_tokens: if set, a batch also stays within ``max_tokens`` padded tokens (a longer single
             example still gets its own batch).
@@ -356,8 +353,9 @@ def collate(
 
     Returns:
         ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding) as LongTensors of shape
-        ``(batch, width)``; plus ``position_ids`` when any example is packed.
+        ``(batch, width)``.
     """
+    # torch only for batches: reading, checking and tokenizing rows load without it
     import torch
 
     if pad_token_id is None:
@@ -369,96 +367,12 @@ def collate(
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros(shape, dtype=torch.long)
-    packed = any(e.position_ids is not None for e in examples)
-    position_ids = torch.zeros(shape, dtype=torch.long) if packed else None
     for r, e in enumerate(examples):
         n = len(e)
         input_ids[r, :n] = torch.tensor(e.input_ids, dtype=torch.long)
         labels[r, :n] = torch.tensor(e.labels, dtype=torch.long)
         attention_mask[r, :n] = 1
-        if position_ids is not None:
-            pos = e.position_ids if e.position_ids is not None else range(n)
-            position_ids[r, :n] = torch.tensor(list(pos), dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if position_ids is not None:
-        batch["position_ids"] = position_ids
-    return batch
-
-
-def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
-    """Concatenate examples into rows of at most ``seq_len`` tokens (best-fit decreasing).
-
-    Each packed row carries ``position_ids`` restarting at 0 at every example, so attention can be
-    kept inside each example (transformers does so from ``position_ids`` with flash-attention;
-    other attention kernels let packed examples see each other). The first label of every example
-    is masked, so no loss is taken on predicting one example from the end of the previous one.
-    Within a row, examples keep their original order.
-
-    Args:
-        examples: tokenized examples, each at most ``seq_len`` long.
-        seq_len: the row length to fill.
-
-    Returns:
-        Packed examples; their ``source`` names the first member and the count of the rest.
-    """
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted: best fit is a bisect away
-    rows: list[list[int]] = []
-    for i in sorted(range(len(examples)), key=lambda i: len(examples[i]), reverse=True):
-        n = len(examples[i])
-        if n > seq_len:
-            raise ValueError(
-                f"example {examples[i].source} has {n} tokens, more than seq_len={seq_len}"
-            )
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):
-            rows.append([i])
-            room, r = seq_len - n, len(rows) - 1
-        else:
-            room, r = free.pop(k)
-            rows[r].append(i)
-            room -= n
-        if room > 0:
-            bisect.insort(free, (room, r))
-    packed = []
-    for members in sorted(sorted(m) for m in rows):
-        ids, labels, positions = [], [], []
-        for i in members:
-            e = examples[i]
-            ids += e.input_ids
-            labels += [IGNORE_INDEX] + list(e.labels[1:])
-            positions += range(len(e))
-        first = examples[members[0]].source
-        source = first if len(members) == 1 else f"{first} +{len(members) - 1} packed"
-        packed.append(Example(ids, labels, source, positions))
-    return packed
-
-
-def shard(items: Sequence, rank: int, world_size: int, *, drop_last: bool = False) -> list:
-    """The share of ``items`` for one rank of a distributed run: ``items[rank::world_size]``.
-
-    Every rank gets the same count (ranks that run different numbers of steps hang in collectives):
-    the list is padded by repeating its first items, like torch's DistributedSampler, or cut to a
-    multiple of ``world_size`` with ``drop_last``.
-
-    Args:
-        items: the same list on every rank (e.g. `length_grouped_batches` with a shared seed).
-        rank: this process's rank, ``0 <= rank < world_size``.
-        world_size: number of processes.
-        drop_last: cut instead of pad.
-
-    Returns:
-        This rank's items.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}"
-        )
-    items = list(items)
-    if drop_last:
-        items = items[: len(items) // world_size * world_size]
-    elif items:
-        items += [items[i % len(items)] for i in range(-len(items) % world_size)]
-    return items[rank::world_size]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def split_eval(

@@ -45,14 +45,6 @@ def decoder_hidden(
     # No padding in the micro-batch (length grouping makes that common): let attention take
     # its plain causal path instead of building a 4-D mask.
     attention_mask = None if bool(mask.all()) else mask
-    if "position_ids" in batch:  # packed rows: positions restart inside a row
-        out = inner(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        )
-        return out[0]
     rows = input_ids.shape[0]
     prefix = shared_prefix_length(input_ids, mask) if share_prefix and rows > 1 else 0
     if prefix < MIN_SHARED_PREFIX:

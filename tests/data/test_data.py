@@ -1,4 +1,4 @@
-"""Tests for graftlm.data.dataset and graftlm.data.formats: readers, validation, label masks, batching."""
+"""Tests for graftlm.data: formats, readers, validation, chat templates, label masks, batching."""
 
 from __future__ import annotations
 
@@ -444,7 +444,7 @@ def test_truncation_and_drop_counted(smol, tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batching, packing, sharding, splitting
+# Batching and splitting
 
 
 def test_length_grouped_batches():
@@ -480,40 +480,6 @@ def test_collate_right_pads():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert data.collate(examples, 0, pad_to_multiple_of=4)["input_ids"].shape == (2, 4)
-
-
-def test_pack_and_collate_position_ids():
-    examples = [Example(list(range(n)), [1] * n, f"f:{n}") for n in (6, 3, 4, 2, 7, 1)]
-    packed = data.pack(examples, 8)
-    assert all(len(p) <= 8 for p in packed) and len(packed) == 3  # 23 tokens in 3 rows of 8
-    assert sum(len(p) for p in packed) == 23
-    starts = [j for p in packed for j, pos in enumerate(p.position_ids) if pos == 0]
-    assert len(starts) == len(examples)
-    for p in packed:
-        for j, pos in enumerate(p.position_ids):
-            assert p.input_ids[j] == pos  # each example restarts at 0 (its ids were its positions)
-            assert (p.labels[j] == -100) == (pos == 0)  # no loss across example boundaries
-    batch = data.collate(packed, 0)
-    assert batch["position_ids"].tolist()[0][: len(packed[0])] == packed[0].position_ids
-    with pytest.raises(ValueError, match="more than seq_len"):
-        data.pack(examples, 5)
-
-
-def test_shard():
-    items = list(range(10))
-    shards = [data.shard(items, r, 4) for r in range(4)]
-    assert {len(s) for s in shards} == {3}  # padded so every rank takes the same number of steps
-    assert sorted(i for s in shards for i in s)[:10] == sorted(items + [0, 1])[:10]
-    assert set().union(*shards) == set(items)
-    assert [data.shard(items, r, 4, drop_last=True) for r in range(4)] == [
-        [0, 4],
-        [1, 5],
-        [2, 6],
-        [3, 7],
-    ]
-    assert data.shard(items, 0, 1) == items
-    with pytest.raises(ValueError):
-        data.shard(items, 4, 4)
 
 
 def test_split_eval():
