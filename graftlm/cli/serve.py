@@ -49,7 +49,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM; returns the exit code."""
-    # fastapi and uvicorn are the optional `serve` extra: imported only when a server starts
+    # torch-backed (and the app brings the optional fastapi and uvicorn): imported in the
+    # command so that `graftlm --help` answers at once
     from graftlm.serve.app import create_server, is_loopback, parse_bytes
 
     api_key = args.api_key or os.environ.get("GRAFTLM_API_KEY") or None

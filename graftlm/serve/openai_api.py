@@ -18,8 +18,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from graftlm.data.chat_template import prompt_for_generation
 from graftlm.errors import GraftError
 from graftlm.infer.generate import SamplingConfig
+from graftlm.serve.adapter_pool import UnknownAdapter
+from graftlm.serve.scheduler import EngineStopped
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each one is a batch row)
 MAX_STOPS = 16
@@ -224,8 +227,6 @@ def _stops(value: Any) -> tuple[str, ...]:
 
 
 def _chat_prompt(body: dict, tokenizer) -> list[list[int]]:
-    from graftlm.data.dataset import prompt_for_generation
-
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' should be a non-empty list", param="messages")
@@ -426,9 +427,6 @@ def result_of(text: str, event) -> dict:
 
 def engine_error(error: BaseException | None) -> ApiError:
     """The HTTP error for an engine "error" event."""
-    from graftlm.serve.adapter_pool import UnknownAdapter
-    from graftlm.serve.scheduler import EngineStopped
-
     if isinstance(error, EngineStopped):
         return ApiError(503, str(error), "server_error", code="shutting_down")
     if isinstance(error, UnknownAdapter):

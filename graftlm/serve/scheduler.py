@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from graftlm.errors import GraftError
 from graftlm.infer.generate import SamplingConfig, eos_ids
+from graftlm.methods.lora.layer import LoraLayerBase, TrainedCopies
 from graftlm.serve.adapter_pool import AdapterBusy, AdapterEntry, AdapterRegistry
 
 logger = logging.getLogger("graftlm")
@@ -132,8 +134,6 @@ class Engine:
         self._groups: tuple[tuple | None, list] = (None, [])
 
     def _check_cache_kind(self) -> None:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
         cache = DynamicCache(config=self.model.config)
         kinds = {type(layer) for layer in cache.layers} or {DynamicLayer}
         if kinds != {DynamicLayer}:
@@ -282,8 +282,6 @@ class Engine:
     def _adapted_modules(self) -> list[nn.Module]:
         # walking model.modules() visits every adapter's submodules (tens of thousands with many
         # adapters loaded); do it once per registry change, not once per step
-        from graftlm.methods.lora.layer import LoraLayerBase, TrainedCopies
-
         version, modules = self._row_modules
         if version != self.registry.version:
             modules = [
@@ -296,8 +294,6 @@ class Engine:
         return modules
 
     def _prefill(self, rows: list[Request]) -> None:
-        from transformers.cache_utils import DynamicCache
-
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
