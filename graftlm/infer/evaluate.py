@@ -26,6 +26,10 @@ from graftlm.data.dataset import (
 )
 from graftlm.errors import GraftError
 from graftlm.infer.answer_fields import field_accuracy
+from graftlm.infer.generate import SamplingConfig
+from graftlm.infer.generate import generate as run_generate
+from graftlm.train.distributed import Runtime
+from graftlm.train.forward import evaluate
 
 
 def final_answer_only(example: Example) -> Example:
@@ -62,9 +66,6 @@ def evaluate_file(
     Raises:
         GraftError: bad rows (named by file:line), or no answer tokens at all.
     """
-    from graftlm.train.distributed import Runtime
-    from graftlm.train.forward import evaluate
-
     start = time.perf_counter()
     examples, _ = load_dataset(path, tokenizer, seq_len)
     examples = [final_answer_only(e) for e in examples]
@@ -83,9 +84,6 @@ def evaluate_file(
         "rows": len(examples),
     }
     if generate:
-        from graftlm.infer.generate import SamplingConfig
-        from graftlm.infer.generate import generate as run_generate
-
         rows, _ = read_rows(path)
         refs = [reference_answer(row) for row in rows]
         scored = [(row, ref) for row, ref in zip(rows, refs) if ref is not None]

@@ -343,7 +343,8 @@ def _compiler() -> str | None:
 
 
 def _build() -> ctypes.CDLL | None:
-    from graftlm.models.load import cache_root
+    # cache_root's module imports transformers (~1 s): only a first compile needs it
+    from graftlm.models.gguf_cache import cache_root
 
     source = SOURCE.read_bytes()
     compiler = _compiler()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from graftlm.errors import GraftError
@@ -59,8 +60,6 @@ def write(
 
     `hooks`: the method's TrainingHooks; their `state_dict()` (if they have one) is saved too.
     """
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for p in params:
@@ -96,8 +95,6 @@ def write(
 
 def read(out: Path) -> dict[str, Any] | None:
     """The checkpoint in `out` (falling back to a complete `.old` one), or None."""
-    from safetensors.torch import load_file
-
     for folder in (out / FOLDER, out / (FOLDER + ".old")):
         if (folder / META).is_file() and (folder / TENSORS).is_file():
             try:

@@ -204,6 +204,7 @@ class TrainConfig:
 
     def with_method_defaults(self) -> TrainConfig:
         """This config with every unset (None) setting taken from the method's recipe."""
+        # the methods import torch; TrainConfig stays light, as `graftlm --help` builds flags from it
         from graftlm.methods import method_module
 
         recipe = {**FALLBACKS, **method_module(self.method).DEFAULTS}

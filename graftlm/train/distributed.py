@@ -28,9 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from graftlm.errors import GraftError
+from graftlm.methods.lora.nf4_layer import LoraNF4Linear
+from graftlm.quant.nf4_linear import NF4Linear
 from graftlm.train.launch import launched_by_torchrun
 
 logger = logging.getLogger("graftlm")
@@ -117,8 +121,6 @@ class Runtime:
         if world == 1:
             return cls.single()
 
-        import torch.distributed as dist
-
         if torch.cuda.is_available() and local < torch.cuda.device_count():
             # one GPU per local rank; CPU tensors (the adapter, the loss) still go through gloo
             torch.cuda.set_device(local)
@@ -166,8 +168,6 @@ class Runtime:
             if fsdp:
                 logger.info("--fsdp: one process, nothing to shard")
             return
-        import torch.distributed as dist
-
         with torch.no_grad():
             flat = torch.cat([p.detach().float().reshape(-1) for p in params] or [torch.zeros(0)])
             dist.broadcast(flat, src=0)
@@ -216,8 +216,6 @@ class Runtime:
         """
         if not self.distributed or not params:
             return
-        import torch.distributed as dist
-
         device = params[0].device
         parts = [
             (p.grad.float() if p.grad is not None else torch.zeros(p.shape, device=device)).reshape(
@@ -237,8 +235,6 @@ class Runtime:
         """Sum scalars across ranks (in float64); identity in one process."""
         if not self.distributed:
             return list(values)
-        import torch.distributed as dist
-
         tensor = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(tensor)
         return tensor.tolist()
@@ -254,8 +250,6 @@ class Runtime:
         """Leave the process group (after a barrier when `wait`); no-op in one process."""
         if not self._owns_group:
             return
-        import torch.distributed as dist
-
         try:
             if wait:
                 dist.barrier()
@@ -312,11 +306,8 @@ def shard_decoder_layers(model: nn.Module, trainable: list[torch.Tensor], world_
     Raises:
         GraftError: a 4-bit (NF4) base, or no decoder layers found.
     """
-    from torch.distributed.device_mesh import init_device_mesh
+    # FSDP adds ~1 s to every import of this module; only --fsdp runs need it
     from torch.distributed.fsdp import fully_shard
-
-    from graftlm.methods.lora.nf4_layer import LoraNF4Linear
-    from graftlm.quant.nf4_linear import NF4Linear
 
     if any(isinstance(m, (NF4Linear, LoraNF4Linear)) for m in model.modules()):
         raise GraftError(
