@@ -3,15 +3,15 @@
 Transformers writes these three as chains of small tensor ops (`pow`, `mean`, `rsqrt`, `mul`;
 `cat((-x2, x1))`; `silu(gate) * up`). Autograd then saves every intermediate and, in the backward,
 runs one kernel per op, including zero-fills and copies for the slices inside `rotate_half`.
-On a CPU those element-wise passes over `tokens x hidden` tensors cost about as much time as the
-matrix products of the frozen layers (measured on SmolLM2-135M, batch 8 x 256, LoRA on q/v), so
-each gets one `torch.autograd.Function` here with a hand-written backward that saves only what
-it needs (the input and one value per row for RMSNorm, `cos`/`sin` for the rotation, `gate` and
-`up` for SwiGLU).
+On a CPU those element-wise passes over `tokens x hidden` tensors can cost as much time as the
+matrix products of the frozen layers (docs/measurements.md), so each gets one
+`torch.autograd.Function` here with a hand-written backward that saves only what it needs
+(the input and one value per row for RMSNorm, `cos`/`sin` for the rotation, `gate` and `up` for
+SwiGLU).
 
 The forward values are the transformers formulas evaluated in the same order, so logits are
 unchanged; gradients agree to float rounding (tested against the transformers modules in
-`tests/test_fused_ops.py`). `fused_forwards(model)` switches them on for the modules it
+`tests/kernels/test_fused_ops.py`). `fused_forwards(model)` switches them on for the modules it
 recognises and leaves everything else (other architectures, bf16 norms) on transformers' code.
 """
 

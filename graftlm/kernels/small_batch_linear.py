@@ -1,12 +1,12 @@
 """Linear layers for decode steps: a small C kernel for `x @ W.T` when x has only a few rows.
 
 A decode step multiplies every weight matrix by one row per running request. For 2-16 rows
-MKL's sgemm packs the weight on each call and streams it at ~5 GB/s on this project's 2-core
-EPYC (17 GB/s is what the memory gives), so the step costs about twice what reading the weights
-does. `kernels/small_batch_linear.c` reads each weight row once, with a software prefetch, and
-meets all rows of x while the weight row is in L1 (AVX2 + FMA, fp32, one thread). Measured on
-200 matrices of 1536 x 576 with 8 rows: 58-88 ms against MKL's 125-135 ms (runs drift); at one
-row MKL's gemv is as fast, and the kernel is used there too for the property below.
+MKL's sgemm packs the weight on each call and streams it well below the memory's bandwidth, so
+the step costs about twice what reading the weights does. `kernels/small_batch_linear.c` reads
+each weight row once, with a software prefetch, and meets all rows of x while the weight row is
+in L1 (AVX2 + FMA, fp32, one thread), which makes such steps faster; at one row MKL's gemv is as
+fast, and the kernel is used there too for the property below. Timings:
+docs/measurements.md, "The decode-step kernel".
 
 It is batch-invariant: every output element is summed in the same order whatever the number of
 rows, so a decode step gives a request the same numbers whatever shares its batch.
@@ -42,7 +42,7 @@ logger = logging.getLogger("graftlm")
 
 SOURCE = Path(__file__).with_name("small_batch_linear.c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
-# above 16 rows MKL's packing pays for itself (measured: 16 rows about even, 32 MKL ahead)
+# above 16 rows MKL's packing pays for itself (docs/measurements.md, "The decode-step kernel")
 MAX_ROWS = 16
 DISABLE_VAR = "GRAFTLM_SMALL_BATCH_KERNEL"
 _F32 = torch.float32

@@ -35,8 +35,8 @@ def decoder_hidden(
 ) -> torch.Tensor:
     """Final hidden states `(batch, seq, d)` of the decoder (the model without its head).
 
-    Chat rows share a long prefix (the system prompt, the template's header): 40-55% of the
-    tokens in our example tasks. With `share_prefix`, that prefix runs once for the whole
+    Chat rows share a long prefix (the system prompt, the template's header), a large share of
+    their tokens (docs/measurements.md). With `share_prefix`, that prefix runs once for the whole
     micro-batch and its key/value cache is repeated for every row; gradients flow through it
     exactly as through the full forward, so only the cost changes.
     """

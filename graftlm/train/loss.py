@@ -47,8 +47,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             else:
                 logits.copy_(h @ w.T)
             # the loss and d(loss)/d(logits) = softmax - onehot, in place over the buffer:
-            # logsumexp's own temporaries cost as much again as the buffer (measured ~25% of
-            # the loss's time on 512-row chunks here)
+            # logsumexp's own temporaries cost as much again as the buffer, and allocating them
+            # is a sizable share of the loss's time (docs/measurements.md, "The fused loss")
             target_logits = logits.gather(1, y[:, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()
@@ -143,8 +143,8 @@ def fused_lm_loss_sum(
         weight: `(vocab, d)` output projection (no bias).
         labels: `(batch, seq)`, IGNORE_INDEX where no loss; shifted here.
         chunk_size: rows projected at once (memory ~ chunk_size x vocab x 4 bytes).
-        compute_dtype: matmul dtype (bf16 is ~5x faster on AVX-512 bf16 CPUs); default
-            the weight's dtype.
+        compute_dtype: matmul dtype (bf16 is much faster on CPUs with AVX-512 BF16 / AMX
+            units, emulated and slow elsewhere); default the weight's dtype.
 
     Returns:
         (sum of losses as a 0-d fp32 tensor, number of labelled tokens). Divide by the

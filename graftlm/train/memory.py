@@ -50,12 +50,12 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
 
     By default glibc raises its mmap threshold (up to 32 MB) each time a large block is freed,
     so the per-layer temporaries of a training step (dequantized NF4 weights, activations of a
-    few MB) end up on the heap, where fragmentation keeps freed memory resident: measured on a
-    QLoRA run of SmolLM2-135M, peak RSS 2.26 GB with the default, 1.19 GB with the threshold
-    fixed at 128 KiB. The price is a page fault per page of every new large temporary, so
-    graftlm does this in `--low-memory` mode only: at 4 MiB (the vocabulary chunks and the
-    dequantized weights are above it, the activations of its ~512-token passes mostly below),
-    or at 128 KiB when activation checkpointing is on too. Process-wide and not undone.
+    few MB) end up on the heap, where fragmentation keeps freed memory resident and a QLoRA run
+    peaks near twice as high (docs/measurements.md, "--low-memory"). The price is a page fault
+    per page of every new large temporary, so graftlm does this in `--low-memory` mode only: at
+    4 MiB (the vocabulary chunks and the dequantized weights are above it, the activations of
+    its ~512-token passes mostly below), or at 128 KiB when activation checkpointing is on too.
+    Process-wide and not undone.
 
     Returns:
         True if the setting was applied (Linux with glibc), False elsewhere.
