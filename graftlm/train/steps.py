@@ -11,17 +11,14 @@ from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime
 
 # Padded tokens per forward pass when --micro-batch-size is not given. Activations grow with the
-# tokens of one pass, the speed barely moves: on SmolLM2-135M (LoRA r8 q/v, batch 8 x 256, this
-# 2-core CPU, fused kernels) 2048 tokens per pass peaked at 4.7 GB RSS and took 11.7 s/step,
-# 1024 tokens 3.0 GB and 11.2 s, 512 tokens 2.0 GB and 12.4 s (matrix products of 512 rows run
-# ~15% below their 2048-row speed), 256 tokens 1.4 GB and 13.5 s. The loss is the same for all.
+# tokens of one pass while the speed barely moves, and the loss is the same for every size; 1024
+# was the fastest size measured, bigger passes only cost memory and smaller ones some speed
+# (docs/measurements.md, "Tokens per forward pass").
 MICRO_BATCH_TOKENS = 1024
-# --low-memory: smaller passes instead of recomputing layers. Against PEFT on the run above
-# (bench/train_vs_peft.py): 512 tokens per pass with blocks of 4 MiB or more unmapped on free
-# (memory.return_freed_memory_to_os) 1.11x its speed at 0.31x its peak (the default: 1.14x at
-# 0.46x); with a 1 MiB threshold 0.26x the peak but 0.80x the speed (page faults of fresh
-# temporaries); activation checkpointing (the old mode) 0.23x at 0.51x. Checkpointing stays for
-# rows longer than LOW_MEMORY_CHECKPOINT_TOKENS, whose activations no micro-batch can bound.
+# --low-memory: smaller passes, with large freed blocks returned to the OS
+# (memory.return_freed_memory_to_os), instead of recomputing layers, which was both slower and
+# heavier (docs/measurements.md, "--low-memory"). Checkpointing stays for rows longer than
+# LOW_MEMORY_CHECKPOINT_TOKENS, whose activations no micro-batch can bound.
 LOW_MEMORY_BATCH_TOKENS = 512
 LOW_MEMORY_CHECKPOINT_TOKENS = 1024
 # With activation checkpointing a pass keeps only each layer's input (~2.3 KB per token on the
