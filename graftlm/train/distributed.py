@@ -242,8 +242,6 @@ class Runtime:
     def barrier(self) -> None:
         """Wait until every rank gets here; no-op in one process."""
         if self.distributed:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def close(self, *, wait: bool = True) -> None:
