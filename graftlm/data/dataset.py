@@ -170,12 +170,46 @@ def tokenize_rows(
     templated = fmt == "chat" or (fmt != "text" and has_chat_template(tokenizer))
     if fmt == "chat" and not has_chat_template(tokenizer):
         raise GraftError("chat rows need a tokenizer with a chat template; this tokenizer has none")
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    enders = end_tokens(tokenizer) if templated else []
+    rendered, errors = _render_rows(rows, fmt, tokenizer, templated)
+    errors.finish(skip=skip_bad_rows, total=len(rows))
+    examples, truncated, dropped_at = _tokenize(rendered, tokenizer, templated, seq_len)
+    if dropped_at:
+        shown = ", ".join(dropped_at[:MAX_SHOWN])
+        more = f" and {len(dropped_at) - MAX_SHOWN} more" if len(dropped_at) > MAX_SHOWN else ""
+        logger.warning(
+            "dropped %d rows with no labelled token left after truncation to %d tokens (%s%s); "
+            "raise seq_len or shorten them",
+            len(dropped_at),
+            seq_len,
+            shown,
+            more,
+        )
+    stats = DataStats(
+        format=fmt,
+        rows=len(rendered),
+        examples=len(examples),
+        tokens=sum(len(e) for e in examples),
+        labelled_tokens=sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in examples),
+        truncated=truncated,
+        dropped=len(dropped_at),
+        seq_len=seq_len,
+        skipped=len(errors),
+    )
+    return examples, stats
 
+
+# (where, text, character spans of the answer to learn)
+Rendered = tuple[str, str, list[tuple[int, int]]]
+
+
+def _render_rows(
+    rows: Sequence[dict], fmt: str, tokenizer: Any, templated: bool
+) -> tuple[list[Rendered], RowErrors]:
+    """Each valid row as text with the spans to learn; the bad ones collected, not raised."""
+    enders = end_tokens(tokenizer) if templated else []
     first = rows[0].get(WHERE) if rows and isinstance(rows[0], dict) else None
     errors = RowErrors(first.rsplit(":", 1)[0] if first else "data")
-    rendered: list[tuple[str, str, list[tuple[int, int]]]] = []  # (where, text, spans)
+    rendered: list[Rendered] = []
     for n, row in enumerate(rows):
         where = row.get(WHERE, f"row {n + 1}") if isinstance(row, dict) else f"row {n + 1}"
         problem = row_problem(row, fmt, require_answer=True)
@@ -195,8 +229,18 @@ def tokenize_rows(
             errors.add(n, where, str(err))
             continue
         rendered.append((where, text, spans))
-    errors.finish(skip=skip_bad_rows, total=len(rows))
+    return rendered, errors
 
+
+def _tokenize(
+    rendered: list[Rendered], tokenizer: Any, templated: bool, seq_len: int
+) -> tuple[list[Example], int, list[str]]:
+    """Tokens and labels of each rendered row, cut to `seq_len`.
+
+    Returns:
+        (examples, rows truncated, where each row dropped for having no labelled token left).
+    """
+    eos_id = getattr(tokenizer, "eos_token_id", None)
     examples, truncated, dropped_at = [], 0, []
     for c in range(0, len(rendered), _TOKENIZE_CHUNK):
         chunk = rendered[c : c + _TOKENIZE_CHUNK]
@@ -226,30 +270,7 @@ def tokenize_rows(
                 dropped_at.append(where)
                 continue
             examples.append(Example(ids, labels, where))
-
-    if dropped_at:
-        shown = ", ".join(dropped_at[:MAX_SHOWN])
-        more = f" and {len(dropped_at) - MAX_SHOWN} more" if len(dropped_at) > MAX_SHOWN else ""
-        logger.warning(
-            "dropped %d rows with no labelled token left after truncation to %d tokens (%s%s); "
-            "raise seq_len or shorten them",
-            len(dropped_at),
-            seq_len,
-            shown,
-            more,
-        )
-    stats = DataStats(
-        format=fmt,
-        rows=len(rendered),
-        examples=len(examples),
-        tokens=sum(len(e) for e in examples),
-        labelled_tokens=sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in examples),
-        truncated=truncated,
-        dropped=len(dropped_at),
-        seq_len=seq_len,
-        skipped=len(errors),
-    )
-    return examples, stats
+    return examples, truncated, dropped_at
 
 
 def load_dataset(
