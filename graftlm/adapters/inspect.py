@@ -2,68 +2,48 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from graftlm.adapters.folder import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    parameter_count,
+    read_config,
+    read_graft,
+    weight_shapes,
+)
 from graftlm.errors import GraftError
+from graftlm.methods import PEFT_TYPES, method_module
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Facts about an adapter folder: method, ranks, targets, parameters, size, fingerprint, training.
 
-    Only the safetensors header is read (shapes), not the weights.
+    Only the safetensors header is read (shapes), not the weights. The method's own
+    `describe(folder)` adds its facts (and may name the method more precisely: "qlora").
 
     Raises:
         GraftError: not an adapter folder, or unreadable files.
     """
-    from safetensors import safe_open
-
-    from graftlm.methods.lora.files import CONFIG_FILE, WEIGHTS_FILE
-
     folder = Path(path)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise GraftError(f"{folder}: not an adapter folder (no {CONFIG_FILE})")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GraftError(f"{config_path}: not valid JSON ({exc})") from None
-    graft: dict[str, Any] = {}
-    if (folder / "graftlm.json").is_file():
-        graft = json.loads((folder / "graftlm.json").read_text(encoding="utf-8"))
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise GraftError(f"{weights}: not found")
-    shapes: dict[str, list[int]] = {}
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = list(handle.get_slice(key).get_shape())
-    except Exception as exc:
-        raise GraftError(f"{weights}: cannot read, file is truncated or corrupt ({exc})") from None
-    parameters = 0
-    for shape in shapes.values():
-        count = 1
-        for dim in shape:
-            count *= dim
-        parameters += count
+    config = read_config(folder)
+    graft = read_graft(folder)
+    shapes = weight_shapes(folder)
     ranks: dict[int, int] = {}
     modules = set()
     for key, shape in shapes.items():
         if key.endswith("lora_A.weight") or key.endswith("lora_embedding_A"):
             ranks[shape[0]] = ranks.get(shape[0], 0) + 1
             modules.add(key.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1])
-    from graftlm.methods import PEFT_TYPES, method_module
-
     peft_type = str(config.get("peft_type", "LORA")).upper()
     method = graft.get("method") or PEFT_TYPES.get(peft_type, peft_type.lower())
-    if method == "lora" and graft.get("quantize"):
-        method = "qlora"
-    module = method_module(method) if method in PEFT_TYPES.values() or method == "qlora" else None
+    module = method_module(PEFT_TYPES[peft_type]) if peft_type in PEFT_TYPES else None
     extra = module.describe(folder) if module and hasattr(module, "describe") else {}
-    facts = {
+    return {
         "path": str(folder),
         "method": method,
         "peft_type": peft_type,
@@ -75,8 +55,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "target_modules": config.get("target_modules"),
         "adapted_module_kinds": sorted(modules),
         "adapted_modules": sum(ranks.values()),
-        "trainable_parameters": parameters,
-        "file_bytes": weights.stat().st_size,
+        "trainable_parameters": parameter_count(shapes),
+        "file_bytes": (folder / WEIGHTS_FILE).stat().st_size,
         "base_model": config.get("base_model_name_or_path"),
         "quantize": graft.get("quantize"),
         "base_fingerprint": graft.get("base_fingerprint"),
@@ -85,7 +65,6 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "memory": (graft.get("training") or {}).get("memory"),
         **extra,
     }
-    return facts
 
 
 def format_description(facts: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from graftlm.adapters.modules import is_conv1d, is_linear
+from graftlm.methods.lora.layer import LoraEmbedding, LoraLayerBase
 
 
 def outer_modules(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, bool]]:
@@ -20,8 +21,6 @@ def outer_modules(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.Modul
     Linear layers are plain ones (`nn.Linear`, `Conv1D`, 4-bit linears) and any method's wrapper
     around one.
     """
-    from graftlm.methods.lora.layer import LoraEmbedding, LoraLayerBase
-
     found, skip = [], None
     for name, module in root.named_modules():
         if not name or (skip is not None and name.startswith(skip)):

@@ -68,3 +68,9 @@ def check_adapter_name(name: str) -> None:
     """
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise GraftError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
+
+
+def freeze(model: nn.Module) -> None:
+    """Make every parameter of `model` non-trainable (adapters then unfreeze their own)."""
+    for param in model.parameters():
+        param.requires_grad_(False)

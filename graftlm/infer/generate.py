@@ -1,8 +1,8 @@
 """Batched generation with one adapter per row, and the loader generate/chat/serve share.
 
 Prompts are sorted by length and batched with left padding, so rows in a batch carry little
-padding; each row may name its own adapter (or none), and `row_adapters` applies the right
-low-rank update per row inside one forward pass. Greedy unless a temperature is given.
+padding; each row may name its own adapter (or none), of any method, and `row_adapters`
+applies each row's adapter inside one forward pass. Greedy unless a temperature is given.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from graftlm.adapters.base_model import quantize_base
+from graftlm.adapters.folder import atomic_write_bytes, read_config
+from graftlm.adapters.io import load_any, quantization
+from graftlm.adapters.switch import adapter_names, row_adapters, set_adapter
+from graftlm.data.dataset import prompt_for_generation, read_rows
 from graftlm.errors import GraftError
 from graftlm.kernels.small_batch_linear import use_small_batch_kernel
+from graftlm.models.load import BUILTIN_NAME, load_model
 
 logger = logging.getLogger("graftlm")
 
@@ -58,12 +64,11 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
-    """The base model an adapter folder names (`base_model_name_or_path`), if loadable here."""
+    """The base model an adapter folder names (`base_model_name_or_path`), if it names one."""
     try:
-        data = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return read_config(adapter_dir).get("base_model_name_or_path") or None
+    except GraftError:
         return None
-    return data.get("base_model_name_or_path") or None
 
 
 def load_for_inference(
@@ -73,7 +78,7 @@ def load_for_inference(
     dtype: str = "float32",
     force: bool = False,
 ):
-    """Load a base model and any number of named adapters onto it.
+    """Load a base model and any number of named adapters (of any methods) onto it.
 
     Args:
         model: base model name/path; None = the base the first adapter names, else the
@@ -84,39 +89,24 @@ def load_for_inference(
 
     Returns:
         (model, tokenizer) with the first adapter active.
-    """
-    from graftlm.adapters.io import load_any
-    from graftlm.methods import folder_method
-    from graftlm.methods.lora.files import read_adapter_config
-    from graftlm.methods.lora.inject import set_adapter
-    from graftlm.models.load import BUILTIN_NAME, load_model
 
+    Raises:
+        GraftError: an unreadable adapter folder (before the base is loaded), or one that does
+            not fit the base.
+    """
     adapters = adapters or {}
-    methods = {name: folder_method(path) for name, path in adapters.items()}
-    others = [name for name, method in methods.items() if method != "lora"]
-    if others and len(adapters) > 1:
-        raise GraftError(
-            f"adapter {others[0]!r} ({methods[others[0]]}) cannot share a model with other "
-            "adapters; only LoRA/QLoRA adapters load several at a time"
-        )
+    quantized = [quantization(path) == "nf4" for path in adapters.values()]
     if model is None:
         model = next(
             (b for b in map(adapter_base_model, adapters.values()) if b and is_loadable(b)),
             BUILTIN_NAME,
         )
     base, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-    quantize = {
-        read_adapter_config(path)[0].quantize
-        for name, path in adapters.items()
-        if methods[name] == "lora"
-    } - {None}
-    if quantize:
-        from graftlm.methods.lora.inject import quantize_base
-
+    if any(quantized):  # a QLoRA adapter: every adapter runs on the 4-bit base it was trained on
         quantize_base(base)
     for name, path in adapters.items():
         load_any(base, path, name=name, force=force)
-    if adapters and not others:
+    if adapters:
         set_adapter(base, next(iter(adapters)))
     base.eval()
     use_small_batch_kernel(base)  # decode steps: a few rows per product, see the module
@@ -124,8 +114,7 @@ def load_for_inference(
 
 
 def is_loadable(name: str) -> bool:
-    from graftlm.models.load import BUILTIN_NAME
-
+    """Whether `name` is the built-in model or a path on this machine."""
     return name.lower() == BUILTIN_NAME or os.path.exists(name)
 
 
@@ -185,8 +174,6 @@ def generate(
     Returns:
         The generated continuations, in the order of `prompts`, without special tokens.
     """
-    from graftlm.methods.lora.inject import row_adapters
-
     sampling = sampling or SamplingConfig()
     if adapters is not None and len(adapters) != len(prompts):
         raise GraftError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
@@ -233,7 +220,7 @@ def stream(
     model: nn.Module, tokenizer, prompt: str, sampling: SamplingConfig | None = None
 ) -> Iterator[str]:
     """Yield pieces of text as they are generated for one prompt (the active adapter)."""
-    from transformers import TextIteratorStreamer
+    from transformers import TextIteratorStreamer  # heavy: only `graftlm chat` streams
 
     sampling = sampling or SamplingConfig()
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
@@ -282,14 +269,9 @@ def generate_file(
     Returns:
         The number of rows written.
     """
-    from graftlm.data.dataset import prompt_for_generation, read_rows
-    from graftlm.methods.lora.files import atomic_write_bytes
-    from graftlm.methods.lora.inject import adapter_names
-
     rows, _ = read_rows(input_path, require_answer=False)
     prompts = [prompt_for_generation(row, tokenizer) for row in rows]
-    # LoRA adapters, and those of other methods that adapter_io.load_any recorded
-    known = adapter_names(model) + list(getattr(model, "graftlm_other_adapters", {}) or {})
+    known = adapter_names(model)
     per_row = []
     for row in rows:
         name = row.get("adapter", default_adapter)

@@ -1,4 +1,4 @@
-"""Parameter-efficient methods: one module per method, all behind the contract in `base`.
+"""Parameter-efficient methods: one subpackage per method, all behind `adapters.contract`.
 
 `method_module(name)` gives the module for a `--method` value; `folder_method(path)` tells which
 method saved an adapter folder (from its `adapter_config.json` "peft_type").
@@ -7,11 +7,11 @@ method saved an adapter folder (from its `adapter_config.json` "peft_type").
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from pathlib import Path
 from types import ModuleType
 
+from graftlm.adapters.folder import CONFIG_FILE, read_config
 from graftlm.errors import GraftError
 
 # --method value -> module implementing graftlm.adapters.contract.MethodModule
@@ -49,19 +49,10 @@ def folder_method(path: str | os.PathLike) -> str:
     Raises:
         GraftError: no readable adapter_config.json, or a peft_type graftlm does not implement.
     """
-    config_path = Path(path) / "adapter_config.json"
-    if not Path(path).is_dir():
-        raise GraftError(f"adapter folder {str(path)!r} does not exist")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GraftError(f"{config_path}: not found (is {path} an adapter folder?)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise GraftError(f"{config_path}: not valid JSON ({exc})") from None
-    peft_type = str(data.get("peft_type", "LORA")).upper()
+    peft_type = str(read_config(path).get("peft_type", "LORA")).upper()
     if peft_type not in PEFT_TYPES:
         raise GraftError(
-            f"{config_path}: peft_type {peft_type!r} is not supported; "
+            f"{Path(path) / CONFIG_FILE}: peft_type {peft_type!r} is not supported; "
             f"supported: {', '.join(PEFT_TYPES)}"
         )
     return PEFT_TYPES[peft_type]

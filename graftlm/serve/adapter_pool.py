@@ -2,7 +2,7 @@
 
 An adapter is *registered* once its folder's config has been read and checked against the base
 (method, fingerprint, shapes from the safetensors header; no weights read), and *loaded* while
-its weights sit in the model as a named LoRA adapter. Loading happens on demand when a request
+its weights sit in the model as a named adapter (of any method whose adapters serve per row). Loading happens on demand when a request
 names the adapter; when the loaded weights would exceed the memory budget, the least recently
 used adapters that no running request holds are unloaded first. A request *pins* its adapter
 (`acquire` / `release`) so it cannot be evicted mid-generation.
@@ -25,11 +25,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from graftlm.adapters.base_model import base_fingerprint, check_base
+from graftlm.adapters.folder import parameter_count, weight_shapes
+from graftlm.adapters.io import load_any
+from graftlm.adapters.switch import adapter_names, delete_adapter
 from graftlm.errors import GraftError
-from graftlm.methods.lora.config import LoraConfig
+from graftlm.methods import folder_method, method_module
 
 
 class AdapterBusy(GraftError):
@@ -47,9 +52,9 @@ class AdapterEntry:
     Attributes:
         name: the public name requests use.
         path: the adapter folder.
-        config: its LoRA config (None for other methods).
+        config: its config, as its method reads the folder (a LoraConfig for LoRA).
         method: the method that saved it ("lora", "ia3", "prefix", ...).
-        nbytes: bytes its weights take once loaded (fp32 A and B).
+        nbytes: bytes its weights take once loaded (fp32).
         internal: the adapter's name inside the model while loaded, else None.
         pins: running requests that hold it.
         last_used: `time.monotonic()` of the last acquire.
@@ -58,7 +63,7 @@ class AdapterEntry:
 
     name: str
     path: Path
-    config: LoraConfig | None
+    config: Any
     nbytes: int
     method: str = "lora"
     internal: str | None = None
@@ -87,8 +92,6 @@ class AdapterRegistry:
     def __init__(
         self, model: nn.Module, *, budget_bytes: int | None = None, force: bool = False
     ) -> None:
-        from graftlm.methods.lora.inject import base_fingerprint
-
         if budget_bytes is not None and budget_bytes <= 0:
             raise GraftError(f"budget_bytes should be positive or None, got {budget_bytes!r}")
         self.model = model
@@ -111,7 +114,7 @@ class AdapterRegistry:
 
         Args:
             name: public name (any non-empty string without control characters).
-            path: a PEFT-format LoRA folder.
+            path: an adapter folder (any method that serves per row).
             load: load the weights now (also validates every key and shape).
             replace: re-register an existing name (its old weights are unloaded).
 
@@ -120,7 +123,8 @@ class AdapterRegistry:
 
         Raises:
             GraftError: bad name, name taken, unreadable folder, a base-fingerprint or shape
-                mismatch, or an adapter this server cannot serve per row (see `_check_servable`).
+                mismatch, or an adapter this server cannot serve per row (its method's
+                `check_servable`).
         """
         if not isinstance(name, str) or not name.strip() or not name.isprintable():
             raise GraftError(f"adapter name should be a non-empty printable string, got {name!r}")
@@ -148,59 +152,17 @@ class AdapterRegistry:
                     raise
             return entry
 
-    def _inspect(self, folder: Path) -> tuple[str, LoraConfig | None, int]:
-        from graftlm.adapters.io import read_graft, serves_per_row
-        from graftlm.methods import folder_method
-        from graftlm.methods.lora.files import WEIGHTS_FILE, check_fingerprint, read_adapter_config
-
+    def _inspect(self, folder: Path) -> tuple[str, Any, int]:
         method = folder_method(folder)
-        if method == "lora":
-            config, graft = read_adapter_config(folder)
-            self._check_servable(folder, config)
-        elif not serves_per_row(method):
+        module = method_module(method)
+        if not module.ROW_ADAPTERS:
             raise GraftError(f"{folder}: {method} adapters cannot be served next to others yet")
-        else:
-            config, graft = None, read_graft(folder)
-        check_fingerprint(self.model, graft, folder, self.force)
-        weights = folder / WEIGHTS_FILE
-        if not weights.is_file():
-            raise GraftError(f"{weights}: not found")
-        try:
-            from safetensors import safe_open
-
-            count = 0
-            with safe_open(str(weights), framework="pt") as handle:
-                for key in handle.keys():
-                    shape = handle.get_slice(key).get_shape()
-                    size = 1
-                    for dim in shape:
-                        size *= dim
-                    count += size
-        except Exception as exc:  # safetensors raises several types for bad headers
-            raise GraftError(
-                f"{weights}: cannot read, file is truncated or corrupt ({exc})"
-            ) from None
-        return method, config, 4 * count  # adapters keep their weights in fp32
-
-    def _check_servable(self, folder: Path, config: LoraConfig) -> None:
-        # these change shared base parameters (or whole modules): per-row serving would apply
-        # them to every request in the batch, so refuse rather than serve wrong answers
-        if config.modules_to_save:
-            raise GraftError(
-                f"{folder}: adapters with modules_to_save {list(config.modules_to_save)} cannot "
-                "share a batch with other adapters; merge it (graftlm merge) and serve that model"
-            )
-        if config.bias != "none":
-            raise GraftError(
-                f"{folder}: adapters that train biases (bias={config.bias!r}) change the shared "
-                "base; merge it (graftlm merge) and serve that model"
-            )
-        quantized = any(getattr(m, "is_quantized_linear", False) for m in self.model.modules())
-        if config.quantize == "nf4" and not quantized:
-            raise GraftError(
-                f"{folder}: a QLoRA adapter (quantize='nf4') needs an NF4 base; start the server "
-                "with a QLoRA adapter among its --adapter flags so the base is quantized at start"
-            )
+        config = module.read_config(folder)
+        if hasattr(module, "check_servable"):
+            module.check_servable(self.model, folder)
+        check_base(self.model, folder, self.force)
+        # adapters keep their weights in fp32
+        return method, config, 4 * parameter_count(weight_shapes(folder))
 
     def unregister(self, name: str) -> None:
         """Forget adapter `name`; its weights are unloaded now, or when its last request ends.
@@ -328,8 +290,6 @@ class AdapterRegistry:
             used -= victim.nbytes
 
     def _load(self, entry: AdapterEntry) -> None:
-        from graftlm.adapters.io import load_any
-
         internal = f"r{self._counter}"
         self._counter += 1
         try:
@@ -346,11 +306,8 @@ class AdapterRegistry:
         self.model.eval()
 
     def _delete_if_present(self, internal: str) -> None:
-        from graftlm.adapters.io import other_adapters, unload_any
-        from graftlm.methods.lora.inject import adapter_names
-
-        if internal in adapter_names(self.model) or internal in other_adapters(self.model):
-            unload_any(self.model, internal)
+        if internal in adapter_names(self.model):
+            delete_adapter(self.model, internal)
             self.version += 1
 
     def _unload(self, entry: AdapterEntry) -> None:

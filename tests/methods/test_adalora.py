@@ -432,7 +432,7 @@ def test_merge_equals_unmerged_is_idempotent_and_unmerge_restores():
 
 def test_two_adapters_per_row(tmp_path):
     """row_adapters: each row of a batch through its own AdaLoRA adapter (or none)."""
-    from graftlm.methods.lora.inject import row_adapters, set_adapter
+    from graftlm.adapters.switch import row_adapters, set_adapter
 
     first, _ = trained("llama", ["q_proj", "v_proj"], seed=1)
     second, _ = trained("llama", ["q_proj", "v_proj"], seed=2)

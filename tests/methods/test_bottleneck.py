@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from visible_models import BUILDERS, one_thread, perturb_trainable, tiny_llama  # noqa: F401
 
 from graftlm.adapters.io import load_any, save_trained
+from graftlm.adapters.switch import row_adapters
 from graftlm.errors import GraftError
 from graftlm.methods.bottleneck import method as bn
 from graftlm.train.config import TrainConfig
@@ -190,7 +191,6 @@ def test_batched_left_padded_generation_equals_one_at_a_time():
 def test_named_adapters_per_row_and_unload_restores_the_base(tmp_path):
     """Two adapters (sizes and placements differ) on one base: `row_adapters` gives each row
     its own adapter's output, None rows the base's; unloading both restores the base modules."""
-    from graftlm.methods.lora.inject import row_adapters
 
     base_model = tiny_llama()
     base = logits(base_model)
@@ -203,19 +203,18 @@ def test_named_adapters_per_row_and_unload_restores_the_base(tmp_path):
     model = tiny_llama()
     bn.load(model, tmp_path / "a", "a")
     bn.load(model, tmp_path / "b", "b")
-    assert bn.active_adapter(model) == "b"
+    assert bn.BOTTLENECK_ADAPTERS.active_adapter(model) == "b"
     torch.testing.assert_close(logits(model), expected["b"])
-    model.graftlm_other_adapters = {"a": "bottleneck", "b": "bottleneck"}  # as load_any does
     for names in (["a", "b"], ["b", None], [None, "a"]):
         with row_adapters(model, names):
             out = logits(model)
         for row, name in enumerate(names):
             torch.testing.assert_close(out[row], expected[name][row], atol=1e-5, rtol=0)
     bn.unload(model, "b")
-    assert bn.active_adapter(model) == "a"
+    assert bn.BOTTLENECK_ADAPTERS.active_adapter(model) == "a"
     torch.testing.assert_close(logits(model), expected["a"])
     bn.unload(model, "a")
-    assert not bn.adapter_layers(model) and not bn.adapters(model)
+    assert not bn.adapter_layers(model) and not bn.BOTTLENECK_ADAPTERS.adapters(model)
     torch.testing.assert_close(logits(model), base, atol=0, rtol=0)
     assert sorted(model.state_dict()) == sorted(base_model.state_dict())
     with pytest.raises(GraftError, match="no bottleneck adapter named 'a'"):
@@ -297,10 +296,10 @@ def test_config_errors_name_the_field():
 
 def test_taken_or_bad_adapter_names_are_refused(tmp_path):
     model = trained()
-    with pytest.raises(GraftError, match="named 'default' is already loaded"):
+    with pytest.raises(GraftError, match="'default' already exists"):
         bn.add_bottleneck(model, bn.BottleneckConfig(size=4))
     bn.save(model, tmp_path / "a", None)
-    with pytest.raises(GraftError, match="named 'default' is already loaded"):
+    with pytest.raises(GraftError, match="'default' already exists"):
         bn.load(model, tmp_path / "a")
     with pytest.raises(GraftError, match="letters, digits"):
         bn.add_bottleneck(model, bn.BottleneckConfig(size=4), "a.b")
@@ -350,7 +349,7 @@ def test_missing_tensor_unknown_module_and_wrong_placement(tmp_path):
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "placement": "mlp"}))
     with pytest.raises(
-        GraftError, match=r"outside the placement: \['model\.layers\.0\.self_attn\.o_proj'"
+        GraftError, match=r"modules it does not select: \['model\.layers\.0\.self_attn\.o_proj'"
     ):
         bn.load(tiny_llama(), folder)
 

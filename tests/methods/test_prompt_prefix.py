@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 from visible_models import one_thread, perturb_trainable, tiny_llama, tiny_qwen2  # noqa: F401
 
+from graftlm.adapters.switch import delete_adapter, disable_adapters, row_adapters, set_adapter
 from graftlm.errors import GraftError
-from graftlm.methods.virtual_tokens import attention as vt
 from graftlm.methods.virtual_tokens import prefix as prefix_tuning
 from graftlm.methods.virtual_tokens import prompt as prompt_tuning
 
@@ -223,7 +223,7 @@ def test_batched_generation_with_mixed_lengths_equals_one_at_a_time(method):
     batched = generate(model, tokenizer, PROMPTS, sampling=sampling, batch_size=4)
     alone = [generate(model, tokenizer, [p], sampling=sampling)[0] for p in PROMPTS]
     assert batched == alone
-    with vt.disabled(model):
+    with disable_adapters(model):
         base = generate(model, tokenizer, PROMPTS, sampling=sampling, batch_size=4)
     assert base != batched
 
@@ -383,20 +383,20 @@ def test_disable_copy_and_cache_invalidation():
     model = with_prefix()
     x = ids()
     adapted, base = logits(model, x), logits(tiny_llama(), x)
-    with vt.disabled(model):
+    with disable_adapters(model):
         close(logits(model, x), base)
     close(logits(model, x), adapted)
     twin = copy.deepcopy(model)
     close(logits(twin, x), adapted)
     other = copy.deepcopy(model)
-    vt.remove_encoder(other, "default")  # the copy's last adapter out: the copy is the base
+    delete_adapter(other, "default")  # the copy's last adapter out: the copy is the base
     close(logits(other, x), base)
     close(logits(model, x), adapted)  # and the original keeps its hooks
     with torch.no_grad():  # an in-place update (as optimizer.step does) invalidates the cache
         twin.prompt_encoder.default.embedding.weight.mul_(2)
     assert (logits(twin, x) - adapted).abs().max() > 0.1
     close(logits(model, x), adapted)  # the original is untouched
-    vt.set_active(model, None)
+    set_adapter(model, [])
     close(logits(model, x), base)
 
 
@@ -435,7 +435,6 @@ def only(folders, name):
 def test_rows_with_different_adapters_compute_what_each_computes_alone(tmp_path):
     from graftlm.adapters.io import load_any
     from graftlm.infer.generate import SamplingConfig, generate
-    from graftlm.methods.lora.inject import row_adapters
 
     folders = two_adapters(tmp_path)
     model = tiny_llama()
@@ -456,7 +455,7 @@ def test_rows_with_different_adapters_compute_what_each_computes_alone(tmp_path)
 
 
 def test_unloading_the_last_adapter_restores_the_base(tmp_path):
-    from graftlm.adapters.io import load_any, unload_any
+    from graftlm.adapters.io import load_any
 
     folders = two_adapters(tmp_path)
     model = tiny_llama()
@@ -464,9 +463,9 @@ def test_unloading_the_last_adapter_restores_the_base(tmp_path):
     for name, folder in folders.items():
         load_any(model, folder, name)
     x = ids()
-    unload_any(model, "b")
+    delete_adapter(model, "b")
     close(logits(model, x), logits(only(folders, "a"), x))  # "a" stays active
-    unload_any(model, "a")
+    delete_adapter(model, "a")
     close(logits(model, x), logits(tiny_llama(), x))
     assert model.config._attn_implementation == implementation
     assert not hasattr(model, "prompt_encoder") and not hasattr(model, "graftlm_virtual_tokens")
@@ -602,7 +601,7 @@ def test_eval_loss_equals_peft_forward_loss_on_smollm2(tmp_path, smollm2, smollm
             total += out.loss.item() * tokens
             count += tokens
     assert ours == pytest.approx(total / count, rel=1e-4)
-    with vt.disabled(model):  # and the adapter matters
+    with disable_adapters(model):  # and the adapter matters
         base = evaluate_file(model, tokenizer, str(rows))["loss"]
     assert abs(base - ours) > 0.05
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graftlm.methods.adalora.layer import adapter_config, svd_layers
+from graftlm.methods.adalora.layer import adapter_config, set_adapter_config, svd_layers
 
 # The schedule as fractions of the run (runs of ~50-100 steps): a tenth to gather importance
 # before pruning, the last fifth to train the final ranks.
@@ -94,7 +94,7 @@ class TrainingHooks:
         if config.total_step is None:
             tinit, tfinal = default_schedule(total_steps)
             config = config.replace(total_step=total_steps, tinit=tinit, tfinal=tfinal)
-            model.graftlm_configs[name] = config
+            set_adapter_config(model, name, config)
         self.model, self.name, self.config = model, name, config
         self.layers = list(svd_layers(model, name))
         self.init_budget = sum(layer.ranks[name] for _, layer in self.layers)
@@ -197,7 +197,7 @@ class TrainingHooks:
         """Write the current allocation into the adapter's config (saved as rank_pattern)."""
         pattern = {f"{m}.lora_E": tuple(k.tolist()) for m, k in self.kept.items()}
         self.config = self.config.replace(rank_pattern=pattern)
-        self.model.graftlm_configs[self.name] = self.config
+        set_adapter_config(self.model, self.name, self.config)
 
     def ranks(self) -> dict[str, int]:
         """Triplets each module keeps under the current allocation (init rank before any)."""

@@ -15,6 +15,10 @@ PEFT_TYPE = "ADALORA"
 RANKNUM_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5); kept so logits match it to the last bit
 
 
+# the fields AdaLoRA shares with LoRA, with LoRA's meaning, checks and messages
+LORA_FIELDS = ("targets", "exclude", "layers", "alpha", "dropout")
+
+
 @dataclass(frozen=True)
 class AdaLoraConfig:
     """One AdaLoRA adapter: which layers, the rank budget, and its schedule.
@@ -92,7 +96,7 @@ class AdaLoraConfig:
                 )
         # targets, exclude, layers, alpha and dropout: LoRA's rules and messages
         lora = self.as_lora()
-        for name in ("targets", "exclude", "layers", "alpha", "dropout"):
+        for name in LORA_FIELDS:
             object.__setattr__(self, name, getattr(lora, name))
         if self.rank_pattern is not None:
             object.__setattr__(
@@ -103,14 +107,7 @@ class AdaLoraConfig:
 
     def as_lora(self) -> LoraConfig:
         """The LoRA config with the same layers, alpha and dropout (rank = init_r)."""
-        return LoraConfig(
-            rank=self.init_r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            targets=self.targets,
-            exclude=self.exclude,
-            layers=self.layers,
-        )
+        return LoraConfig(rank=self.init_r, **{name: getattr(self, name) for name in LORA_FIELDS})
 
     @property
     def scaling(self) -> float:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.adapters.state import adapter_state
 from graftlm.errors import GraftError
 from graftlm.methods.adalora.config import AdaLoraConfig
 from graftlm.methods.lora.layer import LoraLinear
@@ -94,7 +95,13 @@ def svd_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str,
 
 def adapter_config(model: nn.Module, name: str = "default") -> AdaLoraConfig:
     """The AdaLoraConfig of adapter `name` on `model`."""
-    config = (getattr(model, "graftlm_configs", None) or {}).get(name)
+    adapter = adapter_state(model).adapters.get(name)
+    config = adapter.config if adapter is not None else None
     if not isinstance(config, AdaLoraConfig):
         raise GraftError(f"the model has no AdaLoRA adapter named {name!r}")
     return config
+
+
+def set_adapter_config(model: nn.Module, name: str, config: AdaLoraConfig) -> None:
+    """Record `config` as AdaLoRA adapter `name`'s (the budget's schedule and allocation)."""
+    adapter_state(model).add(name, "adalora", config)

@@ -11,7 +11,7 @@ rank budget moves, during training, to the matrices that need it.
 
 Λ starts at zero, so a fresh adapter leaves the model unchanged; P and Q start N(0, 0.02²).
 Every matrix starts with `init_r` triplets (P[:, i], λ_i, Q[i]); during training
-(`methods.adalora_budget`) the λ of the least important triplets are zeroed, until `target_r`
+(`methods.adalora.budget`) the λ of the least important triplets are zeroed, until `target_r`
 triplets per matrix remain on average, and an orthogonality penalty keeps P and Q close to
 singular vectors. The scale stays alpha / init_r whatever rank a matrix ends with, as in PEFT.
 
@@ -24,7 +24,6 @@ adapter_config.json (`"<module>.lora_E"`: one bool per initial triplet), so PEFT
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,48 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftlm.adapters.modules import check_adapter_name
+from graftlm.adapters.base_model import base_fingerprint, check_base
+from graftlm.adapters.contract import InjectSummary, summarize
+from graftlm.adapters.folder import (
+    CONFIG_FILE,
+    PREFIX,
+    WEIGHTS_FILE,
+    group_keys,
+    read_weights,
+    weight_shapes,
+    write_folder,
+)
+from graftlm.adapters.folder import read_config as read_config_file
+from graftlm.adapters.modules import is_linear, linear_dims, set_module
+from graftlm.adapters.state import adapter_state
+from graftlm.adapters.switch import set_adapter
 from graftlm.errors import GraftError
-from graftlm.methods.adalora.budget import TrainingHooks  # noqa: F401  (the contract's name)
-from graftlm.methods.adalora.config import PEFT_TYPE, AdaLoraConfig  # noqa: F401  (contract)
-from graftlm.methods.adalora.layer import INIT_STD, AdaLoraLinear, adapter_config, svd_layers  # noqa: F401
+
+# contract names (TrainingHooks, PEFT_TYPE, LoRA's switching) and the layer's, re-exported
+from graftlm.methods.adalora.budget import TrainingHooks  # noqa: F401
+from graftlm.methods.adalora.config import PEFT_TYPE, AdaLoraConfig  # noqa: F401
+from graftlm.methods.adalora.layer import (  # noqa: F401
+    INIT_STD,
+    AdaLoraLinear,
+    adapter_config,
+    set_adapter_config,
+    svd_layers,
+)
+from graftlm.methods.lora.files import peft_target_modules
+from graftlm.methods.lora.inject import (  # noqa: F401  (AdaLoRA's layers are LoRA's: LoRA switches them)
+    disabled,
+    find_targets,
+    merge,
+    merge_and_unload,
+    set_active,
+    unload,
+    unmerge,
+)
 from graftlm.methods.lora.layer import LoraLayerBase
 
 NAME = "adalora"
 MERGEABLE = True
+ROW_ADAPTERS = True
 # The recipe (README, "Choosing the default recipe"): every linear layer starts with 12 triplets
 # and keeps 8 on average (rank = target_r, init_rank = init_r).
 DEFAULTS: dict[str, Any] = {
@@ -51,14 +83,14 @@ DEFAULTS: dict[str, Any] = {
     "lr": 5e-3,
     "epochs": 1.0,
 }
-PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_E|lora_B)(?:\.(?P<adapter>[^.]+))?$")
+# a weights-file key less PEFT's prefix; PEFT's own files may name the adapter ("....lora_E.default")
+_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_E|lora_B)(?:\.[^.]+)?")
 
 
 # -- attach -----------------------------------------------------------------------------------------
 
 
-def attach(model: nn.Module, cfg):
+def attach(model: nn.Module, cfg) -> InjectSummary:
     """Add adapter "default" as the training config describes (rank = target_r, init_rank = init_r)."""
     if cfg.use_rslora:
         raise GraftError("use_rslora is not defined for AdaLoRA (its scale is alpha / init_rank)")
@@ -84,7 +116,7 @@ def inject(
     name: str = "default",
     *,
     ranks: dict[str, int] | None = None,
-):
+) -> InjectSummary:
     """Add an AdaLoRA adapter `name` to `model`, in place, and make it the active one.
 
     Targeted linear layers become `AdaLoraLinear` (keeping the base Parameters); every parameter
@@ -94,24 +126,13 @@ def inject(
         ranks: per-module triplet counts (loading pruned adapters); default init_r everywhere.
 
     Returns:
-        A `graftlm.methods.lora.inject.InjectSummary`.
+        An `InjectSummary`.
 
     Raises:
         GraftError: the name is taken or malformed, nothing matched, or a matched layer is an
             embedding, a 4-bit layer or one holding LoRA adapters.
     """
-    from graftlm.adapters.modules import is_linear, set_module
-    from graftlm.methods.lora.inject import base_fingerprint, find_targets, set_adapter, summarize
-
-    configs = getattr(model, "graftlm_configs", None)
-    if configs is None:
-        configs = {}
-        model.graftlm_configs = configs
-    if name in configs:
-        raise GraftError(
-            f"adapter {name!r} already exists; delete_adapter() it first or pick a new name"
-        )
-    check_adapter_name(name)
+    adapter_state(model).check_new(name)
     base_fingerprint(model)
     targets = find_targets(model, config.as_lora())
     layers: list[tuple[str, nn.Module]] = []
@@ -137,7 +158,7 @@ def inject(
         rank = config.init_r if ranks is None else ranks[module_name]
         module.add_triplets(name, rank, config.scaling, config.dropout)
         added.append((module_name, "AdaLoraLinear", rank))
-    configs[name] = config
+    set_adapter_config(model, name, config)
     set_adapter(model, name)
     return summarize(model, name, added)
 
@@ -183,15 +204,6 @@ def save(
     model: nn.Module, folder: Path, base_model_name: str | None, name: str = "default"
 ) -> dict[str, torch.Tensor]:
     """Write adapter_config.json and adapter_model.safetensors in PEFT's AdaLoRA format."""
-    from graftlm.methods.lora.files import (
-        CONFIG_FILE,
-        WEIGHTS_FILE,
-        atomic_save_safetensors,
-        atomic_write_json,
-        peft_target_modules,
-    )
-
-    folder = Path(folder)
     config = adapter_config(model, name)
     tensors = adapter_tensors(model, name)
     data = config.to_peft_dict(
@@ -201,8 +213,7 @@ def save(
         data["layers_to_transform"] = None  # PEFT refuses layers next to a regex target
     if any(layer.fan_in_fan_out for _, layer in svd_layers(model, name)):
         data["fan_in_fan_out"] = True
-    atomic_save_safetensors(folder / WEIGHTS_FILE, tensors)
-    atomic_write_json(folder / CONFIG_FILE, data)
+    write_folder(Path(folder), data, tensors)
     return tensors
 
 
@@ -215,24 +226,13 @@ def read_config(folder: Path) -> AdaLoraConfig:
     Raises:
         GraftError: missing folder or file, invalid JSON, or a wrong or unsupported field.
     """
-    from graftlm.methods.lora.files import CONFIG_FILE
-
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise GraftError(f"adapter folder {str(folder)!r} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GraftError(f"{path}: not found (is {folder} an adapter folder?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GraftError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise GraftError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return AdaLoraConfig.from_peft_dict(data, source=str(path))
+    data = read_config_file(folder)
+    return AdaLoraConfig.from_peft_dict(data, source=str(Path(folder) / CONFIG_FILE))
 
 
-def load(model: nn.Module, folder: Path, name: str = "default") -> AdaLoraConfig:
+def load(
+    model: nn.Module, folder: Path, name: str = "default", *, force: bool = False
+) -> AdaLoraConfig:
     """Put a saved AdaLoRA adapter (graftlm's or PEFT's) onto `model` as adapter `name`.
 
     Each module gets as many triplets as the file holds for it (its final rank).
@@ -243,23 +243,13 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> AdaLoraConfig
     Raises:
         GraftError: unreadable files; keys that are not AdaLoRA tensors, or a module missing
             one of A/E/B (all listed); a module the model lacks; a tensor of the wrong shape
-            (file, key, expected and found shapes).
+            (file, key, expected and found shapes); another base (see `force`).
     """
-    from graftlm.adapters.modules import is_linear, linear_dims
-    from graftlm.methods.lora.files import WEIGHTS_FILE, read_adapter_weights
-
     folder = Path(folder)
     config = read_config(folder)
-    tensors = read_adapter_weights(folder)
+    check_base(model, folder, force)
     weights_path = folder / WEIGHTS_FILE
-    triplets: dict[str, dict[str, torch.Tensor]] = {}
-    unexpected = []
-    for key, tensor in tensors.items():
-        match = _KEY.match(key[len(PREFIX) :] if key.startswith(PREFIX) else key)
-        if match is None:
-            unexpected.append(key)
-            continue
-        triplets.setdefault(match.group("module"), {})[match.group("kind")] = tensor
+    triplets, unexpected = group_keys(read_weights(folder), _KEY)
     if unexpected:
         raise GraftError(
             f"{weights_path}: keys that are not AdaLoRA tensors (lora_A/lora_E/lora_B): "
@@ -315,7 +305,7 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> AdaLoraConfig
 
     exact = "^(?:" + "|".join(re.escape(n) for n in triplets) + ")$"
     inject(model, config.replace(targets=exact, exclude=None, layers=None), name, ranks=ranks)
-    model.graftlm_configs[name] = config  # the adapter's own spec, not the exact-name regex
+    set_adapter_config(model, name, config)  # the adapter's own spec, not the exact-name regex
     layers = dict(svd_layers(model, name))
     with torch.no_grad():
         for module_name, t in triplets.items():
@@ -325,33 +315,15 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> AdaLoraConfig
     return config
 
 
-# -- merge, describe --------------------------------------------------------------------------------
-
-
-def merge(model: nn.Module) -> None:
-    """Fold the active adapter into the base weights: W += P (Q ⊙ Λ) · alpha / init_r (fp32)."""
-    from graftlm.methods.lora.inject import merge as merge_layers
-
-    merge_layers(model)
+# -- describe --------------------------------------------------------------------------------
 
 
 def describe(folder: Path) -> dict[str, Any]:
     """Facts for `graftlm inspect`: the final rank of every module, per kind and per block."""
-    from safetensors import safe_open
-
-    from graftlm.methods.lora.files import WEIGHTS_FILE
-
     folder = Path(folder)
     config = read_config(folder)
-    ranks: dict[str, int] = {}
-    try:
-        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
-            for key in handle.keys():
-                match = _KEY.match(key[len(PREFIX) :] if key.startswith(PREFIX) else key)
-                if match and match.group("kind") == "lora_E":
-                    ranks[match.group("module")] = handle.get_slice(key).get_shape()[0]
-    except Exception as exc:
-        raise GraftError(f"{folder / WEIGHTS_FILE}: cannot read ({exc})") from None
+    triplets, _ = group_keys(weight_shapes(folder), _KEY)
+    ranks = {module: t["lora_E"][0] for module, t in triplets.items() if "lora_E" in t}
     histogram: dict[str, int] = {}
     for rank in sorted(ranks.values()):
         histogram[str(rank)] = histogram.get(str(rank), 0) + 1

@@ -18,7 +18,6 @@ docs/bottleneck_format.md (`adapter_config.json` with `"peft_type": "BOTTLENECK"
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlm.adapters.contract import InjectSummary, merge_refused
+from graftlm.adapters.folder import CONFIG_FILE
+from graftlm.adapters.folder import read_config as read_config_file
 from graftlm.adapters.layer_walk import outer_modules
-from graftlm.adapters.modules import check_adapter_name
 from graftlm.adapters.wrapped_layers import WrappedLayerAdapters
 from graftlm.errors import GraftError
 from graftlm.methods.bottleneck.layer import (
@@ -41,14 +42,12 @@ from graftlm.methods.bottleneck.layer import (
 NAME = "bottleneck"
 PEFT_TYPE = "BOTTLENECK"
 MERGEABLE = False
+ROW_ADAPTERS = True
 # Chosen by experiment (SmolLM2-135M, examples/data/tickets, exact match on its test split):
 # size 64 after attention and MLP, lr 1e-3 (LoRA's), one epoch reaches 0.91.
 DEFAULTS: dict[str, Any] = {"bottleneck_size": 64, "lr": 1e-3, "epochs": 1.0}
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 # parameter name inside the adapted module -> shape, as a function of (hidden d, bottleneck size)
 TENSORS = {
     "adapter_down.weight": lambda d, s: (s, d),
@@ -62,19 +61,21 @@ TENSORS = {
 _ATTENTION = re.compile(r".*(attn|attention).*", re.IGNORECASE)
 _MLP = re.compile(r".*(mlp|feed_forward|ffn).*", re.IGNORECASE)
 
-
-# -- where the adapters go --------------------------------------------------------------------
-
-
-# adapters / set_active / active_adapter / unload, shared with (IA)³
+# names, switching, unloading, the weights file and its checks: shared with (IA)³
 BOTTLENECK_ADAPTERS = WrappedLayerAdapters(
-    "bottleneck", BottleneckAdapter, "graftlm_bottleneck", ("adapter_down", "adapter_up")
+    "bottleneck",
+    "bottleneck",
+    BottleneckAdapter,
+    tuple(TENSORS),
+    re.compile(r"(?P<module>.+)\.(?P<kind>adapter_(?:down|up)\.(?:weight|bias))"),
 )
 adapter_layers = BOTTLENECK_ADAPTERS.layers
-adapters = BOTTLENECK_ADAPTERS.adapters
 set_active = BOTTLENECK_ADAPTERS.set_active
-active_adapter = BOTTLENECK_ADAPTERS.active_adapter
+disabled = BOTTLENECK_ADAPTERS.disabled
 unload = BOTTLENECK_ADAPTERS.unload
+
+
+# -- where the adapters go --------------------------------------------------------------------
 
 
 def _last_linear(module: nn.Module, prefix: str) -> str | None:
@@ -125,7 +126,9 @@ def find_sites(model: nn.Module, placement: str) -> list[tuple[str, str]]:
 # -- attach -----------------------------------------------------------------------------------
 
 
-def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "default"):
+def add_bottleneck(
+    model: nn.Module, config: BottleneckConfig, name: str = "default"
+) -> InjectSummary:
     """Insert adapter `name` where `config.placement` says and make it the active, and only
     trainable, one.
 
@@ -135,27 +138,13 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "defa
     Raises:
         GraftError: the name is taken or not a plain identifier; no decoder blocks found.
     """
-    from graftlm.adapters.modules import set_module
-    from graftlm.methods.lora.inject import base_fingerprint, summarize
-
-    known = adapters(model)
-    if name in known:
-        raise GraftError(f"a bottleneck adapter named {name!r} is already loaded")
-    check_adapter_name(name)
-    base_fingerprint(model)  # of the untouched base: wrapping changes module names
+    BOTTLENECK_ADAPTERS.begin(model, name)
     added = []
     for module_name, kind in find_sites(model, config.placement):
-        layer = model.get_submodule(module_name)
-        if not isinstance(layer, BottleneckAdapter):
-            layer = BottleneckAdapter(layer)
-            set_module(model, module_name, layer)
-        layer.add(name, config)
-        added.append(
-            (module_name, "bneck-attn" if kind == "attention" else "bneck-mlp", config.size)
-        )
-    known[name] = config
-    set_active(model, name)
-    return summarize(model, name, added)
+        BOTTLENECK_ADAPTERS.wrapped(model, module_name).add(name, config)
+        kind_label = "bneck-attn" if kind == "attention" else "bneck-mlp"
+        added.append((module_name, kind_label, config.size))
+    return BOTTLENECK_ADAPTERS.finish(model, name, config, added)
 
 
 def attach(model: nn.Module, cfg) -> Any:
@@ -168,34 +157,14 @@ def attach(model: nn.Module, cfg) -> Any:
     return add_bottleneck(model, config)
 
 
-def merge(model: nn.Module) -> None:
-    """Always refuses: the adapter is nonlinear in the hidden state.
-
-    Raises:
-        GraftError: always.
-    """
-    raise GraftError(
-        "bottleneck adapters cannot be merged into the base weights (down -> nonlinearity -> up "
-        "is not a linear map); generate or serve with the adapter loaded instead"
-    )
+# the adapter is nonlinear in the hidden state
+merge = merge_refused(
+    "bottleneck adapters cannot be merged into the base weights (down -> nonlinearity -> up "
+    "is not a linear map); generate or serve with the adapter loaded instead"
+)
 
 
 # -- save / load ------------------------------------------------------------------------------
-
-
-def state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s (default: the active one's) tensors under their file keys
-    (`base_model.model.<module>.adapter_down.weight`, ...), fp32."""
-    name = BOTTLENECK_ADAPTERS.name_or_active(model, name)
-    out = {}
-    for module_name, layer in adapter_layers(model):
-        if name not in layer.adapter_down:
-            continue
-        linears = {"adapter_down": layer.adapter_down[name], "adapter_up": layer.adapter_up[name]}
-        for key in TENSORS:
-            owner, leaf = key.split(".")
-            out[f"{PREFIX}{module_name}.{key}"] = getattr(linears[owner], leaf).detach().float()
-    return out
 
 
 def config_dict(
@@ -204,7 +173,7 @@ def config_dict(
     """`adapter_config.json` of adapter `name` (default: the active one); see
     docs/bottleneck_format.md."""
     name = BOTTLENECK_ADAPTERS.name_or_active(model, name)
-    config = adapters(model)[name]
+    config = BOTTLENECK_ADAPTERS.adapters(model)[name]
     layers = [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapter_down]
     return {
         "peft_type": PEFT_TYPE,
@@ -222,16 +191,14 @@ def config_dict(
     }
 
 
-def save(model: nn.Module, folder: Path, base_model_name: str | None) -> dict[str, torch.Tensor]:
-    """Write the active adapter's `adapter_config.json` and `adapter_model.safetensors`, each
-    atomically; returns the tensors written."""
-    from graftlm.methods.lora.files import atomic_save_safetensors, atomic_write_json
-
-    tensors = state_dict(model)
-    folder = Path(folder)
-    atomic_save_safetensors(folder / WEIGHTS_FILE, tensors)
-    atomic_write_json(folder / CONFIG_FILE, config_dict(model, base_model_name))
-    return tensors
+def save(
+    model: nn.Module, folder: Path, base_model_name: str | None, name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Write adapter `name`'s (default: the active one's) `adapter_config.json` and
+    `adapter_model.safetensors`, each atomically; returns the tensors written."""
+    name = BOTTLENECK_ADAPTERS.name_or_active(model, name)
+    config = config_dict(model, base_model_name, name)
+    return BOTTLENECK_ADAPTERS.save(model, folder, config, name)
 
 
 def read_config(folder: Path) -> BottleneckConfig:
@@ -241,19 +208,8 @@ def read_config(folder: Path) -> BottleneckConfig:
         GraftError: missing/invalid file, another peft_type, a newer format_version, or a
             missing/bad field (named, with its value).
     """
+    data = read_config_file(folder, PEFT_TYPE)
     path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise GraftError(
-            f"{path}: not found (a bottleneck adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE})"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GraftError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise GraftError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    if str(data.get("peft_type", "")).upper() != PEFT_TYPE:
-        raise GraftError(f"{path}: peft_type is {data.get('peft_type')!r}, expected {PEFT_TYPE!r}")
     version = data.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise GraftError(
@@ -274,86 +230,30 @@ def read_config(folder: Path) -> BottleneckConfig:
         raise GraftError(f"{path}: {exc}") from None
 
 
-_KEY = re.compile(r"(?P<module>.+)\.(?P<tensor>adapter_(?:down|up)\.(?:weight|bias))")
-
-
-def load(model: nn.Module, folder: Path, name: str = "default") -> None:
-    """Put a saved bottleneck adapter onto a base model as adapter `name` (several may be
-    loaded under different names; the last one loaded is active).
+def load(model: nn.Module, folder: Path, name: str = "default", *, force: bool = False) -> None:
+    """Put a saved bottleneck adapter onto a base model as adapter `name`, the active one
+    (several may be loaded under different names).
 
     Raises:
-        GraftError: unreadable files; keys that are not adapter tensors, name modules the model
-            lacks, or miss one of a module's four tensors; modules other than the placement's
-            (all listed at once); a tensor of the wrong shape (file, key, expected and found).
+        GraftError: the name is taken; unreadable files; keys that are not adapter tensors,
+            name modules the model lacks, or miss one of a module's four tensors; modules other
+            than the placement's (all listed at once); a tensor of the wrong shape (file, key,
+            expected and found); another base (see `force`).
     """
-    from graftlm.methods.lora.files import read_adapter_weights
-
     folder = Path(folder)
-    if name in adapters(model):
-        raise GraftError(f"a bottleneck adapter named {name!r} is already loaded")
     config = read_config(folder)
-    tensors = read_adapter_weights(folder)
-    weights_path = folder / WEIGHTS_FILE
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    unexpected = []
-    for key, tensor in tensors.items():
-        match = _KEY.fullmatch(key[len(PREFIX) :] if key.startswith(PREFIX) else key)
-        if match is None:
-            unexpected.append(key)
-        else:
-            groups.setdefault(match.group("module"), {})[match.group("tensor")] = tensor
-    if unexpected:
-        raise GraftError(
-            f"{weights_path}: unexpected keys (not '<module>.adapter_down|adapter_up.weight|bias'): "
-            f"{sorted(unexpected)[:10]}"
-        )
-    incomplete = {
-        m: sorted(set(TENSORS) - set(g)) for m, g in groups.items() if set(g) != set(TENSORS)
-    }
-    if incomplete:
-        first = sorted(incomplete)[0]
-        raise GraftError(
-            f"{weights_path}: {len(incomplete)} module(s) lack tensors, e.g. {PREFIX}{first} has "
-            f"no {incomplete[first]}"
-        )
-    modules = dict(model.named_modules())
-    unknown = sorted(m for m in groups if m not in modules)
-    if unknown:
-        raise GraftError(
-            f"{weights_path}: keys name modules {type(model).__name__} does not have: "
-            f"{[PREFIX + m + '.adapter_down.weight' for m in unknown][:10]} (trained on another architecture?)"
-        )
+    groups = BOTTLENECK_ADAPTERS.read_weights(model, folder, name, force)
     sites = [m for m, _ in find_sites(model, config.placement)]
-    missing, extra = sorted(set(sites) - set(groups)), sorted(set(groups) - set(sites))
-    if missing or extra:
-        raise GraftError(
-            f"{weights_path}: the adapted modules do not match placement {config.placement!r} "
-            "on this model: "
-            + (f"no tensors for {missing[:10]}" if missing else "")
-            + ("; " if missing and extra else "")
-            + (f"tensors for modules outside the placement: {extra[:10]}" if extra else "")
-        )
+    BOTTLENECK_ADAPTERS.check_modules(folder, groups, sites, f"placement {config.placement!r}")
+    expected = {}
     for module_name in sites:
-        d = output_features(modules[module_name])
-        for key, shape_of in TENSORS.items():
-            expected, found = shape_of(d, config.size), tuple(groups[module_name][key].shape)
-            if found != expected:
-                raise GraftError(
-                    f"{weights_path}: {PREFIX}{module_name}.{key}: expected shape {expected}, "
-                    f"found {found} (hidden size {d}, bottleneck_size {config.size} in {CONFIG_FILE})"
-                )
+        d = output_features(model.get_submodule(module_name))
+        shapes = {key: shape_of(d, config.size) for key, shape_of in TENSORS.items()}
+        why = f"hidden size {d}, bottleneck_size {config.size} in {CONFIG_FILE}"
+        expected[module_name] = (shapes, why)
+    BOTTLENECK_ADAPTERS.check_shapes(folder, groups, expected)
     add_bottleneck(model, config, name)
-    with torch.no_grad():
-        for module_name, layer in adapter_layers(model):
-            if name not in layer.adapter_down:
-                continue
-            linears = {
-                "adapter_down": layer.adapter_down[name],
-                "adapter_up": layer.adapter_up[name],
-            }
-            for key in TENSORS:
-                owner, leaf = key.split(".")
-                getattr(linears[owner], leaf).copy_(groups[module_name][key].float())
+    BOTTLENECK_ADAPTERS.copy_in(model, name, groups)
 
 
 def describe(folder: Path) -> dict[str, Any]:

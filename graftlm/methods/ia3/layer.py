@@ -96,8 +96,9 @@ class IA3Linear(nn.Module):
                 scale = scale.index_copy(0, rows, vector.expand(len(rows), -1))
         return scale.view(like.shape[0], *([1] * (like.dim() - 2)), width)
 
-    def merge(self) -> None:
-        """Fold the active adapter's vector into the base weight (and bias), in fp32.
+    def merge(self, name: str | None = None) -> None:
+        """Fold adapter `name`'s vector (default: the active one's) into the base weight (and
+        bias), in fp32.
 
         Idempotent for the merged adapter.
 
@@ -105,7 +106,7 @@ class IA3Linear(nn.Module):
             GraftError: another adapter is merged; the base layer is not a plain linear
                 layer; the vector holds NaN/inf (nothing is changed then).
         """
-        name = self.active
+        name = self.active if name is None else name
         if name is None or name not in self.ia3_l or self.merged == name:
             return
         if self.merged is not None:

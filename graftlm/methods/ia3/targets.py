@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from graftlm.adapters.layer_walk import outer_modules
+from graftlm.adapters.modules import output_head_names
 from graftlm.errors import GraftError
 
 # PEFT's defaults per `model_type` (peft.utils.constants, 0.21): the layers to adapt, and those
@@ -111,8 +112,6 @@ def find_targets(model: nn.Module, spec: IA3Spec) -> list[tuple[str, bool]]:
         GraftError: nothing matched (listing the model's linear-layer names), or a name in a
             list of targets names a module that is not a linear layer.
     """
-    from graftlm.adapters.modules import output_head_names
-
     layers = _layers(model)
     heads = output_head_names(model)
     found = []

@@ -9,68 +9,37 @@ write. graftlm's own facts (base fingerprint, creation time, training summary) g
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from graftlm.adapters.modules import LAYER_INDEX, is_linear, name_matches
+# atomic_write_json, read_adapter_weights and save_adapter stay importable from here for callers
+# written before adapters.folder and adapters.io held them (cli/infer.py, export/, tests/export)
+from graftlm.adapters.base_model import check_fingerprint
+from graftlm.adapters.folder import (
+    CONFIG_FILE,
+    PREFIX,
+    WEIGHTS_FILE,
+    atomic_write_json,  # noqa: F401
+    group_keys,
+    read_config,
+    read_graft,
+    strip_prefix,
+    write_folder,
+)
+from graftlm.adapters.folder import read_weights as read_adapter_weights
+from graftlm.adapters.io import save_adapter  # noqa: F401
+from graftlm.adapters.modules import LAYER_INDEX, is_linear, linear_dims, name_matches
+from graftlm.adapters.state import adapter_state
+from graftlm.adapters.switch import adapter_names, set_adapter
 from graftlm.errors import GraftError
 from graftlm.methods.lora.config import ALL_LINEAR, LoraConfig
-from graftlm.methods.lora.inject import (
-    adapter_names,
-    base_fingerprint,
-    inject,
-    lora_layers,
-    set_adapter,
-)
+from graftlm.methods.lora.inject import inject, lora_layers
 from graftlm.methods.lora.layer import LoraEmbedding, LoraLayerBase, TrainedCopies
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-GRAFT_FILE = "graftlm.json"
-PREFIX = "base_model.model."
-
-
-# -- atomic file writes -----------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
-
-
-def atomic_save_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
-) -> None:
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(tensors, metadata=metadata or {"format": "pt"}))
-
 
 # -- saving -----------------------------------------------------------------------------------
 
@@ -116,12 +85,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 def _config(model: nn.Module, name: str) -> LoraConfig:
-    configs = getattr(model, "graftlm_configs", {}) or {}
-    if name not in configs:
+    state = adapter_state(model)
+    if name not in state.adapters:
         raise GraftError(
-            f"no adapter named {name!r}; the model has {list(configs) or 'no adapters'}"
+            f"no adapter named {name!r}; the model has {state.names() or 'no adapters'}"
         )
-    return configs[name]
+    return state.adapters[name].config
 
 
 def peft_target_modules(model: nn.Module, name: str) -> list[str] | str:
@@ -171,28 +140,15 @@ def _inside_adapter(module_name: str) -> bool:
     )
 
 
-def save_adapter(
-    model: nn.Module,
-    path: str | os.PathLike,
-    name: str = "default",
-    *,
-    training: dict | None = None,
-    extra: dict | None = None,
-) -> Path:
-    """Write adapter `name` as a PEFT-format folder (each file written atomically).
-
-    Args:
-        model: a model with the adapter injected.
-        path: the folder (created if needed; other files in it are left alone).
-        name: which adapter to save.
-        training: a training summary to record in `graftlm.json`.
-        extra: further graftlm facts for `graftlm.json`.
+def save(
+    model: nn.Module, folder: Path, base_model_name: str | None, name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """Write adapter `name`'s `adapter_config.json` and weights, PEFT's format, atomically.
 
     Returns:
-        The folder path.
+        The tensors written.
     """
     config = _config(model, name)
-    folder = Path(path)
     tensors = adapter_state_dict(model, name)
     has_pissa = any(name in layer.pissa_init for _, layer in lora_layers(model))
     written = config
@@ -205,9 +161,8 @@ def save_adapter(
             alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
             init="kaiming",
         )
-    base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
     peft_config = written.to_peft_dict(
-        base_model_name_or_path=base_name, target_modules=peft_target_modules(model, name)
+        base_model_name_or_path=base_model_name, target_modules=peft_target_modules(model, name)
     )
     if isinstance(peft_config["target_modules"], str):
         # PEFT refuses layers_to_transform next to a regex target (ValueError on load); the
@@ -218,31 +173,18 @@ def save_adapter(
         for _, layer in lora_layers(model)
     ):
         peft_config["fan_in_fan_out"] = True
-    graft = {
-        "format_version": 1,
-        "method": "lora",
-        "graftlm_version": graftlm_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base_fingerprint": base_fingerprint(model),
+    write_folder(Path(folder), peft_config, tensors)
+    return tensors
+
+
+def graft_facts(model: nn.Module, name: str) -> dict:
+    """LoRA's entries of `graftlm.json`: the base's quantization, the init, the targets given."""
+    config = _config(model, name)
+    return {
         "quantize": config.quantize,
         "init": config.init,
         "targets": config.targets if isinstance(config.targets, str) else list(config.targets),
-        "trainable_parameters": int(sum(t.numel() for t in tensors.values())),
     }
-    if training:
-        graft["training"] = training
-    if extra:
-        graft.update(extra)
-    atomic_save_safetensors(folder / WEIGHTS_FILE, tensors)
-    atomic_write_json(folder / CONFIG_FILE, peft_config)
-    atomic_write_json(folder / GRAFT_FILE, graft)
-    return folder
-
-
-def graftlm_version() -> str:
-    from graftlm import __version__
-
-    return __version__
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -257,63 +199,18 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
     Raises:
         GraftError: missing folder/file, invalid JSON, or a config field that is missing or wrong.
     """
-    folder = Path(path)
-    config_path = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise GraftError(f"adapter folder {str(folder)!r} does not exist")
-    if not config_path.is_file():
-        raise GraftError(
-            f"{config_path}: not found (an adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE})"
-        )
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GraftError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise GraftError(f"{config_path}: expected a JSON object, got {type(data).__name__}")
-    graft: dict = {}
-    graft_path = folder / GRAFT_FILE
-    if graft_path.is_file():
-        try:
-            graft = json.loads(graft_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GraftError(f"{graft_path}: not valid JSON ({exc})") from None
-    config = LoraConfig.from_peft_dict(data, source=str(config_path))
+    data = read_config(path)
+    graft = read_graft(path)
+    config = LoraConfig.from_peft_dict(data, source=str(Path(path) / CONFIG_FILE))
     if graft.get("quantize"):
         config = config.replace(quantize=graft["quantize"])
     return config, graft
 
 
-def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read `adapter_model.safetensors` (safetensors only; never pickle).
-
-    Raises:
-        GraftError: missing, truncated or corrupt file.
-    """
-    from safetensors.torch import load_file
-
-    weights_path = Path(path) / WEIGHTS_FILE
-    if not weights_path.is_file():
-        if (Path(path) / "adapter_model.bin").is_file():
-            raise GraftError(
-                f"{Path(path)}: only adapter_model.bin (pickle) found; graftlm reads safetensors only. "
-                "Convert it with PEFT (save_pretrained(safe_serialization=True)) first"
-            )
-        raise GraftError(f"{weights_path}: not found")
-    try:
-        return load_file(str(weights_path))
-    except Exception as exc:  # safetensors raises several types for bad headers / short files
-        raise GraftError(
-            f"{weights_path}: cannot read, file is truncated or corrupt ({exc})"
-        ) from None
-
-
-_LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$"
-)
-_EMB_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$"
-)
+# a weights-file key (less PEFT's prefix) of a linear layer's / an embedding's A or B; PEFT's
+# own files may name the adapter ("...q_proj.lora_A.default.weight")
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight")
+_EMB_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
 
 
 def load_adapter(
@@ -348,16 +245,11 @@ def load_adapter(
     # with other layer sizes the first mismatching key and its shapes say more than a hash
     check_fingerprint(model, graft, folder, force=True)
 
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    others: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        bare = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        match = _LORA_KEY.match(bare) or _EMB_KEY.match(bare)
-        if match:
-            kind = match.group("kind").replace("lora_embedding_", "lora_")
-            lora.setdefault(match.group("module"), {})[kind] = tensor
-        else:
-            others[bare] = tensor
+    lora, rest = group_keys(tensors, _LORA_KEY)
+    embeddings, rest = group_keys(rest, _EMB_KEY)
+    for module_name, pair in embeddings.items():
+        lora[module_name] = {k.replace("lora_embedding_", "lora_"): v for k, v in pair.items()}
+    others = {strip_prefix(key): tensor for key, tensor in rest.items()}
     if not lora:
         raise GraftError(
             f"{folder / WEIGHTS_FILE}: no LoRA tensors (keys like '...lora_A.weight') found"
@@ -381,9 +273,7 @@ def load_adapter(
 
     exact = "^(?:" + "|".join(re.escape(n) for n in lora) + ")$"
     inject(model, config.replace(targets=exact, exclude=None, layers=None, init="kaiming"), name)
-    model.graftlm_configs[name] = (
-        config  # remember the adapter's own spec, not the exact-name regex
-    )
+    adapter_state(model).add(name, "lora", config)  # its own spec, not the exact-name regex
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for module_name, pair in lora.items():
@@ -402,24 +292,6 @@ def load_adapter(
     return config
 
 
-def check_fingerprint(model: nn.Module, graft: dict, folder: Path, force: bool) -> None:
-    expected = graft.get("base_fingerprint")
-    if not expected:
-        return  # trained elsewhere (PEFT, ...): shapes are checked key by key instead
-    found = base_fingerprint(model)
-    if expected.get("architecture") != found.get("architecture"):
-        raise GraftError(
-            f"{folder}: adapter was trained on a {expected.get('architecture')} base, "
-            f"this model is a {found.get('architecture')}"
-        )
-    if expected.get("weights_sha256") != found.get("weights_sha256") and not force:
-        raise GraftError(
-            f"{folder}: adapter was trained on a different base model with the same architecture "
-            f"(weights fingerprint {expected.get('weights_sha256')} != {found.get('weights_sha256')}); "
-            "pass force=True (CLI: --force) to load it anyway"
-        )
-
-
 def _check_shapes(
     folder: Path, module_name: str, module: nn.Module, pair: dict, config: LoraConfig
 ) -> None:
@@ -428,8 +300,6 @@ def _check_shapes(
     elif isinstance(module, (nn.Embedding, LoraEmbedding)):
         in_f, out_f = module.num_embeddings, module.embedding_dim
     elif is_linear(module):
-        from graftlm.adapters.modules import linear_dims
-
         out_f, in_f = linear_dims(module)
     else:
         raise GraftError(

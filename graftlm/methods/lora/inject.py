@@ -1,29 +1,41 @@
 """Surgery on any `nn.Module`: pick target layers, swap in LoRA layers, freeze the rest.
 
 No subclass of the user's model and no wrapper: `inject` replaces submodules in place and
-records the adapter configs on the model (`model.graftlm_configs`). Everything else here is a
-plain function over that model: switch, disable, delete, merge, per-row adapter choice.
+records the adapter in the model's `AdapterState`. The rest is LoRA's side of the method
+contract (`adapters.contract`), plain functions over that model: which adapters the layers
+apply, disabling, deleting, merging. AdaLoRA's layers are LoRA layers, so AdaLoRA uses these
+too. `adapters.switch` calls them for the public `graftlm.set_adapter`, `graftlm.merge`, ...
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+# embedding_hash and the switching functions stay importable from here for callers written
+# before adapters.base_model and adapters.switch held them (export/gguf_base.py, examples/demo.py,
+# bench/, tests/serve/test_registry.py); new code imports them from there
+from graftlm.adapters.base_model import base_fingerprint, embedding_hash, quantize_base  # noqa: F401
+from graftlm.adapters.contract import InjectSummary, summarize
 from graftlm.adapters.modules import (
     LAYER_INDEX,
-    check_adapter_name,
+    freeze,
     is_linear,
-    linear_dims,
     name_matches,
     output_head_names,
     set_module,
+)
+from graftlm.adapters.state import adapter_state, forget_state
+from graftlm.adapters.switch import (  # noqa: F401
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    row_adapters,
+    set_adapter,
 )
 from graftlm.errors import GraftError
 from graftlm.methods.lora.config import ALL_LINEAR, LoraConfig
@@ -33,6 +45,7 @@ from graftlm.methods.lora.layer import (
     LoraLinear,
     TrainedCopies,
 )
+from graftlm.methods.lora.nf4_layer import LoraNF4Linear
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -93,33 +106,6 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
-@dataclass
-class InjectSummary:
-    """What `inject` did: trainable/total parameters and the adapted modules."""
-
-    adapter: str
-    trainable: int
-    total: int
-    modules: list[tuple[str, str, int]]  # (module name, layer type, rank)
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / max(self.total, 1)
-
-    def __str__(self) -> str:
-        lines = [
-            f"adapter {self.adapter!r}: {len(self.modules)} modules, "
-            f"trainable {self.trainable:,} / {self.total:,} parameters ({self.percent:.3f}%)"
-        ]
-        by_suffix: dict[tuple[str, str, int], int] = {}
-        for name, kind, rank in self.modules:
-            key = (name.rsplit(".", 1)[-1], kind, rank)
-            by_suffix[key] = by_suffix.get(key, 0) + 1
-        for (suffix, kind, rank), count in sorted(by_suffix.items()):
-            lines.append(f"  {suffix:<16} {kind:<10} rank {rank:<4} x{count}")
-        return "\n".join(lines)
-
-
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayerBase]]:
     """Every LoRA layer in the model, with its module name."""
     for name, module in model.named_modules():
@@ -127,72 +113,11 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayerBase]]:
             yield name, module
 
 
-def _adapted_modules(model: nn.Module) -> Iterator[nn.Module]:
-    """Modules that compute per-row adapters: LoRA layers and any method's row-aware modules."""
+def _lora_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """LoRA layers and modules_to_save copies: the modules that hold LoRA adapters."""
     for module in model.modules():
-        if isinstance(module, (LoraLayerBase, TrainedCopies)) or getattr(
-            module, "graftlm_row_aware", False
-        ):
+        if isinstance(module, (LoraLayerBase, TrainedCopies)):
             yield module
-
-
-def base_fingerprint(model: nn.Module) -> dict:
-    """Identify a base model: architecture, layer shapes, and a hash of a few weight slices.
-
-    Computed once, before any adapter touches the weights (merging or PiSSA change them), and
-    cached on the model. The weight hash reads input-embedding rows cast to bf16, which stay
-    the same whether the base is loaded in fp32, bf16, or with 4-bit linear layers.
-    """
-    cached = getattr(model, "graftlm_fingerprint", None)
-    if cached is not None:
-        return cached
-    config = getattr(model, "config", None)
-    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-    shapes = hashlib.sha256()
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            shapes.update(f"{name}:{module.out_features}x{module.in_features};".encode())
-        elif isinstance(module, (LoraEmbedding, nn.Embedding)):
-            shapes.update(f"{name}:{module.num_embeddings}x{module.embedding_dim};".encode())
-        elif is_linear(module) and not isinstance(module, LoraLayerBase):
-            out_f, in_f = linear_dims(module)
-            shapes.update(f"{name}:{out_f}x{in_f};".encode())
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    table = embeddings.weight.detach() if embeddings is not None else None
-    fingerprint = {
-        "architecture": arch,
-        "model_type": getattr(config, "model_type", None),
-        "shapes_sha256": shapes.hexdigest()[:16],
-        "weights_sha256": embedding_hash(table),
-    }
-    model.graftlm_fingerprint = fingerprint
-    return fingerprint
-
-
-def embedding_hash(table: torch.Tensor | None) -> str:
-    """The ``weights_sha256`` of a base fingerprint: the first, middle and last 8 rows of the
-    input-embedding table `(vocab, dim)`, as bf16 (also computed from GGUF files on export)."""
-    weights = hashlib.sha256()
-    if table is not None:
-        rows = torch.cat(
-            [table[:8], table[table.shape[0] // 2 : table.shape[0] // 2 + 8], table[-8:]]
-        )
-        weights.update(rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return weights.hexdigest()[:16]
-
-
-def quantize_base(model: nn.Module) -> None:
-    """Turn the base's linear layers into NF4 (QLoRA), once; a no-op if already quantized.
-
-    The fingerprint is taken first, from the 16/32-bit weights, so a QLoRA adapter and a LoRA
-    adapter trained on the same base carry the same fingerprint.
-    """
-    if any(getattr(m, "is_quantized_linear", False) for m in model.modules()):
-        return
-    from graftlm.quant.nf4_linear import quantize_model_linears
-
-    base_fingerprint(model)
-    quantize_model_linears(model)
 
 
 def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> InjectSummary:
@@ -213,15 +138,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
     Raises:
         GraftError: no module matched, the name is taken, or a layer cannot take LoRA.
     """
-    configs = getattr(model, "graftlm_configs", None)
-    if configs is None:
-        configs = {}
-        model.graftlm_configs = configs
-    if name in configs:
-        raise GraftError(
-            f"adapter {name!r} already exists; delete_adapter() it first or pick a new name"
-        )
-    check_adapter_name(name)
+    state = adapter_state(model)
+    state.check_new(name)
     if config.quantize == "nf4":
         quantize_base(model)
     base_fingerprint(model)
@@ -241,15 +159,13 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
         added.append((module_name, type(module).__name__, rank))
     for module_name in config.modules_to_save:
         _add_trained_copies(model, module_name, name)
-    configs[name] = config
+    state.add(name, "lora", config)
     set_adapter(model, name)
     return summarize(model, name, added)
 
 
 def _wrap_linear(module: nn.Module) -> LoraLayerBase:
     if getattr(module, "is_quantized_linear", False):
-        from graftlm.methods.lora.nf4_layer import LoraNF4Linear
-
         return LoraNF4Linear(module)
     return LoraLinear(module)
 
@@ -273,45 +189,16 @@ def _add_trained_copies(model: nn.Module, suffix: str, adapter: str) -> None:
         module.add(adapter)
 
 
-def summarize(model: nn.Module, adapter: str, modules: list[tuple[str, str, int]]) -> InjectSummary:
-    """Count trainable and total parameters (shared Parameters counted once)."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        count = param.numel()
-        # a 4-bit weight packs two values per byte: count logical parameters
-        count *= getattr(param, "graftlm_values_per_element", 1)
-        total += count
-        if param.requires_grad:
-            trainable += count
-    for buffer in model.buffers():
-        total += buffer.numel() * getattr(buffer, "graftlm_values_per_element", 0)
-    return InjectSummary(adapter=adapter, trainable=trainable, total=total, modules=modules)
+# -- LoRA's side of the method contract (adapters.contract) -------------------------------------
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters in `model`, in the order they were added."""
-    return list(getattr(model, "graftlm_configs", {}) or {})
-
-
-def _require(model: nn.Module, names: list[str]) -> None:
-    known = adapter_names(model) + list(getattr(model, "graftlm_other_adapters", {}) or {})
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise GraftError(f"unknown adapter(s) {unknown}; the model has {known or 'no adapters'}")
-
-
-def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Make `names` the active adapter(s) (their updates add up) and the only trainable ones."""
-    names = [names] if isinstance(names, str) else list(names)
-    _require(model, names)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in _adapted_modules(model):
+def set_active(model: nn.Module, names: list[str]) -> None:
+    """The LoRA layers apply those of `names` they hold (their updates add up), and these
+    adapters' parameters train (and the biases their configs ask to train)."""
+    held: set[str] = set()
+    for module in _lora_modules(model):
         module.active_adapters = [n for n in names if _has(module, n)]
+        held.update(module.active_adapters)
         if isinstance(module, TrainedCopies):
             for n in module.active_adapters:
                 module.modules_to_save[n].requires_grad_(True)
@@ -325,9 +212,10 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
                             else [container[n]]
                         ):
                             param.requires_grad_(True)
+    configs = adapter_state(model).adapters
     for n in names:
-        _set_bias_trainable(model, model.graftlm_configs[n])
-    model.graftlm_active = names
+        if n in held:
+            _set_bias_trainable(model, configs[n].config)
 
 
 def _has(module: nn.Module, name: str) -> bool:
@@ -348,26 +236,21 @@ def _set_bias_trainable(model: nn.Module, config: LoraConfig) -> None:
                 bias.requires_grad_(True)
 
 
-def active_adapters(model: nn.Module) -> list[str]:
-    """The currently active adapter names."""
-    return list(getattr(model, "graftlm_active", []))
-
-
-def delete_adapter(model: nn.Module, name: str) -> None:
+def unload(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer (unmerging it first if it was merged)."""
-    _require(model, [name])
-    for module in _adapted_modules(model):
+    state = adapter_state(model)
+    state.require([name])
+    for module in _lora_modules(model):
         module.delete(name)
-    del model.graftlm_configs[name]
-    remaining = [n for n in active_adapters(model) if n != name]
-    model.graftlm_active = remaining
+    state.remove(name)
 
 
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
+def disabled(model: nn.Module) -> Iterator[None]:
+    """The LoRA layers compute the base alone inside the block (merged adapters are unmerged,
+    then re-merged)."""
     merged = {id(layer): list(layer.merged_adapters) for _, layer in lora_layers(model)}
-    modules = list(_adapted_modules(model))
+    modules = list(_lora_modules(model))
     try:
         for module in modules:
             if isinstance(module, LoraLayerBase):
@@ -381,37 +264,11 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
                 module.merge(merged[id(module)])
 
 
-@contextlib.contextmanager
-def row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[None]:
-    """Give each batch row its own adapter inside the block (None or "base": no adapter).
-
-    Rows sharing an adapter are computed together: one base product for the whole batch,
-    then one low-rank product per adapter over its rows.
-
-    Args:
-        names: one entry per batch row.
-    """
-    rows_by_name: dict[str | None, list[int]] = {}
-    for row, name in enumerate(names):
-        key = None if name in (None, "base") else name
-        rows_by_name.setdefault(key, []).append(row)
-    _require(model, [n for n in rows_by_name if n is not None])
-    groups = [(name, torch.tensor(rows, dtype=torch.long)) for name, rows in rows_by_name.items()]
-    modules = list(_adapted_modules(model))
-    for module in modules:
-        device = next(iter(module.parameters()), torch.empty(0)).device
-        module.row_groups = [(n, r.to(device)) for n, r in groups]
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.row_groups = None
-
-
 def merge(model: nn.Module, names: list[str] | None = None) -> None:
     """Merge the active adapters (or `names`) into the base weights; idempotent, fp32 math."""
-    names = active_adapters(model) if names is None else names
-    _require(model, names)
+    state = adapter_state(model)
+    names = list(state.active) if names is None else names
+    state.require(names)
     # all or nothing: look for NaN/inf updates before any layer changes, so a refused merge
     # leaves the model as it was rather than half merged
     for module_name, layer in lora_layers(model):
@@ -454,15 +311,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The result's state dict has the original class's keys, so it loads into a fresh instance.
     """
     merge(model)
+    held: set[str] = set()
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayerBase):
+            held.update(module.ranks)
             set_module(model, name, module.to_plain())
         elif isinstance(module, TrainedCopies):
-            set_module(model, name, module._current())
-    # the fingerprint too: it describes the base before merging, not the merged model
-    for attr in ("graftlm_configs", "graftlm_active", "graftlm_fingerprint"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    for param in model.parameters():
-        param.requires_grad_(False)
+            held.update(module.modules_to_save)
+            set_module(model, name, module.current())
+    state = adapter_state(model)
+    for name in held & set(state.adapters):
+        state.remove(name)
+    state.fingerprint = None  # it describes the base before merging, not the merged model
+    if not state.adapters:
+        forget_state(model)
+    freeze(model)
     return model

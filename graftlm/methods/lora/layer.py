@@ -17,6 +17,7 @@ saved keys PEFT's keys. Several adapters can be active at once (their updates ad
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -34,6 +35,8 @@ RowGroups = list[tuple[str | None, torch.Tensor]]
 
 class LoraLayerBase(nn.Module):
     """Bookkeeping shared by LoRA on linear and embedding layers."""
+
+    graftlm_row_aware = True  # honours `row_groups` (adapters.contract, item 8)
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,12 +98,21 @@ class LoraLayerBase(nn.Module):
         for name in names:
             if name in self.merged_adapters or name not in self.ranks:
                 continue
-            merged = self.weight.detach().float() + self.delta_weight(name)
+            base = self._weight_for_merge()
+            merged = base + self.delta_weight(name).to(base.device)
             if not torch.isfinite(merged).all():
                 raise GraftError(f"merging adapter {name!r} would put NaN/inf into the base weight")
-            with torch.no_grad():
-                self.weight.copy_(merged.to(self.weight.dtype))
+            self._store_merged(merged)
             self.merged_adapters.append(name)
+
+    def _weight_for_merge(self) -> torch.Tensor:
+        """The weight the next merge adds to, fp32 (merged updates included)."""
+        return self.weight.detach().float()
+
+    def _store_merged(self, merged: torch.Tensor) -> None:
+        """Keep the fp32 weight a merge produced (cast into the base weight's dtype here)."""
+        with torch.no_grad():
+            self.weight.copy_(merged.to(self.weight.dtype))
 
     def unmerge(self, names: list[str] | None = None) -> None:
         """Subtract merged updates again (default: every merged adapter), in fp32."""
@@ -434,6 +446,8 @@ class TrainedCopies(nn.Module):
     adapters disabled) the original runs.
     """
 
+    graftlm_row_aware = True  # refuses `row_groups` rather than run one copy for every row
+
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.original_module = original
@@ -443,8 +457,6 @@ class TrainedCopies(nn.Module):
         self.row_groups: RowGroups | None = None
 
     def add(self, name: str) -> None:
-        import copy
-
         copy_ = copy.deepcopy(self.original_module)
         for param in copy_.parameters():
             param.requires_grad_(True)
@@ -455,7 +467,8 @@ class TrainedCopies(nn.Module):
             del self.modules_to_save[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
-    def _current(self) -> nn.Module:
+    def current(self) -> nn.Module:
+        """The module that runs now: the active adapter's copy, or the original."""
         if not self.disabled:
             for name in self.active_adapters:
                 if name in self.modules_to_save:
@@ -465,4 +478,4 @@ class TrainedCopies(nn.Module):
     def forward(self, *args, **kwargs):
         if self.row_groups is not None and not self.disabled:
             raise GraftError("per-row adapters do not support modules_to_save")
-        return self._current()(*args, **kwargs)
+        return self.current()(*args, **kwargs)

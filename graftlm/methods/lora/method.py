@@ -1,31 +1,46 @@
 """LoRA and QLoRA behind the method contract (`graftlm.adapters.contract`).
 
-The layers live in `methods.lora` (and `methods.nf4` for the 4-bit base), the injection in
-`graftlm.methods.lora.inject`, the PEFT-format folders in `graftlm.methods.lora.files`; this module only connects them
-to the training pipeline.
+The layers live in `methods.lora.layer` (and `methods.lora.nf4_layer` for the 4-bit base), the
+injection and switching in `methods.lora.inject`, the PEFT-format folders in
+`methods.lora.files`; this module names them for the contract and connects them to training.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from graftlm.adapters.contract import InjectSummary
+from graftlm.errors import GraftError
 from graftlm.methods.lora.config import LoraConfig
+
+# the contract's names that LoRA's other modules define (re-exported, hence noqa)
+from graftlm.methods.lora.files import graft_facts, load_adapter, read_adapter_config, save  # noqa: F401
+from graftlm.methods.lora.inject import (  # noqa: F401
+    disabled,
+    inject,
+    merge,
+    merge_and_unload,
+    set_active,
+    unload,
+    unmerge,
+)
 
 NAME = "lora"
 PEFT_TYPE = "LORA"
 MERGEABLE = True
+ROW_ADAPTERS = True
 # Chosen by experiment (README, "Choosing the default recipe"): rank 16 on every linear layer,
 # alpha 2r, lr 1e-3, one epoch.
 DEFAULTS = {"rank": 16, "targets": "all-linear", "lr": 1e-3, "epochs": 1.0}
 
+# the contract's load: load_adapter's `activate` stays at its default (the new one is active)
+load = load_adapter
 
-def attach(model: nn.Module, cfg):
+
+def attach(model: nn.Module, cfg) -> InjectSummary:
     """Inject adapter "default" as `cfg` describes (QLoRA: the base goes to NF4 first)."""
-    from graftlm.methods.lora.inject import inject
-
     lora = LoraConfig(
         rank=cfg.rank,
         alpha=cfg.lora_alpha,
@@ -37,21 +52,44 @@ def attach(model: nn.Module, cfg):
     return inject(model, lora)
 
 
-def save(model: nn.Module, folder: Path, base_model_name: str | None) -> dict[str, torch.Tensor]:
-    """Write the PEFT folder; `graftlm.methods.lora.files.save_adapter` does it (and graftlm.json)."""
-    from graftlm.methods.lora.files import adapter_state_dict, save_adapter
-
-    save_adapter(model, folder)
-    return adapter_state_dict(model)
+def read_config(folder: Path) -> LoraConfig:
+    """The LoraConfig of a LoRA folder (its base quantization from graftlm.json)."""
+    return read_adapter_config(folder)[0]
 
 
-def load(model: nn.Module, folder: Path, name: str = "default", *, force: bool = False) -> None:
-    from graftlm.methods.lora.files import load_adapter
+def quantization(folder: Path) -> str | None:
+    """ "nf4" for a QLoRA adapter (trained on a 4-bit base), else None."""
+    return read_config(folder).quantize
 
-    load_adapter(model, folder, name=name, force=force)
+
+def check_servable(model: nn.Module, folder: Path) -> None:
+    """Refuse an adapter that changes what other rows of a batch compute, or needs a 4-bit
+    base the server did not quantize at start.
+
+    Raises:
+        GraftError: modules_to_save or trained biases (they change shared base parameters or
+            whole modules, so per-row serving would apply them to every request in the batch);
+            a QLoRA adapter on a base that is not in NF4.
+    """
+    config = read_config(folder)
+    if config.modules_to_save:
+        raise GraftError(
+            f"{folder}: adapters with modules_to_save {list(config.modules_to_save)} cannot "
+            "share a batch with other adapters; merge it (graftlm merge) and serve that model"
+        )
+    if config.bias != "none":
+        raise GraftError(
+            f"{folder}: adapters that train biases (bias={config.bias!r}) change the shared "
+            "base; merge it (graftlm merge) and serve that model"
+        )
+    quantized = any(getattr(m, "is_quantized_linear", False) for m in model.modules())
+    if config.quantize == "nf4" and not quantized:
+        raise GraftError(
+            f"{folder}: a QLoRA adapter (quantize='nf4') needs an NF4 base; start the server "
+            "with a QLoRA adapter among its --adapter flags so the base is quantized at start"
+        )
 
 
-def merge(model: nn.Module) -> None:
-    from graftlm.methods.lora.inject import merge as merge_lora
-
-    merge_lora(model)
+def describe(folder: Path) -> dict:
+    """`graftlm inspect` calls an adapter trained on a 4-bit base "qlora"."""
+    return {"method": "qlora"} if quantization(folder) else {}

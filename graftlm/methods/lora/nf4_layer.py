@@ -65,24 +65,14 @@ class LoraNF4Linear(LoraLinear):
             )
         super().add(name, rank, scaling, dropout, init)
 
-    def merge(self, names: list[str] | None = None) -> None:
-        """Add the updates of `names` (default: active adapters) to an fp32 copy of the base.
+    def _weight_for_merge(self) -> torch.Tensor:
+        """An fp32 copy of the base (with the updates merged so far): NF4 stays as it is."""
+        if self.merged_weight is not None:
+            return self.merged_weight
+        return self.base_layer.dequantized_weight(torch.float32)
 
-        Raises:
-            GraftError: the merged weight would contain NaN or inf (nothing changes then).
-        """
-        names = self.active_adapters if names is None else names
-        for name in names:
-            if name in self.merged_adapters or name not in self.ranks:
-                continue
-            base = self.merged_weight
-            if base is None:
-                base = self.base_layer.dequantized_weight(torch.float32)
-            merged = base + self.delta_weight(name).to(base.device)
-            if not torch.isfinite(merged).all():
-                raise GraftError(f"merging adapter {name!r} would put NaN/inf into the base weight")
-            self.merged_weight = merged
-            self.merged_adapters.append(name)
+    def _store_merged(self, merged: torch.Tensor) -> None:
+        self.merged_weight = merged
 
     def unmerge(self, names: list[str] | None = None) -> None:
         """Take merged updates out again; with none left the exact NF4 base is used again."""

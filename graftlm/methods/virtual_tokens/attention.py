@@ -23,7 +23,11 @@ engine derive from the attention mask) all see the same prefix and batched gener
 one row at a time.
 
 The trained modules live in `model.prompt_encoder[name]` (PEFT's attribute name), so they are
-ordinary parameters of the model for the optimizer, checkpoints and `.to(device)`.
+ordinary parameters of the model for the optimizer, checkpoints and `.to(device)`. The per-model
+state the hooks read (`VirtualTokens`) is the method's record in the model's `AdapterState`;
+each attention module holds a reference to it too (`graftlm_virtual_tokens`), which is how the
+attention function, called with the module, finds it. `encoders.py` adds, switches, saves and
+loads the adapters themselves.
 """
 
 from __future__ import annotations
@@ -35,10 +39,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from graftlm.adapters.state import adapter_state
 from graftlm.errors import GraftError
 
 ATTENTION = "graftlm_virtual_tokens"  # the attention implementation name we register
+RECORD = "virtual_tokens"  # the key of the VirtualTokens in the model's AdapterState records
 ENCODERS = "prompt_encoder"  # model attribute holding the trained modules, as in PEFT
 PLAN_KWARG = "graftlm_virtual_tokens"  # the decoder keyword argument that carries a pass's Plan
 
@@ -62,9 +71,30 @@ class Geometry:
 
 
 class VirtualTokenEncoder(nn.Module):
-    """Base of the trained modules: they turn their parameters into per-layer prefixes."""
+    """Base of the trained modules: they turn their parameters into per-layer prefixes.
+
+    Attributes:
+        num_virtual_tokens: P.
+        init: how the parameters started: "random", "vocab" or "text" (for adapter_config.json).
+        init_text: the text of a "text" init.
+    """
 
     num_virtual_tokens: int
+    geometry: Geometry
+    init: str = "random"
+    init_text: str | None = None
+
+    def settings(self) -> dict:
+        """The adapter's config, as the model's AdapterState records it."""
+        return {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init}
+
+    def peft_config(self, base_model_name: str | None) -> dict:
+        """Its `adapter_config.json`, in PEFT's form."""
+        raise NotImplementedError
+
+    def saved_tensor(self) -> torch.Tensor:
+        """The one tensor its folder holds (`prompt_embeddings` in PEFT's layout)."""
+        raise NotImplementedError
 
     def layer_kv(self, state: VirtualTokens) -> list[LayerKV]:
         """One `(keys, values)` pair per decoder layer, each `[1, kv_heads, P, head_dim]`."""
@@ -242,8 +272,6 @@ def virtual_token_attention(
     The mask gets P leading "attend" columns; a missing mask (plain causal) is built
     explicitly, aligned bottom-right as for a query block at the end of the keys.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     state: VirtualTokens | None = getattr(module, "graftlm_virtual_tokens", None)
     layer = getattr(module, "layer_idx", None)
     if state is not None and state.capture is not None:
@@ -282,16 +310,11 @@ def virtual_token_attention(
 def _materialized_sdpa_mask(*args, **kwargs):
     # SDPA's mask builder returns None for "plain causal" so that SDPA can use is_causal; with
     # prefix columns in front the mask is never plain causal, so always build it.
-    from transformers.masking_utils import sdpa_mask
-
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(ATTENTION, virtual_token_attention)
     AttentionMaskInterface.register(ATTENTION, _materialized_sdpa_mask)
 
@@ -326,7 +349,7 @@ def install(model: nn.Module, method: str) -> VirtualTokens:
             decoder takes no position_ids, or it does not route attention through
             transformers' `AttentionInterface`.
     """
-    state = getattr(model, "graftlm_virtual_tokens", None)
+    state = state_of(model)
     if state is not None:
         return state
     name = type(model).__name__
@@ -359,7 +382,7 @@ def install(model: nn.Module, method: str) -> VirtualTokens:
         )
     _register()
     state = VirtualTokens(model, decoder, geometry)
-    model.graftlm_virtual_tokens = state
+    adapter_state(model).records[RECORD] = state
     for attention in attentions:
         attention.graftlm_virtual_tokens = state
     setattr(model, ENCODERS, VirtualTokenAdapters())
@@ -390,106 +413,9 @@ def uninstall(model: nn.Module) -> None:
         if getattr(module, "graftlm_virtual_tokens", None) is state:
             del module.graftlm_virtual_tokens
     delattr(model, ENCODERS)
-
-
-def add_encoder(
-    model: nn.Module, method: str, name: str, encoder: VirtualTokenEncoder, *, activate: bool
-) -> VirtualTokens:
-    """Put `encoder` on `model` as adapter `name` (replacing one of that name)."""
-    state = install(model, method)
-    encoder.to(device=model.get_input_embeddings().weight.device)
-    state.encoders[name] = encoder
-    state.cache.clear()  # a replaced adapter's prefixes must not be reused
-    if activate or state.active is None:
-        state.active = name
-    return state
+    del adapter_state(model).records[RECORD]
 
 
 def state_of(model: nn.Module) -> VirtualTokens | None:
     """The model's virtual-token state, or None when no prompt/prefix adapter was ever added."""
-    return getattr(model, "graftlm_virtual_tokens", None)
-
-
-def active_encoder(model: nn.Module, name: str = "default") -> VirtualTokenEncoder:
-    """The trained module of adapter `name`.
-
-    Raises:
-        GraftError: the model has no such prompt/prefix adapter.
-    """
-    state = state_of(model)
-    if state is None or name not in state.encoders:
-        known = list(state.encoders) if state is not None else []
-        raise GraftError(
-            f"the model has no prompt/prefix adapter {name!r} (it has {known or 'none'})"
-        )
-    return state.encoders[name]
-
-
-def remove_encoder(model: nn.Module, name: str) -> None:
-    """Remove prompt/prefix adapter `name`; with the last one gone, the model is as before.
-
-    Raises:
-        GraftError: the model has no such adapter.
-    """
-    encoder = active_encoder(model, name)
-    state = state_of(model)
-    state.cache.pop(id(encoder), None)
-    del state.encoders[name]
-    if state.active == name:  # the latest remaining adapter takes over, as if loaded alone
-        state.active = next(reversed(list(state.encoders)), None)
-    if not len(state.encoders):
-        uninstall(model)
-
-
-def set_active(model: nn.Module, name: str | None) -> None:
-    """Use adapter `name` from now on (None: the base model)."""
-    state = state_of(model)
-    if name is not None:
-        active_encoder(model, name)
-    if state is not None:
-        state.active = name
-
-
-@contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[None]:
-    """Run the base model without its prompt/prefix adapter inside the block."""
-    state = state_of(model)
-    if state is None:
-        yield
-        return
-    before = state.enabled
-    state.enabled = False
-    try:
-        yield
-    finally:
-        state.enabled = before
-
-
-def check_count(num_virtual_tokens) -> None:
-    """Raise a GraftError unless `num_virtual_tokens` is a positive integer."""
-    if (
-        isinstance(num_virtual_tokens, bool)
-        or not isinstance(num_virtual_tokens, int)
-        or num_virtual_tokens <= 0
-    ):
-        raise GraftError(
-            f"num_virtual_tokens should be a positive integer, got {num_virtual_tokens!r}"
-        )
-
-
-def make_trainable(model: nn.Module, name: str) -> None:
-    """Freeze every parameter of `model` except those of prompt/prefix adapter `name`."""
-    trained = {id(p) for p in active_encoder(model, name).parameters()}
-    for param in model.parameters():
-        param.requires_grad_(id(param) in trained)
-
-
-def add_loaded_encoder(
-    model: nn.Module, method: str, name: str, encoder: VirtualTokenEncoder, weights: torch.Tensor
-) -> None:
-    """Finish loading a prompt or prefix folder: `weights` into `encoder`, which becomes adapter
-    `name`, active and trainable (as LoRA's load: the base frozen, this adapter trainable)."""
-    with torch.no_grad():
-        encoder.embedding.weight.copy_(weights)
-    add_encoder(model, method, name, encoder, activate=True)
-    make_trainable(model, name)
+    return adapter_state(model).records.get(RECORD)

@@ -25,28 +25,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from graftlm.adapters.contract import InjectSummary
+from graftlm.adapters.folder import CONFIG_FILE
 from graftlm.errors import GraftError
-from graftlm.methods.virtual_tokens import attention as vt
-from graftlm.methods.virtual_tokens import files
+from graftlm.methods.virtual_tokens import encoders
+from graftlm.methods.virtual_tokens.attention import (
+    Geometry,
+    LayerKV,
+    VirtualTokenEncoder,
+    VirtualTokens,
+    install,
+)
+from graftlm.methods.virtual_tokens.encoders import disabled, merge, save, set_active, unload  # noqa: F401
 
 NAME = "prefix"
 PEFT_TYPE = "PREFIX_TUNING"
 MERGEABLE = False
-# Chosen by experiment on tickets and intent_slots (docs/prompt_prefix_tuning.md, "Defaults"):
-# on tickets, 1 epoch gave 0.33-0.37 exact match, these 3 epochs 0.67 (prompt) and 0.73 (prefix).
-DEFAULTS = {"num_virtual_tokens": 20, "prompt_init": "vocab", "lr": 3e-2, "epochs": 3.0}
-
-INITS = ("random", "vocab")  # anything else is a text whose tokens' keys/values start the prefix
+DEFAULTS = encoders.DEFAULTS
+ROW_ADAPTERS = True  # the rest of the contract is shared with prompt tuning (encoders.py)
 
 
-class PrefixEncoder(vt.VirtualTokenEncoder):
+class PrefixEncoder(VirtualTokenEncoder):
     """The trained prefix: `embedding.weight` `[P, layers*2*token_dim]`, or, with a projection,
     `embedding.weight` `[P, token_dim]` and the MLP `transform` (PEFT's parameter names)."""
 
     def __init__(
         self,
         num_virtual_tokens: int,
-        geometry: vt.Geometry,
+        geometry: Geometry,
         *,
         projection: bool = False,
         encoder_hidden_size: int | None = None,
@@ -66,7 +72,26 @@ class PrefixEncoder(vt.VirtualTokenEncoder):
             )
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, width)
-        self.init, self.init_text = "random", None
+
+    def settings(self) -> dict:
+        return {**super().settings(), "prefix_projection": self.projection}
+
+    def saved_tensor(self) -> torch.Tensor:
+        """The prefixes, the MLP folded in (what PEFT writes too)."""
+        return self.flat()
+
+    def peft_config(self, base_model_name: str | None) -> dict:
+        """adapter_config.json, in PEFT 0.21's PrefixTuningConfig form (with grouped-query
+        attention PEFT's num_attention_heads is num_key_value_heads)."""
+        g = self.geometry
+        fields = {
+            "encoder_hidden_size": self.encoder_hidden_size,
+            # the weights are folded either way; PEFT too records the flag it trained with
+            "prefix_projection": self.projection,
+            "init_weights": None,
+        }
+        shape = (g.kv_dim, g.kv_heads, g.num_layers)
+        return encoders.peft_config(PEFT_TYPE, base_model_name, self, shape, fields)
 
     def flat(self) -> torch.Tensor:
         """All prefixes as PEFT stores them, `[P, layers*2*token_dim]` (the MLP applied)."""
@@ -74,7 +99,7 @@ class PrefixEncoder(vt.VirtualTokenEncoder):
             return self.transform(self.embedding.weight)
         return self.embedding.weight
 
-    def layer_kv(self, state: vt.VirtualTokens) -> list[vt.LayerKV]:
+    def layer_kv(self, state: VirtualTokens) -> list[LayerKV]:
         g = self.geometry
         # PEFT: view [P, layers*2, kv_heads, head_dim], permute to [layers*2, kv_heads, P, d]
         kv = self.flat().view(self.num_virtual_tokens, g.num_layers * 2, g.kv_heads, g.head_dim)
@@ -92,10 +117,10 @@ def activation_prefix(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     Returns:
         `[P, layers*2*kv_heads*head_dim]` (fp32).
     """
-    state = vt.install(model, NAME)
+    state = install(model, NAME)
     device = model.get_input_embeddings().weight.device
     ids = ids.to(device)[None]
-    with vt.disabled(model), state.capturing() as captured:
+    with disabled(model), state.capturing() as captured:
         state.decoder(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False)
     layers = []
     for i in range(state.geometry.num_layers):
@@ -112,15 +137,7 @@ def init_ids(model: nn.Module, count: int, init: str, tokenizer=None) -> torch.T
     """
     if init == "vocab":
         return torch.randint(0, model.get_input_embeddings().weight.shape[0], (count,))
-    if tokenizer is None:
-        raise GraftError(
-            f"prompt_init {init!r} is a text, which needs the model's tokenizer; "
-            f"or use one of {INITS}"
-        )
-    ids = list(tokenizer(init)["input_ids"])
-    if not ids:
-        raise GraftError(f"prompt_init {init!r} has no tokens; use a longer text or one of {INITS}")
-    return torch.tensor((ids * -(-count // len(ids)))[:count])
+    return torch.tensor(encoders.text_ids(init, count, tokenizer))
 
 
 def add_prefix(
@@ -132,9 +149,8 @@ def add_prefix(
     projection: bool = False,
     encoder_hidden_size: int | None = None,
     name: str = "default",
-    trainable: bool = True,
-):
-    """Give `model` a prefix tuning adapter `name` and make it the active one.
+) -> InjectSummary:
+    """Give `model` a prefix tuning adapter `name`, the active and only trainable one.
 
     Args:
         model: a transformers decoder with rotary positions.
@@ -146,19 +162,14 @@ def add_prefix(
         projection: train through PEFT's reparameterization MLP (folded away at save).
         encoder_hidden_size: the MLP's hidden width (default: token_dim, as in PEFT).
         name: the adapter's name.
-        trainable: freeze everything else and let only the prefix train.
 
     Returns:
         An `InjectSummary`.
 
     Raises:
-        GraftError: a model without rotary positions, a bad P or init.
+        GraftError: a model without rotary positions, a bad P or init, a name that is taken.
     """
-    from graftlm.methods.lora.inject import summarize
-
-    vt.check_count(num_virtual_tokens)
-    vt.install(model, NAME)
-    geometry = vt.geometry_of(model)
+    geometry = encoders.prepare(model, NAME, num_virtual_tokens)
     start = None
     if not projection and init != "random":
         start = activation_prefix(model, init_ids(model, num_virtual_tokens, init, tokenizer))
@@ -170,65 +181,29 @@ def add_prefix(
             encoder.embedding.weight.copy_(start)
         encoder.init = "vocab" if init == "vocab" else "text"
         encoder.init_text = None if init == "vocab" else init
-    vt.add_encoder(model, NAME, name, encoder, activate=True)
-    if trainable:
-        vt.make_trainable(model, name)
-    return summarize(model, name, [(f"{vt.ENCODERS}.{name}", "prefix", num_virtual_tokens)])
+    return encoders.add(model, NAME, name, encoder)
 
 
 # -- the method contract (graftlm.adapters.contract) ---------------------------------------------
 
 
-def attach(model: nn.Module, cfg):
+def attach(model: nn.Module, cfg) -> InjectSummary:
     """Add trainable prefix "default" (cfg.num_virtual_tokens, prompt_init, prefix_projection)."""
-    tokenizer = None
-    if cfg.prompt_init not in INITS and not cfg.prefix_projection:
-        from graftlm.models.load import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model)
     return add_prefix(
         model,
         cfg.num_virtual_tokens,
         cfg.prompt_init,
-        tokenizer,
+        encoders.tokenizer_for(cfg, needed=not cfg.prefix_projection),
         projection=cfg.prefix_projection,
     )
 
 
-def peft_config(model: nn.Module, encoder: PrefixEncoder, base_model_name: str | None) -> dict:
-    """adapter_config.json for `encoder`, in PEFT 0.21's PrefixTuningConfig form."""
-    g = encoder.geometry
-    return {
-        "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name,
-        "revision": None,
-        "inference_mode": True,
-        "num_virtual_tokens": encoder.num_virtual_tokens,
-        "token_dim": g.kv_dim,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": g.kv_heads,  # PEFT: num_key_value_heads under GQA
-        "num_layers": g.num_layers,
-        "encoder_hidden_size": encoder.encoder_hidden_size,
-        # the weights are folded either way; PEFT too records the flag it trained with
-        "prefix_projection": encoder.projection,
-        "init_weights": None,
-        "modules_to_save": None,
-        "auto_mapping": None,
-    }
+def read_config(folder: Path) -> dict:
+    """adapter_config.json of a prefix tuning folder (graftlm's or PEFT's), checked."""
+    return encoders.read_config(folder, PEFT_TYPE)
 
 
-def save(model: nn.Module, folder: Path, base_model_name: str | None) -> dict[str, torch.Tensor]:
-    """Write adapter "default" as a PEFT prefix tuning folder (an MLP folded into its output)."""
-    encoder = vt.active_encoder(model, "default")
-    if not isinstance(encoder, PrefixEncoder):
-        raise GraftError("adapter 'default' is not a prefix tuning adapter")
-    with torch.no_grad():
-        flat = encoder.flat().float()
-    return files.save_weights(folder, peft_config(model, encoder, base_model_name), flat)
-
-
-def load(model: nn.Module, folder: Path, name: str = "default") -> None:
+def load(model: nn.Module, folder: Path, name: str = "default", *, force: bool = False) -> None:
     """Load a prefix tuning folder (graftlm's or PEFT's) onto `model` as adapter `name`, active.
 
     Raises:
@@ -236,10 +211,7 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
             not fit this model (the message names the file, the field and both values).
     """
     folder = Path(folder)
-    config = files.read_config(folder, PEFT_TYPE)
-    vt.install(model, NAME)
-    g = vt.geometry_of(model)
-    where = folder / files.CONFIG_FILE
+    config, g = encoders.begin_load(model, folder, NAME, PEFT_TYPE, name, force)
     expected = {
         "num_layers": g.num_layers,
         "token_dim": g.kv_dim,
@@ -250,30 +222,18 @@ def load(model: nn.Module, folder: Path, name: str = "default") -> None:
         detail = ", ".join(
             f"{k} {found!r} (this model: {want})" for k, (found, want) in wrong.items()
         )
-        raise GraftError(f"{where}: {detail}: the adapter was trained on another model")
-    count = config["num_virtual_tokens"]
-    weights = files.read_weights(folder, (count, g.num_layers * 2 * g.kv_dim))
-    encoder = PrefixEncoder(count, g, encoder_hidden_size=config.get("encoder_hidden_size"))
-    encoder.init = "random"
-    vt.add_loaded_encoder(model, NAME, name, encoder, weights)
-
-
-# removes adapter `name` (any prompt/prefix adapter); the last one out restores the base
-unload = vt.remove_encoder
-
-
-def merge(model: nn.Module) -> None:
-    """Not defined for prefix tuning.
-
-    Raises:
-        GraftError: always.
-    """
-    raise files.merge_refused(NAME)
+        raise GraftError(
+            f"{folder / CONFIG_FILE}: {detail}: the adapter was trained on another model"
+        )
+    encoder = PrefixEncoder(
+        config["num_virtual_tokens"], g, encoder_hidden_size=config.get("encoder_hidden_size")
+    )
+    encoders.finish_load(model, folder, NAME, name, encoder)
 
 
 def describe(folder: Path) -> dict:
     """Prefix length and layout, for `graftlm inspect`."""
-    config = files.read_config(folder, PEFT_TYPE)
+    config = read_config(folder)
     facts = {
         "num_virtual_tokens": config["num_virtual_tokens"],
         "prefix_projection": bool(config.get("prefix_projection")),
