@@ -36,6 +36,7 @@ _MUST_MATCH = (
     "seed",
     "epochs",
     "steps",
+    "max_epochs",
     "warmup_ratio",
     "weight_decay",
     "dropout",
@@ -54,11 +55,13 @@ def write(
     step: int,
     elapsed_s: float,
     cfg,
-    hooks=None,
+    stateful: dict[str, Any] | None = None,
 ) -> None:
     """Write the checkpoint for `step` atomically (temp folder, then rename).
 
-    `hooks`: the method's TrainingHooks; their `state_dict()` (if they have one) is saved too.
+    `stateful`: more training state by name, each saved through its `state_dict()` if it has
+    one: the method's TrainingHooks ("hooks": AdaLoRA's importance averages and rank masks),
+    the adaptive run's early stop ("early_stop": the best adapter so far).
     """
     tensors: dict[str, torch.Tensor] = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -69,9 +72,10 @@ def write(
             if torch.is_tensor(value):
                 tensors[f"optim/{index}/{key}"] = value.detach().contiguous().cpu()
     tensors["rng/torch"] = torch.get_rng_state()
-    if hasattr(hooks, "state_dict"):  # e.g. AdaLoRA's importance averages and rank masks
-        for key, value in hooks.state_dict().items():
-            tensors[f"hooks/{key}"] = value.detach().contiguous().cpu()
+    for label, holder in (stateful or {}).items():
+        if hasattr(holder, "state_dict"):
+            for key, value in holder.state_dict().items():
+                tensors[f"{label}/{key}"] = value.detach().contiguous().cpu()
     meta = {
         "step": step,
         "elapsed_s": elapsed_s,
@@ -121,9 +125,11 @@ def check_settings(state: dict, cfg) -> None:
 
 
 def restore(
-    state: dict, model: nn.Module, optimizer, scheduler, names: dict[int, str], hooks=None
-) -> tuple[int, float]:
-    """Load parameters, optimizer, scheduler, RNG and the hooks' state; return (step, seconds)."""
+    state: dict, model: nn.Module, optimizer, scheduler, names: dict[int, str],
+    stateful: dict[str, Any] | None = None,
+) -> tuple[int, float]:  # fmt: skip
+    """Load parameters, optimizer, scheduler, RNG and the `stateful` holders' state (see
+    `write`); return (step, seconds)."""
     meta, tensors = state["meta"], state["tensors"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if [names[id(p)] for p in params] != meta["param_names"]:
@@ -152,8 +158,11 @@ def restore(
         group["lr"] = lr
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     torch.set_rng_state(tensors["rng/torch"])
-    if hasattr(hooks, "load_state_dict"):
-        hooks.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("hooks/")})
+    for label, holder in (stateful or {}).items():
+        prefix = f"{label}/"
+        found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if found and hasattr(holder, "load_state_dict"):
+            holder.load_state_dict(found)
     return int(meta["step"]), float(meta["elapsed_s"])
 
 

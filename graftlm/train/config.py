@@ -19,7 +19,7 @@ DTYPES = ("auto", "bfloat16", "float32")
 
 
 # Settings every method shares unless its own DEFAULTS say otherwise.
-FALLBACKS: dict[str, Any] = {"lr": 1e-3, "epochs": 1.0, "low_memory": False}
+FALLBACKS: dict[str, Any] = {"lr": 1e-3, "max_epochs": 4.0, "low_memory": False}
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,30 @@ class TrainConfig:
     epochs: float | None = field(
         default=None,
         metadata={
-            "help": "passes over the training data (ignored with --steps); default per method"
+            "help": "a fixed number of passes over the training data (ignored with --steps); "
+            "default: adaptive, stopped by validation"
         },
     )
     steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps to run (overrides --epochs)"}
+        default=None, metadata={"help": "a fixed number of optimizer steps (overrides --epochs)"}
+    )
+    max_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "adaptive runs (no --epochs/--steps): the longest run, in passes over the "
+            "data; default per method"
+        },
+    )
+    patience: int = field(
+        default=2,
+        metadata={
+            "help": "adaptive runs: stop after this many evaluations without a better "
+            "validation score (three evaluations an epoch)"
+        },
+    )
+    time_budget: float | None = field(
+        default=900.0,
+        metadata={"help": "adaptive runs: stop after this many seconds of training"},
     )
     lr: float | None = field(
         default=None, metadata={"help": "peak learning rate (AdamW); default per method"}
@@ -176,6 +195,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise GraftError(f"{name} should be a positive integer, got {value!r}")
         positive("epochs", self.epochs, allow_none=True)
+        positive("max_epochs", self.max_epochs, allow_none=True)
+        positive("time_budget", self.time_budget, allow_none=True)
         positive("lr", self.lr, allow_none=True)
         positive("alpha", self.alpha, allow_none=True)
         for name in (
@@ -183,6 +204,7 @@ class TrainConfig:
             "steps",
             "micro_batch_size",
             "eval_every",
+            "patience",
             "threads",
             "num_virtual_tokens",
             "bottleneck_size",
@@ -197,6 +219,11 @@ class TrainConfig:
             raise GraftError(f"warmup_ratio should be in [0, 1), got {self.warmup_ratio!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise GraftError("grad_clip and weight_decay must be >= 0")
+
+    @property
+    def adaptive(self) -> bool:
+        """True when the data decides the length: neither --epochs nor --steps was given."""
+        return self.epochs is None and self.steps is None
 
     @property
     def lora_alpha(self) -> float:

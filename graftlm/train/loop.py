@@ -14,9 +14,9 @@ order is a pure function of (seed, epoch), so a resumed run picks up at the exac
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,46 +27,43 @@ from torch import nn
 
 from graftlm.adapters.inspect import format_memory
 from graftlm.adapters.io import save_trained
-from graftlm.data.dataset import Example, collate, load_dataset, split_eval
+from graftlm.data.dataset import Example, load_dataset, split_eval
 from graftlm.errors import GraftError
 from graftlm.kernels.fused_ops import fused_forwards
 from graftlm.methods import method_module
 from graftlm.methods.lora.inject import base_fingerprint
 from graftlm.models.load import load_model
 from graftlm.train import checkpoint as ckpt
+from graftlm.train.adaptive import (
+    early_stop_for,
+    eval_interval,
+    finish_adaptive,
+    over_time_budget,
+    pad_token_id,
+    validate,
+)
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime, bf16_supported
 from graftlm.train.forward import (
     autocast,
     evaluate,
-    loss_sum,
-    on_device,
     prefix_sharing_is_exact,
     training_device,
 )
+from graftlm.train.interrupt import StopFlag
 from graftlm.train.loss import logits_buffer_scope, release_logits_buffer
 from graftlm.train.memory import (
     memory_accounting,
-    release_free_heap,
-    return_freed_memory_to_os,
 )
 from graftlm.train.metrics import MetricsWriter, progress_bar
+from graftlm.train.step import OptimizerStep, make_optimizer, plan_memory
 from graftlm.train.steps import (
     count_steps,
-    lr_lambda,
-    micro_batches,
-    needs_checkpointing,
     step_batches,
-    tokens_per_pass,
 )
+from graftlm.train.validation import split_validation
 
 logger = logging.getLogger("graftlm")
-
-# --low-memory unmaps freed blocks of at least this size (see steps.LOW_MEMORY_BATCH_TOKENS)
-LOW_MEMORY_MMAP_THRESHOLD = 4 << 20
-# with checkpointing too, memory comes first: every block of 128 KiB or more is unmapped on free
-# (QLoRA on tickets peaked at 1.19 GB with it, 1.96 GB with 4 MiB)
-CHECKPOINTED_MMAP_THRESHOLD = 128 << 10
 
 
 @dataclass
@@ -85,143 +82,21 @@ class TrainResult:
     memory: dict[str, int] | None = None  # graftlm.train.memory.memory_accounting at the end
 
 
-# -- memory plan and one optimizer step ---------------------------------------------------------
-
-
-@dataclass
-class MemoryPlan:
-    """How the run bounds its memory: activation checkpointing, and padded tokens per pass."""
-
-    checkpointing: bool
-    pass_tokens: int
-
-
-def plan_memory(
-    model: nn.Module, cfg: TrainConfig, examples: list[Example], runtime: Runtime
-) -> MemoryPlan:
-    """Report the planned memory, then turn on checkpointing / early unmapping as `cfg` asks."""
-    planned = memory_accounting(model, None)
-    runtime.log(
-        f"memory: base weights {planned['base_weight_bytes'] / 1e6:.1f} MB, adapter "
-        f"{planned['adapter_bytes'] / 1e6:.1f} MB, AdamW state "
-        f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
-    )
-    checkpointing = needs_checkpointing(cfg, examples)
-    pass_tokens = tokens_per_pass(cfg, checkpointing)
-    if cfg.low_memory:
-        release_free_heap()  # what attach freed (a quantized base's full-precision weights)
-        threshold = CHECKPOINTED_MMAP_THRESHOLD if checkpointing else LOW_MEMORY_MMAP_THRESHOLD
-        return_freed_memory_to_os(threshold)
-    if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        runtime.log("activation checkpointing on")
-    return MemoryPlan(checkpointing, pass_tokens)
-
-
-@dataclass
-class OptimizerStep:
-    """Runs one optimizer step: micro-batches forward + backward, clip, AdamW step, hooks."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    hooks: Any
-    params: list[torch.Tensor]
-    examples: list[Example]
-    cfg: TrainConfig
-    runtime: Runtime
-    pad_id: int
-    device: torch.device
-    compute_dtype: torch.dtype
-    share_prefix: bool
-    pass_tokens: int
-
-    def __call__(
-        self, step: int, indices_of_step: list[int], labelled: int
-    ) -> tuple[float, Any, float]:
-        """Train on the sequences `indices_of_step`; returns (this rank's summed loss, grad norm, lr)."""
-        model, hooks, params, examples = self.model, self.hooks, self.params, self.examples
-        cfg, runtime, device, compute_dtype = (
-            self.cfg,
-            self.runtime,
-            self.device,
-            self.compute_dtype,
-        )
-        chunks = micro_batches(indices_of_step, examples, cfg, runtime, self.pass_tokens)
-        total_loss = 0.0
-        for indices in chunks:
-            batch = on_device(collate([examples[i] for i in indices], self.pad_id), device)
-            with autocast(compute_dtype, device):
-                loss, _ = loss_sum(model, batch, compute_dtype, share_prefix=self.share_prefix)
-            if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
-                loss = loss * 0.0
-            objective = loss / max(labelled, 1)
-            extra = hooks.extra_loss() if hooks else None
-            if extra is not None:  # a regularizer: its share per micro-batch
-                objective = objective + extra * (len(indices) / len(indices_of_step))
-            objective.backward()
-            total_loss += loss.item()
-        runtime.reduce_gradients(params)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if cfg.grad_clip
-            else _norm(params)
-        )
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        if hooks:
-            hooks.after_step(step)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total_loss, grad_norm, lr
-
-
-# -- interruption -----------------------------------------------------------------------------
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and stops.
-
-    A second Ctrl-C falls through to the default handler (immediate KeyboardInterrupt).
-    """
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, nothing to restore
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-        logger.warning(
-            "signal %s: finishing this step, writing a checkpoint, then stopping", signum
-        )
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 # -- the loop ---------------------------------------------------------------------------------
 
 
 def train(
-    cfg: TrainConfig, *, runtime: Runtime | None = None, progress: bool = True
-) -> TrainResult:
+    cfg: TrainConfig, *, runtime: Runtime | None = None, progress: bool = True,
+    prepared: Prepared | None = None,
+) -> TrainResult:  # fmt: skip
     """Fine-tune `cfg.model` on `cfg.data` and write everything into `cfg.out`.
 
     Args:
         cfg: the run's settings.
         runtime: process group facts (rank, world size); default a single process.
         progress: show a progress bar (rank 0 only).
+        prepared: a base model and tokenized data loaded once for several runs (`graftlm
+            sweep`); the run trains a copy of the model. Default: load both from `cfg`.
 
     Returns:
         A `TrainResult`; `interrupted` is True when a signal stopped the run early (the
@@ -237,31 +112,30 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = training_device()
-    compute_dtype = _compute_dtype(cfg.dtype, device)
+    compute_dtype = compute_dtype_for(cfg.dtype, device)
     metrics = MetricsWriter(out)
     state = _resume_state(cfg, out, metrics, runtime)
     torch.manual_seed(cfg.seed)
-    model, pad_id, examples, eval_examples, summary = _load_and_attach(
-        cfg, runtime, device, compute_dtype
-    )
+    model, prepared = _base_for_run(prepared, cfg, runtime, device, compute_dtype)
+    tokenizer, pad_id = prepared.tokenizer, pad_token_id(prepared.tokenizer)
+    examples, eval_examples = list(prepared.examples), list(prepared.eval_examples)
     method = method_module(cfg.method)
+    base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
+    summary = method.attach(model, cfg)
+    runtime.log(str(summary))
     memory_plan = plan_memory(model, cfg, examples, runtime)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     runtime.prepare(model, params, fsdp=cfg.fsdp)
     total_steps = count_steps(len(examples), cfg)
-    optimizer, scheduler = _optimizer(params, cfg, total_steps)
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     hooks_class = getattr(method, "TrainingHooks", None)
     hooks = hooks_class(model, cfg, total_steps) if hooks_class else None
     plan = step_batches(examples, cfg, total_steps)
-    eval_every = cfg.eval_every or max(1, total_steps // 3)
-    with autocast(compute_dtype, device):
-        # activation checkpointing recomputes layers without a cache: no sharing with it
-        share_prefix = not memory_plan.checkpointing and prefix_sharing_is_exact(
-            model, max(examples, key=len), pad_id
-        )
-    logger.debug("shared-prefix forward: %s", "on" if share_prefix else "off")
+    early = early_stop_for(model, cfg, eval_examples, names, tokenizer)
+    eval_every = cfg.eval_every or eval_interval(cfg, len(examples), total_steps, early)
+    share_prefix = _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device)
     run_step = OptimizerStep(
         model, optimizer, scheduler, hooks, params, examples, cfg, runtime, pad_id, device,
         compute_dtype, share_prefix, memory_plan.pass_tokens,
@@ -269,7 +143,9 @@ def train(
 
     start_step, elapsed_before = 0, 0.0
     if state is not None:
-        start_step, elapsed_before = ckpt.restore(state, model, optimizer, scheduler, names, hooks)
+        start_step, elapsed_before = ckpt.restore(
+            state, model, optimizer, scheduler, names, {"hooks": hooks, "early_stop": early}
+        )
         metrics.truncate(start_step) if runtime.is_main else None
         runtime.log(f"resumed from step {start_step}/{total_steps}")
     if runtime.is_main:
@@ -278,12 +154,14 @@ def train(
     def save_checkpoint(step_reached: int, elapsed_s: float) -> None:
         ckpt.write(
             out, model, optimizer, scheduler, names,
-            step=step_reached, elapsed_s=elapsed_s, cfg=cfg, hooks=hooks,
+            step=step_reached, elapsed_s=elapsed_s, cfg=cfg,
+            stateful={"hooks": hooks, "early_stop": early},
         )  # fmt: skip
 
     bar = progress_bar(total_steps, start_step, enabled=progress and runtime.is_main)
     last_loss = eval_loss = None
     interrupted = False
+    stopped_early = None  # why an adaptive run stopped before its longest length
     t0 = time.perf_counter()
     step = start_step
     kernels = fused_forwards(model) if cfg.fused_kernels else contextlib.nullcontext(0)
@@ -312,6 +190,12 @@ def train(
                 )
                 release_logits_buffer()  # evaluation's passes are larger than training's
                 row_eval = _eval_row(done, eval_loss, eval_tokens, elapsed)
+                if early is not None:
+                    stopped_early = validate(
+                        early, row_eval, model, tokenizer, eval_examples, pad_id, compute_dtype
+                    )
+            if early is not None and stopped_early is None:
+                stopped_early = over_time_budget(cfg, elapsed, done)
             if runtime.is_main:
                 _report_step(metrics, bar, row, row_eval)
             if stop or (done % cfg.save_every == 0 and done < total_steps):
@@ -322,12 +206,18 @@ def train(
                     step = done
                     break
             step = done
+            if stopped_early:
+                break
     bar.close()
     train_seconds = elapsed_before + time.perf_counter() - t0
     memory = memory_accounting(model, optimizer)
+    if early is not None and not interrupted:
+        eval_loss = finish_adaptive(early, stopped_early, step, len(examples), cfg, runtime)
     if not interrupted and runtime.is_main:
-        training = _training_record(cfg, total_steps, len(examples), train_seconds, memory)
+        training = _training_record(cfg, step, len(examples), train_seconds, memory)
         training.update(final_loss=last_loss, eval_loss=eval_loss)
+        if early is not None:
+            training["validation"] = early.summary(stopped_early)
         _write_outputs(model, cfg, metrics, training, runtime)
         # the finished run keeps its checkpoint: --resume on it is a no-op
         save_checkpoint(total_steps, train_seconds)
@@ -349,19 +239,44 @@ def train(
     )
 
 
-def _load_and_attach(cfg: TrainConfig, runtime: Runtime, device, compute_dtype):
-    """The base model with the method's adapter attached, its pad id, and the examples."""
+@dataclass
+class Prepared:
+    """A base model (in the compute dtype, on the training device) and the tokenized training
+    and evaluation examples: what several runs on the same data share."""
+
+    model: nn.Module
+    tokenizer: Any
+    examples: list[Example]
+    eval_examples: list[Example]
+
+
+def _base_for_run(prepared, cfg, runtime, device, compute_dtype) -> tuple[nn.Module, Prepared]:
+    """The model this run trains: freshly loaded, or a copy of a shared prepared base (the
+    shared one stays untouched for the next run)."""
+    if prepared is None:
+        prepared = prepare(cfg, runtime, device, compute_dtype)
+        return prepared.model, prepared
+    return copy.deepcopy(prepared.model), prepared
+
+
+def _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device) -> bool:
+    """Whether rows with a common prompt may share its forward pass (exact for this model)."""
+    with autocast(compute_dtype, device):
+        # activation checkpointing recomputes layers without a cache: no sharing with it
+        share = not memory_plan.checkpointing and prefix_sharing_is_exact(
+            model, max(examples, key=len), pad_id
+        )
+    logger.debug("shared-prefix forward: %s", "on" if share else "off")
+    return share
+
+
+def prepare(cfg: TrainConfig, runtime: Runtime, device, compute_dtype) -> Prepared:
+    """Load `cfg.model` and read, check and tokenize `cfg.data` (and the evaluation split)."""
     # Frozen base weights are held in the compute dtype: no per-step casts of the big matrices.
     model, tokenizer = load_model(cfg.model, dtype=compute_dtype)
     model.to(device)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    examples, eval_examples = _read_examples(cfg, tokenizer, runtime)
-    base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
-    summary = method_module(cfg.method).attach(model, cfg)
-    runtime.log(str(summary))
-    return model, pad_id, examples, eval_examples, summary
+    examples, eval_examples = read_examples(cfg, tokenizer, runtime)
+    return Prepared(model, tokenizer, examples, eval_examples)
 
 
 def _report_step(metrics: MetricsWriter, bar, row: dict, row_eval: dict | None) -> None:
@@ -386,17 +301,6 @@ def _write_outputs(
     runtime.log(f"memory: {format_memory(training['memory'])}")
 
 
-def _optimizer(params: list[torch.Tensor], cfg: TrainConfig, total_steps: int):
-    """AdamW over the trainable values, and its warmup + cosine schedule."""
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, cfg.warmup_ratio)
-    )
-    return optimizer, scheduler
-
-
 def _resume_state(
     cfg: TrainConfig, out: Path, metrics: MetricsWriter, runtime: Runtime
 ) -> dict | None:
@@ -417,7 +321,7 @@ def _resume_state(
     return state
 
 
-def _read_examples(cfg: TrainConfig, tokenizer, runtime: Runtime):
+def read_examples(cfg: TrainConfig, tokenizer, runtime: Runtime):
     """Training and evaluation examples: `--eval-data`, else a held-out share of `--data`."""
     examples, stats = load_dataset(
         cfg.data, tokenizer, cfg.seq_len, skip_bad_rows=cfg.skip_bad_rows
@@ -426,6 +330,8 @@ def _read_examples(cfg: TrainConfig, tokenizer, runtime: Runtime):
         eval_examples, _ = load_dataset(
             cfg.eval_data, tokenizer, cfg.seq_len, skip_bad_rows=cfg.skip_bad_rows
         )
+    elif cfg.adaptive:
+        examples, eval_examples = split_validation(examples, seed=cfg.seed)
     else:
         examples, eval_examples = split_eval(examples, seed=cfg.seed)
     if eval_examples:
@@ -474,7 +380,7 @@ def _training_record(cfg, total_steps, n_examples, train_seconds, memory) -> dic
     }
 
 
-def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
+def compute_dtype_for(name: str, device: torch.device) -> torch.dtype:
     if name == "float32":
         return torch.float32
     if name == "bfloat16":
@@ -482,12 +388,3 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if bf16_supported() else torch.float32
-
-
-def _norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    return (
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if grads
-        else torch.zeros(())
-    )

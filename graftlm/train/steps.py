@@ -87,10 +87,12 @@ def needs_checkpointing(cfg: TrainConfig, examples: list[Example]) -> bool:
 
 
 def count_steps(n_examples: int, cfg: TrainConfig) -> int:
-    """Optimizer steps of the run: `--steps`, else enough for `--epochs` over the data."""
+    """Optimizer steps of the run: `--steps`, else enough for `--epochs` over the data, else
+    (an adaptive run) its longest length, `max_epochs`."""
     if cfg.steps is not None:
         return cfg.steps
-    return max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
+    epochs = cfg.epochs if cfg.epochs is not None else cfg.max_epochs
+    return max(1, math.ceil(epochs * n_examples / cfg.batch_size))
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):

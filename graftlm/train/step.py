@@ -1,0 +1,131 @@
+"""One optimizer step of a run (micro-batches, clipping, AdamW, the method's hooks), the
+optimizer and schedule, and the memory plan that bounds a step's passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftlm.data.dataset import Example, collate
+from graftlm.train.config import TrainConfig
+from graftlm.train.distributed import Runtime
+from graftlm.train.forward import autocast, loss_sum, on_device
+from graftlm.train.memory import memory_accounting, release_free_heap, return_freed_memory_to_os
+from graftlm.train.steps import lr_lambda, micro_batches, needs_checkpointing, tokens_per_pass
+
+# --low-memory unmaps freed blocks of at least this size (see steps.LOW_MEMORY_BATCH_TOKENS)
+LOW_MEMORY_MMAP_THRESHOLD = 4 << 20
+# with checkpointing too, memory comes first: every block of 128 KiB or more is unmapped on free
+# (the measurements behind both: docs/measurements.md)
+CHECKPOINTED_MMAP_THRESHOLD = 128 << 10
+
+
+@dataclass
+class MemoryPlan:
+    """How the run bounds its memory: activation checkpointing, and padded tokens per pass."""
+
+    checkpointing: bool
+    pass_tokens: int
+
+
+def plan_memory(
+    model: nn.Module, cfg: TrainConfig, examples: list[Example], runtime: Runtime
+) -> MemoryPlan:
+    """Report the planned memory, then turn on checkpointing / early unmapping as `cfg` asks."""
+    planned = memory_accounting(model, None)
+    runtime.log(
+        f"memory: base weights {planned['base_weight_bytes'] / 1e6:.1f} MB, adapter "
+        f"{planned['adapter_bytes'] / 1e6:.1f} MB, AdamW state "
+        f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
+    )
+    checkpointing = needs_checkpointing(cfg, examples)
+    pass_tokens = tokens_per_pass(cfg, checkpointing)
+    if cfg.low_memory:
+        release_free_heap()  # what attach freed (a quantized base's full-precision weights)
+        threshold = CHECKPOINTED_MMAP_THRESHOLD if checkpointing else LOW_MEMORY_MMAP_THRESHOLD
+        return_freed_memory_to_os(threshold)
+    if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        runtime.log("activation checkpointing on")
+    return MemoryPlan(checkpointing, pass_tokens)
+
+
+@dataclass
+class OptimizerStep:
+    """Runs one optimizer step: micro-batches forward + backward, clip, AdamW step, hooks."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    hooks: Any
+    params: list[torch.Tensor]
+    examples: list[Example]
+    cfg: TrainConfig
+    runtime: Runtime
+    pad_id: int
+    device: torch.device
+    compute_dtype: torch.dtype
+    share_prefix: bool
+    pass_tokens: int
+
+    def __call__(
+        self, step: int, indices_of_step: list[int], labelled: int
+    ) -> tuple[float, Any, float]:
+        """Train on the sequences `indices_of_step`; returns (this rank's summed loss, grad norm, lr)."""
+        model, hooks, params, examples = self.model, self.hooks, self.params, self.examples
+        cfg, runtime, device, compute_dtype = (
+            self.cfg,
+            self.runtime,
+            self.device,
+            self.compute_dtype,
+        )
+        chunks = micro_batches(indices_of_step, examples, cfg, runtime, self.pass_tokens)
+        total_loss = 0.0
+        for indices in chunks:
+            batch = on_device(collate([examples[i] for i in indices], self.pad_id), device)
+            with autocast(compute_dtype, device):
+                loss, _ = loss_sum(model, batch, compute_dtype, share_prefix=self.share_prefix)
+            if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
+                loss = loss * 0.0
+            objective = loss / max(labelled, 1)
+            extra = hooks.extra_loss() if hooks else None
+            if extra is not None:  # a regularizer: its share per micro-batch
+                objective = objective + extra * (len(indices) / len(indices_of_step))
+            objective.backward()
+            total_loss += loss.item()
+        runtime.reduce_gradients(params)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if cfg.grad_clip
+            else grad_norm_of(params)
+        )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        if hooks:
+            hooks.after_step(step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, grad_norm, lr
+
+
+def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, total_steps: int):
+    """AdamW over the trainable values, and its warmup + cosine schedule."""
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, cfg.warmup_ratio)
+    )
+    return optimizer, scheduler
+
+
+def grad_norm_of(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    return (
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if grads
+        else torch.zeros(())
+    )

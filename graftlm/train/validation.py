@@ -1,0 +1,228 @@
+"""Validation that decides how long a run trains: a held-out split of distinct examples, scored
+the way a user judges the adapter, and an early stop that keeps the best adapter.
+
+- Short answers (labels, JSON fields, normalised values): greedy exact match of the final answer
+  on the validation rows, ties broken by the answer loss. A lower loss does not always mean more
+  right answers, and exact match is what the user measures on such tasks.
+- Long answers (several sentences): the answer loss alone; a single sentence worded otherwise
+  would make exact match read zero however good the adapter is.
+
+The stop rule is the same for every task and method: evaluate a few times per epoch, keep a copy
+of the trainable tensors whenever the score improves, stop once it has not improved for
+`patience` evaluations (or the time budget is spent), and put the best copy back before saving.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from graftlm.data.dataset import IGNORE_INDEX, Example
+from graftlm.train.forward import autocast
+
+# Final answers up to this many tokens and one sentence (medians over the validation rows) are
+# scored by exact match; longer ones (paragraphs) by answer loss.
+SHORT_ANSWER_TOKENS = 96
+# the end of a sentence: a stop, then white space or the end of the answer
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+# Rows generated together during a greedy validation pass.
+GENERATION_BATCH = 16
+
+
+def answer_span(example: Example) -> tuple[int, int]:
+    """(start, end) of the final labelled span of `example`: its last answer, end excluded.
+
+    Labels are shifted by one against the inputs only in the loss; here both index the same
+    tokens, so `input_ids[start:end]` is the answer (its end-of-turn token included).
+    """
+    labels = example.labels
+    end = max((i for i, y in enumerate(labels) if y != IGNORE_INDEX), default=-1) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start, end
+
+
+def split_validation(
+    examples: list[Example], *, seed: int, fraction: float = 0.1, min_rows: int = 16,
+    max_rows: int = 100,
+) -> tuple[list[Example], list[Example]]:  # fmt: skip
+    """Hold out whole groups of examples that share a prompt, so that no validation prompt is
+    also a training prompt (a repeated row would score as generalisation what is memory).
+
+    Returns:
+        ``(train, validation)`` in the original order; validation is empty when the data has
+        fewer than ``2 * min_rows`` distinct prompts (too few to hold any back usefully).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, example in enumerate(examples):
+        start, _ = answer_span(example)
+        groups.setdefault(tuple(example.input_ids[:start]), []).append(i)
+    keys = list(groups)
+    if len(keys) < 2 * min_rows:
+        return list(examples), []
+    wanted = min(max_rows, max(min_rows, round(len(keys) * fraction)))
+    random.Random(f"graftlm-validation:{seed}").shuffle(keys)
+    held = {i for key in keys[:wanted] for i in groups[key]}
+    train = [e for i, e in enumerate(examples) if i not in held]
+    return train, [e for i, e in enumerate(examples) if i in held]
+
+
+def scores_by_exact_match(validation: list[Example], tokenizer) -> bool:
+    """True when the validation answers are short, closed-form ones (a label, a value, a JSON
+    object, one sentence) that exact match judges fairly; False for paragraphs."""
+    if not validation:
+        return False
+    answers = [
+        tokenizer.decode(e.input_ids[start:end], skip_special_tokens=True)
+        for e, (start, end) in zip(validation, map(answer_span, validation))
+    ]
+    lengths = [end - start for start, end in map(answer_span, validation)]
+    sentences = [len(_SENTENCE_END.findall(answer.strip())) for answer in answers]
+    return statistics.median(lengths) <= SHORT_ANSWER_TOKENS and statistics.median(sentences) <= 1
+
+
+@torch.no_grad()
+def greedy_exact_match(
+    model: nn.Module, tokenizer, validation: list[Example], pad_id: int,
+    compute_dtype: torch.dtype,
+) -> float:  # fmt: skip
+    """Share of `validation` whose greedy completion of the prompt equals the reference answer
+    (decoded text, surrounding whitespace ignored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = _stop_ids(model, tokenizer, validation)
+    correct = 0
+    order = sorted(range(len(validation)), key=lambda i: answer_span(validation[i])[0])
+    for first in range(0, len(order), GENERATION_BATCH):
+        batch = [validation[i] for i in order[first : first + GENERATION_BATCH]]
+        spans = [answer_span(e) for e in batch]
+        prompts = [e.input_ids[:start] for e, (start, _) in zip(batch, spans)]
+        references = [e.input_ids[start:end] for e, (start, end) in zip(batch, spans)]
+        width = max(map(len, prompts))
+        # left padding: every prompt ends where generation starts
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with autocast(compute_dtype, device):
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False,
+                max_new_tokens=max(map(len, references)) + 2, pad_token_id=pad_id,
+                eos_token_id=stop_ids,
+            )  # fmt: skip
+        for row, reference in zip(generated[:, width:].tolist(), references):
+            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+            correct += answer == tokenizer.decode(reference, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return correct / max(len(validation), 1)
+
+
+def _stop_ids(model: nn.Module, tokenizer, validation: list[Example]) -> list[int]:
+    """Where a greedy answer ends: the model's and tokenizer's end of sequence, and the special
+    token that closes the reference answers (a chat template's end of turn)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    special = set(tokenizer.all_special_ids)
+    for example in validation:
+        start, end = answer_span(example)
+        if end > start and example.input_ids[end - 1] in special:
+            ids.add(example.input_ids[end - 1])
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+@dataclass
+class Score:
+    """One validation result: exact match (None when scored by loss) and answer loss."""
+
+    exact_match: float | None
+    loss: float
+
+    def beats(self, other: Score | None) -> bool:
+        """Better than `other`: more exact matches, or as many at a lower answer loss."""
+        if other is None:
+            return True
+        if self.exact_match is not None and other.exact_match is not None:
+            if self.exact_match != other.exact_match:
+                return self.exact_match > other.exact_match
+        return self.loss < other.loss
+
+    def progresses_from(self, other: Score | None) -> bool:
+        """Worth training on for: a better exact match (by exact match), or a lower loss (by
+        loss). A lower loss at the same exact match is kept (`beats`) but is no progress: the
+        answer loss keeps falling long after the answers are right, and waiting on it would
+        train every short-answer task to its longest length."""
+        if other is None or self.exact_match is None or other.exact_match is None:
+            return self.beats(other)
+        return self.exact_match > other.exact_match
+
+    def describe(self) -> str:
+        if self.exact_match is None:
+            return f"validation answer loss {self.loss:.4f}"
+        return f"validation exact match {self.exact_match:.2f} (answer loss {self.loss:.4f})"
+
+
+@dataclass
+class EarlyStop:
+    """Remembers the best score and a copy of the trainable tensors taken at it."""
+
+    params: dict[str, torch.Tensor]
+    patience: int
+    exact_match: bool = False  # scored by exact match (short answers), else by answer loss
+    best: Score | None = None
+    best_step: int = 0
+    evals_since_best: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def update(self, score: Score, step: int) -> bool:
+        """Record `score` at `step`; returns True when the run should stop: `patience`
+        evaluations without progress, or a perfect exact match (nothing left to gain)."""
+        progress = score.progresses_from(self.best)
+        if score.beats(self.best):
+            self.best, self.best_step = score, step
+            self.best_state = {n: p.detach().clone() for n, p in self.params.items()}
+        self.evals_since_best = 0 if progress else self.evals_since_best + 1
+        return self.evals_since_best >= self.patience or score.exact_match == 1.0
+
+    @torch.no_grad()
+    def restore_best(self) -> None:
+        """Put the best trainable tensors back into the model."""
+        for name, tensor in self.best_state.items():
+            self.params[name].copy_(tensor)
+
+    def summary(self, stopped: str | None) -> dict:
+        """What graftlm.json records of the validation: metric, best step and score, why it
+        stopped."""
+        return {
+            "metric": "exact_match" if self.exact_match else "answer_loss",
+            "best_step": self.best_step,
+            "best_exact_match": None if self.best is None else self.best.exact_match,
+            "best_loss": None if self.best is None else round(self.best.loss, 6),
+            "stopped": stopped or "longest length reached",
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The best tensors and the counters, for a resumable checkpoint."""
+        state = {f"best/{name}": t for name, t in self.best_state.items()}
+        best = self.best or Score(None, math.inf)
+        state["counters"] = torch.tensor(
+            [self.best_step, self.evals_since_best, best.loss,
+             -1.0 if best.exact_match is None else best.exact_match, float(self.best is None)],
+            dtype=torch.float64,
+        )  # fmt: skip
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from `state_dict()`'s output."""
+        step, waited, loss, exact, empty = state["counters"].tolist()
+        self.best_step, self.evals_since_best = int(step), int(waited)
+        self.best = None if empty else Score(None if exact < 0 else exact, loss)
+        self.best_state = {
+            key.removeprefix("best/"): t for key, t in state.items() if key.startswith("best/")
+        }

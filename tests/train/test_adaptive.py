@@ -1,0 +1,185 @@
+"""The adaptive length of a run (no --epochs/--steps): a validation split of distinct prompts,
+exact match or answer loss, early stop that keeps the best adapter, resume, time budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import base_cfg, write_chat
+from safetensors.torch import load_file
+
+from graftlm.data.dataset import IGNORE_INDEX, Example
+from graftlm.train import adaptive, validation
+from graftlm.train.loop import train
+from graftlm.train.validation import EarlyStop, Score, answer_span, split_validation
+
+
+def _example(prompt: list[int], answer: list[int]) -> Example:
+    return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, "f:1")
+
+
+def test_answer_span_is_the_last_labelled_run():
+    example = Example([1, 2, 3, 4, 5, 6, 7], [-100, 2, -100, -100, 5, 6, -100], "f:1")
+    assert answer_span(example) == (4, 6)
+
+
+def test_validation_holds_out_whole_prompts():
+    # 60 distinct prompts, each twice with other answers: a prompt is never on both sides
+    examples = [_example([p, p + 1], [a]) for p in range(60) for a in (7, 8)]
+    train_part, held = split_validation(examples, seed=0)
+    assert held and len(train_part) + len(held) == len(examples)
+    train_prompts = {tuple(e.input_ids[:2]) for e in train_part}
+    assert not train_prompts & {tuple(e.input_ids[:2]) for e in held}
+    assert split_validation(examples, seed=0) == (train_part, held)  # a seed fixes it
+    assert split_validation(examples[:40], seed=0)[1] == []  # 20 prompts: too few to hold out
+
+
+def test_early_stop_keeps_the_best_and_stops_after_patience():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    early = EarlyStop({"w": weight}, patience=2, exact_match=True)
+    with torch.no_grad():
+        weight.fill_(1.0)
+    assert not early.update(Score(0.5, 1.0), step=10)
+    with torch.no_grad():
+        weight.fill_(2.0)
+    # same exact match at a lower loss: kept as the best, but no progress
+    assert not early.update(Score(0.5, 0.9), step=20)
+    assert early.evals_since_best == 1
+    with torch.no_grad():
+        weight.fill_(3.0)
+    assert early.update(Score(0.4, 0.1), step=30)  # lower loss, fewer right: worse; patience spent
+    early.restore_best()
+    assert early.best_step == 20 and torch.equal(weight.detach(), torch.full((3,), 2.0))
+    again = EarlyStop({"w": weight}, patience=2, exact_match=True)
+    again.load_state_dict(early.state_dict())
+    assert (again.best_step, again.evals_since_best, again.best) == (20, 2, Score(0.5, 0.9))
+
+
+def test_a_perfect_exact_match_stops_at_once_and_loss_runs_wait_on_the_loss():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    assert EarlyStop({"w": weight}, patience=5, exact_match=True).update(Score(1.0, 0.3), 4)
+    by_loss = EarlyStop({"w": weight}, patience=2)
+    assert not by_loss.update(Score(None, 1.0), 1)
+    assert not by_loss.update(Score(None, 0.9), 2)  # a lower loss is progress here
+    assert not by_loss.update(Score(None, 0.95), 3)
+    assert by_loss.update(Score(None, 0.92), 4)
+    assert by_loss.best_step == 2
+
+
+def test_adaptive_run_stops_on_validation_and_saves_the_best_adapter(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    snapshots = {}
+    real_update = EarlyStop.update
+
+    def recording_update(self, score, step):
+        snapshots[step] = {n: p.detach().clone() for n, p in self.params.items()}
+        return real_update(self, score, step)
+
+    monkeypatch.setattr(EarlyStop, "update", recording_update)
+    # validation scores scripted, so that the best evaluation is neither the first nor the last
+    scripted = iter([0.25, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25])
+    monkeypatch.setattr(adaptive, "greedy_exact_match", lambda *args: next(scripted))
+    data = write_chat(tmp_path / "train.jsonl", 120)
+    cfg = base_cfg(
+        tmp_path, tiny_model_dir, data=str(data), steps=None, max_epochs=40.0, patience=2,
+        lr=5e-2,
+    )  # fmt: skip
+    assert cfg.adaptive
+    result = train(cfg, progress=False)
+    out = Path(cfg.out)
+    graft = json.loads((out / "graftlm.json").read_text())
+    record = graft["training"]["validation"]
+    assert record["metric"] == "exact_match"
+    assert "did not improve" in record["stopped"]
+    assert result.steps < 40 * 120 // 8  # it stopped well before its longest length
+    assert graft["training"]["steps"] == result.steps
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert all("exact_match" in r for r in evals) and len(evals) >= 3
+    best = snapshots[record["best_step"]]
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    # the saved adapter is the one of the best evaluation, not the last step's
+    assert len(saved) == len(best)
+    for name, tensor in best.items():
+        key = "base_model.model." + name.replace(".default", "")  # PEFT's names in the file
+        assert torch.equal(saved[key], tensor), name
+    assert len(evals) == 4 and record["best_step"] in (evals[1]["step"], evals[2]["step"])
+    assert record["best_step"] < result.steps
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Stands in for the network only: its greedy continuation of each prompt is scripted, so
+    the scorer's batching, left padding, stop tokens and comparison can be checked exactly."""
+
+    def __init__(self, continuations: dict[tuple[int, ...], list[int]]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.continuations = continuations
+        self.calls = []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, **_):
+        self.calls.append(eos_token_id)
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = tuple(i for i, m in zip(ids, mask) if m)
+            assert all(m == 0 for m in mask[: len(mask) - len(prompt)])  # left padding
+            rows.append(ids + self.continuations[prompt][:max_new_tokens])
+        width = max(map(len, rows))
+        return torch.tensor([row + [0] * (width - len(row)) for row in rows])
+
+
+def test_greedy_exact_match_scores_the_generated_answers(tiny_model_dir):
+    from graftlm.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    end = tokenizer.eos_token_id
+    yes, no = tokenizer("yes")["input_ids"], tokenizer("no")["input_ids"]
+    examples = [
+        _example([1, 5, 9], yes + [end]),
+        _example([1, 7], no + [end]),
+        _example([1, 8, 8, 8], yes + [end]),
+    ]
+    model = _ScriptedModel({(1, 5, 9): yes + [end], (1, 7): yes + [end], (1, 8, 8, 8): yes + [end]})
+    pad = tokenizer.pad_token_id
+    assert validation.greedy_exact_match(model, tokenizer, examples, pad, torch.float32) == 2 / 3
+    assert all(end in stop for stop in model.calls)  # the answers' closing token stops decoding
+    assert model.training  # left as it was found
+
+
+def test_paragraph_answers_are_scored_by_loss(tiny_model_dir):
+    from graftlm.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    short = [_example([5, 6], tokenizer("label_a")["input_ids"]) for _ in range(3)]
+    text = "The parcel left on Monday. It should arrive on Friday. Thank you for waiting."
+    long = [_example([5, 6], tokenizer(text)["input_ids"]) for _ in range(3)]
+    assert validation.scores_by_exact_match(short, tokenizer)
+    assert not validation.scores_by_exact_match(long, tokenizer)
+
+
+def test_time_budget_stops_the_run(tmp_path, tiny_model_dir):
+    data = write_chat(tmp_path / "train.jsonl", 120)
+    cfg = base_cfg(
+        tmp_path, tiny_model_dir, data=str(data), steps=None, max_epochs=40.0, time_budget=1e-3
+    )
+    result = train(cfg, progress=False)
+    graft = json.loads((Path(cfg.out) / "graftlm.json").read_text())
+    assert result.steps == 1
+    assert "time budget" in graft["training"]["validation"]["stopped"]
+
+
+def test_fixed_epochs_or_steps_are_not_adaptive(tmp_path, tiny_model_dir):
+    assert not base_cfg(tmp_path, tiny_model_dir).adaptive  # steps=6
+    assert not base_cfg(tmp_path, tiny_model_dir, steps=None, epochs=1.0).adaptive
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5])
+def test_bad_patience_is_a_named_error(tmp_path, tiny_model_dir, value):
+    from graftlm.errors import GraftError
+
+    with pytest.raises(GraftError, match="patience"):
+        base_cfg(tmp_path, tiny_model_dir, patience=value)
