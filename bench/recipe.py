@@ -42,9 +42,15 @@ def score(adapter: Path, test: Path, rows: int | None) -> tuple[float, int, floa
     model, tokenizer = load_for_inference(None, {"a": str(adapter)})
     prompts = [prompt_for_generation(r, tokenizer) for r in data]
     refs = [reference_answer(r).strip() for r in data]
+    # room for the longest reference: a cut answer would count as wrong
+    longest = max(len(tokenizer(r)["input_ids"]) for r in refs)
     t = time.perf_counter()
     outputs = generate(
-        model, tokenizer, prompts, sampling=SamplingConfig(max_new_tokens=48), batch_size=16
+        model,
+        tokenizer,
+        prompts,
+        sampling=SamplingConfig(max_new_tokens=longest + 8),
+        batch_size=16,
     )
     correct = sum(o.strip() == r for o, r in zip(outputs, refs))
     return correct / len(data), len(data), time.perf_counter() - t
@@ -78,6 +84,7 @@ def main() -> None:
         cfg = TrainConfig(data=str(DATA / args.task / "train.jsonl"), out=str(out), **overrides)
         result = train(cfg, progress=False)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        graft = json.loads((out / "graftlm.json").read_text())
         steps = [r for r in rows if "loss" in r]
         tokens = sum(r["tokens"] for r in steps)
         accuracy, n, gen_s = score(out, DATA / args.task / "test.jsonl", args.rows)
@@ -93,6 +100,7 @@ def main() -> None:
             "exact_match": round(accuracy, 3),
             "test_rows": n,
             "generate_s": round(gen_s, 1),
+            "validation": graft["training"].get("validation"),  # adaptive runs: why it stopped
             "cpu_bf16": bf16_supported(),
             "machine": platform.processor() or platform.machine(),
         }
