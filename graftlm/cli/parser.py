@@ -16,6 +16,7 @@ import warnings
 from graftlm.cli.export import add_export, add_inspect, add_merge
 from graftlm.cli.infer import add_chat, add_eval, add_generate
 from graftlm.cli.serve import add_serve
+from graftlm.cli.sweep import add_sweep
 from graftlm.cli.train import add_train
 from graftlm.errors import GraftError
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         add_train,
+        add_sweep,
         add_generate,
         add_chat,
         add_eval,

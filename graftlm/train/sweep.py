@@ -1,0 +1,257 @@
+"""`graftlm sweep`: train one adapter per setting (method x rank x learning rate), score each on
+validation (and on a test file), and recommend the smallest, fastest setting within a point of
+the best score.
+
+The base model and the tokenized data are loaded once and shared by every run (each trains a
+copy of the base). Every finished run is written to `DIR/runs/<setting>/` and recorded in
+`DIR/sweep.json` at once, so Ctrl-C keeps what finished and `--resume` skips it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from graftlm.adapters.io import load_any
+from graftlm.data.dataset import load_dataset
+from graftlm.errors import GraftError
+from graftlm.methods.lora.files import atomic_write_json
+from graftlm.train.adaptive import pad_token_id
+from graftlm.train.config import METHODS, TrainConfig
+from graftlm.train.distributed import Runtime
+from graftlm.train.forward import training_device
+from graftlm.train.loop import Prepared, compute_dtype_for, prepare, train
+from graftlm.train.validation import greedy_exact_match
+
+logger = logging.getLogger("graftlm")
+
+RESULTS = "sweep.json"
+PLOT = "sweep.png"
+BEST = "best"
+# "within one point": settings this close to the best score count as equally good
+TOLERANCE = 0.01
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "graftlm.json")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep."""
+
+    method: str
+    rank: int | None
+    lr: float | None
+
+    @property
+    def name(self) -> str:
+        rank = f"-r{self.rank}" if self.rank is not None else ""
+        lr = f"-lr{self.lr:g}" if self.lr is not None else ""
+        return f"{self.method}{rank}{lr}"
+
+
+def parse_list(flag: str, text: str | None, kind: type) -> list:
+    """`--ranks 4,8,16` -> [4, 8, 16]; a bad item is a one-line error naming the flag and item."""
+    if text is None:
+        return [None]
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise GraftError(f"{flag}: no values in {text!r}")
+    values = []
+    for item in items:
+        try:
+            value = kind(item)
+        except ValueError:
+            value = None
+        if value is None or value <= 0 or (kind is int and isinstance(value, bool)):
+            noun = "a positive integer" if kind is int else "a positive number"
+            raise GraftError(f"{flag}: {item!r} is not {noun} (in {text!r})")
+        values.append(value)
+    return values
+
+
+def settings_of(methods: str, ranks: str | None, lrs: str | None) -> list[Setting]:
+    """Every combination, in order; methods without a rank (ia3, prompt, ...) once per lr."""
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise GraftError(f"--methods: unknown {unknown or methods!r}; known: {', '.join(METHODS)}")
+    rank_values, lr_values = parse_list("--ranks", ranks, int), parse_list("--lrs", lrs, float)
+    out = []
+    for method in names:
+        method_ranks = rank_values if method in ("lora", "qlora", "adalora") else [None]
+        out += [Setting(method, r, lr) for r in method_ranks for lr in lr_values]
+    return list(dict.fromkeys(out))
+
+
+def sweep(
+    base: TrainConfig, settings: list[Setting], out: str | os.PathLike, *,
+    test: str | None = None, resume: bool = False, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Run every setting on `base`'s data; returns {"rows", "recommended", "why"}.
+
+    Raises:
+        GraftError: `out` holds a sweep and `resume` is off; bad data or settings.
+    """
+    out = Path(out)
+    results = out / RESULTS
+    if results.exists() and not resume:
+        raise GraftError(f"{out} already holds a sweep ({RESULTS}); use --resume or another --out")
+    rows = json.loads(results.read_text()) if results.exists() else []
+    done = {row["setting"] for row in rows}
+    runtime = Runtime.single()
+    device = training_device()
+    compute_dtype = compute_dtype_for(base.dtype, device)
+    prepared = prepare(base.with_method_defaults(), runtime, device, compute_dtype)
+    test_examples = load_dataset(test, prepared.tokenizer, base.seq_len)[0] if test else None
+    for setting in settings:
+        if setting.name in done:
+            logger.info("sweep: %s already done, skipped", setting.name)
+            continue
+        row = _run(base, setting, out, prepared, test_examples, compute_dtype, progress)
+        if row is None:  # Ctrl-C: the run stopped at a step; the finished ones are kept
+            raise GraftError(
+                f"sweep interrupted during {setting.name}: {len(rows)} finished run(s) kept in "
+                f"{out / RESULTS}; --resume continues with the others"
+            )
+        rows.append(row)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(results, rows)
+    recommended, why = recommend(rows)
+    _copy_best(out, recommended)
+    draw(rows, recommended, out / PLOT)
+    logger.info("sweep: recommended %s: %s", recommended["setting"], why)
+    return {"rows": rows, "recommended": recommended["setting"], "why": why}
+
+
+def _run(
+    base, setting, out, prepared: Prepared, test_examples, compute_dtype, progress
+) -> dict | None:
+    """Train one setting; its row for sweep.json, or None when Ctrl-C stopped it."""
+    folder = out / "runs" / setting.name
+    shutil.rmtree(folder, ignore_errors=True)  # a run cut off before it finished starts over
+    changes = {"method": setting.method, "out": str(folder)}
+    changes.update({k: v for k, v in (("rank", setting.rank), ("lr", setting.lr)) if v is not None})
+    cfg = dataclasses.replace(base, **changes)
+    logger.info("sweep: training %s", setting.name)
+    # qlora quantizes its own copy of the base; the shared one stays full precision
+    result = train(cfg, progress=progress, prepared=prepared)
+    if result.interrupted:
+        return None
+    training = json.loads((folder / "graftlm.json").read_text())["training"]
+    validation = training.get("validation") or {}
+    score = validation.get("best_exact_match")
+    row = {
+        "setting": setting.name,
+        "method": setting.method,
+        "rank": setting.rank,
+        "lr": training["settings"]["lr"],
+        "score": score,
+        "metric": validation.get("metric", "answer_loss"),
+        "eval_loss": result.eval_loss,
+        "adapter_mb": round((folder / "adapter_model.safetensors").stat().st_size / 1e6, 3),
+        "trainable_parameters": result.trainable_parameters,
+        "train_s": round(result.train_seconds, 1),
+        "peak_rss_mb": round((result.memory or {}).get("peak_rss_bytes", 0) / 1e6, 1),
+        "steps": result.steps,
+    }
+    if test_examples:
+        row["test_score"] = _test_score(folder, prepared, test_examples, cfg, compute_dtype)
+    return row
+
+
+def _test_score(folder, prepared: Prepared, examples, cfg, compute_dtype) -> float:
+    """Greedy exact match of the run's adapter on the test examples."""
+    model = copy.deepcopy(prepared.model)
+    load_any(model, folder)
+    return round(
+        greedy_exact_match(model, prepared.tokenizer, examples, pad_token_id(prepared.tokenizer),
+                           compute_dtype),
+        4,
+    )  # fmt: skip
+
+
+def recommend(rows: list[dict]) -> tuple[dict, str]:
+    """The smallest and fastest row within TOLERANCE of the best score, and why."""
+    if not rows:
+        raise GraftError("the sweep has no finished runs to recommend from")
+    key = "test_score" if all("test_score" in r for r in rows) else "score"
+    if all(r.get(key) is not None for r in rows):
+        best = max(r[key] for r in rows)
+        close = [r for r in rows if r[key] >= best - TOLERANCE]
+        label = f"{key.replace('_', ' ')} {best:.2f}"
+    else:  # paragraph answers: judged by answer loss, lower is better
+        best = min(r["eval_loss"] for r in rows)
+        close = [r for r in rows if r["eval_loss"] <= best * (1 + TOLERANCE)]
+        label = f"eval loss {best:.4f}"
+    chosen = min(close, key=lambda r: (r["adapter_mb"], r["train_s"]))
+    others = len(close) - 1
+    why = (
+        f"the smallest and fastest of {len(close)} setting(s) within one point of the best "
+        f"({label}): {chosen['adapter_mb']:.1f} MB, {chosen['train_s']:.0f} s"
+        + (f"; {others} other(s) as good but larger or slower" if others else "")
+    )
+    return chosen, why
+
+
+def _copy_best(out: Path, row: dict) -> None:
+    source = out / "runs" / row["setting"]
+    target = out / BEST
+    tmp = out / (BEST + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, tmp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def pareto(rows: list[dict], cost: str, score: str) -> list[dict]:
+    """Rows no other row beats on both `cost` (lower) and `score` (higher)."""
+    return [
+        r for r in rows
+        if not any(o[cost] <= r[cost] and o[score] >= r[score] and o != r
+                   and (o[cost] < r[cost] or o[score] > r[score]) for o in rows)
+    ]  # fmt: skip
+
+
+def draw(rows: list[dict], recommended: dict, path: Path) -> None:
+    """sweep.png: score against adapter size and against train time, Pareto fronts marked."""
+    import matplotlib  # optional for the library, heavy: only a sweep draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "test_score" if all("test_score" in r for r in rows) else "score"
+    if any(r.get(key) is None for r in rows):
+        key = "neg_loss"
+        rows = [{**r, key: -r["eval_loss"]} for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, cost, label in (
+        (axes[0], "adapter_mb", "adapter MB"),
+        (axes[1], "train_s", "train s"),
+    ):
+        axis.scatter([r[cost] for r in rows], [r[key] for r in rows], color="grey")
+        front = sorted(pareto(rows, cost, key), key=lambda r: r[cost])
+        axis.plot([r[cost] for r in front], [r[key] for r in front], "o-", color="tab:blue",
+                  label="Pareto front")  # fmt: skip
+        chosen = next(r for r in rows if r["setting"] == recommended["setting"])
+        axis.scatter([chosen[cost]], [chosen[key]], marker="*", s=200, color="tab:red",
+                     label="recommended", zorder=3)  # fmt: skip
+        for r in rows:
+            axis.annotate(r["setting"], (r[cost], r[key]), fontsize=7)
+        axis.set_xlabel(label)
+        axis.set_ylabel(key.replace("_", " "))
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["Setting", "parse_list", "settings_of", "sweep", "recommend", "pareto", "draw"]
