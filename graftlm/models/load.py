@@ -48,6 +48,7 @@ __all__ = [
     "gguf_cache_path",
     "load_model",
     "load_tokenizer",
+    "model_folder",
     "model_id_of",
 ]
 
@@ -133,6 +134,16 @@ def model_id_of(model: PreTrainedModel) -> str:
     whatever transformers recorded (``config.name_or_path``), possibly ``""``.
     """
     return str(getattr(model.config, "name_or_path", "") or getattr(model, "name_or_path", ""))
+
+
+def model_folder(model: PreTrainedModel, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face folder a model loaded by :func:`load_model` was read from (for a GGUF
+    file or the built-in model, its conversion in the cache).
+
+    Raises:
+        GraftError: the model's id names no folder, file or built-in model.
+    """
+    return _resolve_folder(model_id_of(model), cache_dir)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,6 +50,13 @@ class TrainConfig:
             "default per method (LoRA: all-linear; IA3: k_proj,v_proj,down_proj)"
         },
     )
+    lora_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA start: kaiming (B = 0), gaussian, pissa, or loftq (QLoRA: A, B from "
+            "the 4-bit rounding error, so the 4-bit base plus the update starts near W)"
+        },
+    )
     use_rslora: bool = field(
         default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"}
     )

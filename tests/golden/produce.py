@@ -30,7 +30,7 @@ METHODS = ("lora", "qlora", "adalora", "ia3", "bottleneck", "prompt", "prefix")
 TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
 # TrainConfig fields added after the restructure (the adaptive recipe): graftlm.json records every
 # setting, so these keys are new there by design; left out of the comparison
-ADDED_SETTINGS = ("max_epochs", "patience", "time_budget")
+ADDED_SETTINGS = ("max_epochs", "patience", "time_budget", "lora_init")
 
 
 def _rows(n: int = 24) -> list[dict]:

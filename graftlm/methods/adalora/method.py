@@ -75,13 +75,14 @@ MERGEABLE = True
 ROW_ADAPTERS = True
 # The recipe (README, "Choosing the default recipe"): every linear layer starts with 12 triplets
 # and keeps 8 on average (rank = target_r, init_rank = init_r).
+# max_epochs bounds the adaptive run; validation stops it sooner (train/adaptive.py).
 DEFAULTS: dict[str, Any] = {
     "rank": 8,
     "init_rank": 12,
     "targets": "all-linear",
     "alpha": 32.0,
     "lr": 5e-3,
-    "epochs": 1.0,
+    "max_epochs": 4.0,
 }
 # a weights-file key less PEFT's prefix; PEFT's own files may name the adapter ("....lora_E.default")
 _KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_E|lora_B)(?:\.[^.]+)?")

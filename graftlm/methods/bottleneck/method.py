@@ -45,7 +45,8 @@ MERGEABLE = False
 ROW_ADAPTERS = True
 # Chosen by experiment (SmolLM2-135M, examples/data/tickets, exact match on its test split):
 # size 64 after attention and MLP, lr 1e-3 (LoRA's), one epoch reaches 0.91.
-DEFAULTS: dict[str, Any] = {"bottleneck_size": 64, "lr": 1e-3, "epochs": 1.0}
+# max_epochs bounds the adaptive run; validation stops it sooner (train/adaptive.py).
+DEFAULTS: dict[str, Any] = {"bottleneck_size": 64, "lr": 1e-3, "max_epochs": 4.0}
 
 FORMAT_VERSION = 1
 # parameter name inside the adapted module -> shape, as a function of (hidden d, bottleneck size)

@@ -49,7 +49,8 @@ ROW_ADAPTERS = True
 # lr 1e-2 for 2 epochs reaches 0.87. The vectors are few (58k for SmolLM2) and start at one,
 # so they need a learning rate ~10x LoRA's and more than one pass. Targets: PEFT's per-model
 # defaults (`ia3.targets.PEFT_TARGETS`; Llama: k_proj, v_proj, down_proj).
-DEFAULTS: dict[str, Any] = {"lr": 1e-2, "epochs": 2.0}
+# max_epochs bounds the adaptive run; validation stops it sooner (train/adaptive.py).
+DEFAULTS: dict[str, Any] = {"lr": 1e-2, "max_epochs": 6.0}
 
 # names, switching, unloading, the weights file and its checks: shared with bottleneck adapters
 IA3_ADAPTERS = WrappedLayerAdapters(

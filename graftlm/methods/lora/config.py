@@ -16,7 +16,7 @@ from typing import Any
 from graftlm.errors import GraftError
 
 ALL_LINEAR = "all-linear"
-INIT_CHOICES = ("kaiming", "gaussian", "pissa")
+INIT_CHOICES = ("kaiming", "gaussian", "pissa", "loftq")
 BIAS_CHOICES = ("none", "lora_only", "all")
 QUANTIZE_CHOICES = (None, "nf4")
 
@@ -58,7 +58,8 @@ class LoraConfig:
         use_rslora: rank-stabilised LoRA: scale alpha / sqrt(rank) instead of alpha / rank.
         init: `"kaiming"` (A kaiming-uniform, B zero: the update starts at zero), `"gaussian"`
             (A normal with std 1/rank, B zero), or `"pissa"` (A, B from the top-rank SVD of W,
-            W replaced by its residual; saved as a plain LoRA over the original W).
+            W replaced by its residual; saved as a plain LoRA over the original W), or `"loftq"`
+            (QLoRA only: A, B from the SVD of the 4-bit rounding error, W - NF4(W)).
         bias: which existing biases train: `"none"`, `"lora_only"` (those of adapted layers), `"all"`.
         modules_to_save: whole modules trained and saved in full (e.g. a classifier head).
         quantize: `None`, or `"nf4"` for a QLoRA base (frozen linear weights stored in 4 bits).
@@ -131,6 +132,8 @@ class LoraConfig:
                 )
         if self.init not in INIT_CHOICES:
             raise GraftError(f"init should be one of {INIT_CHOICES}, got {self.init!r}")
+        if self.init == "loftq" and self.quantize != "nf4":
+            raise GraftError("init 'loftq' starts a QLoRA adapter: it needs quantize='nf4'")
         if self.bias not in BIAS_CHOICES:
             raise GraftError(f"bias should be one of {BIAS_CHOICES}, got {self.bias!r}")
         set_(

@@ -45,6 +45,7 @@ from graftlm.methods.lora.layer import (
     LoraLinear,
     TrainedCopies,
 )
+from graftlm.methods.lora.loftq import loftq_init
 from graftlm.methods.lora.nf4_layer import LoraNF4Linear
 
 
@@ -157,6 +158,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
         rank = config.rank_for(module_name)
         module.add(name, rank, config.scaling_for(module_name), config.dropout, config.init)
         added.append((module_name, type(module).__name__, rank))
+    if config.init == "loftq":
+        loftq_init(model, name)
     for module_name in config.modules_to_save:
         _add_trained_copies(model, module_name, name)
     state.add(name, "lora", config)

@@ -31,9 +31,9 @@ NAME = "lora"
 PEFT_TYPE = "LORA"
 MERGEABLE = True
 ROW_ADAPTERS = True
-# Chosen by experiment (README, "Choosing the default recipe"): rank 16 on every linear layer,
-# alpha 2r, lr 1e-3, one epoch.
-DEFAULTS = {"rank": 16, "targets": "all-linear", "lr": 1e-3, "epochs": 1.0}
+# rank 16 on every linear layer, alpha 2r, lr 1e-3 (README, "Choosing the default recipe"); the
+# length is the data's: validation stops the run (train/adaptive.py), four epochs at the most.
+DEFAULTS = {"rank": 16, "targets": "all-linear", "lr": 1e-3, "max_epochs": 4.0}
 
 # the contract's load: load_adapter's `activate` stays at its default (the new one is active)
 load = load_adapter
@@ -48,6 +48,7 @@ def attach(model: nn.Module, cfg) -> InjectSummary:
         targets=cfg.targets,
         use_rslora=cfg.use_rslora,
         quantize="nf4" if cfg.method == "qlora" else None,
+        init=cfg.lora_init or "kaiming",
     )
     return inject(model, lora)
 

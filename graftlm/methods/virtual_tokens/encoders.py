@@ -48,7 +48,8 @@ from graftlm.models.load import load_tokenizer
 
 # Chosen by experiment on tickets and intent_slots (docs/prompt_prefix_tuning.md, "Defaults"):
 # on tickets, 1 epoch gave 0.33-0.37 exact match, these 3 epochs 0.67 (prompt) and 0.73 (prefix).
-DEFAULTS = {"num_virtual_tokens": 20, "prompt_init": "vocab", "lr": 3e-2, "epochs": 3.0}
+# max_epochs bounds the adaptive run; validation stops it sooner (train/adaptive.py).
+DEFAULTS = {"num_virtual_tokens": 20, "prompt_init": "vocab", "lr": 3e-2, "max_epochs": 8.0}
 INITS = ("random", "vocab")  # anything else is a text whose tokens start the prompt / prefix
 PEFT_KEY = "prompt_embeddings"  # the one tensor PEFT saves for both methods
 

@@ -1,0 +1,71 @@
+"""LoftQ initialisation of QLoRA adapters: NF4(W) + scale·B·A is closer to W than NF4(W) alone,
+and the update is the one PEFT's LoftQ computes from bitsandbytes' NF4 of the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import graftlm
+from graftlm.errors import GraftError
+from graftlm.methods.lora.nf4_layer import LoraNF4Linear
+from graftlm.models.load import load_model
+
+
+def _qlora(model_dir, init: str):
+    model, _ = load_model(model_dir)
+    graftlm.inject(
+        model, graftlm.LoraConfig(rank=4, alpha=8, targets="all-linear", quantize="nf4", init=init)
+    )
+    return model
+
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraNF4Linear)}
+
+
+def test_loftq_lowers_the_quantization_error_and_matches_peft(tiny_model_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    model = _qlora(tiny_model_dir, "loftq")
+    layers = _layers(model)
+    assert len(layers) == 14  # 7 linears in each of 2 blocks
+    for name, layer in layers.items():
+        w = weights[f"{name}.weight"].float()
+        q = layer.base_layer.dequantized_weight(torch.float32)
+        update = layer.delta_weight("default")  # scale · B · A
+        # the residual loses exactly its top-4 singular values' energy (Eckart-Young)
+        top = torch.linalg.svdvals(w - q)[:4]
+        before, after = torch.linalg.norm(w - q), torch.linalg.norm(w - (q + update))
+        assert after < before, name
+        torch.testing.assert_close(after**2, before**2 - (top**2).sum(), rtol=1e-3, atol=1e-7)
+        packed, state = bnb.functional.quantize_4bit(
+            w, blocksize=64, quant_type="nf4", compress_statistics=True
+        )
+        q_bnb = bnb.functional.dequantize_4bit(packed, state).float()
+        torch.testing.assert_close(q, q_bnb, rtol=0, atol=0)  # the same 4-bit base
+        peft = _low_rank_decomposition(w - q_bnb, reduced_rank=4)
+        torch.testing.assert_close(update, peft["L"] @ peft["R"], rtol=1e-4, atol=1e-5)
+
+
+def test_default_init_starts_at_zero_and_loftq_needs_a_4bit_base(tiny_model_dir):
+    for layer in _layers(_qlora(tiny_model_dir, "kaiming")).values():
+        assert not layer.delta_weight("default").any()
+    with pytest.raises(GraftError, match="loftq.*nf4"):
+        graftlm.LoraConfig(rank=4, init="loftq")
+
+
+def test_loftq_adapter_saves_as_a_plain_peft_folder(tmp_path, tiny_model_dir):
+    import json
+
+    model = _qlora(tiny_model_dir, "loftq")
+    graftlm.save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True  # PEFT loads it without re-running LoftQ
+    again, _ = load_model(tiny_model_dir)
+    graftlm.load_adapter(again, tmp_path / "a")
+    for (_, ours), (_, loaded) in zip(_layers(model).items(), _layers(again).items()):
+        torch.testing.assert_close(ours.delta_weight("default"), loaded.delta_weight("default"))
