@@ -356,11 +356,7 @@ def completion_response(job: Job, chat: bool, choices: list[tuple], counts: dict
             for i, text, finish in choices
         ]
     return {
-        "id": job.id,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": job.created,
-        "model": job.model,
-        "choices": items,
+        **_envelope(job, "chat.completion" if chat else "text_completion", items),
         "usage": counts,
     }
 
@@ -386,9 +382,14 @@ def stream_chunk(
         choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
         choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]
+    return _envelope(job, "chat.completion.chunk" if chat else "text_completion", choices)
+
+
+def _envelope(job: Job, object_name: str, choices: list[dict]) -> dict:
+    """The fields every response and chunk of one request shares (OpenAI's key order)."""
     return {
         "id": job.id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
+        "object": object_name,
         "created": job.created,
         "model": job.model,
         "choices": choices,
