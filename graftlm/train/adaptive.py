@@ -34,7 +34,7 @@ def pad_token_id(tokenizer) -> int:
 
 def early_stop_for(
     model: nn.Module, cfg: TrainConfig, validation: list[Example], names: dict[int, str],
-    tokenizer,
+    tokenizer, n_examples: int, total_steps: int,
 ) -> EarlyStop | None:  # fmt: skip
     """The early stop of an adaptive run with a validation split; None for a fixed length."""
     if not cfg.adaptive or not validation:
@@ -42,6 +42,9 @@ def early_stop_for(
     params = {names[id(p)]: p for p in model.parameters() if p.requires_grad}
     early = EarlyStop(params, cfg.patience)
     early.exact_match = scores_by_exact_match(validation, tokenizer)
+    steps_per_epoch = n_examples / cfg.batch_size
+    early.eval_every = cfg.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
+    early.warmup = int(round(total_steps * cfg.warmup_ratio))
     return early
 
 
@@ -51,33 +54,54 @@ def eval_interval(
     """Steps between evaluations: a few per epoch in an adaptive run, three a run otherwise."""
     if early is None:
         return max(1, total_steps // 3)
-    steps_per_epoch = n_examples / cfg.batch_size
-    return max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
+    return early.eval_every
 
 
 def validate(
     early: EarlyStop, row_eval: dict, model: nn.Module, tokenizer, validation: list[Example],
     pad_id: int, compute_dtype: torch.dtype,
-) -> str | None:  # fmt: skip
-    """Score the validation split after the loss in `row_eval` (adds "exact_match" to the row),
-    update the early stop; returns the reason to stop, or None to go on."""
+) -> None:  # fmt: skip
+    """Score the validation split after the loss in `row_eval` (adds "exact_match" to the row)
+    and update the early stop; a stop rule that fires begins the cool-down."""
     exact = None
     if early.exact_match:
         exact = greedy_exact_match(model, tokenizer, validation, pad_id, compute_dtype)
         row_eval["exact_match"] = round(exact, 4)
     score = Score(exact, row_eval["eval_loss"])
-    if not early.update(score, row_eval["step"]):
-        return None
+    step = row_eval["step"]
+    if not early.update(score, step) or early.cooling():
+        return
     if score.exact_match == 1.0:
-        return "validation exact match reached 1.00"
-    return f"{early.best.describe()} did not improve for {early.evals_since_best} evaluations"
+        reason = "validation exact match reached 1.00"
+    else:
+        reason = f"{early.best.describe()} did not improve for {early.evals_since_best} evaluations"
+    early.begin_cooldown(step, cooldown_length(step, early), reason)
 
 
-def over_time_budget(cfg: TrainConfig, elapsed_s: float, step: int) -> str | None:
-    """The reason to stop when the run has spent its time budget, else None."""
-    if cfg.time_budget is None or elapsed_s < cfg.time_budget:
-        return None
-    return f"the time budget of {cfg.time_budget:.0f} s was spent at step {step}"
+def cooldown_length(step: int, early: EarlyStop) -> int:
+    """Steps of learning-rate decay before stopping: a quarter of the run so far, at least one
+    evaluation interval (the decay ends with an evaluation)."""
+    return max(early.eval_every, round(0.25 * step))
+
+
+def check_length(early: EarlyStop, cfg: TrainConfig, elapsed_s: float, step: int,
+                 total_steps: int) -> str | None:  # fmt: skip
+    """Begin the cool-down where the run must end anyway (the longest length, 80% of the time
+    budget); returns the reason to stop now, or None."""
+    if cfg.time_budget is not None and elapsed_s >= cfg.time_budget:
+        return f"the time budget of {cfg.time_budget:.0f} s was spent at step {step}"
+    if early.cooldown_done(step):
+        return f"{early.reason}; then the learning rate decayed over {early.cooldown_steps} steps"
+    length = cooldown_length(step, early)
+    if step >= total_steps - length:
+        early.begin_cooldown(
+            step, total_steps - step, f"the longest length ({cfg.max_epochs:g} epochs)"
+        )
+    elif cfg.time_budget is not None and elapsed_s >= 0.8 * cfg.time_budget:
+        early.begin_cooldown(
+            step, length, f"80% of the {cfg.time_budget:.0f} s time budget was spent"
+        )
+    return None
 
 
 def finish_adaptive(

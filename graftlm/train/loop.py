@@ -35,10 +35,10 @@ from graftlm.methods.lora.inject import base_fingerprint
 from graftlm.models.load import load_model
 from graftlm.train import checkpoint as ckpt
 from graftlm.train.adaptive import (
+    check_length,
     early_stop_for,
     eval_interval,
     finish_adaptive,
-    over_time_budget,
     pad_token_id,
     validate,
 )
@@ -129,11 +129,13 @@ def train(
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     runtime.prepare(model, params, fsdp=cfg.fsdp)
     total_steps = count_steps(len(examples), cfg)
-    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
+    early = early_stop_for(model, cfg, eval_examples, names, tokenizer, len(examples), total_steps)
+    optimizer, scheduler = make_optimizer(
+        params, cfg, total_steps, early.lr_factor if early is not None else None
+    )
     hooks_class = getattr(method, "TrainingHooks", None)
     hooks = hooks_class(model, cfg, total_steps) if hooks_class else None
     plan = step_batches(examples, cfg, total_steps)
-    early = early_stop_for(model, cfg, eval_examples, names, tokenizer)
     eval_every = cfg.eval_every or eval_interval(cfg, len(examples), total_steps, early)
     share_prefix = _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device)
     run_step = OptimizerStep(
@@ -184,18 +186,19 @@ def train(
             )
             done = step + 1
             row_eval = None
-            if eval_examples and (done % eval_every == 0 or done == total_steps):
+            due = done % eval_every == 0 or done == total_steps
+            if eval_examples and (due or (early is not None and early.cooldown_done(done))):
                 eval_loss, eval_tokens = evaluate(
                     model, eval_examples, pad_id, compute_dtype, runtime, share_prefix=share_prefix
                 )
                 release_logits_buffer()  # evaluation's passes are larger than training's
                 row_eval = _eval_row(done, eval_loss, eval_tokens, elapsed)
                 if early is not None:
-                    stopped_early = validate(
+                    validate(
                         early, row_eval, model, tokenizer, eval_examples, pad_id, compute_dtype
                     )
-            if early is not None and stopped_early is None:
-                stopped_early = over_time_budget(cfg, elapsed, done)
+            if early is not None:
+                stopped_early = check_length(early, cfg, elapsed, done, total_steps)
             if runtime.is_main:
                 _report_step(metrics, bar, row, row_eval)
             if stop or (done % cfg.save_every == 0 and done < total_steps):

@@ -111,13 +111,14 @@ class OptimizerStep:
         return total_loss, grad_norm, lr
 
 
-def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, total_steps: int):
-    """AdamW over the trainable values, and its warmup + cosine schedule."""
+def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, total_steps: int, lr_factor=None):
+    """AdamW over the trainable values, and its schedule: `lr_factor(step)` (an adaptive run's
+    warmup-stable-decay), else warmup + cosine over `total_steps`."""
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, cfg.warmup_ratio)
+        optimizer, lr_factor or lr_lambda(total_steps, cfg.warmup_ratio)
     )
     return optimizer, scheduler
 

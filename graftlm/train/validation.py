@@ -179,6 +179,35 @@ class EarlyStop:
     best_step: int = 0
     evals_since_best: int = 0
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    eval_every: int = 1  # steps between evaluations
+    warmup: int = 0  # steps of linear warmup
+    cooldown_start: int = -1  # the step the learning rate starts its decay to zero; -1: not yet
+    cooldown_steps: int = 0
+    reason: str = ""  # why the cool-down began
+
+    def lr_factor(self, step: int) -> float:
+        """Warmup, then the full learning rate until the cool-down, then linear to zero.
+
+        A cosine over the longest length would still be near its peak when validation stops a
+        run early; annealing is worth points (bank_intent: 0.86 stopped at its peak against 0.94
+        for one annealed epoch), so the decay starts when the run decides to stop.
+        """
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.cooldown_start < 0 or step < self.cooldown_start:
+            return 1.0
+        return max(0.0, 1.0 - (step - self.cooldown_start + 1) / (self.cooldown_steps + 1))
+
+    def begin_cooldown(self, step: int, steps: int, reason: str) -> None:
+        """Decay the learning rate to zero over the next `steps` steps, then stop."""
+        if self.cooldown_start < 0:
+            self.cooldown_start, self.cooldown_steps, self.reason = step, max(1, steps), reason
+
+    def cooling(self) -> bool:
+        return self.cooldown_start >= 0
+
+    def cooldown_done(self, step: int) -> bool:
+        return self.cooling() and step >= self.cooldown_start + self.cooldown_steps
 
     def update(self, score: Score, step: int) -> bool:
         """Record `score` at `step`; returns True when the run should stop: `patience`
@@ -213,15 +242,19 @@ class EarlyStop:
         best = self.best or Score(None, math.inf)
         state["counters"] = torch.tensor(
             [self.best_step, self.evals_since_best, best.loss,
-             -1.0 if best.exact_match is None else best.exact_match, float(self.best is None)],
+             -1.0 if best.exact_match is None else best.exact_match, float(self.best is None),
+             self.cooldown_start, self.cooldown_steps],
             dtype=torch.float64,
         )  # fmt: skip
+        state["reason"] = torch.tensor(list(self.reason.encode("utf-8")), dtype=torch.uint8)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Continue from `state_dict()`'s output."""
-        step, waited, loss, exact, empty = state["counters"].tolist()
+        step, waited, loss, exact, empty, start, length = state["counters"].tolist()
         self.best_step, self.evals_since_best = int(step), int(waited)
+        self.cooldown_start, self.cooldown_steps = int(start), int(length)
+        self.reason = bytes(state["reason"].tolist()).decode("utf-8")
         self.best = None if empty else Score(None if exact < 0 else exact, loss)
         self.best_state = {
             key.removeprefix("best/"): t for key, t in state.items() if key.startswith("best/")

@@ -58,6 +58,16 @@ def test_early_stop_keeps_the_best_and_stops_after_patience():
     assert (again.best_step, again.evals_since_best, again.best) == (20, 2, Score(0.5, 0.9))
 
 
+def test_learning_rate_warms_up_holds_and_decays_to_zero_in_the_cooldown():
+    early = EarlyStop({}, patience=2, warmup=3)
+    assert [round(early.lr_factor(s), 2) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    early.begin_cooldown(10, 4, "plateau")
+    early.begin_cooldown(12, 9, "later")  # the first cool-down stands
+    factors = [early.lr_factor(s) for s in range(9, 15)]
+    assert factors[:2] == [1.0, 0.8] and factors[4] == pytest.approx(0.2) and factors[5] == 0.0
+    assert not early.cooldown_done(13) and early.cooldown_done(14) and early.reason == "plateau"
+
+
 def test_a_perfect_exact_match_stops_at_once_and_loss_runs_wait_on_the_loss():
     weight = torch.nn.Parameter(torch.zeros(1))
     assert EarlyStop({"w": weight}, patience=5, exact_match=True).update(Score(1.0, 0.3), 4)
@@ -83,10 +93,10 @@ def test_adaptive_run_stops_on_validation_and_saves_the_best_adapter(
     # validation scores scripted, so that the best evaluation is neither the first nor the last
     scripted = iter([0.25, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25])
     monkeypatch.setattr(adaptive, "greedy_exact_match", lambda *args: next(scripted))
-    data = write_chat(tmp_path / "train.jsonl", 120)
+    data = write_chat(tmp_path / "rows.jsonl", 120)
     cfg = base_cfg(
         tmp_path, tiny_model_dir, data=str(data), steps=None, max_epochs=40.0, patience=2,
-        lr=5e-2,
+        lr=5e-2, warmup_ratio=0.005,
     )  # fmt: skip
     assert cfg.adaptive
     result = train(cfg, progress=False)
@@ -107,7 +117,12 @@ def test_adaptive_run_stops_on_validation_and_saves_the_best_adapter(
     for name, tensor in best.items():
         key = "base_model.model." + name.replace(".default", "")  # PEFT's names in the file
         assert torch.equal(saved[key], tensor), name
-    assert len(evals) == 4 and record["best_step"] in (evals[1]["step"], evals[2]["step"])
+    # patience spent at the 4th evaluation; the learning rate then decays to zero and a last
+    # evaluation ends the run
+    assert len(evals) == 5 and record["best_step"] in (evals[1]["step"], evals[2]["step"])
+    assert "learning rate decayed" in record["stopped"]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] < 0.25 * max(lrs) and max(lrs) == pytest.approx(5e-2)
     assert record["best_step"] < result.steps
 
 
@@ -162,7 +177,7 @@ def test_paragraph_answers_are_scored_by_loss(tiny_model_dir):
 
 
 def test_time_budget_stops_the_run(tmp_path, tiny_model_dir):
-    data = write_chat(tmp_path / "train.jsonl", 120)
+    data = write_chat(tmp_path / "rows.jsonl", 120)
     cfg = base_cfg(
         tmp_path, tiny_model_dir, data=str(data), steps=None, max_epochs=40.0, time_budget=1e-3
     )
