@@ -1,10 +1,13 @@
 """The adaptive length of a run: what `graftlm train` does when neither `--epochs` nor `--steps`
 is given.
 
-The run is planned for the method's `max_epochs` (the learning-rate schedule spans that length),
-evaluated on the validation split about three times an epoch, and stopped once the validation
-score has not improved for `patience` evaluations, or once `time_budget` seconds are spent. The
-adapter saved is the one of the best evaluation, and the run says why it stopped where it did.
+The run may last the method's `max_epochs`. It is evaluated on the validation split about three
+times an epoch; the learning rate stays at its peak (after warmup) while the score improves.
+Once it has not improved for `patience` evaluations (or is perfect), or the longest length or
+80% of `time_budget` comes near, the learning rate decays linearly to zero over a quarter of
+the run so far, a last evaluation follows, and the run stops. The adapter saved is the one of
+the best evaluation, and the run says why it stopped where it did. Data too small for a
+validation split (under 32 distinct prompts) trains for `max_epochs` on a cosine schedule.
 """
 
 from __future__ import annotations
