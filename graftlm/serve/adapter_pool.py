@@ -65,7 +65,7 @@ class AdapterEntry:
     path: Path
     config: Any
     nbytes: int
-    method: str = "lora"
+    method: str
     internal: str | None = None
     pins: int = 0
     last_used: float = field(default_factory=time.monotonic)
