@@ -32,11 +32,10 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+from graftlm.adapters.base_model import quantize_base
+from graftlm.adapters.io import quantization
 from graftlm.errors import GraftError
 from graftlm.infer.generate import adapter_base_model, is_loadable, load_for_inference
-from graftlm.methods import folder_method
-from graftlm.methods.lora.files import read_adapter_config
-from graftlm.methods.lora.inject import quantize_base
 from graftlm.models.load import BUILTIN_NAME, model_id_of
 from graftlm.serve.adapter_pool import AdapterRegistry
 from graftlm.serve.openai_api import ApiError, error_body
@@ -261,7 +260,7 @@ def _lifespan(engine: Engine):
 
 
 def _wants_nf4(path: str) -> bool:
-    return folder_method(path) == "lora" and read_adapter_config(path)[0].quantize == "nf4"
+    return quantization(path) == "nf4"
 
 
 def parse_bytes(text: str) -> int:

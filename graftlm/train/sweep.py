@@ -22,6 +22,7 @@ from typing import Any
 from graftlm.adapters.io import load_any
 from graftlm.data.dataset import load_dataset
 from graftlm.errors import GraftError
+from graftlm.methods import method_module
 from graftlm.methods.lora.files import atomic_write_json
 from graftlm.train.adaptive import pad_token_id
 from graftlm.train.config import METHODS, TrainConfig
@@ -84,7 +85,8 @@ def settings_of(methods: str, ranks: str | None, lrs: str | None) -> list[Settin
     rank_values, lr_values = parse_list("--ranks", ranks, int), parse_list("--lrs", lrs, float)
     out = []
     for method in names:
-        method_ranks = rank_values if method in ("lora", "qlora", "adalora") else [None]
+        # a rank only for methods whose recipe has one (LoRA, QLoRA, AdaLoRA)
+        method_ranks = rank_values if "rank" in method_module(method).DEFAULTS else [None]
         out += [Setting(method, r, lr) for r in method_ranks for lr in lr_values]
     return list(dict.fromkeys(out))
 

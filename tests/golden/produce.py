@@ -28,9 +28,10 @@ from graftlm.cli import main as cli_main  # noqa: E402
 METHODS = ("lora", "qlora", "adalora", "ia3", "bottleneck", "prompt", "prefix")
 # metrics.jsonl fields that depend on the clock or the machine's load
 TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
-# TrainConfig fields added after the restructure (the adaptive recipe): graftlm.json records every
-# setting, so these keys are new there by design; left out of the comparison
-ADDED_SETTINGS = ("max_epochs", "patience", "time_budget", "lora_init")
+# Settings the adaptive recipe changed after the restructure (issue 18): new fields, and `epochs`,
+# which the methods' recipes no longer fill in (they give `max_epochs`). graftlm.json records
+# every setting, so these differ by design; with --steps none of them changes what a run computes.
+RECIPE_SETTINGS = ("max_epochs", "patience", "time_budget", "lora_init", "epochs")
 
 
 def _rows(n: int = 24) -> list[dict]:
@@ -68,8 +69,8 @@ def _digest_folder(folder: Path, out: dict, prefix: str, root: Path) -> None:
             data.pop("created", None)
             data.get("training", {}).pop("train_seconds", None)
             data.get("training", {}).get("memory", {}).pop("peak_rss_bytes", None)
-            for key in ADDED_SETTINGS:
-                data.get("training", {}).get("settings", {}).pop(key, None)
+            for setting in RECIPE_SETTINGS:
+                data.get("training", {}).get("settings", {}).pop(setting, None)
             out[key] = _sha(json.dumps(data, sort_keys=True).replace(str(root), "ROOT").encode())
         elif path.name == "metrics.jsonl":
             out[key] = _sha(_strip_metrics(path.read_text()).encode())
