@@ -28,6 +28,8 @@ class AdaLoraLinear(LoraLinear):
     input `(..., in_features)`, output `(..., out_features)`.
     """
 
+    PLAIN_LOW_RANK = False  # the update is P·diag(λ)·Q with masked triplets
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         # Parameters directly (PEFT's layout: `q_proj.lora_A.default` is the tensor itself)

@@ -145,6 +145,12 @@ class LoraLinear(LoraLayerBase):
     Shapes: input `(..., in_features)`, output `(..., out_features)`.
     """
 
+    # Capabilities the fast inference paths check, set False by subclasses that lack them:
+    # the base is a dense `weight` the decode-step C kernel can read (not NF4 codes) ...
+    DENSE_BASE = True
+    # ... and each adapter's update is scale·(x·Aᵀ)·Bᵀ (not AdaLoRA's P·Λ·Q)
+    PLAIN_LOW_RANK = True
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.fan_in_fan_out = is_conv1d(base)
@@ -277,7 +283,7 @@ class LoraLinear(LoraLayerBase):
         adapted layer at every token, so the Python around the kernels is the cost that
         bench/generation_overhead.py sees at batch 1."""
         if (
-            type(self).base_forward is not LoraLinear.base_forward
+            not self.DENSE_BASE
             or self.fan_in_fan_out
             or not small_batch_linear.kernel_takes(x, self.in_features)
             or not self._plain_lora_without_dropout([name])
@@ -293,7 +299,7 @@ class LoraLinear(LoraLayerBase):
         )
 
     def _plain_lora_without_dropout(self, names: list[str]) -> bool:
-        if type(self)._lora is not LoraLinear._lora:  # AdaLoRA's P·Λ·Q: its own product
+        if not self.PLAIN_LOW_RANK:
             return False
         return not self.training or all(
             isinstance(self.lora_dropout[n], nn.Identity) for n in names

@@ -35,6 +35,8 @@ class LoraNF4Linear(LoraLinear):
     Shapes: input `(..., in_features)`, output `(..., out_features)`.
     """
 
+    DENSE_BASE = False  # the weight is NF4 codes: the decode-step kernel cannot read it
+
     def __init__(self, base: NF4Linear) -> None:
         LoraLayerBase.__init__(self)
         self.fan_in_fan_out = False
