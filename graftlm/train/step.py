@@ -108,6 +108,10 @@ class OptimizerStep:
             hooks.after_step(step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.low_memory:
+            # the step's small freed blocks stay in the heap, fragmented, and the next step
+            # adds its own beside them: hand the free pages back (a millisecond per step)
+            release_free_heap()
         return total_loss, grad_norm, lr
 
 
