@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import resource
 import sys
 
@@ -60,12 +61,10 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
     Returns:
         True if the setting was applied (Linux with glibc), False elsewhere.
     """
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except AttributeError:  # musl and other C libraries have no mallopt
         return False
 
 
@@ -73,19 +72,29 @@ def release_free_heap() -> bool:
     """Hand the heap's free pages back to the OS (glibc's `malloc_trim`).
 
     Quantizing a base for QLoRA frees its full-precision linear weights into the heap, where
-    they would stay resident beside the 4-bit copies for the whole run; trimming once after the
-    quantization lets the run peak below the full-precision base.
+    they would stay resident beside the 4-bit copies for the whole run, and each training step
+    leaves small freed blocks behind, fragmented; `--low-memory` runs trim after the
+    quantization and after every step (docs/architecture.md, "Memory of a load").
 
     Returns:
         True if memory was released (Linux with glibc), False elsewhere.
     """
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return libc is not None and bool(libc.malloc_trim(0))
+    except AttributeError:  # musl and other C libraries have no malloc_trim
         return False
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, looked up once (the lookup runs `ldconfig`; the trim runs every step)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def memory_accounting(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
