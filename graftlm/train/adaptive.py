@@ -51,9 +51,7 @@ def early_stop_for(
     return early
 
 
-def eval_interval(
-    cfg: TrainConfig, n_examples: int, total_steps: int, early: EarlyStop | None
-) -> int:
+def eval_interval(total_steps: int, early: EarlyStop | None) -> int:
     """Steps between evaluations: a few per epoch in an adaptive run, three a run otherwise."""
     if early is None:
         return max(1, total_steps // 3)

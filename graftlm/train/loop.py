@@ -136,7 +136,7 @@ def train(
     hooks_class = getattr(method, "TrainingHooks", None)
     hooks = hooks_class(model, cfg, total_steps) if hooks_class else None
     plan = step_batches(examples, cfg, total_steps)
-    eval_every = cfg.eval_every or eval_interval(cfg, len(examples), total_steps, early)
+    eval_every = cfg.eval_every or eval_interval(total_steps, early)
     share_prefix = _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device)
     run_step = OptimizerStep(
         model, optimizer, scheduler, hooks, params, examples, cfg, runtime, pad_id, device,
