@@ -13,7 +13,7 @@ Seven narrow chat tasks of different shapes, used to choose graftlm's default tr
     date_time       normalisation       informal appointment -> YYYY-MM-DD HH:MM
     quantities      normalisation       "three and a half kilos" -> 3.5 kg
     formal_rewrite  style transfer      informal one-liner -> one formal house-style sentence
-    order_total     arithmetic          quantity x unit price +/- a fee -> 17.50
+    order_total     arithmetic          quantity x unit price +/- a fee -> "3 x 5.00 = 15.00; 15.00 + 2.00 = 17.00"
     delivery_reply  long answer         order record -> a 2-4 sentence reply
 
 Every task writes ``train.jsonl``, ``test.jsonl`` (chat rows, the assistant turn is the reference)
@@ -899,8 +899,9 @@ def formal_rewrite() -> Task:
 # =============================================================================================
 
 ORDER_SYSTEM = (
-    "Work out how much the customer pays in total. Answer with the amount in dollars as a number "
-    "with two decimals, without the dollar sign."
+    "Work out how much the customer pays in total. Show the working on one line: quantity x price "
+    "of one = subtotal, then the fee added or taken off = total, with two decimals and no dollar "
+    "signs."
 )
 ORDER_TEMPLATES = [
     "{name} buys {q} {items} {unit}{extra}. What is the total?",
@@ -960,11 +961,12 @@ def order_total() -> Task:
     task = Task("order_total", ORDER_SYSTEM, n_train=500, n_test=120)
     templates = dict(zip(("train", "test"), split("order/templates", ORDER_TEMPLATES)))
     items = dict(zip(("train", "test"), split("order/items", ORDER_ITEMS)))
-    # Unit prices $1.25 .. $14.75 in quarters (never whole dollars), split: a test price never
-    # occurs in training. Fees are whole dollars, so a price string is never a fee string.
-    prices = dict(
-        zip(("train", "test"), split("order/prices", [c for c in range(125, 1500, 25) if c % 100]))
-    )
+    # Unit prices $7 .. $30 in whole dollars, split: a test price never occurs in training. A
+    # 135M model cannot multiply $11.75 by 9 in its head (the quarter-dollar version of this task
+    # scored 0.00 under every setting, so it could not tell settings apart); whole dollars and a
+    # written working line keep the task a reasoning format that a small model can learn.
+    # Fees are whole dollars too, $1 .. $6, so a fee string is never a price string.
+    prices = dict(zip(("train", "test"), split("order/prices", [c * 100 for c in range(7, 31)])))
     fees = list(range(100, 700, 100))
     extras = {k: [x[0] for x in v] for k, v in ORDER_EXTRA.items()}
     unit_pool = ORDER_UNIT
@@ -981,7 +983,8 @@ def order_total() -> Task:
         used.note("unit prices", "$" + money(price))
         total = q * price
         unit = used.pick(rng, "unit price phrasings", unit_pool)
-        extra, fee = "", 0
+        subtotal = total
+        extra, fee, sign = "", 0, 0
         if rng.random() < 0.65:
             phrase = rng.choice(extras[s])
             sign = dict((x[0], x[1]) for x in ORDER_EXTRA[s])[phrase]
@@ -1000,7 +1003,10 @@ def order_total() -> Task:
             "extra": extra,
         }
         text = fill(text_of(template), values)
-        return text[0].upper() + text[1:], money(total)
+        working = f"{q} x {money(price)} = {money(subtotal)}"
+        if fee:
+            working += f"; {money(subtotal)} {'+' if sign > 0 else '-'} {money(fee)} = {money(total)}"
+        return text[0].upper() + text[1:], working
 
     return generate(task, make)
 

@@ -27,7 +27,7 @@ ANSWER_SHAPES = {
     "date_time": r"\d{4}-\d\d-\d\d \d\d:\d\d",
     "quantities": r"\d+(\.\d+)? (kg|g|l|ml|km|m|cm)",
     "formal_rewrite": r"Dear [A-Z][a-z]+, [^\n]+[.?]",
-    "order_total": r"\d+\.\d\d",
+    "order_total": r"\d x \d+\.00 = \d+\.00(; \d+\.00 [+-] \d\.00 = \d+\.00)?",
     "delivery_reply": r"Dear [A-Z][a-z]+, [^\n]+\.",
 }
 CONTACT_KEYS = ["name", "company", "city", "email", "phone"]
