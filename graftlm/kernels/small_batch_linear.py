@@ -70,7 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     computed the same way however many prompts share it; decode steps always go through the
     kernel, which gives a row the same result whatever its batch.
     """
-    if kernel_takes(x, weight.shape[-1]) and weight.dtype is _F32 and weight.is_contiguous():
+    if kernel_takes(x, weight.shape[-1]) and _f32_contiguous(weight):
         return _run(kernel(), x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -87,6 +87,26 @@ def kernel_takes(x: torch.Tensor, in_features: int) -> bool:
         and (x.dim() < 3 or x.shape[-2] == 1)  # one token per sequence: a decode step
         and kernel() is not None
     )
+
+
+def _f32_contiguous(*tensors: torch.Tensor) -> bool:
+    """Every tensor is fp32 and contiguous: what the C functions read through a bare pointer.
+
+    A loop, not `all(...)` over a generator: it runs for every adapted layer at every decode
+    step.
+    """
+    for t in tensors:
+        if t.dtype is not _F32 or not t.is_contiguous():
+            return False
+    return True
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x `(..., in_features)` as a `(R, in_features)` matrix whose rows the kernels read with
+    one stride: a view for the usual `(batch, 1, in)` decode input, a copy only where the last
+    dimension is strided."""
+    rows = x.reshape(-1, in_features)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def is_plain_linear(module: nn.Module | type) -> bool:
@@ -127,9 +147,7 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torc
 
 def _run(function, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     in_features = weight.shape[1]
-    rows = x.reshape(-1, in_features)  # a view for the usual (batch, 1, in) decode input
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, in_features)
     out = torch.empty((rows.shape[0], weight.shape[0]), dtype=_F32)
     function(
         rows.data_ptr(),
@@ -169,24 +187,12 @@ def add_lora(
     """
     # every adapted layer runs this at every decode step: cheap checks first, no generators
     in_features = a.shape[-1]
-    if not (
-        kernel_takes(x, in_features)
-        and a.dtype is _F32
-        and b_t.dtype is _F32
-        and out.dtype is _F32
-        and scales.dtype is _F32
-        and a.is_contiguous()
-        and b_t.is_contiguous()
-        and out.is_contiguous()
-        and scales.is_contiguous()
-    ):
+    if not (kernel_takes(x, in_features) and _f32_contiguous(a, b_t, out, scales)):
         return False
     function = add_lora_kernel()
     if function is None:
         return False
-    rows = x.reshape(-1, in_features)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, in_features)
     if slots is not None:
         slots = slots.to(torch.int64).contiguous()
         assert slots.shape == (rows.shape[0],), "one slot per flattened row"
@@ -230,21 +236,14 @@ def lora_linear(
     in_features = weight.shape[1]
     if not (
         kernel_takes(x, in_features)
-        and weight.dtype is _F32
-        and a.dtype is _F32
-        and b_t.dtype is _F32
-        and (bias is None or (bias.dtype is _F32 and bias.is_contiguous()))
-        and weight.is_contiguous()
-        and a.is_contiguous()
-        and b_t.is_contiguous()
+        and _f32_contiguous(weight, a, b_t)
+        and (bias is None or _f32_contiguous(bias))
     ):
         return None
     function = lora_linear_kernel()
     if function is None:
         return None
-    rows = x.reshape(-1, in_features)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, in_features)
     out_features = weight.shape[0]
     out = torch.empty((rows.shape[0], out_features), dtype=_F32)
     failed = function(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,31 @@ def restore(
         if found and hasattr(holder, "load_state_dict"):
             holder.load_state_dict(found)
     return int(meta["step"]), float(meta["elapsed_s"])
+
+
+@dataclass
+class RunCheckpoint:
+    """The checkpoint of one run: `write` and `restore` bound to the run's output folder,
+    model, optimizer, scheduler and `stateful` holders, so that both save the same things."""
+
+    out: Path
+    cfg: Any
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    names: dict[int, str]
+    stateful: dict[str, Any]
+
+    def write(self, step: int, elapsed_s: float) -> None:
+        """The checkpoint for `step` reached after `elapsed_s` seconds of training."""
+        write(
+            self.out, self.model, self.optimizer, self.scheduler, self.names,
+            step=step, elapsed_s=elapsed_s, cfg=self.cfg, stateful=self.stateful,
+        )  # fmt: skip
+
+    def restore(self, state: dict) -> tuple[int, float]:
+        """Load `state` (from `read`) into the run; returns (step, seconds)."""
+        return restore(state, self.model, self.optimizer, self.scheduler, self.names, self.stateful)
 
 
 def remove(out: Path) -> None:

@@ -11,11 +11,17 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, check_choice
 
 METHODS = ("lora", "qlora", "adalora", "prompt", "prefix", "bottleneck", "ia3")
 PLACEMENTS = ("both", "mlp")
 DTYPES = ("auto", "bfloat16", "float32")
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
+    """A `TrainConfig` field: its default (none: a required setting) and its help, which
+    `graftlm train --help` shows for the flag built from it."""
+    return field(default=default, metadata={"help": help})
 
 
 # Settings every method shares unless its own DEFAULTS say otherwise.
@@ -26,161 +32,104 @@ FALLBACKS: dict[str, Any] = {"lr": 1e-3, "max_epochs": 4.0, "low_memory": False}
 class TrainConfig:
     """Settings of one fine-tuning run."""
 
-    data: str = field(metadata={"help": "training data file (.jsonl, .csv, .parquet)"})
-    out: str = field(
-        metadata={"help": "output folder: adapter, metrics.jsonl, loss.png, checkpoint/"}
+    data: str = setting(help="training data file (.jsonl, .csv, .parquet)")
+    out: str = setting(help="output folder: adapter, metrics.jsonl, loss.png, checkpoint/")
+    model: str = setting("smollm2-135m-instruct", "base model: built-in name, HF folder or .gguf")
+    method: str = setting("lora", f"fine-tuning method: {', '.join(METHODS)}")
+    rank: int | None = setting(
+        None, "LoRA rank r (AdaLoRA: the target average rank); default per method"
     )
-    model: str = field(
-        default="smollm2-135m-instruct",
-        metadata={"help": "base model: built-in name, HF folder or .gguf"},
+    alpha: float | None = setting(None, "LoRA alpha (default: 2 x rank)")
+    dropout: float = setting(0.0, "dropout on the adapter input")
+    targets: str | None = setting(
+        None,
+        "layers to adapt: 'all-linear', names 'q_proj,v_proj', or a regex; "
+        "default per method (LoRA: all-linear; IA3: k_proj,v_proj,down_proj)",
     )
-    method: str = field(
-        default="lora", metadata={"help": f"fine-tuning method: {', '.join(METHODS)}"}
+    lora_init: str | None = setting(
+        None,
+        "LoRA start: kaiming (B = 0), gaussian, pissa, or loftq (QLoRA: A, B from "
+        "the 4-bit rounding error, so the 4-bit base plus the update starts near W)",
     )
-    rank: int | None = field(
-        default=None,
-        metadata={"help": "LoRA rank r (AdaLoRA: the target average rank); default per method"},
+    use_rslora: bool = setting(False, "scale alpha/sqrt(r) instead of alpha/r")
+    epochs: float | None = setting(
+        None,
+        "a fixed number of passes over the training data (ignored with --steps); "
+        "default: adaptive, stopped by validation",
     )
-    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
-    targets: str | None = field(
-        default=None,
-        metadata={
-            "help": "layers to adapt: 'all-linear', names 'q_proj,v_proj', or a regex; "
-            "default per method (LoRA: all-linear; IA3: k_proj,v_proj,down_proj)"
-        },
+    steps: int | None = setting(None, "a fixed number of optimizer steps (overrides --epochs)")
+    max_epochs: float | None = setting(
+        None,
+        "adaptive runs (no --epochs/--steps): the longest run, in passes over the "
+        "data; default per method",
     )
-    lora_init: str | None = field(
-        default=None,
-        metadata={
-            "help": "LoRA start: kaiming (B = 0), gaussian, pissa, or loftq (QLoRA: A, B from "
-            "the 4-bit rounding error, so the 4-bit base plus the update starts near W)"
-        },
+    patience: int = setting(
+        2,
+        "adaptive runs: stop after this many evaluations without a better "
+        "validation score (three evaluations an epoch)",
     )
-    use_rslora: bool = field(
-        default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"}
+    time_budget: float | None = setting(
+        900.0, "adaptive runs: stop after this many seconds of training"
     )
-    epochs: float | None = field(
-        default=None,
-        metadata={
-            "help": "a fixed number of passes over the training data (ignored with --steps); "
-            "default: adaptive, stopped by validation"
-        },
+    lr: float | None = setting(None, "peak learning rate (AdamW); default per method")
+    batch_size: int = setting(16, "sequences per optimizer step")
+    micro_batch_size: int | None = setting(
+        None, "sequences per forward pass (default: by length, ~1024 tokens)"
     )
-    steps: int | None = field(
-        default=None, metadata={"help": "a fixed number of optimizer steps (overrides --epochs)"}
+    seq_len: int = setting(1024, "maximum tokens per sequence (longer rows are truncated)")
+    eval_data: str | None = setting(None, "validation file (default: 5%% held back if >= 200 rows)")
+    seed: int = setting(0, "random seed (init, data order, dropout)")
+    warmup_ratio: float = setting(0.06, "fraction of steps of linear warmup")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)")
+    save_every: int = setting(50, "write a resumable checkpoint every N steps")
+    eval_every: int | None = setting(None, "evaluate every N steps (default: 3 times a run)")
+    dtype: str = setting(
+        "auto", "compute dtype: auto (bf16 where the CPU has it), bfloat16, float32"
     )
-    max_epochs: float | None = field(
-        default=None,
-        metadata={
-            "help": "adaptive runs (no --epochs/--steps): the longest run, in passes over the "
-            "data; default per method"
-        },
+    low_memory: bool | None = setting(
+        None,
+        "half-size passes (~512 tokens), large freed blocks returned to the OS, "
+        "activation checkpointing for rows over 1024 tokens: ~2/3 of the default's peak "
+        "memory (default per method: on for qlora, off otherwise)",
     )
-    patience: int = field(
-        default=2,
-        metadata={
-            "help": "adaptive runs: stop after this many evaluations without a better "
-            "validation score (three evaluations an epoch)"
-        },
+    activation_checkpointing: bool | None = setting(
+        None,
+        "recompute each layer in the backward instead of keeping its activations: "
+        "the least memory, ~1/2 the speed (default: on in the qlora recipe; otherwise on "
+        "only with --low-memory and rows over 1024 tokens)",
     )
-    time_budget: float | None = field(
-        default=900.0,
-        metadata={"help": "adaptive runs: stop after this many seconds of training"},
+    fused_kernels: bool = setting(
+        True,
+        "run RMSNorm, rotary embedding and SwiGLU of Llama-family models on graftlm's "
+        "fused kernels (same results, faster, less memory); --no-fused-kernels: transformers' code",
     )
-    lr: float | None = field(
-        default=None, metadata={"help": "peak learning rate (AdamW); default per method"}
+    fsdp: bool = setting(
+        False,
+        "under torchrun: shard each decoder layer's frozen weights across the "
+        "processes (FSDP2); the adapter stays whole on every process",
     )
-    batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
-    micro_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "sequences per forward pass (default: by length, ~1024 tokens)"},
+    num_virtual_tokens: int | None = setting(
+        None, "prompt/prefix tuning: virtual tokens; default per method"
     )
-    seq_len: int = field(
-        default=1024, metadata={"help": "maximum tokens per sequence (longer rows are truncated)"}
+    prompt_init: str | None = setting(
+        None,
+        "prompt/prefix tuning init: 'random', 'vocab' (random vocabulary tokens) or a "
+        "text whose tokens' embeddings (prefix: keys/values) start it; default per method",
     )
-    eval_data: str | None = field(
-        default=None, metadata={"help": "validation file (default: 5%% held back if >= 200 rows)"}
+    prefix_projection: bool = setting(
+        False, "prefix tuning: train through a reparameterization MLP (folded at save)"
     )
-    seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout)"})
-    warmup_ratio: float = field(
-        default=0.06, metadata={"help": "fraction of steps of linear warmup"}
+    bottleneck_size: int | None = setting(
+        None, "bottleneck adapters: hidden size; default per method"
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(
-        default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"}
+    bottleneck_placement: str = setting(
+        "both", "bottleneck adapters: 'both' (Houlsby) or 'mlp' (Pfeiffer)"
     )
-    save_every: int = field(
-        default=50, metadata={"help": "write a resumable checkpoint every N steps"}
-    )
-    eval_every: int | None = field(
-        default=None, metadata={"help": "evaluate every N steps (default: 3 times a run)"}
-    )
-    dtype: str = field(
-        default="auto",
-        metadata={"help": "compute dtype: auto (bf16 where the CPU has it), bfloat16, float32"},
-    )
-    low_memory: bool | None = field(
-        default=None,
-        metadata={
-            "help": "half-size passes (~512 tokens), large freed blocks returned to the OS, "
-            "activation checkpointing for rows over 1024 tokens: ~2/3 of the default's peak "
-            "memory (default per method: on for qlora, off otherwise)"
-        },
-    )
-    activation_checkpointing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "recompute each layer in the backward instead of keeping its activations: "
-            "the least memory, ~1/2 the speed (default: on in the qlora recipe; otherwise on "
-            "only with --low-memory and rows over 1024 tokens)"
-        },
-    )
-    fused_kernels: bool = field(
-        default=True,
-        metadata={
-            "help": "run RMSNorm, rotary embedding and SwiGLU of Llama-family models on graftlm's "
-            "fused kernels (same results, faster, less memory); --no-fused-kernels: transformers' code"
-        },
-    )
-    fsdp: bool = field(
-        default=False,
-        metadata={
-            "help": "under torchrun: shard each decoder layer's frozen weights across the "
-            "processes (FSDP2); the adapter stays whole on every process"
-        },
-    )
-    num_virtual_tokens: int | None = field(
-        default=None, metadata={"help": "prompt/prefix tuning: virtual tokens; default per method"}
-    )
-    prompt_init: str | None = field(
-        default=None,
-        metadata={
-            "help": "prompt/prefix tuning init: 'random', 'vocab' (random vocabulary tokens) or a "
-            "text whose tokens' embeddings (prefix: keys/values) start it; default per method"
-        },
-    )
-    prefix_projection: bool = field(
-        default=False,
-        metadata={"help": "prefix tuning: train through a reparameterization MLP (folded at save)"},
-    )
-    bottleneck_size: int | None = field(
-        default=None, metadata={"help": "bottleneck adapters: hidden size; default per method"}
-    )
-    bottleneck_placement: str = field(
-        default="both",
-        metadata={"help": "bottleneck adapters: 'both' (Houlsby) or 'mlp' (Pfeiffer)"},
-    )
-    init_rank: int | None = field(
-        default=None, metadata={"help": "AdaLoRA: starting rank per matrix; default per method"}
-    )
-    skip_bad_rows: bool = field(
-        default=False, metadata={"help": "warn about and skip bad data rows instead of failing"}
-    )
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint"})
-    threads: int | None = field(
-        default=None, metadata={"help": "torch threads (default: all cores)"}
-    )
+    init_rank: int | None = setting(None, "AdaLoRA: starting rank per matrix; default per method")
+    skip_bad_rows: bool = setting(False, "warn about and skip bad data rows instead of failing")
+    resume: bool = setting(False, "continue from OUT/checkpoint")
+    threads: int | None = setting(None, "torch threads (default: all cores)")
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any, allow_none: bool = False) -> None:
@@ -189,14 +138,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise GraftError(f"{name} should be a positive number, got {value!r}")
 
-        if self.method not in METHODS:
-            raise GraftError(f"method should be one of {METHODS}, got {self.method!r}")
-        if self.dtype not in DTYPES:
-            raise GraftError(f"dtype should be one of {DTYPES}, got {self.dtype!r}")
-        if self.bottleneck_placement not in PLACEMENTS:
-            raise GraftError(
-                f"bottleneck_placement should be one of {PLACEMENTS}, got {self.bottleneck_placement!r}"
-            )
+        check_choice("method", self.method, METHODS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("bottleneck_placement", self.bottleneck_placement, PLACEMENTS)
         for name in ("batch_size", "seq_len", "save_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -34,24 +35,13 @@ from graftlm.methods import method_module
 from graftlm.methods.lora.inject import base_fingerprint
 from graftlm.models.load import load_model
 from graftlm.train import checkpoint as ckpt
-from graftlm.train.adaptive import (
-    check_length,
-    early_stop_for,
-    eval_interval,
-    finish_adaptive,
-    pad_token_id,
-    validate,
-)
+from graftlm.train.adaptive import early_stop_for, pad_token_id
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime, bf16_supported
-from graftlm.train.forward import (
-    autocast,
-    evaluate,
-    prefix_sharing_is_exact,
-    training_device,
-)
+from graftlm.train.evaluation import RunEvaluation
+from graftlm.train.forward import autocast, prefix_sharing_is_exact, training_device
 from graftlm.train.interrupt import StopFlag
-from graftlm.train.loss import logits_buffer_scope, release_logits_buffer
+from graftlm.train.loss import logits_buffer_scope
 from graftlm.train.memory import (
     memory_accounting,
 )
@@ -136,34 +126,25 @@ def train(
     hooks_class = getattr(method, "TrainingHooks", None)
     hooks = hooks_class(model, cfg, total_steps) if hooks_class else None
     plan = step_batches(examples, cfg, total_steps)
-    eval_every = cfg.eval_every or eval_interval(total_steps, early)
     share_prefix = _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device)
     run_step = OptimizerStep(
         model, optimizer, scheduler, hooks, params, examples, cfg, runtime, pad_id, device,
         compute_dtype, share_prefix, memory_plan.pass_tokens,
     )  # fmt: skip
+    evals = RunEvaluation(
+        model, cfg, eval_examples, tokenizer, pad_id, compute_dtype, runtime, share_prefix,
+        early, total_steps,
+    )  # fmt: skip
 
-    start_step, elapsed_before = 0, 0.0
-    if state is not None:
-        start_step, elapsed_before = ckpt.restore(
-            state, model, optimizer, scheduler, names, {"hooks": hooks, "early_stop": early}
-        )
-        metrics.truncate(start_step) if runtime.is_main else None
-        runtime.log(f"resumed from step {start_step}/{total_steps}")
+    checkpoint = ckpt.RunCheckpoint(
+        out, cfg, model, optimizer, scheduler, names, {"hooks": hooks, "early_stop": early}
+    )
+    start_step, elapsed_before = _restore(checkpoint, state, metrics, runtime, total_steps)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    def save_checkpoint(step_reached: int, elapsed_s: float) -> None:
-        ckpt.write(
-            out, model, optimizer, scheduler, names,
-            step=step_reached, elapsed_s=elapsed_s, cfg=cfg,
-            stateful={"hooks": hooks, "early_stop": early},
-        )  # fmt: skip
-
     bar = progress_bar(total_steps, start_step, enabled=progress and runtime.is_main)
-    last_loss = eval_loss = None
-    interrupted = False
-    stopped_early = None  # why an adaptive run stopped before its longest length
+    last_loss, interrupted = None, False
     t0 = time.perf_counter()
     step = start_step
     kernels = fused_forwards(model) if cfg.fused_kernels else contextlib.nullcontext(0)
@@ -171,75 +152,42 @@ def train(
         logger.debug("fused kernels on %d modules", fused)
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
-            labelled = sum(sum(1 for y in examples[i].labels[1:] if y != -100) for i in plan[step])
-            tokens = sum(len(examples[i]) for i in plan[step])
+            batch = [examples[i] for i in plan[step]]
+            labelled = sum(sum(1 for y in e.labels[1:] if y != -100) for e in batch)
             total_loss, grad_norm, lr = run_step(step, plan[step], labelled)
             # ranks agree on stopping: a signal may reach them on either side of a step
             total_loss, stops = runtime.all_reduce_sum([total_loss, float(flag.stop)])
-            stop = stops > 0
+            interrupted = stops > 0
             last_loss = total_loss / max(labelled, 1)
             elapsed = elapsed_before + time.perf_counter() - t0
-            seconds = time.perf_counter() - step_start
-            epoch = (step + 1) * cfg.batch_size / len(examples)
-            row = _step_row(
-                step, last_loss, lr, tokens, labelled, seconds, elapsed, grad_norm, epoch
-            )
             done = step + 1
-            row_eval = None
-            due = done % eval_every == 0 or done == total_steps
-            if eval_examples and (due or (early is not None and early.cooldown_done(done))):
-                eval_loss, eval_tokens = evaluate(
-                    model, eval_examples, pad_id, compute_dtype, runtime, share_prefix=share_prefix
-                )
-                release_logits_buffer()  # evaluation's passes are larger than training's
-                row_eval = _eval_row(done, eval_loss, eval_tokens, elapsed)
-                if early is not None:
-                    validate(
-                        early, row_eval, model, tokenizer, eval_examples, pad_id, compute_dtype
-                    )
-            if early is not None:
-                stopped_early = check_length(early, cfg, elapsed, done, total_steps)
+            epoch = done * cfg.batch_size / len(examples)
+            row = _step_row(
+                done, batch, last_loss, lr, labelled, grad_norm, step_start, elapsed, epoch
+            )
+            row_eval = evals.after_step(done, elapsed)
             if runtime.is_main:
                 _report_step(metrics, bar, row, row_eval)
-            if stop or (done % cfg.save_every == 0 and done < total_steps):
-                if runtime.is_main:
-                    save_checkpoint(done, elapsed)
-                if stop:
-                    interrupted = True
-                    step = done
-                    break
             step = done
-            if stopped_early:
+            if interrupted or (done % cfg.save_every == 0 and done < total_steps):
+                if runtime.is_main:
+                    checkpoint.write(done, elapsed)
+            if interrupted or evals.stopped_early:
                 break
     bar.close()
-    train_seconds = elapsed_before + time.perf_counter() - t0
-    memory = memory_accounting(model, optimizer)
-    if early is not None and not interrupted:
-        eval_loss = finish_adaptive(early, stopped_early, step, len(examples), cfg, runtime)
-    if not interrupted and runtime.is_main:
-        training = _training_record(cfg, step, len(examples), train_seconds, memory)
-        training.update(final_loss=last_loss, eval_loss=eval_loss)
-        if early is not None:
-            training["validation"] = early.summary(stopped_early)
-        _write_outputs(model, cfg, metrics, training, runtime)
-        # the finished run keeps its checkpoint: --resume on it is a no-op
-        save_checkpoint(total_steps, train_seconds)
-    elif interrupted:
-        runtime.log(
-            f"stopped at step {step}/{total_steps}; continue with --resume (checkpoint in {out / ckpt.FOLDER})"
-        )
-    return TrainResult(
+    result = TrainResult(
         out=out,
         steps=step,
         total_steps=total_steps,
         interrupted=interrupted,
         final_loss=last_loss,
-        eval_loss=eval_loss,
-        train_seconds=train_seconds,
+        eval_loss=evals.eval_loss,
+        train_seconds=elapsed_before + time.perf_counter() - t0,
         trainable_parameters=summary.trainable,
         total_parameters=summary.total,
-        memory=memory,
+        memory=memory_accounting(model, optimizer),
     )
+    return _finish(result, model, cfg, metrics, runtime, evals, checkpoint, len(examples))
 
 
 @dataclass
@@ -293,6 +241,30 @@ def _report_step(metrics: MetricsWriter, bar, row: dict, row_eval: dict | None) 
     )
 
 
+def _finish(
+    result: TrainResult, model: nn.Module, cfg: TrainConfig, metrics: MetricsWriter,
+    runtime: Runtime, evals: RunEvaluation, checkpoint: ckpt.RunCheckpoint, n_examples: int,
+) -> TrainResult:  # fmt: skip
+    """The end of a run. A stopped one says how to continue it. A finished one keeps its
+    adapter (an adaptive run: the best one, whose eval loss the result then reports), and rank
+    0 writes the adapter folder with graftlm.json, loss.png and the final checkpoint."""
+    if result.interrupted:
+        runtime.log(
+            f"stopped at step {result.steps}/{result.total_steps}; continue with --resume "
+            f"(checkpoint in {result.out / ckpt.FOLDER})"
+        )
+        return result
+    evals.finish(result.steps, n_examples)
+    result = dataclasses.replace(result, eval_loss=evals.eval_loss)
+    if runtime.is_main:
+        _write_outputs(
+            model, cfg, metrics, _training_record(cfg, result, n_examples, evals), runtime
+        )
+        # the finished run keeps its checkpoint: --resume on it is a no-op
+        checkpoint.write(result.total_steps, result.train_seconds)
+    return result
+
+
 def _write_outputs(
     model, cfg: TrainConfig, metrics: MetricsWriter, training: dict, runtime
 ) -> None:
@@ -302,6 +274,21 @@ def _write_outputs(
     metrics.plot()
     runtime.log(f"adapter written to {out} ({training['train_seconds']:.0f} s of training)")
     runtime.log(f"memory: {format_memory(training['memory'])}")
+
+
+def _restore(
+    checkpoint: ckpt.RunCheckpoint, state: dict | None, metrics: MetricsWriter, runtime: Runtime,
+    total_steps: int,
+) -> tuple[int, float]:  # fmt: skip
+    """The step and the seconds of training a run starts from: (0, 0.0) for a fresh run, else
+    the checkpoint's, loaded into the run (metrics.jsonl cut back to that step)."""
+    if state is None:
+        return 0, 0.0
+    start_step, elapsed_s = checkpoint.restore(state)
+    if runtime.is_main:
+        metrics.truncate(start_step)
+    runtime.log(f"resumed from step {start_step}/{total_steps}")
+    return start_step, elapsed_s
 
 
 def _resume_state(
@@ -344,11 +331,15 @@ def read_examples(cfg: TrainConfig, tokenizer, runtime: Runtime):
     return examples, eval_examples
 
 
-def _step_row(step, last_loss, lr, tokens, labelled, seconds, elapsed, grad_norm, epoch) -> dict:
-    # key order is the file format of metrics.jsonl
+def _step_row(
+    done, batch, loss, lr, labelled, grad_norm, step_start, elapsed, epoch
+) -> dict:  # fmt: skip
+    """Optimizer step `done`'s row of metrics.jsonl (key order is the file format)."""
+    tokens = sum(len(e) for e in batch)
+    seconds = time.perf_counter() - step_start
     return {
-        "step": step + 1,
-        "loss": round(last_loss, 6),
+        "step": done,
+        "loss": round(loss, 6),
         "lr": lr,
         "tokens": tokens,
         "labelled_tokens": labelled,
@@ -359,27 +350,21 @@ def _step_row(step, last_loss, lr, tokens, labelled, seconds, elapsed, grad_norm
     }
 
 
-def _eval_row(done: int, eval_loss: float, eval_tokens: int, elapsed: float) -> dict:
+def _training_record(
+    cfg: TrainConfig, result: TrainResult, n_examples: int, evals: RunEvaluation
+) -> dict:
+    """The "training" entry of a finished run's graftlm.json (key order is the file format)."""
     return {
-        "step": done,
-        "eval_loss": round(eval_loss, 6),
-        "eval_tokens": eval_tokens,
-        "elapsed_s": round(elapsed, 3),
-    }
-
-
-def _training_record(cfg, total_steps, n_examples, train_seconds, memory) -> dict:
-    # key order is the file format of graftlm.json; the caller fills in the two losses
-    return {
-        "steps": total_steps,
-        "epochs": round(total_steps * cfg.batch_size / n_examples, 3),
+        "steps": result.steps,
+        "epochs": round(result.steps * cfg.batch_size / n_examples, 3),
         "examples": n_examples,
-        "final_loss": None,
-        "eval_loss": None,
-        "train_seconds": round(train_seconds, 1),
+        "final_loss": result.final_loss,
+        "eval_loss": result.eval_loss,
+        "train_seconds": round(result.train_seconds, 1),
         "data": os.path.basename(cfg.data),
         "settings": cfg.to_dict(),
-        "memory": memory,
+        "memory": result.memory,
+        **evals.summary(),
     }
 
 

@@ -58,6 +58,7 @@ from graftlm.methods.adalora.layer import (  # noqa: F401
     set_adapter_config,
     svd_layers,
 )
+from graftlm.methods.lora.config import training_settings
 from graftlm.methods.lora.files import peft_target_modules
 from graftlm.methods.lora.inject import (  # noqa: F401  (AdaLoRA's layers are LoRA's: LoRA switches them)
     disabled,
@@ -101,13 +102,7 @@ def attach(model: nn.Module, cfg) -> InjectSummary:
             f"{cfg.init_rank} (the rank every matrix starts with); pass --init-rank "
             f"{cfg.rank * 3 // 2} or more, or a smaller --rank"
         )
-    config = AdaLoraConfig(
-        init_r=cfg.init_rank,
-        target_r=cfg.rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.dropout,
-        targets=cfg.targets,
-    )
+    config = AdaLoraConfig(init_r=cfg.init_rank, target_r=cfg.rank, **training_settings(cfg))
     return inject(model, config)
 
 

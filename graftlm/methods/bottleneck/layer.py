@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.layer_walk import layer_dims
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, check_choice
 
 PLACEMENTS = ("both", "mlp")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -44,12 +44,8 @@ class BottleneckConfig:
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
             raise GraftError(f"bottleneck_size should be a positive integer, got {self.size!r}")
-        if self.placement not in PLACEMENTS:
-            raise GraftError(f"placement should be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.activation not in ACTIVATIONS:
-            raise GraftError(
-                f"non_linearity should be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
-            )
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_choice("non_linearity", self.activation, tuple(ACTIVATIONS))
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise GraftError(f"dropout should be in [0, 1), got {self.dropout!r}")
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):

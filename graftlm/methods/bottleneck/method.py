@@ -30,7 +30,7 @@ from graftlm.adapters.folder import CONFIG_FILE
 from graftlm.adapters.folder import read_config as read_config_file
 from graftlm.adapters.layer_walk import outer_modules
 from graftlm.adapters.wrapped_layers import WrappedLayerAdapters
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, check_choice
 from graftlm.methods.bottleneck.layer import (
     DEFAULT_ACTIVATION,
     PLACEMENTS,
@@ -97,8 +97,7 @@ def find_sites(model: nn.Module, placement: str) -> list[tuple[str, str]]:
     Raises:
         GraftError: unknown placement, or no decoder block found.
     """
-    if placement not in PLACEMENTS:
-        raise GraftError(f"placement should be one of {PLACEMENTS}, got {placement!r}")
+    check_choice("placement", placement, PLACEMENTS)
     sites: list[tuple[str, str]] = []
     for list_name, module_list in model.named_modules():
         if not isinstance(module_list, nn.ModuleList):

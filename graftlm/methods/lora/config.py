@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, check_choice
 
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = ("kaiming", "gaussian", "pissa", "loftq")
@@ -130,17 +130,14 @@ class LoraConfig:
                 raise GraftError(
                     f"alpha_pattern[{pattern!r}] should be a positive number, got {value!r}"
                 )
-        if self.init not in INIT_CHOICES:
-            raise GraftError(f"init should be one of {INIT_CHOICES}, got {self.init!r}")
+        check_choice("init", self.init, INIT_CHOICES)
         if self.init == "loftq" and self.quantize != "nf4":
             raise GraftError("init 'loftq' starts a QLoRA adapter: it needs quantize='nf4'")
-        if self.bias not in BIAS_CHOICES:
-            raise GraftError(f"bias should be one of {BIAS_CHOICES}, got {self.bias!r}")
+        check_choice("bias", self.bias, BIAS_CHOICES)
         set_(
             self, "modules_to_save", tuple(_as_tuple(self.modules_to_save, "modules_to_save") or ())
         )
-        if self.quantize not in QUANTIZE_CHOICES:
-            raise GraftError(f"quantize should be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
+        check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
 
     # -- per-module values -------------------------------------------------------------------
 
@@ -239,6 +236,15 @@ class LoraConfig:
             modules_to_save=tuple(data.get("modules_to_save") or ()),
             quantize=graft.get("quantize"),
         )
+
+
+def training_settings(cfg) -> dict[str, Any]:
+    """The fields a training config (`TrainConfig`) sets alike for every method built on LoRA's
+    layers (LoRA, QLoRA, AdaLoRA): `alpha` (`--alpha`, else 2 x rank), `dropout` and `targets`.
+
+    One mapping, so that a flag means the same to each of them.
+    """
+    return {"alpha": cfg.lora_alpha, "dropout": cfg.dropout, "targets": cfg.targets}
 
 
 def match_pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:

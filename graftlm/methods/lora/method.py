@@ -13,7 +13,7 @@ from torch import nn
 
 from graftlm.adapters.contract import InjectSummary
 from graftlm.errors import GraftError
-from graftlm.methods.lora.config import LoraConfig
+from graftlm.methods.lora.config import LoraConfig, training_settings
 
 # the contract's names that LoRA's other modules define (re-exported, hence noqa)
 from graftlm.methods.lora.files import graft_facts, load_adapter, read_adapter_config, save  # noqa: F401
@@ -43,12 +43,10 @@ def attach(model: nn.Module, cfg) -> InjectSummary:
     """Inject adapter "default" as `cfg` describes (QLoRA: the base goes to NF4 first)."""
     lora = LoraConfig(
         rank=cfg.rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.dropout,
-        targets=cfg.targets,
         use_rslora=cfg.use_rslora,
         quantize="nf4" if cfg.method == "qlora" else None,
         init=cfg.lora_init or "kaiming",
+        **training_settings(cfg),
     )
     return inject(model, lora)
 
