@@ -33,13 +33,15 @@ def parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def score(adapter: Path, test: Path, rows: int | None) -> tuple[float, int, float]:
+def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, int, float]:
+    """Greedy exact match on `test` with the adapter in `adapter` (None: the base model alone),
+    the rows scored, and the seconds generation took."""
     from graftlm.data.dataset import prompt_for_generation, read_rows, reference_answer
     from graftlm.infer.generate import SamplingConfig, generate, load_for_inference
 
     data, _ = read_rows(test)
     data = data[:rows] if rows else data
-    model, tokenizer = load_for_inference(None, {"a": str(adapter)})
+    model, tokenizer = load_for_inference(None, {"a": str(adapter)} if adapter else None)
     prompts = [prompt_for_generation(r, tokenizer) for r in data]
     refs = [reference_answer(r).strip() for r in data]
     # room for the longest reference: a cut answer would count as wrong
@@ -64,6 +66,7 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=None, help="score only the first N test rows")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "recipe.jsonl"))
+    parser.add_argument("--base", action="store_true", help="score the untrained base model only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -74,6 +77,14 @@ def main() -> None:
     from graftlm.train.distributed import bf16_supported
     from graftlm.train.loop import train
 
+    if args.base:
+        accuracy, n, gen_s = score(None, DATA / args.task / "test.jsonl", args.rows)
+        record = {"task": args.task, "settings": "base model", "exact_match": round(accuracy, 3),
+                  "test_rows": n, "generate_s": round(gen_s, 1)}  # fmt: skip
+        print(json.dumps(record), flush=True)
+        with open(args.results, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return
     runs = args.set or [[]]
     for settings in runs:
         overrides = {

@@ -185,9 +185,14 @@ class TrainConfig:
         # the methods import torch; TrainConfig stays light, as `graftlm --help` builds flags from it
         from graftlm.methods import method_module
 
-        recipe = {**FALLBACKS, **method_module(self.method).DEFAULTS}
+        module = method_module(self.method)
+        recipe = {**FALLBACKS, **module.DEFAULTS}
         unset = {k: v for k, v in recipe.items() if getattr(self, k, None) is None}
-        return dataclasses.replace(self, **unset) if unset else self
+        resolved = dataclasses.replace(self, **unset) if unset else self
+        # defaults that depend on other settings (AdaLoRA's starting rank on the target rank)
+        derive = getattr(module, "derived_defaults", None)
+        derived = derive(self, resolved) if derive else {}
+        return dataclasses.replace(resolved, **derived) if derived else resolved
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -198,3 +198,18 @@ def test_bad_patience_is_a_named_error(tmp_path, tiny_model_dir, value):
 
     with pytest.raises(GraftError, match="patience"):
         base_cfg(tmp_path, tiny_model_dir, patience=value)
+
+
+def test_adalora_starting_rank_follows_a_larger_target_rank():
+    """`graftlm sweep --methods adalora --ranks 16,32` once failed: the default init_rank 12 was
+    below the target rank. An unset init_rank now starts at 1.5x a target above 8."""
+    from graftlm.train.config import TrainConfig
+
+    def resolved(**kw):
+        return TrainConfig(data="d.jsonl", out="o", method="adalora", **kw).with_method_defaults()
+
+    assert resolved().init_rank == 12 and resolved().rank == 8
+    assert resolved(rank=16).init_rank == 24
+    assert resolved(rank=32).init_rank == 48
+    assert resolved(rank=16, init_rank=20).init_rank == 20  # given: kept (and checked at attach)
+    assert TrainConfig(data="d", out="o", rank=32).with_method_defaults().init_rank is None

@@ -85,6 +85,16 @@ DEFAULTS: dict[str, Any] = {
     "lr": 5e-3,
     "max_epochs": 4.0,
 }
+
+
+def derived_defaults(given, resolved) -> dict[str, Any]:
+    """An unset init_rank starts at 1.5x the target rank when --rank asks for more than the
+    default 12 can prune to (`graftlm sweep --methods adalora --ranks 16,32`)."""
+    if given.init_rank is None and resolved.rank * 3 // 2 > resolved.init_rank:
+        return {"init_rank": resolved.rank * 3 // 2}
+    return {}
+
+
 # a weights-file key less PEFT's prefix; PEFT's own files may name the adapter ("....lora_E.default")
 _KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_E|lora_B)(?:\.[^.]+)?")
 

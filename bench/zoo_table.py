@@ -1,0 +1,71 @@
+"""Print the task-zoo table (markdown) from the rows that `bench/recipe.py` appended.
+
+    .venv/bin/python bench/zoo_table.py > /tmp/table.md
+
+Reads `bench/results/zoo-{base,old-defaults,new-defaults,qlora,sweep}.jsonl`; for each task and
+column it takes the newest row (a task's rows after a change of its data replace the older ones).
+Cells hold greedy exact match on the task's held-out test file, then the optimizer steps and the
+training seconds as measured (under load: compare accuracies, not seconds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = [
+    "bank_intent", "contact_card", "date_time", "quantities", "formal_rewrite", "order_total",
+    "delivery_reply",
+]  # fmt: skip
+COLUMNS = {
+    "base": "base model",
+    "old-defaults": "old defaults (1 epoch, cosine)",
+    "new-defaults": "new defaults (adaptive)",
+    "qlora": "QLoRA, new defaults",
+    "sweep": "best swept setting",
+}
+
+
+def newest(name: str) -> dict[str, dict]:
+    """The last row per task of `zoo-<name>.jsonl` (empty when the file does not exist)."""
+    path = RESULTS / f"zoo-{name}.jsonl"
+    rows: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["task"].removeprefix("zoo/")] = row
+    return rows
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    text = f"**{row['exact_match']:.3f}**"
+    if "steps" in row:
+        text += f" ({row['steps']} steps, {row['train_s']:.0f} s)"
+    if isinstance(row.get("settings"), dict):
+        shown = {k: v for k, v in row["settings"].items() if k not in ("threads", "time_budget")}
+        if shown and row.get("column") == "sweep":
+            text += " " + ", ".join(f"{k}={v}" for k, v in shown.items())
+    return text
+
+
+def main() -> None:
+    tables = {name: newest(name) for name in COLUMNS}
+    print("| task | " + " | ".join(COLUMNS.values()) + " | why the adaptive run stopped |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for task in TASKS:
+        cells = []
+        for name in COLUMNS:
+            row = tables[name].get(task)
+            if row is not None:
+                row = {**row, "column": name}
+            cells.append(cell(row))
+        adaptive = tables["new-defaults"].get(task) or {}
+        why = (adaptive.get("validation") or {}).get("stopped", "")
+        print(f"| {task} | " + " | ".join(cells) + f" | {why} |")
+
+
+if __name__ == "__main__":
+    main()
