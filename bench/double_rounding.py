@@ -2,23 +2,25 @@
 
 The built-in model is a Q4_1 GGUF file: its weights W1 are already rounded to 4 bits (blocks of
 32, a scale and a minimum each). QLoRA rounds them again, to NF4 (blocks of 64, double-quantized
-scales), so its base has two rounding errors stacked. The full-precision original is not on this
-machine (no model hub), so this script rebuilds a plausible one:
+scales), so its base stacks two rounding errors, where QLoRA on a bf16 checkpoint has one. The
+full-precision original is not on this machine (no model hub), and no W0 can be rebuilt from W1
+(a random point of each Q4_1 cell is a worse model than W1 itself: a first version of this
+script tried that). So the script moves the question one rounding down: it takes W1 as the
+"original" and makes a second 4-bit file from it,
 
-    W0 = W1 + u,   u uniform within each Q4_1 step (the rounding error Q4_1 threw away)
+    W2 = Q4_1(W1) with its blocks shifted by 16 columns (gguf-py's reference quantizer; shifted
+         so that the grid differs from W1's and the rounding is a real one)
 
-Q4_1(W0) is then W1 again (up to the scales' fp16 rounding), so W0 is an original consistent with
-the file. Against W0 it compares four bases:
+and compares NF4 on the original with NF4 on the 4-bit file:
 
-    W0             the "original" (what a bf16 checkpoint would give)
-    Q4_1(W0)       the shipped file's rounding
-    NF4(W0)        QLoRA on a full-precision checkpoint: one rounding
-    NF4(Q4_1(W0))  QLoRA on the built-in model: two roundings
+    one rounding    NF4(W1) against W1
+    two roundings   NF4(W2) against W2
 
-and prints, for each, the relative weight error ||W - W0|| / ||W0|| over every linear weight, and
-the teacher-forced answer loss (nats per answer token) of the base model on the test files of the
-task zoo (`examples/data/zoo`). The difference between the last two rows is what the double
-rounding costs; between NF4(W0) and W0, what NF4 costs on its own.
+For each it prints the relative weight error ||NF4(W) - W|| / ||W|| over every linear weight,
+and the teacher-forced answer loss (nats per answer token) of the base model on the test files of
+the task zoo (`examples/data/zoo`). LoRA trains on W and QLoRA on NF4(W), so the loss increase
+NF4 causes on W is the start-of-training gap between them; the difference between the two
+increases is what the double rounding adds.
 
     .venv/bin/python bench/double_rounding.py [--out bench/results/double_rounding.txt]
 """
@@ -55,13 +57,9 @@ def q4_1(w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(dequantize(packed, Q4_1).copy()).reshape(w.shape)
 
 
-def plausible_original(w1: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """W1 plus noise uniform over each Q4_1 block's step: a full-precision weight whose Q4_1
-    rounding is W1."""
-    blocks = w1.reshape(-1, 32)
-    step = (blocks.amax(dim=1, keepdim=True) - blocks.amin(dim=1, keepdim=True)) / 15
-    noise = (torch.rand(blocks.shape, generator=generator) - 0.5) * step
-    return (blocks + noise).reshape(w1.shape)
+def shifted_q4_1(w: torch.Tensor, shift: int = 16) -> torch.Tensor:
+    """A second Q4_1 rounding of `w` whose blocks of 32 start `shift` columns later."""
+    return q4_1(w.roll(-shift, dims=1)).roll(shift, dims=1)
 
 
 def nf4(w: torch.Tensor) -> torch.Tensor:
@@ -87,7 +85,6 @@ def answer_loss(model, examples_by_task, pad_id, dtype) -> dict[str, float]:
 
 def run(seed: int) -> None:
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     model, tokenizer = load_model(dtype=torch.float32)
     pad_id = pad_token_id(tokenizer)
     examples_by_task = {
@@ -97,34 +94,43 @@ def run(seed: int) -> None:
     }
     weights = linear_weights(model)
     w1 = {name: p.detach().clone() for name, p in weights.items()}
-    w0 = {name: plausible_original(w, generator) for name, w in w1.items()}
-    variants = {
-        "W0 (original)": lambda name: w0[name],
-        "Q4_1(W0)": lambda name: q4_1(w0[name]),
-        "NF4(W0)": lambda name: nf4(w0[name]),
-        "NF4(Q4_1(W0))": lambda name: nf4(q4_1(w0[name])),
-        "NF4(W1) (QLoRA's base today)": lambda name: nf4(w1[name]),
-    }
+    w2 = {name: shifted_q4_1(w) for name, w in w1.items()}
+    nf4_w1 = {name: nf4(w) for name, w in w1.items()}
+    nf4_w2 = {name: nf4(w) for name, w in w2.items()}
     print(f"torch {torch.__version__}, CPU bf16 units: {bf16_supported()}, "
           f"{platform.processor() or platform.machine()}; losses in float32")  # fmt: skip
     print(f"{len(weights)} linear weights; answer tokens per zoo test file: "
           + ", ".join(f"{t} {sum(sum(1 for x in e.labels if x != -100) for e in ex)}"
                       for t, ex in examples_by_task.items()))  # fmt: skip
-    print(f"Q4_1(W0) vs W1 (should be ~0: W0 rounds back to the file): "
-          f"{rel_error({n: q4_1(w0[n]) for n in w1}, w1):.5f}\n")  # fmt: skip
-    header = f"{'base':30s} {'rel_err vs W0':>13s} " + " ".join(
+    print(f"W1 vs Q4_1(W1) on W1's own block grid (~0: W1 is a Q4_1 file): "
+          f"{rel_error({n: q4_1(w) for n, w in w1.items()}, w1):.5f}")  # fmt: skip
+    print(f"W2 (second Q4_1 rounding, shifted blocks) vs W1: {rel_error(w2, w1):.5f}\n")
+    variants = [
+        ("W1 (the file; 'original')", w1, w1),
+        ("NF4(W1): one rounding", nf4_w1, w1),
+        ("W2 = Q4_1'(W1)", w2, w1),
+        ("NF4(W2): two roundings", nf4_w2, w2),
+    ]
+    header = f"{'base':28s} {'rel_err':>8s} {'vs':>3s} " + " ".join(
         f"{t[:12]:>12s}" for t in examples_by_task
     )
     print(header + f" {'mean':>8s}")
-    for label, make in variants.items():
-        built = {name: make(name) for name in weights}
+    means = {}
+    for label, built, reference in variants:
         with torch.no_grad():
             for name, p in weights.items():
                 p.copy_(built[name])
         losses = answer_loss(model, examples_by_task, pad_id, torch.float32)
-        mean = sum(losses.values()) / len(losses)
-        print(f"{label:30s} {rel_error(built, w0):13.5f} "
-              + " ".join(f"{v:12.4f}" for v in losses.values()) + f" {mean:8.4f}", flush=True)  # fmt: skip
+        means[label] = sum(losses.values()) / len(losses)
+        ref = "W1" if reference is w1 else "W2"
+        print(f"{label:28s} {rel_error(built, reference):8.5f} {ref:>3s} "
+              + " ".join(f"{v:12.4f}" for v in losses.values()) + f" {means[label]:8.4f}",
+              flush=True)  # fmt: skip
+    labels = [v[0] for v in variants]
+    one = means[labels[1]] - means[labels[0]]
+    two = means[labels[3]] - means[labels[2]]
+    print(f"\nNF4's loss increase on the original: {one:+.4f} nats/token; on the 4-bit file: "
+          f"{two:+.4f}; the double rounding adds {two - one:+.4f}")  # fmt: skip
 
 
 def rel_error(built: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
