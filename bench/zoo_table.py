@@ -23,7 +23,7 @@ COLUMNS = {
     "old-defaults": "old defaults (1 epoch, cosine)",
     "new-defaults": "new defaults (adaptive)",
     "qlora": "QLoRA, new defaults",
-    "sweep": "best swept setting",
+    "sweep": "another setting tried (not a sweep)",
 }
 
 
