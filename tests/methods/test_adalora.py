@@ -519,7 +519,8 @@ def test_config_errors_name_the_field(tiny_model_dir):
     cfg = TrainConfig(data="d", out="o", method="adalora", use_rslora=True).with_method_defaults()
     with pytest.raises(GraftError, match="use_rslora is not defined for AdaLoRA"):
         adalora.attach(tiny_llama(), cfg)
-    cfg = TrainConfig(data="d", out="o", method="adalora", rank=16).with_method_defaults()
+    # an unset init_rank follows the rank (1.5x); one given below the rank is an error
+    cfg = TrainConfig(data="d", out="o", method="adalora", rank=16, init_rank=12)
     with pytest.raises(GraftError, match="rank 16 .* exceeds init_rank 12.* --init-rank 24"):
         adalora.attach(tiny_llama(), cfg)
     model = tiny_llama()
