@@ -25,29 +25,25 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.kernels import build
+
 logger = logging.getLogger("graftlm")
 
 SOURCE = Path(__file__).with_name("small_batch_linear.c")
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
+COMPILE_FLAGS = build.AVX2_FLAGS
+CPU_FLAGS = {"avx2", "fma"}
 # above 16 rows MKL's packing pays for itself (docs/measurements.md, "The decode-step kernel")
 MAX_ROWS = 16
 DISABLE_VAR = "GRAFTLM_SMALL_BATCH_KERNEL"
 _F32 = torch.float32
-
-_build_lock = threading.Lock()
 
 
 class SmallBatchLinear(nn.Linear):
@@ -296,22 +292,15 @@ def kernel():
 
 
 def _function(name: str, argtypes: list, restype):
-    library = _library()
-    if library is None:
-        return None
-    function = getattr(library, name)
-    function.argtypes = argtypes
-    function.restype = restype
-    return function
+    return build.bind(_library(), name, argtypes, restype)
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(DISABLE_VAR, "1") == "0":
         return None
-    with _build_lock:
-        reason = _unavailable_reason()
-        library = None if reason else _build()
+    reason = build.missing_requirement(CPU_FLAGS)
+    library = None if reason else build.load_library(SOURCE, COMPILE_FLAGS)
     if library is None:
         logger.info("decode steps use torch's kernels: %s", reason or "the C kernel did not build")
     return library
@@ -321,62 +310,3 @@ def clear_cache() -> None:
     """Forget the loaded library (after changing `GRAFTLM_SMALL_BATCH_KERNEL` or `CC`)."""
     for cached in (_library, kernel, add_lora_kernel, lora_linear_kernel):
         cached.cache_clear()
-
-
-def _unavailable_reason() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = set(next((line for line in handle if line.startswith("flags")), "").split())
-    except OSError:
-        return "no /proc/cpuinfo to check the CPU for AVX2 and FMA"
-    if not {"avx2", "fma"} <= flags:
-        return "this CPU has no AVX2 + FMA"
-    if _compiler() is None:
-        return "no C compiler (cc, gcc or clang) on PATH"
-    return None
-
-
-def _compiler() -> str | None:
-    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-    return next((path for c in candidates if (path := shutil.which(c))), None)
-
-
-def _build() -> ctypes.CDLL | None:
-    # cache_root's module imports transformers (~1 s): only a first compile needs it
-    from graftlm.models.gguf_cache import cache_root
-
-    source = SOURCE.read_bytes()
-    compiler = _compiler()
-    key = hashlib.sha256(source + " ".join((compiler, *COMPILE_FLAGS)).encode()).hexdigest()
-    target = cache_root() / "kernels" / f"small_batch_linear-{key[:16]}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # compile beside the target and rename: no process loads a half-written file
-            handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(handle)
-        except OSError as exc:
-            logger.warning("cannot write the compiled kernel to %s: %s", target.parent, exc)
-            return None
-        try:
-            result = subprocess.run(
-                [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", partial],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if result.returncode != 0:
-                logger.warning("compiling %s failed:\n%s", SOURCE, result.stderr.strip())
-                return None
-            os.replace(partial, target)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            logger.warning("compiling %s failed: %s", SOURCE, exc)
-            return None
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-    try:
-        return ctypes.CDLL(str(target))
-    except OSError as exc:
-        logger.warning("loading %s failed: %s", target, exc)
-        return None

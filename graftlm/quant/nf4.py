@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlm.kernels import nf4_dequant
+
 __all__ = [
     "NF4_CODE",
     "NF4Tensor",
@@ -190,23 +192,48 @@ class NF4Tensor:
         scaled = (code.view(groups, NESTED_BLOCKSIZE) * self.absmax_scale[:, None]).view(-1)[:nb]
         return scaled + self.absmax_offset
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(
+        self,
+        dtype: torch.dtype | None = None,
+        use_kernel: bool = True,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rebuild the weight: `NF4_CODE[code] * absmax[block]` in fp32, then cast once.
 
         Args:
             dtype: output dtype; None means the original weight's dtype.
+            use_kernel: take the C kernel (`graftlm.kernels.nf4_dequant`) where it applies (CPU,
+                fp32 or bf16 out); its result is the same bits as the torch path's.
+            out: a contiguous tensor of `self.numel` values of `dtype`, on the device of `packed`,
+                to write into (a reused buffer); None: a new tensor.
 
         Returns:
-            Tensor of `self.shape` and `dtype`, on the device of `packed`.
+            Tensor of `self.shape` and `dtype`, on the device of `packed` (a view of `out` if
+            given).
         """
         dtype = self.dtype if dtype is None else dtype
         n, bs = self.numel, self.blocksize
+        if use_kernel:
+            scales = {"absmax": self.absmax}
+            if self.double_quant:  # the kernel decodes the scales as block_absmax does
+                scales = {
+                    "absmax_codes": self.absmax,
+                    "dynamic_code": dynamic_code(self.packed.device),
+                    "group_scales": self.absmax_scale,
+                    "offset": self.absmax_offset,
+                }
+            flat = None if out is None else out.view(-1)
+            values = nf4_dequant.dequantize(self.packed, NF4_CODE, n, bs, dtype, **scales, out=flat)
+            if values is not None:
+                return values.view(self.shape)
         absmax = self.block_absmax()
         lut = _nf4_pair_lut(self.packed.device)
         values = lut.index_select(0, self.packed.int()).view(torch.float32)  # (2 * ceil(n/2),)
         # fp32 products, rounded once into the output dtype, as bitsandbytes computes them;
         # `out=` fuses the cast into the multiply.
-        out = torch.empty(n, dtype=dtype, device=self.packed.device)
+        if out is None:
+            out = torch.empty(n, dtype=dtype, device=self.packed.device)
+        out = out.view(-1)
         full = n - n % bs
         torch.mul(
             values[:full].view(-1, bs), absmax[: full // bs, None], out=out[:full].view(-1, bs)

@@ -8,6 +8,7 @@ so the full-precision weight lives only for one matmul; `quantize_model_linears`
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,15 +27,46 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
         ctx.q, ctx.dtype, ctx.x_dtype = q, dtype, x.dtype
-        return nn.functional.linear(x.to(dtype), q.dequantize(dtype))
+        return nn.functional.linear(x.to(dtype), dequantized(q, dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = ctx.q.dequantize(ctx.dtype)  # (out, in)
+            w = dequantized(ctx.q, ctx.dtype)  # (out, in)
             grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
         return grad_x, None, None
+
+
+class _Scratch(threading.local):
+    """This thread's dequantization buffers: one flat buffer per dtype and device, as large as
+    the largest weight dequantized into it."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+
+_scratch = _Scratch()
+
+
+def dequantized(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`q.dequantize(dtype)`, into a buffer this thread reuses for every weight, where nothing
+    can keep the result (autograd off: inside `_NF4Matmul`, or inference).
+
+    The weight lives for one matrix product. A fresh tensor for each would be a large block
+    allocated and freed for every layer, pass and backward: with glibc serving such blocks from
+    their own mappings (`--low-memory`) each costs page faults, and on its heap they leave holes
+    that raise a run's peak (docs/measurements.md, "QLoRA's recipe"). The buffer is the size of
+    the largest weight, which a fresh tensor would take at its peak anyway.
+    """
+    if torch.is_grad_enabled():  # the product might save the weight: give it its own tensor
+        return q.dequantize(dtype)
+    key, n = (dtype, q.packed.device), q.numel
+    buffer = _scratch.buffers.get(key)
+    if buffer is None or buffer.numel() < n:
+        _scratch.buffers[key] = None  # free the smaller one before allocating the larger
+        buffer = _scratch.buffers[key] = torch.empty(n, dtype=dtype, device=q.packed.device)
+    return q.dequantize(dtype, out=buffer[:n])
 
 
 _FP32_BUFFERS = ("weight_absmax", "weight_absmax_scale", "weight_absmax_offset")

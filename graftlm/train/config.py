@@ -89,15 +89,15 @@ class TrainConfig:
     )
     low_memory: bool | None = setting(
         None,
-        "half-size passes (~512 tokens), large freed blocks returned to the OS, "
-        "activation checkpointing for rows over 1024 tokens: ~2/3 of the default's peak "
-        "memory (default per method: on for qlora, off otherwise)",
+        "bound a step's activations (float32: passes of ~384 tokens, activation "
+        "checkpointing for rows over 1024 tokens; bf16: activation checkpointing) and return "
+        "large freed blocks to the OS (default per method: on for qlora, off otherwise)",
     )
     activation_checkpointing: bool | None = setting(
         None,
         "recompute each layer in the backward instead of keeping its activations: "
-        "the least memory, ~1/2 the speed (default: on in the qlora recipe; otherwise on "
-        "only with --low-memory and rows over 1024 tokens)",
+        "the least memory; float32 steps take ~1.5-2x as long (default: only with "
+        "--low-memory, in bf16 or for rows over 1024 tokens)",
     )
     fused_kernels: bool = setting(
         True,

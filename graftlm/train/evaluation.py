@@ -18,6 +18,7 @@ from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime
 from graftlm.train.forward import evaluate
 from graftlm.train.loss import release_logits_buffer
+from graftlm.train.memory import release_free_heap
 from graftlm.train.validation import EarlyStop
 
 
@@ -58,6 +59,8 @@ class RunEvaluation:
                 share_prefix=self.share_prefix,
             )  # fmt: skip
             release_logits_buffer()  # evaluation's passes are larger than training's
+            if self.cfg.low_memory:  # and what they freed would stay resident, fragmented
+                release_free_heap()
             row_eval = eval_row(done, self.eval_loss, eval_tokens, elapsed_s)
             if early is not None:
                 validate(

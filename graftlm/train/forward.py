@@ -12,6 +12,7 @@ from torch import nn
 
 from graftlm.data.dataset import Example, collate, length_grouped_batches
 from graftlm.kernels.small_batch_linear import is_plain_linear
+from graftlm.train import checkpointing
 from graftlm.train.distributed import Runtime
 from graftlm.train.loss import fused_lm_loss_sum, head_lm_loss_sum
 
@@ -70,7 +71,8 @@ def prefix_sharing_is_exact(model: nn.Module, example: Example, pad_id: int) -> 
     Most decoder implementations take a repeated key/value cache as is; a few handle
     positions or masks with a cache differently (GPT-2 in transformers 5), and those run
     without sharing. The probe is two rows made from one example: a shared prefix, one row
-    two tokens shorter (so right padding is exercised too).
+    two tokens shorter (so right padding is exercised too). With activation checkpointing on
+    (`train/checkpointing.py`), the probe runs through the checkpointed layers.
     """
     ids = example.input_ids[:64]
     if len(ids) < MIN_SHARED_PREFIX + 3:
@@ -78,16 +80,13 @@ def prefix_sharing_is_exact(model: nn.Module, example: Example, pad_id: int) -> 
     other = ids[:-3] + [ids[-1]]
     batch = collate([Example(ids, ids, "probe"), Example(other[:-1], other[:-1], "probe")], pad_id)
     batch = on_device(batch, next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
     try:
-        plain = decoder_hidden(model, batch, share_prefix=False).float()
-        shared = decoder_hidden(model, batch, share_prefix=True).float()
+        with checkpointing.probing(model):  # through the checkpointed layers, if they are
+            plain = decoder_hidden(model, batch, share_prefix=False).detach().float()
+            shared = decoder_hidden(model, batch, share_prefix=True).detach().float()
     except Exception as exc:  # a decoder that refuses a cache here: no sharing
         logger.debug("shared-prefix forward failed (%s); using the plain forward", exc)
         return False
-    finally:
-        model.train(was_training)
     mask = batch["attention_mask"].bool()
     error = (plain - shared)[mask].abs().max() / plain[mask].abs().max().clamp_min(1e-6)
     return bool(error < 1e-2)

@@ -35,6 +35,7 @@ from graftlm.methods import method_module
 from graftlm.methods.lora.inject import base_fingerprint
 from graftlm.models.load import load_model
 from graftlm.train import checkpoint as ckpt
+from graftlm.train import checkpointing
 from graftlm.train.adaptive import early_stop_for, pad_token_id
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime, bf16_supported
@@ -113,7 +114,7 @@ def train(
     base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
     summary = method.attach(model, cfg)
     runtime.log(str(summary))
-    memory_plan = plan_memory(model, cfg, examples, runtime)
+    memory_plan = plan_memory(model, cfg, examples, runtime, compute_dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -129,7 +130,7 @@ def train(
     share_prefix = _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device)
     run_step = OptimizerStep(
         model, optimizer, scheduler, hooks, params, examples, cfg, runtime, pad_id, device,
-        compute_dtype, share_prefix, memory_plan.pass_tokens,
+        compute_dtype, share_prefix, memory_plan,
     )  # fmt: skip
     evals = RunEvaluation(
         model, cfg, eval_examples, tokenizer, pad_id, compute_dtype, runtime, share_prefix,
@@ -213,10 +214,10 @@ def _base_for_run(prepared, cfg, runtime, device, compute_dtype) -> tuple[nn.Mod
 def _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device) -> bool:
     """Whether rows with a common prompt may share its forward pass (exact for this model)."""
     with autocast(compute_dtype, device):
-        # activation checkpointing recomputes layers without a cache: no sharing with it
-        share = not memory_plan.checkpointing and prefix_sharing_is_exact(
-            model, max(examples, key=len), pad_id
-        )
+        # checkpointed layers share a prefix only where they keep the cache (checkpointing.py)
+        share = (
+            not memory_plan.checkpointing or checkpointing.keeps_cache(model)
+        ) and prefix_sharing_is_exact(model, max(examples, key=len), pad_id)
     logger.debug("shared-prefix forward: %s", "on" if share else "off")
     return share
 

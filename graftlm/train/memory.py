@@ -42,8 +42,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-# glibc's mallopt parameter: requests at least this large are served by mmap and unmapped on free
+# glibc's mallopt parameters: requests at least this large are served by mmap and unmapped on
+# free; free memory at the top of the heap beyond this much is handed back to the OS at once
 _M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD = -1
+# the top of the heap kept when the mmap threshold is fixed (release_free_heap trims every step)
+HEAP_TOP_KEPT = 64 << 20
 
 
 def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
@@ -53,17 +57,24 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
     so the per-layer temporaries of a training step (dequantized NF4 weights, activations of a
     few MB) end up on the heap, where fragmentation keeps freed memory resident and a QLoRA run
     peaks near twice as high (docs/measurements.md, "--low-memory"). The price is a page fault
-    per page of every new large temporary, so graftlm does this in `--low-memory` mode only: at
-    4 MiB (the vocabulary chunks and the dequantized weights are above it, the activations of
-    its ~512-token passes mostly below), or at 128 KiB when activation checkpointing is on too.
-    Process-wide and not undone.
+    per page of every new large temporary, so graftlm does this in `--low-memory` mode only, at
+    a threshold `train/step.py` picks for the way the run bounds its activations. Process-wide
+    and not undone.
+
+    Fixing the mmap threshold also fixes glibc's trim threshold at its 128 KiB default, so the
+    top of the heap was handed back to the OS and faulted in again many times a step; it is
+    raised to `HEAP_TOP_KEPT` (the per-step `release_free_heap` returns that memory).
 
     Returns:
         True if the setting was applied (Linux with glibc), False elsewhere.
     """
     libc = _glibc()
     try:
-        return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+        return (
+            libc is not None
+            and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TOP_KEPT))
+        )
     except AttributeError:  # musl and other C libraries have no mallopt
         return False
 

@@ -10,17 +10,22 @@ import torch
 from torch import nn
 
 from graftlm.data.dataset import Example, collate
+from graftlm.train.checkpointing import enable as enable_checkpointing
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime
 from graftlm.train.forward import autocast, loss_sum, on_device
 from graftlm.train.memory import memory_accounting, release_free_heap, return_freed_memory_to_os
 from graftlm.train.steps import lr_lambda, micro_batches, needs_checkpointing, tokens_per_pass
 
-# --low-memory unmaps freed blocks of at least this size (see steps.LOW_MEMORY_BATCH_TOKENS)
-LOW_MEMORY_MMAP_THRESHOLD = 4 << 20
-# with checkpointing too, memory comes first: every block of 128 KiB or more is unmapped on free
-# (the measurements behind both: docs/measurements.md)
+# --low-memory's small passes unmap freed blocks of at least this size (4 MiB until the
+# dequantized NF4 weights went into a reused buffer and the passes shrank to 384 tokens: since
+# then 1 MiB peaks lower at the same speed; docs/measurements.md, "QLoRA's recipe")
+LOW_MEMORY_MMAP_THRESHOLD = 1 << 20
+# with checkpointing too, memory comes first: every block of 128 KiB or more is unmapped on free;
+# in bf16, where checkpointing is low-memory mode's default, blocks of 2 MiB or more (128 KiB
+# made its steps ~1.4x slower, page faults of fresh blocks; the measurements: docs/measurements.md)
 CHECKPOINTED_MMAP_THRESHOLD = 128 << 10
+CHECKPOINTED_BF16_MMAP_THRESHOLD = 2 << 20
 
 
 @dataclass
@@ -32,24 +37,32 @@ class MemoryPlan:
 
 
 def plan_memory(
-    model: nn.Module, cfg: TrainConfig, examples: list[Example], runtime: Runtime
+    model: nn.Module,
+    cfg: TrainConfig,
+    examples: list[Example],
+    runtime: Runtime,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> MemoryPlan:
-    """Report the planned memory, then turn on checkpointing / early unmapping as `cfg` asks."""
+    """Report the planned memory, then turn on checkpointing / early unmapping as `cfg` (and, in
+    low-memory mode, the compute dtype) asks."""
     planned = memory_accounting(model, None)
     runtime.log(
         f"memory: base weights {planned['base_weight_bytes'] / 1e6:.1f} MB, adapter "
         f"{planned['adapter_bytes'] / 1e6:.1f} MB, AdamW state "
         f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
     )
-    checkpointing = needs_checkpointing(cfg, examples)
+    checkpointing = needs_checkpointing(cfg, examples, compute_dtype)
     pass_tokens = tokens_per_pass(cfg, checkpointing)
     if cfg.low_memory:
         release_free_heap()  # what attach freed (a quantized base's full-precision weights)
-        threshold = CHECKPOINTED_MMAP_THRESHOLD if checkpointing else LOW_MEMORY_MMAP_THRESHOLD
+        threshold = LOW_MEMORY_MMAP_THRESHOLD
+        if checkpointing:
+            bf16 = compute_dtype == torch.bfloat16
+            threshold = CHECKPOINTED_BF16_MMAP_THRESHOLD if bf16 else CHECKPOINTED_MMAP_THRESHOLD
         return_freed_memory_to_os(threshold)
     if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        runtime.log("activation checkpointing on")
+        keeps_cache = enable_checkpointing(model)
+        runtime.log(f"activation checkpointing on{'' if keeps_cache else ' (no shared prefix)'}")
     return MemoryPlan(checkpointing, pass_tokens)
 
 
@@ -69,7 +82,7 @@ class OptimizerStep:
     device: torch.device
     compute_dtype: torch.dtype
     share_prefix: bool
-    pass_tokens: int
+    memory_plan: MemoryPlan
 
     def __call__(
         self, step: int, indices_of_step: list[int], labelled: int
@@ -82,12 +95,18 @@ class OptimizerStep:
             self.device,
             self.compute_dtype,
         )
-        chunks = micro_batches(indices_of_step, examples, cfg, runtime, self.pass_tokens)
+        plan = self.memory_plan
+        chunks = micro_batches(indices_of_step, examples, cfg, runtime, plan.pass_tokens)
         total_loss = 0.0
         for indices in chunks:
             batch = on_device(collate([examples[i] for i in indices], self.pad_id), device)
             with autocast(compute_dtype, device):
                 loss, _ = loss_sum(model, batch, compute_dtype, share_prefix=self.share_prefix)
+            if cfg.low_memory and plan.checkpointing:
+                # a checkpointed forward keeps next to nothing and frees every layer's
+                # temporaries, which stay resident in the heap's holes while the backward's
+                # recomputation allocates beside them: hand those pages back first
+                release_free_heap()
             if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
                 loss = loss * 0.0
             objective = loss / max(labelled, 1)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.kernels import build
 from graftlm.kernels import small_batch_linear as sbl
 from graftlm.methods.lora.config import LoraConfig
 from graftlm.methods.lora.inject import inject, lora_layers, merge, unmerge
@@ -251,7 +252,7 @@ def test_disabled_by_environment(monkeypatch):
 def test_a_failed_compile_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("GRAFTLM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    monkeypatch.setattr(sbl.shutil, "which", lambda name: "/bin/false")
+    monkeypatch.setattr(build.shutil, "which", lambda name: "/bin/false")
     sbl.clear_cache()
     try:
         assert sbl.kernel() is None

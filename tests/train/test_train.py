@@ -351,13 +351,15 @@ def test_low_memory_passes_are_smaller_and_checkpointing_is_for_long_rows(tmp_pa
     low = replace(cfg, low_memory=True)
     plan = list(range(8))
     assert [len(c) for c in micro_batches(plan, examples, cfg, Runtime.single())] == [4, 4]
-    assert [len(c) for c in micro_batches(plan, examples, low, Runtime.single())] == [2] * 4
+    assert [len(c) for c in micro_batches(plan, examples, low, Runtime.single())] == [1] * 8
     assert not train_module.needs_checkpointing(low, examples)
     assert not train_module.needs_checkpointing(cfg, examples)
     long_row = Example(input_ids=[1] * 1500, labels=[1] * 1500, source="x:long")
     assert train_module.needs_checkpointing(low, examples + [long_row])
     assert not train_module.needs_checkpointing(cfg, examples + [long_row])
     assert train_module.needs_checkpointing(replace(cfg, activation_checkpointing=True), examples)
+    assert train_module.needs_checkpointing(low, examples, torch.bfloat16)
+    assert not train_module.needs_checkpointing(cfg, examples, torch.bfloat16)
     # with checkpointing a pass keeps only layer inputs: bigger passes, fewer recomputations
     budget = train_module.tokens_per_pass(low, checkpointing=True)
     assert [len(c) for c in micro_batches(plan, examples, low, Runtime.single(), budget)] == [8]
@@ -395,11 +397,16 @@ def test_low_memory_mode_trains_the_same_adapter(
 
 
 def test_qlora_recipe_turns_on_low_memory_mode():
+    from graftlm.data.dataset import Example
     from graftlm.train.config import TrainConfig
+    from graftlm.train.steps import needs_checkpointing
 
     qlora = TrainConfig(data="d", out="o", method="qlora").with_method_defaults()
     assert qlora.low_memory
-    assert qlora.activation_checkpointing is True
+    assert qlora.activation_checkpointing is None  # low-memory mode decides, by dtype
+    rows = [Example(input_ids=[1] * 100, labels=[1] * 100, source="x:0")]
+    assert not needs_checkpointing(qlora, rows, torch.float32)  # small passes instead
+    assert needs_checkpointing(qlora, rows, torch.bfloat16)  # cheap recomputation
     assert TrainConfig(data="d", out="o").with_method_defaults().activation_checkpointing is None
     assert not TrainConfig(data="d", out="o").with_method_defaults().low_memory
     off = TrainConfig(data="d", out="o", method="qlora", low_memory=False)

@@ -1,0 +1,80 @@
+"""Activation checkpointing that keeps the shared prefix: the same loss and gradients as without."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graftlm.data.dataset import Example
+from graftlm.kernels.fused_ops import fused_forwards
+from graftlm.methods.lora.config import LoraConfig
+from graftlm.methods.lora.inject import inject
+from graftlm.quant.nf4_linear import quantize_model_linears
+from graftlm.train import checkpointing
+from graftlm.train.forward import loss_sum, prefix_sharing_is_exact
+
+
+def shared_prefix_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(4, 200, (12,), generator=g)
+    ids = torch.stack(
+        [torch.cat([prefix, torch.randint(4, 200, (9,), generator=g)]) for _ in range(3)]
+    )
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0  # one row right-padded
+    labels = ids.clone()
+    labels[:, :10] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_grads(model, batch, share_prefix: bool):
+    model.zero_grad()
+    with fused_forwards(model):  # the replay runs inside it too, as in a training step
+        loss, _ = loss_sum(model, batch, torch.float32, share_prefix=share_prefix)
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_checkpointed_shared_prefix_gives_the_same_loss_and_gradients(
+    kind, quantized, tiny_model_factory
+):
+    model = tiny_model_factory(kind)
+    if quantized:
+        quantize_model_linears(model)
+    inject(model, LoraConfig(rank=4, targets="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    model.train()
+    batch = shared_prefix_batch()
+    plain_loss, plain = loss_and_grads(model, batch, share_prefix=False)
+    shared_loss, shared = loss_and_grads(model, batch, share_prefix=True)
+
+    assert checkpointing.enable(model) and checkpointing.keeps_cache(model)
+    row = batch["input_ids"][0].tolist()
+    assert prefix_sharing_is_exact(model, Example(row, row, "x"), 2)
+    assert model.training  # the probe put the model back as it was
+    checkpointed_loss, checkpointed = loss_and_grads(model, batch, share_prefix=True)
+
+    torch.testing.assert_close(checkpointed_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(checkpointed_loss, shared_loss)  # the replay computes the same numbers
+    for name, grad in shared.items():
+        assert torch.equal(checkpointed[name], grad), name
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_cache_checkpointing_is_plain(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    inject(model, LoraConfig(rank=4, targets="all-linear"))
+    model.train()
+    batch = shared_prefix_batch()
+    loss, grads = loss_and_grads(model, batch, share_prefix=False)
+    checkpointing.enable(model)
+    checkpointed_loss, checkpointed = loss_and_grads(model, batch, share_prefix=False)
+    assert torch.equal(loss, checkpointed_loss)
+    for name, grad in grads.items():
+        assert torch.equal(checkpointed[name], grad), name
