@@ -46,6 +46,9 @@ def main() -> int:
         flush=True,
     )
     result = train(TrainConfig(data=str(DATA / "train.jsonl"), out=str(out)))
+    if result.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is kept, there is nothing to score
+        print(f"\ntraining was interrupted; the checkpoint is in {out / 'checkpoint'}")
+        return 130
 
     print(
         "\n== 2. score held-back tickets (unseen phrasings), base model vs fine-tuned\n", flush=True
