@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.base_model import quantize_base
-from graftlm.adapters.folder import atomic_write_bytes, read_config
+from graftlm.adapters.folder import atomic_write_bytes, read_config, read_graft
 from graftlm.adapters.io import load_any, quantization
 from graftlm.adapters.switch import adapter_names, row_adapters, set_adapter
 from graftlm.data.dataset import prompt_for_generation, read_rows
@@ -67,6 +67,10 @@ def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
     """The base model an adapter folder names (`base_model_name_or_path`), if it names one."""
     try:
         return read_config(adapter_dir).get("base_model_name_or_path") or None
+    except GraftError:
+        pass
+    try:  # a model folder (full fine-tuning) has no adapter_config.json: graftlm.json names it
+        return read_graft(adapter_dir).get("base_model") or None
     except GraftError:
         return None
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from graftlm.adapters.folder import CONFIG_FILE, read_config
+from graftlm.adapters.folder import CONFIG_FILE, GRAFT_FILE, read_config, read_graft
 from graftlm.errors import GraftError
 
 # --method value -> module implementing graftlm.adapters.contract.MethodModule
@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "prefix": "graftlm.methods.virtual_tokens.prefix",
     "bottleneck": "graftlm.methods.bottleneck.method",
     "ia3": "graftlm.methods.ia3.method",
+    "full": "graftlm.methods.full.method",
 }
 
 # adapter_config.json "peft_type" -> --method value ("BOTTLENECK" is graftlm's own: PEFT lacks it)
@@ -33,6 +34,7 @@ PEFT_TYPES: dict[str, str] = {
     "PREFIX_TUNING": "prefix",
     "BOTTLENECK": "bottleneck",
     "IA3": "ia3",
+    "FULL": "full",  # graftlm's own: a model folder, no adapter_config.json (methods/full)
 }
 
 
@@ -49,6 +51,11 @@ def folder_method(path: str | os.PathLike) -> str:
     Raises:
         GraftError: no readable adapter_config.json, or a peft_type graftlm does not implement.
     """
+    if not (Path(path) / CONFIG_FILE).is_file() and (Path(path) / GRAFT_FILE).is_file():
+        # a method that writes a whole model folder (full fine-tuning) names itself there
+        method = read_graft(path).get("method")
+        if method in REGISTRY:
+            return method
     peft_type = str(read_config(path).get("peft_type", "LORA")).upper()
     if peft_type not in PEFT_TYPES:
         raise GraftError(

@@ -13,7 +13,7 @@ from typing import Any
 
 from graftlm.errors import GraftError, check_choice
 
-METHODS = ("lora", "qlora", "adalora", "prompt", "prefix", "bottleneck", "ia3")
+METHODS = ("lora", "qlora", "adalora", "prompt", "prefix", "bottleneck", "ia3", "full")
 PLACEMENTS = ("both", "mlp")
 DTYPES = ("auto", "bfloat16", "float32")
 
@@ -81,6 +81,11 @@ class TrainConfig:
     seed: int = setting(0, "random seed (init, data order, dropout)")
     warmup_ratio: float = setting(0.06, "fraction of steps of linear warmup")
     weight_decay: float = setting(0.0, "AdamW weight decay")
+    lean_optimizer: bool = setting(
+        False,
+        "AdamW with bfloat16 moments (half the optimizer state; full fine-tuning's largest "
+        "share of memory), stepped one tensor at a time",
+    )
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)")
     save_every: int = setting(50, "write a resumable checkpoint every N steps")
     eval_every: int | None = setting(None, "evaluate every N steps (default: 3 times a run)")

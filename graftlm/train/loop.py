@@ -225,7 +225,9 @@ def _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device) -
 def prepare(cfg: TrainConfig, runtime: Runtime, device, compute_dtype) -> Prepared:
     """Load `cfg.model` and read, check and tokenize `cfg.data` (and the evaluation split)."""
     # Frozen base weights are held in the compute dtype: no per-step casts of the big matrices.
-    model, tokenizer = load_model(cfg.model, dtype=compute_dtype)
+    # A method that trains the base weights themselves (full) names the dtype it keeps them in.
+    dtype = getattr(method_module(cfg.method), "WEIGHTS_DTYPE", None) or compute_dtype
+    model, tokenizer = load_model(cfg.model, dtype=dtype)
     model.to(device)
     examples, eval_examples = read_examples(cfg, tokenizer, runtime)
     return Prepared(model, tokenizer, examples, eval_examples)

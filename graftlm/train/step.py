@@ -14,6 +14,7 @@ from graftlm.train.checkpointing import enable as enable_checkpointing
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime
 from graftlm.train.forward import autocast, loss_sum, on_device
+from graftlm.train.lean_adamw import LeanAdamW
 from graftlm.train.memory import memory_accounting, release_free_heap, return_freed_memory_to_os
 from graftlm.train.steps import lr_lambda, micro_batches, needs_checkpointing, tokens_per_pass
 
@@ -137,9 +138,8 @@ class OptimizerStep:
 def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, total_steps: int, lr_factor=None):
     """AdamW over the trainable values, and its schedule: `lr_factor(step)` (an adaptive run's
     warmup-stable-decay), else warmup + cosine over `total_steps`."""
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
-    )
+    adamw = LeanAdamW if cfg.lean_optimizer else torch.optim.AdamW
+    optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor or lr_lambda(total_steps, cfg.warmup_ratio)
     )

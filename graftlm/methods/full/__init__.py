@@ -1,0 +1,1 @@
+"""Full fine-tuning: every base weight trains (the baseline the adapter methods are measured against)."""
