@@ -31,6 +31,7 @@ _EXPORTS = {
     "save_adapter": "graftlm.adapters.io",
     "load_adapter": "graftlm.methods.lora.files",
     "load_model": "graftlm.models.load",
+    "combine_adapters": "graftlm.adapters.combine",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

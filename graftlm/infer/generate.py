@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from graftlm.adapters.switch import adapter_names, row_adapters, set_adapter
 from graftlm.data.dataset import prompt_for_generation, read_rows
 from graftlm.errors import GraftError
 from graftlm.kernels.small_batch_linear import use_small_batch_kernel
-from graftlm.models.load import BUILTIN_NAME, load_model
+from graftlm.models.load import BUILTIN_NAME, is_local_model, load_model
 
 logger = logging.getLogger("graftlm")
 
@@ -75,6 +75,34 @@ def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
         return None
 
 
+def base_for_adapters(adapter_dirs: Iterable[str | os.PathLike]) -> str:
+    """The base model to load when no ``--model`` is given: the first base an adapter names that
+    this machine holds (see `is_loadable`), else the built-in model where none names a base.
+
+    Raises:
+        GraftError: adapters name bases, and none of them is here (a hub id other than the
+            built-in model's, or a path missing on this machine): graftlm never downloads, so
+            the user must pass ``--model``.
+    """
+    missing = []
+    for folder in adapter_dirs:
+        name = adapter_base_model(folder)
+        if not name:
+            continue
+        if is_loadable(name):
+            return name
+        missing.append((folder, name))
+    if missing:
+        folder, name = missing[0]
+        raise GraftError(
+            f"adapter {os.fspath(folder)!r} was trained on base model {name!r} "
+            "(base_model_name_or_path), which is not on this machine and cannot be downloaded "
+            f"(graftlm works offline): pass --model with that model's folder or .gguf file (or "
+            f"{BUILTIN_NAME!r})"
+        )
+    return BUILTIN_NAME
+
+
 def load_for_inference(
     model: str | None,
     adapters: dict[str, str] | None = None,
@@ -85,8 +113,7 @@ def load_for_inference(
     """Load a base model and any number of named adapters (of any methods) onto it.
 
     Args:
-        model: base model name/path; None = the base the first adapter names, else the
-            built-in model.
+        model: base model name/path; None = the base the adapters name (`base_for_adapters`).
         adapters: `{name: folder}`; each is loaded under its name.
         dtype: "float32" or "bfloat16".
         force: load adapters despite a base fingerprint mismatch.
@@ -101,10 +128,7 @@ def load_for_inference(
     adapters = adapters or {}
     quantized = [quantization(path) == "nf4" for path in adapters.values()]
     if model is None:
-        model = next(
-            (b for b in map(adapter_base_model, adapters.values()) if b and is_loadable(b)),
-            BUILTIN_NAME,
-        )
+        model = base_for_adapters(adapters.values())
     base, tokenizer = load_model(model, dtype=parse_dtype(dtype))
     if any(quantized):  # a QLoRA adapter: every adapter runs on the 4-bit base it was trained on
         quantize_base(base)
@@ -118,8 +142,8 @@ def load_for_inference(
 
 
 def is_loadable(name: str) -> bool:
-    """Whether `name` is the built-in model or a path on this machine."""
-    return name.lower() == BUILTIN_NAME or os.path.exists(name)
+    """Whether `name` is the built-in model (or its hub id) or a path on this machine."""
+    return is_local_model(name)
 
 
 def eos_ids(model: nn.Module, tokenizer) -> list[int]:

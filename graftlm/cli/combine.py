@@ -1,0 +1,103 @@
+"""`graftlm combine`: LoRA adapter folders into one (PEFT's `add_weighted_adapter`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from graftlm.cli.infer import adapter_map
+from graftlm.errors import GraftError
+
+# the rules, as graftlm.adapters.combine.HOWS has them (kept here so `--help` needs no torch)
+HOWS = (
+    "linear",
+    "cat",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+
+
+def add_combine(sub: argparse._SubParsersAction) -> None:
+    """Register `graftlm combine` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "combine",
+        help="combine LoRA adapters into one (linear, cat, svd, ties, dare, magnitude_prune)",
+        description="Write one LoRA adapter folder from several, with the numbers of PEFT's "
+        "add_weighted_adapter. See README.md, 'Combining adapters'.",
+    )
+    p.add_argument(
+        "--adapter", action="append", required=True, help="NAME=DIR (repeatable, in order)"
+    )
+    p.add_argument(
+        "--weights", required=True, help="one weight per adapter, comma-separated: 0.7,0.3"
+    )
+    p.add_argument("--how", required=True, choices=HOWS, help="the combination rule")
+    p.add_argument(
+        "--density",
+        type=float,
+        default=None,
+        help="fraction of entries kept, in (0, 1]: ties, dare_*, magnitude_prune (and _svd)",
+    )
+    p.add_argument(
+        "--svd-rank", type=int, default=None, help="rank of an svd result (default: largest)"
+    )
+    p.add_argument(
+        "--svd-clamp", type=float, default=None, help="clamp svd factors at this quantile"
+    )
+    p.add_argument(
+        "--svd-full-matrices",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="full (default, as PEFT) or reduced SVD",
+    )
+    p.add_argument(
+        "--majority-sign",
+        choices=["total", "frequency"],
+        default="total",
+        help="TIES' sign election (ties, dare_ties)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of DARE's random masks (torch.manual_seed)"
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model, for DARE's mask order only (default: the adapters' base)",
+    )
+    p.add_argument("--out", required=True, help="the adapter folder to write")
+    p.set_defaults(func=cmd_combine)
+
+
+def parse_weights(text: str) -> list[float]:
+    """`--weights 0.7,0.3` as floats."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise GraftError(f"--weights: expected numbers separated by commas, got {text!r}") from None
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    # torch-backed: imported in the command so that `graftlm --help` answers at once
+    from graftlm.adapters.combine import combine_adapters
+
+    out = combine_adapters(
+        adapter_map(args.adapter),
+        parse_weights(args.weights),
+        args.out,
+        how=args.how,
+        density=args.density,
+        svd_rank=args.svd_rank,
+        svd_clamp=args.svd_clamp,
+        svd_full_matrices=args.svd_full_matrices,
+        majority_sign=args.majority_sign,
+        seed=args.seed,
+        base=args.base,
+    )
+    print(f"combined adapter ({args.how}) written to {out}")
+    return 0
