@@ -23,7 +23,6 @@ adapter's initialisation has drawn its own numbers, module by module in the base
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from graftlm.adapters.combine_order import module_order, replay_init_draws, seeded
 from graftlm.adapters.folder import (
     CONFIG_FILE,
     PREFIX,
@@ -155,12 +155,20 @@ def combine_adapters(
     fingerprint = _check_same_base(sources)
     new_rank = _new_rank(sources, how, svd_rank)
     config = _combined_config(sources, new_rank)
-    order = _module_order(sources, how, base)
+    modules = set().union(*(s.pairs for s in sources))
+    dare = how.startswith("dare")
+    order = module_order(
+        modules, base if base is not None or not dare else _named_base(sources), dare
+    )
     _check_svd_rank(sources, how, new_rank)
 
-    with _seeded(seed):
-        if how.startswith("dare"):
-            _replay_init_draws(sources, order, new_rank)
+    with seeded(seed):
+        if dare:
+            layers = [next(s.pairs[m] for s in sources if m in s.pairs) for m in order]
+            init = sources[0].config.get("init_lora_weights", True)
+            replay_init_draws(
+                [(a.shape[1], b.shape[0], emb) for a, b, emb in layers], new_rank, init
+            )
         tensors = {}
         for module in order:
             present = [(s, w) for s, w in zip(sources, weights) if module in s.pairs]
@@ -415,102 +423,9 @@ def _combined_config(sources: list[_Source], new_rank: int) -> dict:
     return config
 
 
-# -- module order and DARE's random draws -----------------------------------------------------
-
-
-def _module_order(sources: list[_Source], how: str, base) -> list[str]:
-    """Every adapted module once, in the base model's order where it is known (DARE's masks
-    are drawn in that order), else in name order with layer numbers compared as numbers."""
-    modules = set().union(*(s.pairs for s in sources))
-    by_name = sorted(modules, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
-    if not how.startswith("dare"):
-        return by_name  # no random draws: the order changes no number
-    names = _base_module_names(base if base is not None else _named_base(sources))
-    if names is None:
-        log.warning(
-            "warning: the base model is unknown (pass --base), so DARE's masks are drawn in "
-            "module name order: valid random masks, but not the ones PEFT draws with this seed"
-        )
-        return by_name
-    position = {n: i for i, n in enumerate(names)}
-    missing = sorted(modules - position.keys())
-    if missing:
-        raise GraftError(
-            f"the base model has no module {missing[0]!r} that the adapters adapt: they were "
-            "trained on another base"
-        )
-    return sorted(modules, key=position.__getitem__)
-
-
 def _named_base(sources: list[_Source]) -> str | None:
     names = {s.config.get("base_model_name_or_path") for s in sources} - {None, ""}
     return names.pop() if len(names) == 1 else None
-
-
-def _base_module_names(base) -> list[str] | None:
-    """The module names of `base` in model order, built on the meta device (no weights)."""
-    if base is None:
-        return None
-    if isinstance(base, nn.Module):
-        return [name for name, _ in base.named_modules()]
-    # models/ is below adapters/; transformers is heavy: imported only when DARE needs it
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from graftlm.models.gguf_cache import BUILTIN_NAME, builtin_gguf_path, ensure_converted
-
-    text = os.fspath(base)
-    path = Path(text).expanduser()
-    if text.strip().lower() in (BUILTIN_NAME, "huggingfacetb/smollm2-135m-instruct"):
-        folder = ensure_converted(builtin_gguf_path(), None)
-    elif path.is_dir() and (path / "config.json").is_file():
-        folder = path
-    elif path.is_file() and path.suffix.lower() == ".gguf":
-        folder = ensure_converted(path.resolve(), None)
-    else:
-        return None
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return [name for name, _ in skeleton.named_modules()]
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None):
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _replay_init_draws(sources: list[_Source], order: list[str], rank: int) -> None:
-    """Draw what PEFT's `inject_adapter` draws for the new adapter before its merge loop
-    (`LoraLayer.update_layer` then `reset_lora_parameters`, module by module), so that DARE's
-    masks come from the same point of the generator's stream."""
-    init = sources[0].config.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian", "eva"):
-        log.warning(
-            "warning: init_lora_weights=%r: its random draws are not replayed, so DARE's masks "
-            "differ from PEFT's for the same seed",
-            init,
-        )
-    for module in order:
-        a, b, is_embedding = next(s.pairs[module] for s in sources if module in s.pairs)
-        in_f, out_f = a.shape[1], b.shape[0]
-        if is_embedding:
-            torch.randn((rank, in_f))
-            new_b = torch.randn((out_f, rank))
-            if init:
-                nn.init.normal_(new_b)
-            continue
-        new_a = torch.empty(rank, in_f)
-        nn.init.kaiming_uniform_(new_a, a=math.sqrt(5))  # nn.Linear(in, r)'s own init
-        nn.init.kaiming_uniform_(torch.empty(out_f, rank), a=math.sqrt(5))  # nn.Linear(r, out)
-        if init is True:
-            nn.init.kaiming_uniform_(new_a, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(new_a, std=1 / rank)
 
 
 # -- one module -------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ the same adapters loaded on the base, and the tensors must be equal (the svd rul
 from __future__ import annotations
 
 import json
-import math
+import re
+import shutil
 
 import helpers
 import pytest
 import torch
 from safetensors.torch import load_file
+from visible_models import one_thread, perturb_trainable  # noqa: F401  (one_thread: autouse)
 
 import graftlm
 from graftlm.adapters.combine import HOWS, combine_adapters
@@ -53,11 +55,8 @@ def logits(model) -> torch.Tensor:
         return model(ids()).logits.float()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def folders(request, tmp_path_factory):
-    """(kind, {name: folder}) of three PEFT-saved adapters with random A and B."""
-    kind = request.param
-    root = tmp_path_factory.mktemp(f"combine-{kind}")
+def save_peft_adapters(kind: str, root) -> dict:
+    """{name: folder} of the ADAPTERS[kind], saved by PEFT with random A and B."""
     out = {}
     for seed, (name, fields) in enumerate(ADAPTERS[kind].items()):
         torch.manual_seed(100 + seed)
@@ -66,7 +65,14 @@ def folders(request, tmp_path_factory):
         model = peft.get_peft_model(helpers.tiny_model_factory(kind), config)
         model.save_pretrained(root / name)
         out[name] = root / name
-    return kind, out
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def folders(request, tmp_path_factory):
+    """(kind, {name: folder}) of three PEFT-saved adapters with random A and B."""
+    kind = request.param
+    return kind, save_peft_adapters(kind, tmp_path_factory.mktemp(f"combine-{kind}"))
 
 
 def peft_combined(kind, folders, names, weights, how, **kwargs):
@@ -140,7 +146,9 @@ def _graft_kwargs(kwargs):
 @pytest.mark.parametrize("how", HOWS)
 def test_every_rule_equals_peft(folders, tmp_path, how):
     kind, paths = folders
-    kwargs = {"density": DENSITY} if how.removesuffix("_svd") not in ("linear", "cat", "svd") else {}
+    kwargs = (
+        {"density": DENSITY} if how.removesuffix("_svd") not in ("linear", "cat", "svd") else {}
+    )
     check_same(kind, paths, tmp_path, ["a", "b"], WEIGHTS, how, **kwargs)
 
 
@@ -185,3 +193,131 @@ def test_dare_without_base_warns_and_still_seeds(folders, tmp_path, caplog):
         runs.append(load_file(out / "adapter_model.safetensors"))
     assert "module name order" in caplog.text  # tiny models' folders name no local base
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+# -- graftlm's own folders, through the CLI ----------------------------------------------------
+
+
+def graftlm_adapter(model_dir, folder, seed: int, alpha: int):
+    """A LoRA adapter graftlm saves (its keys, config and graftlm.json), random A and B."""
+    model, _ = graftlm.load_model(model_dir)
+    graftlm.inject(
+        model, graftlm.LoraConfig(rank=4, alpha=alpha, targets=["q_proj", "v_proj", "o_proj"])
+    )
+    perturb_trainable(model, seed=seed)
+    return graftlm.save_adapter(model, folder)
+
+
+def test_cli_combines_graftlm_folders_as_peft_does(tiny_model_dir, tmp_path, caplog):
+    """`graftlm combine ... --how ties --density 0.5` equals PEFT's add_weighted_adapter on
+    graftlm's own folders; the folder loads in PEFT, in graftlm and in `graftlm generate`;
+    dare_ties takes the base's module order from the folders' base_model_name_or_path."""
+    from transformers import AutoModelForCausalLM
+
+    a = graftlm_adapter(tiny_model_dir, tmp_path / "a", seed=1, alpha=8)
+    b = graftlm_adapter(tiny_model_dir, tmp_path / "b", seed=2, alpha=16)
+    for how, extra in (("ties", []), ("dare_ties", ["--seed", "5"])):
+        out = tmp_path / how
+        argv = ["combine", "--adapter", f"a={a}", "--adapter", f"b={b}", "--weights", "0.5,0.5"]
+        assert main([*argv, "--how", how, "--density", "0.5", *extra, "--out", str(out)]) == 0
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        model = peft.PeftModel.from_pretrained(base, a, adapter_name="a")
+        model.load_adapter(b, adapter_name="b")
+        torch.manual_seed(5)
+        model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "c", combination_type=how, density=0.5)
+        model.set_adapter("c")
+        expected = peft_tensors_of(model, "c")
+        found = load_file(out / "adapter_model.safetensors")
+        assert sorted(found) == sorted(expected)
+        assert all(torch.equal(found[k], expected[k]) for k in expected)
+        want = logits(model)
+        theirs = peft.PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), out
+        )
+        torch.testing.assert_close(logits(theirs), want, atol=1e-5, rtol=0)
+    assert "module name order" not in caplog.text  # o_proj comes after q and v in the model
+    ours, _ = graftlm.load_model(tiny_model_dir)
+    graftlm.load_adapter(ours, out)
+    torch.testing.assert_close(logits(ours), want, atol=1e-5, rtol=0)
+    argv = ["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "hi"]
+    assert main([*argv, "--max-new-tokens", "3"]) == 0
+
+
+def peft_tensors_of(model, name):
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=name)
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_folders(tmp_path_factory):
+    return save_peft_adapters("llama", tmp_path_factory.mktemp("combine-errors"))
+
+
+def edited(folder, tmp_path, name, config=None, graft=None):
+    """A copy of `folder` with fields of adapter_config.json / graftlm.json changed."""
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    for file, changes in (("adapter_config.json", config), ("graftlm.json", graft)):
+        if changes is not None:
+            path = copy / file
+            data = json.loads(path.read_text()) if path.exists() else {}
+            data.update(changes)
+            path.write_text(json.dumps(data))
+    return copy
+
+
+FINGERPRINT = {"architecture": "LlamaForCausalLM", "shapes_sha256": "1", "weights_sha256": "2"}
+
+
+@pytest.mark.parametrize(
+    "case, kwargs, message",
+    [
+        ("dora", {}, "DoRA"),
+        ("ia3", {}, "LoRA adapters only"),
+        ("fingerprint", {}, "different base models"),
+        ("regex", {}, "mix a regex string and a list"),
+        ("ranks", {}, "needs the same rank"),
+        ("weights", {"weights": [1.0]}, "give one weight per adapter"),
+        ("how", {"how": "average"}, "how should be one of"),
+        ("density0", {"how": "ties", "density": 0.0}, "density should be in (0, 1]"),
+        ("density2", {"how": "dare_linear", "density": 1.5}, "density should be in (0, 1]"),
+        ("no_density", {"how": "ties_svd"}, "needs a density"),
+        ("svd_rank", {"how": "svd", "svd_rank": 100}, "larger than"),
+    ],
+)
+def test_refusals(llama_folders, tmp_path, case, kwargs, message):
+    a, b = llama_folders["a"], llama_folders["b"]
+    if case == "dora":
+        b = edited(b, tmp_path, "dora", config={"use_dora": True})
+    elif case == "ia3":
+        b = edited(b, tmp_path, "ia3", config={"peft_type": "IA3"})
+    elif case == "fingerprint":
+        a = edited(a, tmp_path, "fa", graft={"base_fingerprint": FINGERPRINT})
+        b = edited(b, tmp_path, "fb", graft={"base_fingerprint": {**FINGERPRINT, "weights_sha256": "3"}})  # fmt: skip
+    elif case == "regex":
+        b = edited(b, tmp_path, "regex", config={"target_modules": ".*_proj"})
+    elif case == "ranks":
+        b = llama_folders["c"]
+    arguments = {"weights": [0.5, 0.5], "how": "linear", **kwargs}
+    with pytest.raises(GraftError, match=re.escape(message)):
+        combine_adapters({"a": a, "b": b}, out=tmp_path / "out", **arguments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refusal_is_one_line(llama_folders, tmp_path, capsys):
+    argv = ["combine", "--adapter", f"a={llama_folders['a']}", "--adapter"]
+    argv += [f"b={llama_folders['b']}", "--weights", "0.5,x", "--how", "linear", "--out"]
+    assert main([*argv, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --weights") and "\n" not in err
+
+
+def test_other_named_bases_warn(llama_folders, tmp_path, caplog):
+    """PEFT folders carry no fingerprint: other base names are a warning, not a refusal."""
+    b = edited(llama_folders["b"], tmp_path, "named", config={"base_model_name_or_path": "x"})
+    combine_adapters({"a": llama_folders["a"], "b": b}, [1, 1], tmp_path / "out", how="cat")
+    assert "different bases" in caplog.text
