@@ -21,10 +21,10 @@ from safetensors import safe_open
 
 from graftlm.errors import GraftError
 from graftlm.export.llama_layout import SUPPORTED_ARCHITECTURES, llama_hparams
-from graftlm.infer.generate import adapter_base_model
+from graftlm.infer.generate import base_for_adapters
 from graftlm.methods.lora.files import read_adapter_config
 from graftlm.methods.lora.inject import embedding_hash as hash_table
-from graftlm.models.load import BUILTIN_NAME, builtin_gguf_path
+from graftlm.models.load import BUILTIN_NAME, HUB_ALIASES, builtin_gguf_path, gguf_in_folder
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,15 @@ class GGUFBase:
 
 
 def resolve_base(model: str | None, adapter: str | os.PathLike) -> GGUFBase:
-    """The base to export against: `model`, else the one the adapter names, else the built-in.
-
-    As `graftlm merge` does, a base name that is neither the built-in name nor a local path falls
-    back to the built-in model.
+    """The base to export against: `model`, else the one the adapter names, else the built-in
+    (`graftlm.infer.generate.base_for_adapters`, as `graftlm merge` and `generate` pick it).
 
     Raises:
         GraftError: the base is missing, not GGUF / HF, or of an architecture without a map here.
     """
     read_adapter_config(adapter)  # a missing or broken adapter fails before the base is parsed
-    name = model or adapter_base_model(adapter) or BUILTIN_NAME
-    if model is None and not (name.lower() == BUILTIN_NAME or os.path.exists(name)):
-        name = BUILTIN_NAME
-    if name.lower() == BUILTIN_NAME:
+    name = model or base_for_adapters([adapter])
+    if name.strip().lower() in (BUILTIN_NAME, *HUB_ALIASES) and not os.path.exists(name):
         return read_gguf_base(builtin_gguf_path())
     path = Path(name).expanduser()
     if path.is_file():
@@ -71,9 +67,7 @@ def resolve_base(model: str | None, adapter: str | os.PathLike) -> GGUFBase:
     if (path / "config.json").is_file():
         return read_hf_base(path)
     if path.is_dir():
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        hint = f" (it holds {', '.join(ggufs)}: pass that file)" if ggufs else ""
-        raise GraftError(f"base model folder {str(path)!r} has no config.json{hint}")
+        return read_gguf_base(gguf_in_folder(path))
     raise GraftError(
         f"base model {name!r} not found: pass the built-in name {BUILTIN_NAME!r}, a .gguf file "
         "or a Hugging Face folder with --model"

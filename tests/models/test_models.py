@@ -210,11 +210,12 @@ def test_unknown_name():
 
 
 def test_folder_without_config(tmp_path):
-    (tmp_path / "weights.gguf").write_bytes(b"GGUF")
+    for name in ("weights.gguf", "other.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
     with pytest.raises(GraftError, match="no config.json") as err:
         load_model(tmp_path)
     assert str(tmp_path.resolve()) in str(err.value)
-    assert "weights.gguf" in str(err.value)  # points at the file the user probably meant
+    assert "weights.gguf" in str(err.value)  # points at the files the user probably meant
 
 
 def test_junk_gguf_names_the_path(tmp_path):
