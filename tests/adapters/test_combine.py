@@ -321,3 +321,37 @@ def test_other_named_bases_warn(llama_folders, tmp_path, caplog):
     b = edited(llama_folders["b"], tmp_path, "named", config={"base_model_name_or_path": "x"})
     combine_adapters({"a": llama_folders["a"], "b": b}, [1, 1], tmp_path / "out", how="cat")
     assert "different bases" in caplog.text
+
+
+def test_builtin_model_ties_equals_peft(smollm2_copy, tmp_path):
+    """From outside: graftlm's own folders on the built-in model, `--how ties --density 0.5`,
+    give PEFT's add_weighted_adapter logits (fp32)."""
+    import copy
+
+    model, _ = smollm2_copy
+    base = copy.deepcopy(model)
+    folders = []
+    for seed, alpha in ((1, 8), (2, 16)):
+        adapted = copy.deepcopy(base)
+        graftlm.inject(
+            adapted, graftlm.LoraConfig(rank=4, alpha=alpha, targets=["q_proj", "v_proj"])
+        )
+        perturb_trainable(adapted, seed=seed)
+        folders.append(graftlm.save_adapter(adapted, tmp_path / f"ad{seed}"))
+        del adapted
+    out = tmp_path / "c"
+    argv = ["combine", "--adapter", f"a={folders[0]}", "--adapter", f"b={folders[1]}"]
+    argv += ["--weights", "0.5,0.5", "--how", "ties", "--density", "0.5", "--out", str(out)]
+    assert main(argv) == 0
+    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), folders[0], adapter_name="a")
+    oracle.load_adapter(folders[1], adapter_name="b")
+    oracle.add_weighted_adapter(["a", "b"], [0.5, 0.5], "c", combination_type="ties", density=0.5)
+    oracle.set_adapter("c")
+    expected = peft_tensors_of(oracle, "c")
+    found = load_file(out / "adapter_model.safetensors")
+    assert sorted(found) == sorted(expected)
+    assert all(torch.equal(found[k], expected[k]) for k in expected)
+    want = logits(oracle.eval())
+    del oracle
+    loaded = peft.PeftModel.from_pretrained(base, out).eval()
+    torch.testing.assert_close(logits(loaded), want, atol=1e-5, rtol=0)
