@@ -1,0 +1,148 @@
+"""Activation memory per token, measured on a scaled-down copy of the model under graftlm's forward.
+
+What autograd keeps for the backward depends on every detail of the forward: the fused RMSNorm /
+rotary / SwiGLU kernels, the fp32 casts of LoRA's inputs, the NF4 layers' dequantization, the
+attention implementation. Rather than a formula that drifts from the code, the plan builds the
+model with every width divided by `s` (hidden, intermediate and head size; head counts kept),
+one and two decoder layers, attaches the method, and runs one training forward of
+`train/forward.py: loss_sum` under `saved_tensors_hooks`, counting the distinct storages saved
+that are not parameters. Nearly every saved activation is `tokens x width`, so the real model
+keeps `s` times the proxy's bytes per token (LoRA's rank-sized tensors are counted apart, at
+their real size); the difference between two and one layers is one layer's share.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graftlm.adapters.state import adapter_state
+from graftlm.kernels.fused_ops import fused_forwards
+from graftlm.methods import method_module
+from graftlm.plan.shapes import ModelShape
+from graftlm.train.config import TrainConfig
+from graftlm.train.forward import autocast, loss_sum
+
+PROXY_ROWS, PROXY_TOKENS = 2, 43  # a prime length no width of a scaled-down model equals
+PROXY_VOCAB = 256
+SCALES = (16, 8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Bytes per token that a training forward keeps for its backward."""
+
+    per_layer: int  # one decoder layer's saved activations
+    outside_layers: int  # embeddings, final norm, the fused loss's saved gradient
+    layer_input: int  # one layer's input (all a checkpointed layer keeps)
+
+
+def proxy_scale(shape: ModelShape) -> int:
+    """The largest width divisor that keeps every width whole and head sizes even (rotary)."""
+    for s in SCALES:
+        if (
+            shape.hidden % s == 0
+            and shape.intermediate % s == 0
+            and shape.head_dim % (2 * s) == 0
+            and shape.hidden // s >= shape.heads
+        ):
+            return s
+    return 1
+
+
+def activation_profile(
+    shape: ModelShape, cfg: TrainConfig, method: str, compute_dtype: torch.dtype
+) -> ActivationProfile:
+    """Measure the bytes per token that `method` keeps under graftlm's training forward.
+
+    Args:
+        shape: the model (its transformers config is scaled down).
+        cfg: the run's settings (rank, targets, ...), `method` attached as training does.
+        method: a registered method name, or "full" (every parameter trains) / "dora" (planned
+            as LoRA: the magnitude vector adds one `out`-sized product per layer, which is small).
+        compute_dtype: torch.float32 or torch.bfloat16 (autocast and base weights, as in training).
+    """
+    s = proxy_scale(shape)
+    saved = {n: _saved_bytes(shape, cfg, method, compute_dtype, s, n) for n in (1, 2)}
+    per_layer = saved[2][0] - saved[1][0]
+    rank_bytes = saved[2][1] - saved[1][1]  # rank-sized tensors: not scaled
+    outside = max(0, saved[1][0] - per_layer)
+    tokens = PROXY_ROWS * PROXY_TOKENS
+    act = torch.tensor([], dtype=compute_dtype).element_size()
+    return ActivationProfile(
+        per_layer=math.ceil((per_layer * s + rank_bytes) / tokens),
+        outside_layers=math.ceil(outside * s / tokens),
+        layer_input=shape.hidden * act,
+    )
+
+
+def _saved_bytes(
+    shape: ModelShape, cfg: TrainConfig, method: str, dtype: torch.dtype, s: int, layers: int
+) -> tuple[int, int]:
+    """(bytes of width-sized saved tensors, bytes of rank-sized ones) of one proxy forward."""
+    model = _proxy(shape, s, layers, dtype)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        attached = "lora" if method == "dora" else method
+        adapter_state(model).fingerprint = {"architecture": "proxy", "weights_sha256": ""}
+        method_module(attached).attach(model, cfg)
+    model.train()
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    own |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    rank = cfg.rank or 8
+    seen: dict[int, tuple[int, bool]] = {}
+    # a saved tensor with a token dimension (the loss keeps the T - 1 positions that predict one)
+    rows, tokens = PROXY_ROWS, PROXY_TOKENS
+    token_dims = {tokens, tokens - 1, rows * tokens, rows * (tokens - 1)}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in own and token_dims & set(tensor.shape):
+            seen[ptr] = (storage.nbytes(), tensor.dim() > 0 and tensor.shape[-1] == rank)
+        return tensor
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, PROXY_VOCAB, (PROXY_ROWS, PROXY_TOKENS), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    with (
+        fused_forwards(model),
+        autocast(dtype),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        loss, _ = loss_sum(model, batch, dtype, share_prefix=False)
+    del loss
+    width = sum(n for n, is_rank in seen.values() if not is_rank)
+    ranked = sum(n for n, is_rank in seen.values() if is_rank)
+    return width, ranked
+
+
+def _proxy(shape: ModelShape, s: int, layers: int, dtype: torch.dtype) -> nn.Module:
+    """The model with widths / s, `layers` decoder layers, a small vocabulary, random weights."""
+    from transformers import AutoModelForCausalLM  # heavy
+
+    config = copy.deepcopy(shape.model.config)
+    config.hidden_size = shape.hidden // s
+    if hasattr(config, "intermediate_size"):
+        config.intermediate_size = shape.intermediate // s
+    elif hasattr(config, "n_inner"):
+        config.n_inner = shape.intermediate // s
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = shape.head_dim // s
+    config.num_hidden_layers = layers
+    config.vocab_size = PROXY_VOCAB
+    for name in ("layer_types", "max_window_layers"):
+        if getattr(config, name, None) is not None and name == "layer_types":
+            config.layer_types = config.layer_types[:layers]
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype)
