@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 
+from graftlm.cli.combine import expand_mixes
 from graftlm.cli.infer import adapter_map
 
 logger = logging.getLogger("graftlm")
@@ -23,7 +24,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--model", default=None, help="base model (default: the adapters' base, else built-in)"
     )
     p.add_argument(
-        "--adapter", action="append", help="NAME=DIR (repeatable); request it as model=NAME"
+        "--adapter",
+        action="append",
+        help="NAME=DIR (repeatable); request it as model=NAME. NAME=a:0.5,b:0.5 serves the "
+        "weighted sum of adapters a and b (graftlm combine --how cat, not written by you)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -42,6 +46,30 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="bytes of adapter weights kept loaded, e.g. 2GB (least recently used unloaded)",
     )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="prompts that may wait for a batch row; past it requests get 429 with Retry-After",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take in all, queue included (408 past it)",
+    )
+    p.add_argument(
+        "--allow-runtime-adapters",
+        action="store_true",
+        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (off: a client could "
+        "make the server read any file); needs --adapter-root",
+    )
+    p.add_argument(
+        "--adapter-root",
+        default=None,
+        metavar="DIR",
+        help="the one folder runtime loads may read from (paths leaving it are refused)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--force", action="store_true", help="load adapters despite a base mismatch")
     p.set_defaults(func=cmd_serve)
@@ -56,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("GRAFTLM_API_KEY") or None
     server, state = create_server(
         args.model,
-        adapter_map(args.adapter),
+        expand_mixes(adapter_map(args.adapter)),
         host=args.host,
         port=args.port,
         api_key=api_key,
@@ -67,6 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapter_memory=parse_bytes(args.adapter_memory) if args.adapter_memory else None,
         dtype=args.dtype,
         force=args.force,
+        allow_runtime_adapters=args.allow_runtime_adapters,
+        adapter_root=args.adapter_root,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
         log_level="debug" if logger.isEnabledFor(logging.DEBUG) else "warning",
     )
     names = ", ".join([state.base_name, *state.registry.names()])

@@ -18,8 +18,10 @@ Endpoints, by group:
 
 Requests are decoded by `graftlm.serve.scheduler.Engine` (continuous batching, one adapter per
 row) over a `graftlm.serve.adapter_pool.AdapterRegistry` (many adapters, an LRU memory budget).
-Request parsing and response shapes live in `graftlm.serve.openai_api`. Without `--api-key` only
-loopback clients are served.
+Request parsing and response shapes live in `graftlm.serve.openai_api`; what the server refuses
+beyond that (runtime adapter loading, a full queue, a request past its time) in
+`graftlm.serve.limits`. Without `--api-key` only loopback clients are served; the key is compared
+in constant time and never logged.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request)
@@ -38,6 +40,7 @@ from graftlm.errors import GraftError
 from graftlm.infer.generate import base_for_adapters, load_for_inference
 from graftlm.models.load import model_id_of
 from graftlm.serve.adapter_pool import AdapterRegistry
+from graftlm.serve.limits import check_adapter_root
 from graftlm.serve.openai_api import ApiError, error_body
 from graftlm.serve.routes_completions import add_completion_routes
 from graftlm.serve.routes_models import add_model_routes
@@ -73,7 +76,7 @@ def add_error_handlers(app: Any) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(error_body(exc), status_code=exc.status)
+        return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
@@ -126,12 +129,17 @@ def add_health_route(app: Any, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         registry = state.registry
+        stats = state.engine.stats()
         body = {
             "status": "ok" if state.engine.alive else "engine stopped",
-            **state.engine.stats(),
+            **stats,
+            "queue_depth": stats["waiting"],
+            "max_queue": state.max_queue,
             "adapters_registered": len(registry.names()),
             "adapters_loaded": len(registry.loaded()),
+            "loaded_adapters": sorted(registry.loaded()),
             "adapter_bytes_loaded": registry.loaded_bytes(),
+            "runtime_adapters": state.adapter_root is not None,
         }
         return JSONResponse(body, status_code=200 if state.engine.alive else 503)
 
@@ -163,6 +171,10 @@ def create_server(
     dtype: str = "float32",
     force: bool = False,
     log_level: str = "warning",
+    allow_runtime_adapters: bool = False,
+    adapter_root: str | None = None,
+    max_queue: int = 256,
+    request_timeout: float = 600.0,
 ):
     """Load the base model and adapters, start the engine, and build the uvicorn server.
 
@@ -177,6 +189,12 @@ def create_server(
         dtype: "float32" or "bfloat16".
         force: load adapters despite a base-fingerprint mismatch.
         log_level: uvicorn's log level.
+        allow_runtime_adapters: serve `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`
+            (off by default: a client could make the server read any file).
+        adapter_root: the one folder runtime loads may read from (needed with
+            `allow_runtime_adapters`; paths leaving it, symlinks included, are refused).
+        max_queue: prompts that may wait for a batch row; past it requests get 429.
+        request_timeout: seconds a request may take in all (408 past it, its rows freed).
 
     Returns:
         (uvicorn.Server, ServerState); `server.run()` serves until SIGINT/SIGTERM (or
@@ -195,6 +213,12 @@ def create_server(
             "--max-batch, --max-prompt-tokens, --max-tokens-limit and --max-body-bytes "
             "should be positive"
         )
+    if max_queue <= 0 or not request_timeout > 0:
+        raise GraftError(
+            f"--max-queue and --request-timeout should be positive, got {max_queue!r} and "
+            f"{request_timeout!r}"
+        )
+    root = check_adapter_root(adapter_root, allow_runtime_adapters)
     engine, base_name = _start_engine(model, adapters, max_batch, adapter_memory, dtype, force)
     context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 1 << 30)
     state = ServerState(
@@ -206,6 +230,9 @@ def create_server(
         max_body_bytes=max_body_bytes,
         context=context,
         created=int(time.time()),
+        adapter_root=root,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
     )
     app = build_app(state)
     app.router.lifespan_context = _lifespan(engine)

@@ -38,6 +38,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
@@ -47,6 +48,7 @@ class ApiError(Exception):
             param,
             code,
         )
+        self.headers = headers  # sent with the error, e.g. a 429's Retry-After
 
 
 def error_body(error: ApiError) -> dict:
@@ -317,7 +319,9 @@ async def read_json(request, limit: int) -> dict:
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:  # "[[[[..." nested past Python's stack: a client's error, not ours
+        raise ApiError(400, "request body is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
         raise ApiError(400, f"request body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body should be a JSON object, got {type(body).__name__}")

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from graftlm.errors import GraftError
+from graftlm.serve.limits import check_queue, timed_out
 from graftlm.serve.openai_api import (
     ApiError,
     Job,
@@ -45,17 +46,23 @@ async def generate(request: Any, state: ServerState, chat: bool) -> Any:
     from fastapi.responses import StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
-    body = await read_json(request, state.max_body_bytes)
+    timeout = state.request_timeout
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:  # a body trickled in byte by byte holds a connection: it counts against the timeout
+        body = await asyncio.wait_for(read_json(request, state.max_body_bytes), timeout)
+    except asyncio.TimeoutError:
+        raise timed_out(timeout) from None
     job = await run_in_threadpool(parse_generation, body, state, chat)
+    check_queue(state.engine, state.max_queue, len(job.prompts))
     queue: asyncio.Queue = asyncio.Queue()
     requests = submit(job, queue, state)  # before any byte is sent: a refusal is still a 503
     if job.stream:
         return StreamingResponse(
-            stream(job, chat, queue, requests),
+            stream(job, chat, queue, requests, deadline, timeout),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    results = await collect(request, queue, requests)
+    results = await collect(request, queue, requests, deadline, timeout)
     choices = [(i, result["text"], result["finish_reason"]) for i, result in enumerate(results)]
     return completion_response(job, chat, choices, usage(results))
 
@@ -83,14 +90,21 @@ def submit(job: Job, queue: asyncio.Queue, state: ServerState) -> list[EngineReq
     return requests
 
 
-async def collect(request: Any, queue: asyncio.Queue, requests: list) -> list[dict]:
-    """Wait for every request's "done" event; give up (and free the rows) if the client leaves."""
+async def collect(
+    request: Any, queue: asyncio.Queue, requests: list, deadline: float, timeout: float
+) -> list[dict]:
+    """Wait for every request's "done" event; give up (and free the rows) if the client leaves
+    or the loop's clock passes `deadline` (408)."""
+    loop = asyncio.get_running_loop()
     results: list[dict | None] = [None] * len(requests)
     texts = [""] * len(requests)
     try:
         while any(r is None for r in results):
+            left = deadline - loop.time()
+            if left <= 0:
+                raise timed_out(timeout)
             try:
-                index, event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                index, event = await asyncio.wait_for(queue.get(), timeout=min(0.5, left))
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     # nobody reads the answer: stop (finally frees the rows)
@@ -107,15 +121,26 @@ async def collect(request: Any, queue: asyncio.Queue, requests: list) -> list[di
     return results
 
 
-async def stream(job: Job, chat: bool, queue: asyncio.Queue, requests: list):
-    """The server-sent events of a streamed answer, ending in ``data: [DONE]``."""
+async def stream(
+    job: Job, chat: bool, queue: asyncio.Queue, requests: list, deadline: float, timeout: float
+):
+    """The server-sent events of a streamed answer, ending in ``data: [DONE]``.
+
+    A client that disconnects cancels this generator where it waits (Starlette watches the
+    connection), and `finally` frees the rows at the engine's next step.
+    """
+    loop = asyncio.get_running_loop()
     finished: list[dict | None] = [None] * len(requests)
     try:
         if chat:
             for i in range(len(requests)):
                 yield sse(stream_chunk(job, chat, i, role="assistant", text=""))
         while any(r is None for r in finished):
-            index, event = await queue.get()
+            try:
+                index, event = await asyncio.wait_for(queue.get(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                yield sse(error_body(timed_out(timeout)))
+                break
             if event.kind == "error":
                 error = engine_error(event.error)
                 yield sse(error_body(error))

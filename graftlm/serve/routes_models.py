@@ -1,5 +1,6 @@
 """`GET /v1/models` (the base and every registered adapter), and vLLM's
-`POST /v1/load_lora_adapter` / `POST /v1/unload_lora_adapter` to change the adapters served.
+`POST /v1/load_lora_adapter` / `POST /v1/unload_lora_adapter` to change the adapters served
+(off unless `--allow-runtime-adapters`, and confined to `--adapter-root`: `graftlm.serve.limits`).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request)
@@ -9,6 +10,7 @@ from typing import Any
 
 from graftlm.errors import GraftError
 from graftlm.serve.adapter_pool import UnknownAdapter
+from graftlm.serve.limits import hide_root, runtime_adapter_path, runtime_adapters_off
 from graftlm.serve.openai_api import ApiError, model_card, read_json
 from graftlm.serve.state import ServerState
 
@@ -33,13 +35,15 @@ def add_model_routes(app: Any, state: ServerState, authorize: Any) -> None:
         for field, value in (("lora_name", name), ("lora_path", path)):
             if not isinstance(value, str) or not value:
                 raise ApiError(400, f"{field!r} should be a non-empty string", param=field)
+        folder = runtime_adapter_path(state.adapter_root, path)
         if name == state.base_name or name in state.registry:
             raise ApiError(400, f"the adapter {name!r} has already been loaded", param="lora_name")
         try:
-            await run_in_threadpool(state.registry.register, name, path, load=True)
+            await run_in_threadpool(state.registry.register, name, folder, load=True)
         except GraftError as exc:
-            raise ApiError(400, str(exc), param="lora_path") from None
-        logger.info("loaded adapter %r from %s", name, path)
+            message = hide_root(str(exc), state.adapter_root)
+            raise ApiError(400, message, param="lora_path") from None
+        logger.info("loaded adapter %r from %s", name, folder)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=[Depends(authorize)])
@@ -48,6 +52,8 @@ def add_model_routes(app: Any, state: ServerState, authorize: Any) -> None:
         name = body.get("lora_name")
         if not isinstance(name, str) or not name:
             raise ApiError(400, "'lora_name' should be a non-empty string", param="lora_name")
+        if state.adapter_root is None:  # changing the adapters served is one switch, both ways
+            raise runtime_adapters_off()
         try:
             await run_in_threadpool(state.registry.unregister, name)
         except UnknownAdapter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -19,6 +20,10 @@ class ServerState:
         max_body_bytes: the largest request body accepted.
         context: the model's context length (prompt + generated tokens).
         created: when the server started (Unix time), the `created` of its model cards.
+        adapter_root: the real path of the one folder `/v1/load_lora_adapter` may load from;
+            None: runtime loading is off (`graftlm.serve.limits`).
+        max_queue: the most prompts waiting for a batch row; past it requests get 429.
+        request_timeout: seconds a request may take, from its first byte to its last token.
     """
 
     engine: Any
@@ -29,6 +34,9 @@ class ServerState:
     max_body_bytes: int = 1 << 20
     context: int = 2048
     created: int = 0
+    adapter_root: Path | None = None
+    max_queue: int = 256
+    request_timeout: float = 600.0
 
     @property
     def registry(self):

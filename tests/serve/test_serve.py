@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import helpers
 import pytest
@@ -27,9 +25,10 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import graftlm  # noqa: E402
+from serving import Server, free_port, make_adapter, solo  # noqa: E402
+
 from graftlm.data.dataset import prompt_for_generation  # noqa: E402
-from graftlm.infer.generate import SamplingConfig, generate, load_for_inference  # noqa: E402
+from graftlm.infer.generate import load_for_inference  # noqa: E402
 from graftlm.methods.lora.config import LoraConfig  # noqa: E402
 
 ADAPTERS = {
@@ -38,49 +37,6 @@ ADAPTERS = {
     "gamma": LoraConfig(rank=2, alpha=4, targets=("o_proj", "down_proj")),  # loaded at runtime
 }
 PROMPTS = ["hello there", "a", "the quick brown fox", "xyz 123", "ok ok", "tell me", "zz", "abc"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def make_adapter(folder: Path, config: LoraConfig, seed: int) -> Path:
-    model = helpers.tiny_llama()
-    graftlm.inject(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return graftlm.save_adapter(model, folder)
-
-
-class Server:
-    """A server running in a background thread; `stop()` shuts it down as SIGTERM would."""
-
-    def __init__(self, model_dir: Path, adapters: dict[str, str], **kwargs) -> None:
-        from graftlm.serve.app import create_server
-
-        self.port = free_port()
-        self.server, self.state = create_server(
-            str(model_dir), adapters, port=self.port, log_level="error", **kwargs
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def client(self, key: str = "unused") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +50,19 @@ def setup(tmp_path_factory):
         for seed, (name, config) in enumerate(ADAPTERS.items())
     }
     served = {n: folders[n] for n in ("alpha", "beta")}
-    server = Server(model_dir, served, max_prompt_tokens=64, max_tokens_limit=48, max_batch=4)
+    server = Server(
+        model_dir,
+        served,
+        max_prompt_tokens=64,
+        max_tokens_limit=48,
+        max_batch=4,
+        allow_runtime_adapters=True,
+        adapter_root=str(root),
+    )
     reference, tokenizer = load_for_inference(str(model_dir), folders)
     yield server, reference, tokenizer, folders, model_dir
     server.stop()
     torch.set_num_threads(threads)
-
-
-def solo(reference, tokenizer, prompt: str, adapter: str | None, max_tokens: int, chat: bool):
-    """The text `graftlm generate` gives for this prompt with this adapter alone."""
-    if chat:
-        prompt = prompt_for_generation(
-            {"messages": [{"role": "user", "content": prompt}]}, tokenizer
-        )
-    sampling = SamplingConfig(max_new_tokens=max_tokens)
-    return generate(reference, tokenizer, [prompt], adapters=[adapter], sampling=sampling)[0]
 
 
 def test_models_lists_the_base_and_each_adapter(setup):
@@ -277,15 +231,17 @@ def test_runtime_load_and_unload(setup):
     client = server.client()
     load = server.url + "/v1/load_lora_adapter"
     unload = server.url + "/v1/unload_lora_adapter"
-    response = httpx.post(load, json={"lora_name": "gamma", "lora_path": folders["gamma"]})
+    # runtime loading is on for this server, confined to the folder holding the adapters
+    response = httpx.post(load, json={"lora_name": "gamma", "lora_path": "gamma"})
     assert response.status_code == 200, response.text
     assert "gamma" in [m.id for m in client.models.list().data]
     reply = client.completions.create(model="gamma", prompt="ok ok", max_tokens=8)
     assert reply.choices[0].text == solo(reference, tokenizer, "ok ok", "gamma", 8, chat=False)
     again = httpx.post(load, json={"lora_name": "gamma", "lora_path": folders["gamma"]})
     assert again.status_code == 400
-    missing = httpx.post(load, json={"lora_name": "delta", "lora_path": "/no/such/folder"})
+    missing = httpx.post(load, json={"lora_name": "delta", "lora_path": "no/such/folder"})
     assert missing.status_code == 400 and "does not exist" in missing.json()["error"]["message"]
+    assert str(server.state.adapter_root) not in missing.json()["error"]["message"]
     assert httpx.post(load, json={"lora_name": "x"}).status_code == 400
     assert httpx.post(unload, json={"lora_name": "gamma"}).status_code == 200
     with pytest.raises(openai.NotFoundError):
