@@ -1,8 +1,14 @@
-"""`graftlm combine`: LoRA adapter folders into one (PEFT's `add_weighted_adapter`)."""
+"""`graftlm combine`: LoRA adapter folders into one (PEFT's `add_weighted_adapter`); and the
+weighted mixes `graftlm serve --adapter mix=a:0.5,b:0.5` serves."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import re
+import shutil
+import tempfile
 
 from graftlm.cli.infer import adapter_map
 from graftlm.errors import GraftError
@@ -101,3 +107,48 @@ def cmd_combine(args: argparse.Namespace) -> int:
     )
     print(f"combined adapter ({args.how}) written to {out}")
     return 0
+
+
+# NAME:WEIGHT[,NAME:WEIGHT...], the names being other --adapter entries
+_MIX = re.compile(
+    r"[^,:=]+:[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?(?:,[^,:=]+:[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)*"
+)
+
+
+def expand_mixes(adapters: dict[str, str]) -> dict[str, str]:
+    """Turn `--adapter NAME=a:0.5,b:0.5` entries into folders: the weighted sum of the
+    adapters named a and b (other `--adapter` entries), written by rule `cat` (exactly
+    0.5·ΔW_a + 0.5·ΔW_b, at the sum of their ranks) into a temporary folder removed at exit.
+
+    Returns:
+        {name: folder}, the mixes' values replaced by their folders.
+
+    Raises:
+        GraftError: a mix names no plain --adapter entry; what `combine_adapters` refuses.
+    """
+    mixes = {
+        name: value
+        for name, value in adapters.items()
+        if _MIX.fullmatch(value) and not os.path.exists(value)
+    }
+    if not mixes:
+        return adapters
+    # torch-backed: imported only when a mix is asked for
+    from graftlm.adapters.combine import combine_adapters
+
+    root = tempfile.mkdtemp(prefix="graftlm-mix-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    out = dict(adapters)
+    for name, value in mixes.items():
+        parts = [part.rpartition(":") for part in value.split(",")]
+        sources = {}
+        for source, _, _ in parts:
+            if source not in adapters or source in mixes:
+                raise GraftError(
+                    f"--adapter {name}={value}: {source!r} is not the name of another --adapter "
+                    f"NAME=DIR (given: {', '.join(n for n in adapters if n not in mixes)})"
+                )
+            sources[source] = adapters[source]
+        weights = [float(weight) for _, _, weight in parts]
+        out[name] = str(combine_adapters(sources, weights, os.path.join(root, name), how="cat"))
+    return out

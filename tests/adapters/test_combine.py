@@ -355,3 +355,20 @@ def test_builtin_model_ties_equals_peft(smollm2_copy, tmp_path):
     del oracle
     loaded = peft.PeftModel.from_pretrained(base, out).eval()
     torch.testing.assert_close(logits(loaded), want, atol=1e-5, rtol=0)
+
+
+def test_serve_mix_is_the_sum_of_its_adapters(llama_folders, tmp_path):
+    """`graftlm serve --adapter mix=a:1,b:1`: the mix's folder gives the logits of both
+    adapters active at once (PEFT's multi-adapter forward), the others are served as given."""
+    from graftlm.cli.combine import expand_mixes
+
+    given = {"a": str(llama_folders["a"]), "b": str(llama_folders["b"]), "mix": "a:1,b:1.0"}
+    served = expand_mixes(given)
+    assert {k: served[k] for k in ("a", "b")} == {k: given[k] for k in ("a", "b")}
+    both = peft.PeftModel.from_pretrained(helpers.tiny_llama(), given["a"], adapter_name="a")
+    both.load_adapter(given["b"], adapter_name="b")
+    both.base_model.set_adapter(["a", "b"])
+    mix = peft.PeftModel.from_pretrained(helpers.tiny_llama(), served["mix"]).eval()
+    torch.testing.assert_close(logits(mix), logits(both.eval()), atol=1e-5, rtol=0)
+    with pytest.raises(GraftError, match="'c' is not the name of another --adapter"):
+        expand_mixes({**given, "mix": "a:0.5,c:0.5"})
