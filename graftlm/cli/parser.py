@@ -17,7 +17,6 @@ from graftlm.cli.combine import add_combine
 from graftlm.cli.export import add_export, add_inspect, add_merge
 from graftlm.cli.infer import add_chat, add_eval, add_generate
 from graftlm.cli.plan import add_plan
-from graftlm.cli.plan import add_plan
 from graftlm.cli.serve import add_serve
 from graftlm.cli.sweep import add_sweep
 from graftlm.cli.train import add_train
@@ -33,7 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         add_train,
         add_sweep,
-        add_plan,
         add_plan,
         add_generate,
         add_chat,
