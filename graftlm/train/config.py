@@ -134,6 +134,9 @@ class TrainConfig:
     init_rank: int | None = setting(None, "AdaLoRA: starting rank per matrix; default per method")
     skip_bad_rows: bool = setting(False, "warn about and skip bad data rows instead of failing")
     resume: bool = setting(False, "continue from OUT/checkpoint")
+    force: bool = setting(
+        False, "train even when `graftlm plan` predicts a peak above this machine's memory"
+    )
     threads: int | None = setting(None, "torch threads (default: all cores)")
 
     def __post_init__(self) -> None:

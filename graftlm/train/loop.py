@@ -34,6 +34,7 @@ from graftlm.kernels.fused_ops import fused_forwards
 from graftlm.methods import method_module
 from graftlm.methods.lora.inject import base_fingerprint
 from graftlm.models.load import load_model
+from graftlm.plan.preflight import preflight
 from graftlm.train import checkpoint as ckpt
 from graftlm.train import checkpointing
 from graftlm.train.adaptive import early_stop_for, pad_token_id
@@ -106,6 +107,8 @@ def train(
     compute_dtype = compute_dtype_for(cfg.dtype, device)
     metrics = MetricsWriter(out)
     state = _resume_state(cfg, out, metrics, runtime)
+    if prepared is None:  # the plan's peak, before any weight or row is read (or --force)
+        preflight(cfg, device, runtime.log)
     torch.manual_seed(cfg.seed)
     model, prepared = _base_for_run(prepared, cfg, runtime, device, compute_dtype)
     tokenizer, pad_id = prepared.tokenizer, pad_token_id(prepared.tokenizer)
