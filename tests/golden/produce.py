@@ -31,7 +31,8 @@ TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
 # Settings the adaptive recipe changed after the restructure (issue 18): new fields, and `epochs`,
 # which the methods' recipes no longer fill in (they give `max_epochs`). graftlm.json records
 # every setting, so these differ by design; with --steps none of them changes what a run computes.
-RECIPE_SETTINGS = ("max_epochs", "patience", "time_budget", "lora_init", "epochs")
+# `force` (issue 20: train despite the plan's memory check) changes nothing a run computes either.
+RECIPE_SETTINGS = ("max_epochs", "patience", "time_budget", "lora_init", "epochs", "force")
 
 
 def _rows(n: int = 24) -> list[dict]:
