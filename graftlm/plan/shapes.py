@@ -27,8 +27,8 @@ from graftlm.adapters.modules import is_linear, linear_dims, output_head_names
 from graftlm.adapters.state import adapter_state
 from graftlm.errors import GraftError
 from graftlm.methods import method_module
+from graftlm.methods.lora.config import LoraConfig, training_settings
 from graftlm.methods.lora.inject import find_targets
-from graftlm.methods.lora.method import train_config as lora_train_config
 from graftlm.plan import METHODS  # noqa: F401  (re-exported for callers of shapes)
 from graftlm.train.config import TrainConfig
 
@@ -218,7 +218,8 @@ def trainable(shape: ModelShape, cfg: TrainConfig) -> Trainable:
         tensors = {f"model.{n}": tuple(p.shape) for n, p in shape.model.named_parameters()}
         return Trainable(shape.total_params, shape.total_params, tensors)
     if method in LORA_FAMILY:
-        lora = lora_train_config(cfg)  # the LoraConfig `graftlm train` would inject
+        # the LoraConfig `graftlm train` injects (methods/lora/method.py: attach)
+        lora = LoraConfig(rank=cfg.rank or 8, **training_settings(cfg))
         targets = find_targets(shape.model, lora)
         by_name = {lin.name: lin for lin in shape.linears}
         if shape.head is not None:
