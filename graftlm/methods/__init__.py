@@ -18,6 +18,8 @@ from graftlm.errors import GraftError
 REGISTRY: dict[str, str] = {
     "lora": "graftlm.methods.lora.method",
     "qlora": "graftlm.methods.lora.qlora",
+    "dora": "graftlm.methods.lora.dora",
+    "qdora": "graftlm.methods.lora.qdora",
     "adalora": "graftlm.methods.adalora.method",
     "prompt": "graftlm.methods.virtual_tokens.prompt",
     "prefix": "graftlm.methods.virtual_tokens.prefix",
@@ -46,7 +48,7 @@ def method_module(name: str) -> ModuleType:
 
 
 def folder_method(path: str | os.PathLike) -> str:
-    """Which method saved the adapter folder `path` ("lora" for LoRA and QLoRA alike).
+    """Which method saved the adapter folder `path` ("lora" for LoRA, QLoRA, DoRA and QDoRA).
 
     Raises:
         GraftError: no readable adapter_config.json, or a peft_type graftlm does not implement.

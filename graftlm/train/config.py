@@ -13,7 +13,18 @@ from typing import Any
 
 from graftlm.errors import GraftError, check_choice
 
-METHODS = ("lora", "qlora", "adalora", "prompt", "prefix", "bottleneck", "ia3", "full")
+METHODS = (
+    "lora",
+    "qlora",
+    "dora",
+    "qdora",
+    "adalora",
+    "prompt",
+    "prefix",
+    "bottleneck",
+    "ia3",
+    "full",
+)
 PLACEMENTS = ("both", "mlp")
 DTYPES = ("auto", "bfloat16", "float32")
 

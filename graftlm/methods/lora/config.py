@@ -63,6 +63,9 @@ class LoraConfig:
         bias: which existing biases train: `"none"`, `"lora_only"` (those of adapted layers), `"all"`.
         modules_to_save: whole modules trained and saved in full (e.g. a classifier head).
         quantize: `None`, or `"nf4"` for a QLoRA base (frozen linear weights stored in 4 bits).
+        use_dora: DoRA (weight-decomposed LoRA, Liu et al. 2024): each adapted linear computes
+            `m * (W + scale·B·A) x / ||W + scale·B·A||_row` with a trainable magnitude `m` per
+            output feature, initialised to the row norms of W (`methods/lora/dora_layer.py`).
     """
 
     rank: int = 8
@@ -78,6 +81,7 @@ class LoraConfig:
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
     quantize: str | None = None
+    use_dora: bool = False
 
     method = "lora"
 
@@ -138,6 +142,8 @@ class LoraConfig:
             self, "modules_to_save", tuple(_as_tuple(self.modules_to_save, "modules_to_save") or ())
         )
         check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
+        if not isinstance(self.use_dora, bool):
+            raise GraftError(f"use_dora should be true or false, got {self.use_dora!r}")
 
     # -- per-module values -------------------------------------------------------------------
 
@@ -195,7 +201,7 @@ class LoraConfig:
             "bias": self.bias,
             "modules_to_save": list(self.modules_to_save) or None,
             "fan_in_fan_out": False,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
         }
 
@@ -207,7 +213,7 @@ class LoraConfig:
 
         Raises:
             GraftError: a required field is missing, or the file asks for a LoRA variant
-                graftlm does not implement (DoRA, lora_bias, ...), naming the field.
+                graftlm does not implement (lora_bias, QALoRA), naming the field.
         """
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
@@ -215,7 +221,7 @@ class LoraConfig:
         missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in data]
         if missing:
             raise GraftError(f"{source}: missing required field(s) {', '.join(missing)}")
-        for unsupported in ("use_dora", "lora_bias", "use_qalora"):
+        for unsupported in ("lora_bias", "use_qalora"):
             if data.get(unsupported):
                 raise GraftError(f"{source}: {unsupported}=true is not supported by graftlm")
         targets = data["target_modules"]
@@ -235,6 +241,7 @@ class LoraConfig:
             bias=data.get("bias") or "none",
             modules_to_save=tuple(data.get("modules_to_save") or ()),
             quantize=graft.get("quantize"),
+            use_dora=bool(data.get("use_dora", False)),
         )
 
 

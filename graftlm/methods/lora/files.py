@@ -69,6 +69,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             lora_b = torch.cat([lora_b, -b0], dim=1)
         out[f"{key}.lora_A.weight"] = lora_a
         out[f"{key}.lora_B.weight"] = lora_b
+        if name in layer.lora_magnitude_vector:  # DoRA's m, `[out]`, under PEFT's key
+            out[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].detach().float()
         if config.bias != "none" and getattr(layer, "bias", None) is not None:
             out[f"{key}.base_layer.bias"] = layer.bias.detach()
     if config.bias == "all":
@@ -211,6 +213,9 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
 # own files may name the adapter ("...q_proj.lora_A.default.weight")
 _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight")
 _EMB_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
+# DoRA's magnitude: PEFT's files write "...q_proj.lora_magnitude_vector" (its model holds
+# "...lora_magnitude_vector.<adapter>.weight")
+_MAG_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_magnitude_vector)(?:\.[^.]+\.weight)?")
 
 
 def load_adapter(
@@ -246,6 +251,7 @@ def load_adapter(
     check_fingerprint(model, graft, folder, force=True)
 
     lora, rest = group_keys(tensors, _LORA_KEY)
+    magnitudes, rest = group_keys(rest, _MAG_KEY)
     embeddings, rest = group_keys(rest, _EMB_KEY)
     for module_name, pair in embeddings.items():
         lora[module_name] = {k.replace("lora_embedding_", "lora_"): v for k, v in pair.items()}
@@ -269,6 +275,7 @@ def load_adapter(
                 f"which {type(model).__name__} does not have: the adapter was trained on another architecture"
             )
         _check_shapes(folder, module_name, module, pair, config)
+    _check_magnitudes(folder, lora, magnitudes, config)
     check_fingerprint(model, graft, folder, force)
 
     exact = "^(?:" + "|".join(re.escape(n) for n in lora) + ")$"
@@ -284,6 +291,9 @@ def load_adapter(
             else:
                 layer.lora_A[name].weight.copy_(pair["lora_A"])
                 layer.lora_B[name].weight.copy_(pair["lora_B"])
+                if module_name in magnitudes:
+                    magnitude = magnitudes[module_name]["lora_magnitude_vector"]
+                    layer.lora_magnitude_vector[name].copy_(magnitude)
         _load_others(model, name, config, others, folder)
     if activate:
         set_adapter(model, name)
@@ -318,6 +328,38 @@ def _check_shapes(
             f"{folder / WEIGHTS_FILE}: {module_name} has rank {rank}, but {CONFIG_FILE} gives it "
             f"rank {config.rank_for(module_name)} (r / rank_pattern)"
         )
+
+
+def _check_magnitudes(folder: Path, lora: dict, magnitudes: dict, config: LoraConfig) -> None:
+    """DoRA: a `[out]` magnitude for every adapted module when `use_dora`, none otherwise."""
+    if not config.use_dora:
+        if magnitudes:
+            raise GraftError(
+                f"{folder / WEIGHTS_FILE}: has lora_magnitude_vector tensors (DoRA), but "
+                f"{CONFIG_FILE} does not set use_dora: true"
+            )
+        return
+    missing = sorted(set(lora) - set(magnitudes))
+    if missing:
+        raise GraftError(
+            f"{folder / WEIGHTS_FILE}: {CONFIG_FILE} sets use_dora: true, but these modules have "
+            f"no lora_magnitude_vector: {missing[:10]}"
+        )
+    for module_name, entry in magnitudes.items():
+        if module_name not in lora:
+            raise GraftError(
+                f"{folder / WEIGHTS_FILE}: {PREFIX}{module_name}.lora_magnitude_vector has no "
+                "lora_A / lora_B beside it"
+            )
+        found, out_f = (
+            tuple(entry["lora_magnitude_vector"].shape),
+            lora[module_name]["lora_B"].shape[0],
+        )
+        if found != (out_f,):
+            raise GraftError(
+                f"{folder / WEIGHTS_FILE}: {PREFIX}{module_name}.lora_magnitude_vector: expected "
+                f"shape {(out_f,)}, found {found}"
+            )
 
 
 def _load_others(

@@ -145,6 +145,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
         quantize_base(model)
     base_fingerprint(model)
     targets = find_targets(model, config)
+    if config.use_dora:
+        _check_dora_targets(model, targets)
     added = []
     for module_name in targets:
         module = model.get_submodule(module_name)
@@ -160,11 +162,26 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
         added.append((module_name, type(module).__name__, rank))
     if config.init == "loftq":
         loftq_init(model, name)
+    if config.use_dora:  # after every init that moves A, B or W: m starts at ‖W + s·B·A‖_row
+        for module_name in targets:
+            module = model.get_submodule(module_name)
+            module.lora_magnitude_vector.init(module, name)
     for module_name in config.modules_to_save:
         _add_trained_copies(model, module_name, name)
     state.add(name, "lora", config)
     set_adapter(model, name)
     return summarize(model, name, added)
+
+
+def _check_dora_targets(model: nn.Module, targets: list[str]) -> None:
+    embeddings = [
+        n for n in targets if isinstance(model.get_submodule(n), (nn.Embedding, LoraEmbedding))
+    ]
+    if embeddings:
+        raise GraftError(
+            f"DoRA (use_dora) adapts linear layers only; targets include the embedding(s) "
+            f"{embeddings}: target linear layers, or use plain LoRA"
+        )
 
 
 def _wrap_linear(module: nn.Module) -> LoraLayerBase:

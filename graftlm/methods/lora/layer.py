@@ -17,7 +17,6 @@ saved keys PEFT's keys. Several adapters can be active at once (their updates ad
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -27,10 +26,11 @@ from torch import nn
 from graftlm.adapters.modules import is_conv1d
 from graftlm.errors import GraftError
 from graftlm.kernels import small_batch_linear
-from graftlm.methods.lora.rows import gathered_rows_forward
+from graftlm.methods.lora.dora_layer import DoraMagnitudes
+from graftlm.methods.lora.rows import RowGroups, gathered_rows_forward
 
-# (adapter name or None for "base only", LongTensor of row indices) per group
-RowGroups = list[tuple[str | None, torch.Tensor]]
+# modules_to_save lived here before it had its own module (callers import it from here)
+from graftlm.methods.lora.trained_copies import TrainedCopies  # noqa: F401
 
 
 class LoraLayerBase(nn.Module):
@@ -50,6 +50,7 @@ class LoraLayerBase(nn.Module):
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # per adapter: (B's version and address, B transposed) for decode steps (LoraLinear)
         self._b_t: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+        self.lora_magnitude_vector = DoraMagnitudes()  # DoRA adapters' m (dora_layer.py)
 
     # -- adapter management -------------------------------------------------------------------
 
@@ -74,6 +75,7 @@ class LoraLayerBase(nn.Module):
                 del container[name]
         for table in (self.scaling, self.ranks, self.pissa_init, self._b_t):
             table.pop(name, None)
+        self.lora_magnitude_vector.drop(name)
         self._row_bank = None  # the per-row bank (lora_rows.py) may hold a copy of it
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -99,7 +101,10 @@ class LoraLayerBase(nn.Module):
             if name in self.merged_adapters or name not in self.ranks:
                 continue
             base = self._weight_for_merge()
-            merged = base + self.delta_weight(name).to(base.device)
+            if name in self.lora_magnitude_vector:  # DoRA: g ⊙ (W + s·B·A)
+                merged = self.lora_magnitude_vector.merged_weight(self, name, base)
+            else:
+                merged = base + self.delta_weight(name).to(base.device)
             if not torch.isfinite(merged).all():
                 raise GraftError(f"merging adapter {name!r} would put NaN/inf into the base weight")
             self._store_merged(merged)
@@ -115,15 +120,22 @@ class LoraLayerBase(nn.Module):
             self.weight.copy_(merged.to(self.weight.dtype))
 
     def unmerge(self, names: list[str] | None = None) -> None:
-        """Subtract merged updates again (default: every merged adapter), in fp32."""
-        names = list(self.merged_adapters) if names is None else names
+        """Subtract merged updates again (default: every merged adapter, last merged first:
+        a DoRA merge rescales what was merged before it), in fp32."""
+        names = list(reversed(self.merged_adapters)) if names is None else names
         for name in names:
             if name not in self.merged_adapters:
                 continue
-            restored = self.weight.detach().float() - self.delta_weight(name)
+            restored = self.weight_without(name, self.weight.detach().float())
             with torch.no_grad():
                 self.weight.copy_(restored.to(self.weight.dtype))
             self.merged_adapters.remove(name)
+
+    def weight_without(self, name: str, merged: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight `merged` with adapter `name`'s merge undone."""
+        if name in self.lora_magnitude_vector:
+            return self.lora_magnitude_vector.unmerged_weight(self, name, merged)
+        return merged - self.delta_weight(name).to(merged.device)
 
     def _unmerged_active(self) -> list[str]:
         return [n for n in self.active_adapters if n not in self.merged_adapters]
@@ -166,7 +178,7 @@ class LoraLinear(LoraLayerBase):
         self.lora_dropout = nn.ModuleDict()
 
     def _adapter_containers(self):
-        return [self.lora_A, self.lora_B, self.lora_dropout]
+        return [self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector]
 
     def add(self, name: str, rank: int, scaling: float, dropout: float, init: str) -> None:
         """Create adapter `name` of the given rank; `init` is kaiming, gaussian or pissa."""
@@ -190,6 +202,12 @@ class LoraLinear(LoraLayerBase):
 
     def _base_weight_out_in(self) -> torch.Tensor:
         return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as used now (merged updates included), fp32 `(out, in)`; may share
+        the Parameter's storage: read it, do not write it."""
+        weight = self._weight_for_merge()
+        return weight.T if self.fan_in_fan_out else weight
 
     def _init_pissa(self, name: str) -> None:
         """PiSSA: A, B from the top-r singular triplets of W; W keeps only the residual.
@@ -245,6 +263,12 @@ class LoraLinear(LoraLayerBase):
         active = self._unmerged_active()
         if not active:  # merged (or no adapter active): the base layer alone
             return self.base_forward(x)
+        if self.lora_magnitude_vector and not self.lora_magnitude_vector.keys().isdisjoint(active):
+            return self.lora_magnitude_vector.forward_active(self, x, active)
+        return self.lora_forward(x, active)
+
+    def lora_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """The base plus the plain LoRA updates of `active` (unmerged) adapters."""
         if len(active) == 1:
             step = self._one_adapter_decode_step(x, active[0])
             if step is not None:
@@ -268,13 +292,18 @@ class LoraLinear(LoraLayerBase):
         # many adapters in one batch at inference: two bmm over a padded bank (lora_rows.py)
         gathered = gathered_rows_forward(self, x, result)
         if gathered is not None:
-            return gathered
+            return self._dora_rows(gathered)
         for name, rows in self.row_groups:
             if name is None or name not in self.ranks:
                 continue  # base-only rows, or an adapter that does not touch this layer
             delta = self._lora(name, x.index_select(0, rows))
             result = result.index_add(0, rows, delta.to(result.dtype))
-        return result
+        return self._dora_rows(result)
+
+    def _dora_rows(self, result: torch.Tensor) -> torch.Tensor:
+        if not self.lora_magnitude_vector:
+            return result
+        return self.lora_magnitude_vector.rescale_rows(self, result)
 
     def _one_adapter_decode_step(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """A decode step with one unmerged adapter, `name`: base product, bias and update in one
@@ -443,45 +472,3 @@ class LoraEmbedding(LoraLayerBase):
         )
         plain.weight = self.weight
         return plain
-
-
-class TrainedCopies(nn.Module):
-    """`modules_to_save`: a whole module trained per adapter, the original kept frozen.
-
-    The active adapter's copy runs in place of the original; with no copy active (or
-    adapters disabled) the original runs.
-    """
-
-    graftlm_row_aware = True  # refuses `row_groups` rather than run one copy for every row
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.row_groups: RowGroups | None = None
-
-    def add(self, name: str) -> None:
-        copy_ = copy.deepcopy(self.original_module)
-        for param in copy_.parameters():
-            param.requires_grad_(True)
-        self.modules_to_save[name] = copy_
-
-    def delete(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    def current(self) -> nn.Module:
-        """The module that runs now: the active adapter's copy, or the original."""
-        if not self.disabled:
-            for name in self.active_adapters:
-                if name in self.modules_to_save:
-                    return self.modules_to_save[name]
-        return self.original_module
-
-    def forward(self, *args, **kwargs):
-        if self.row_groups is not None and not self.disabled:
-            raise GraftError("per-row adapters do not support modules_to_save")
-        return self.current()(*args, **kwargs)

@@ -41,14 +41,19 @@ load = load_adapter
 
 def attach(model: nn.Module, cfg) -> InjectSummary:
     """Inject adapter "default" as `cfg` describes (QLoRA: the base goes to NF4 first)."""
-    lora = LoraConfig(
-        rank=cfg.rank,
-        use_rslora=cfg.use_rslora,
-        quantize="nf4" if cfg.method == "qlora" else None,
-        init=cfg.lora_init or "kaiming",
+    return inject(model, train_config(cfg, quantize="nf4" if cfg.method == "qlora" else None))
+
+
+def train_config(cfg, **changes) -> LoraConfig:
+    """The LoraConfig a training config (`TrainConfig`) asks for, with `changes` (the LoRA
+    variants built on this method: QLoRA's `quantize`, DoRA's `use_dora`)."""
+    settings = {
+        "rank": cfg.rank,
+        "use_rslora": cfg.use_rslora,
+        "init": cfg.lora_init or "kaiming",
         **training_settings(cfg),
-    )
-    return inject(model, lora)
+    }
+    return LoraConfig(**{**settings, **changes})
 
 
 def read_config(folder: Path) -> LoraConfig:
@@ -90,5 +95,9 @@ def check_servable(model: nn.Module, folder: Path) -> None:
 
 
 def describe(folder: Path) -> dict:
-    """`graftlm inspect` calls an adapter trained on a 4-bit base "qlora"."""
-    return {"method": "qlora"} if quantization(folder) else {}
+    """`graftlm inspect` calls an adapter trained on a 4-bit base "qlora" (DoRA: "qdora"),
+    and a DoRA adapter "dora"."""
+    config = read_config(folder)
+    if config.use_dora:
+        return {"method": "qdora" if config.quantize else "dora"}
+    return {"method": "qlora"} if config.quantize else {}

@@ -78,14 +78,15 @@ class LoraNF4Linear(LoraLinear):
 
     def unmerge(self, names: list[str] | None = None) -> None:
         """Take merged updates out again; with none left the exact NF4 base is used again."""
-        names = list(self.merged_adapters) if names is None else names
+        names = list(reversed(self.merged_adapters)) if names is None else names
         for name in names:
             if name not in self.merged_adapters:
                 continue
             self.merged_adapters.remove(name)
             if self.merged_adapters:
-                self.merged_weight = self.merged_weight - self.delta_weight(name)
+                self.merged_weight = self.weight_without(name, self.merged_weight)
             else:
+                self.lora_magnitude_vector.merged_scale.pop(name, None)
                 self.merged_weight = None
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:

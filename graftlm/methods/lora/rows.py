@@ -28,6 +28,9 @@ import torch
 
 from graftlm.kernels import small_batch_linear
 
+# (adapter name or None for "base only", LongTensor of row indices) per group
+RowGroups = list[tuple[str | None, torch.Tensor]]
+
 # Use the gathered path from this many distinct adapters on a layer; below it the per-adapter
 # loop launches fewer kernels (measured on the built-in model, see bench/serve_bench.py).
 MIN_GROUPS = 2
