@@ -196,6 +196,7 @@ def base_cfg(tmp_path: Path, model_dir: Path, **overrides):
         save_every=2,
         dtype="float32",
         lr=1e-2,
+        forgetting=False,  # the meter has its own tests (tests/infer/test_forgetting.py)
     )
     values.update(overrides)
     return TrainConfig(**values)

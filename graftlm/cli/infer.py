@@ -165,7 +165,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="teacher-forced loss on the answers (and exact match with --generate)"
     )
-    p.add_argument("--data", required=True, help="rows with answers (.jsonl/.csv/.parquet)")
+    p.add_argument("--data", default=None, help="rows with answers (.jsonl/.csv/.parquet)")
     p.add_argument("--adapter", default=None, help="adapter folder (default: the base model alone)")
     p.add_argument("--model", default=None)
     p.add_argument("--force", action="store_true")
@@ -175,6 +175,14 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", help="write the result as JSON here")
+    p.add_argument(
+        "--forgetting",
+        action="store_true",
+        help="also measure what the adapter kept of the base outside the task: kept_exact, "
+        "kl, ppl_ratio (docs/forgetting.md)",
+    )
+    p.add_argument("--keep", default=None, help="--forgetting's keep set (default: graftlm's own)")
+    p.add_argument("--keep-limit", type=int, default=None, help="score about this many keep rows")
     p.set_defaults(func=cmd_eval)
 
 
@@ -184,20 +192,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from graftlm.infer.generate import load_for_inference, parse_dtype
     from graftlm.methods.lora.files import atomic_write_json
 
-    if not Path(args.data).is_file():
+    if args.data is None and not args.forgetting:
+        raise GraftError("eval needs --data (a task score), --forgetting, or both")
+    if args.data is not None and not Path(args.data).is_file():
         raise GraftError(f"--data {args.data}: file not found")
+    if args.forgetting and not args.adapter:
+        raise GraftError("--forgetting needs --adapter: it compares the adapter with its base")
+    if args.keep is not None and not Path(args.keep).is_file():
+        raise GraftError(f"--keep {args.keep}: file not found")
     adapters = {"default": args.adapter} if args.adapter else {}
     model, tokenizer = load_for_inference(args.model, adapters, dtype=args.dtype, force=args.force)
-    result = evaluate_file(
-        model,
-        tokenizer,
-        args.data,
-        seq_len=args.seq_len,
-        compute_dtype=parse_dtype(args.dtype),
-        generate=args.generate,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-    )
+    result = {}
+    if args.data is not None:
+        result = evaluate_file(
+            model,
+            tokenizer,
+            args.data,
+            seq_len=args.seq_len,
+            compute_dtype=parse_dtype(args.dtype),
+            generate=args.generate,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+    if args.forgetting:
+        # torch-backed: imported in the command so that `graftlm --help` answers at once
+        from graftlm.infer.forgetting import forgetting_of_folder
+
+        forgetting = forgetting_of_folder(
+            model, tokenizer, args.adapter, model_name=args.model, keep=args.keep,
+            limit=args.keep_limit, compute_dtype=parse_dtype(args.dtype),
+        )  # fmt: skip
+        result.update({k: forgetting[k] for k in ("kept_exact", "kl", "ppl_ratio")})
+        result["forgetting"] = forgetting
     if args.output:
         atomic_write_json(Path(args.output), result)
     print(json.dumps(result, indent=2))

@@ -143,6 +143,15 @@ class TrainConfig:
         "both", "bottleneck adapters: 'both' (Houlsby) or 'mlp' (Pfeiffer)"
     )
     init_rank: int | None = setting(None, "AdaLoRA: starting rank per matrix; default per method")
+    forgetting: bool = setting(
+        True,
+        "at the end, measure what the model kept of its base outside the task (kept_exact, "
+        "kl, ppl_ratio into graftlm.json; docs/forgetting.md); --no-forgetting: skip it",
+    )
+    keep: str | None = setting(None, "the forgetting meter's keep set (default: graftlm's own)")
+    keep_limit: int | None = setting(
+        64, "the forgetting meter scores about this many keep rows (every k-th; 0: all)"
+    )
     skip_bad_rows: bool = setting(False, "warn about and skip bad data rows instead of failing")
     resume: bool = setting(False, "continue from OUT/checkpoint")
     force: bool = setting(
@@ -185,6 +194,11 @@ class TrainConfig:
                 isinstance(value, bool) or not isinstance(value, int) or value <= 0
             ):
                 raise GraftError(f"{name} should be a positive integer, got {value!r}")
+        if self.keep_limit is not None and (
+            isinstance(self.keep_limit, bool) or not isinstance(self.keep_limit, int)
+            or self.keep_limit < 0
+        ):  # fmt: skip
+            raise GraftError(f"keep_limit should be an integer >= 0, got {self.keep_limit!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise GraftError(f"warmup_ratio should be in [0, 1), got {self.warmup_ratio!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:

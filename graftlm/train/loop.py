@@ -30,6 +30,7 @@ from graftlm.adapters.inspect import format_memory
 from graftlm.adapters.io import save_trained
 from graftlm.data.dataset import Example, load_dataset, split_eval
 from graftlm.errors import GraftError
+from graftlm.infer.forgetting import forgetting_after_training, format_forgetting
 from graftlm.kernels.fused_ops import fused_forwards
 from graftlm.methods import method_module
 from graftlm.methods.lora.inject import base_fingerprint
@@ -263,9 +264,13 @@ def _finish(
     evals.finish(result.steps, n_examples)
     result = dataclasses.replace(result, eval_loss=evals.eval_loss)
     if runtime.is_main:
-        _write_outputs(
-            model, cfg, metrics, _training_record(cfg, result, n_examples, evals), runtime
-        )
+        training = _training_record(cfg, result, n_examples, evals)
+        if cfg.forgetting:  # the tuned model against its base, outside the task
+            training["forgetting"] = forgetting_after_training(
+                model, evals.tokenizer, cfg, evals.compute_dtype
+            )
+            runtime.log(f"forgetting: {format_forgetting(training['forgetting'])}")
+        _write_outputs(model, cfg, metrics, training, runtime)
         # the finished run keeps its checkpoint: --resume on it is a no-op
         checkpoint.write(result.total_steps, result.train_seconds)
     return result

@@ -37,6 +37,7 @@ def trained(tmp_path_factory, smollm2):
             "--lr",
             "1e-3",
             "--quiet",
+            "--no-forgetting",
         ]
     )
     assert code == 0

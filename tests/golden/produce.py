@@ -25,6 +25,11 @@ import helpers  # noqa: E402
 
 from graftlm.cli import main as cli_main  # noqa: E402
 
+try:  # the tree of before the restructure has it elsewhere
+    from graftlm.train.config import TrainConfig  # noqa: E402
+except ImportError:
+    from graftlm.train_config import TrainConfig  # noqa: E402
+
 METHODS = ("lora", "qlora", "adalora", "ia3", "bottleneck", "prompt", "prefix")
 # metrics.jsonl fields that depend on the clock or the machine's load
 TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
@@ -32,7 +37,12 @@ TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
 # which the methods' recipes no longer fill in (they give `max_epochs`). graftlm.json records
 # every setting, so these differ by design; with --steps none of them changes what a run computes.
 # `force` (issue 20: train despite the plan's memory check) changes nothing a run computes either.
-RECIPE_SETTINGS = ("max_epochs", "patience", "time_budget", "lora_init", "epochs", "force")
+# Issue 19's settings (the lean AdamW, the forgetting meter) are off here or change nothing, and
+# the meter's result (training.forgetting) is not written with --no-forgetting.
+RECIPE_SETTINGS = (
+    "max_epochs", "patience", "time_budget", "lora_init", "epochs", "force",
+    "lean_optimizer", "forgetting", "keep", "keep_limit",
+)  # fmt: skip
 
 
 def _rows(n: int = 24) -> list[dict]:
@@ -113,6 +123,8 @@ def produce(root: Path) -> dict[str, str]:
             "1",
             "--quiet",
         ]
+        if "forgetting" in TrainConfig.__dataclass_fields__:  # absent before issue 19
+            args.append("--no-forgetting")
         assert cli_main(args) == 0, method
         _digest_folder(out, digests, method, root)
     merged = root / "merged"
