@@ -23,7 +23,7 @@ from torch import nn
 
 from graftlm.adapters.state import adapter_state
 from graftlm.kernels.fused_ops import fused_forwards
-from graftlm.methods import method_module
+from graftlm.methods import REGISTRY, method_module
 from graftlm.plan.shapes import ModelShape
 from graftlm.train.config import TrainConfig
 from graftlm.train.forward import autocast, loss_sum
@@ -85,14 +85,16 @@ def _saved_bytes(
     shape: ModelShape, cfg: TrainConfig, method: str, dtype: torch.dtype, s: int, layers: int
 ) -> tuple[int, int]:
     """(bytes of width-sized saved tensors, bytes of rank-sized ones) of one proxy forward."""
-    model = _proxy(shape, s, layers, dtype)
-    if method == "full":
+    attached = {"dora": "lora", "qdora": "qlora"}.get(method, method)
+    module = method_module(attached) if attached in REGISTRY else None
+    # the dtype the loop loads the base in (full fine-tuning: float32 master weights)
+    model = _proxy(shape, s, layers, getattr(module, "WEIGHTS_DTYPE", None) or dtype)
+    if module is None:  # full fine-tuning before graftlm had it: every weight trains
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        attached = "lora" if method == "dora" else method
         adapter_state(model).fingerprint = {"architecture": "proxy", "weights_sha256": ""}
-        method_module(attached).attach(model, cfg)
+        module.attach(model, cfg)
     model.train()
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
     own |= {b.untyped_storage().data_ptr() for b in model.buffers()}

@@ -5,7 +5,7 @@ The terms follow `graftlm train` (`train/step.py`, `train/steps.py`, `train/loss
 - the base weights in the compute dtype (QLoRA: its linear layers in NF4 with double-quantized
   scales, `quant/nf4.py`, byte for byte, plus the one reused dequantization buffer);
 - the trainable values in fp32, their fp32 gradients and AdamW's two fp32 moments (full
-  fine-tuning of a bf16 model: bf16 weights, an fp32 master copy, fp32 gradients and moments);
+  fine-tuning: fp32 master weights, and under bf16 autocast their cached bf16 copies);
 - a micro-batch's activations, measured on a scaled-down model (`plan/activations.py`); with
   activation checkpointing each layer keeps only its input, and one layer at a time is
   recomputed in full;
@@ -107,9 +107,10 @@ def memory_breakdown(
     """Every term of the run's memory (bytes)."""
     n = adapter.params
     if run.method == "full":
-        # weights in the compute dtype train through an fp32 master copy when that is bf16
-        master = 4 * n if run.dtype_bytes < 4 else 0
-        trainable_weights, gradients = n * run.dtype_bytes + master, 4 * n
+        # fp32 master weights (methods/full: loaded in float32); under bf16 autocast the
+        # matrix products use bf16 copies of them, cached for the forward and the backward
+        autocast_copies = 2 * n if run.dtype_bytes < 4 else 0
+        trainable_weights, gradients = 4 * n + autocast_copies, 4 * n
     else:
         trainable_weights, gradients = 4 * n, 4 * n
     tokens = run.micro_batch_size * run.seq_len
@@ -122,8 +123,9 @@ def memory_breakdown(
     # the kept fp32 logits buffer; in bf16 also the product and the gradient of one chunk
     loss = rows * shape.vocab * (4 + (2 * run.dtype_bytes if run.dtype_bytes < 4 else 0))
     runtime = RUNTIME_BYTES.get(run.device, RUNTIME_BYTES["cpu"])
-    weights = shape.total_params * run.dtype_bytes
-    read_buffer = shape.largest_tensor * 4  # a file's tensor, read whole before the cast
+    weights = shape.total_params * (4 if run.method == "full" else run.dtype_bytes)
+    # a file's tensor is read whole before the cast, in host memory (a GPU receives it cast)
+    read_buffer = shape.largest_tensor * 4 if run.device == "cpu" else 0
     return MemoryBreakdown(
         base_weights=base_weight_bytes(shape, run),
         trainable_weights=trainable_weights,

@@ -72,7 +72,8 @@ class MethodPlan:
     method: str
     run: RunShape
     trainable: Trainable
-    adapter_bytes: int
+    adapter_bytes: int  # as graftlm saves it: fp32 adapters, full weights in the compute dtype
+    adapter_bytes_16bit: int  # the same tensors in fp16 / bf16 (what other tools often quote)
     memory: MemoryBreakdown
     flops_per_token: float
     step_seconds: float
@@ -128,6 +129,7 @@ def _method_dict(plan: MethodPlan) -> dict[str, Any]:
         "all_params": plan.trainable.total_params,
         "trainable_percent": round(plan.trainable.percent, 4),
         "adapter_bytes": plan.adapter_bytes,
+        "adapter_bytes_16bit": plan.adapter_bytes_16bit,
         "base_weight_bytes": mem.base_weights,
         "trainable_weight_bytes": mem.trainable_weights,
         "gradient_bytes": mem.gradients,
@@ -268,12 +270,13 @@ def _plan_method(
 
         largest_micro = largest_fit(lambda m: fits({"micro_batch_size": m}), 1, 4096)
         largest_seq = largest_fit(lambda n: fits({"seq_len": n}), 2, 1 << 20)
-    saved_bytes = 4 if method != "full" else dtype_bytes
+    saved_bytes = 4  # adapters are fp32, and so are full fine-tuning's master weights
     return MethodPlan(
         method=method,
         run=run,
         trainable=adapter,
         adapter_bytes=safetensors_bytes(adapter.tensors, saved_bytes),
+        adapter_bytes_16bit=safetensors_bytes(adapter.tensors, 2),
         memory=memory,
         flops_per_token=flops.total,
         step_seconds=seconds,
@@ -321,7 +324,8 @@ def format_plan(plan: Plan) -> str:
     row("trainable parameters", [f"{p.trainable.params:,}" for p in plans])
     row("trainable %", [f"{p.trainable.percent:.4f}%" for p in plans])
     row("adapter file", [f"{p.adapter_bytes / 1e6:,.1f} MB" for p in plans])
-    row("compute dtype", ["bf16" if p.run.dtype_bytes == 2 else "fp32" for p in plans])
+    row("  in 16 bits", [f"{p.adapter_bytes_16bit / 1e6:,.1f} MB" for p in plans])
+    row("compute dtype", [str(_compute_dtype(req)).removeprefix("torch.") for p in plans])
     row("micro-batch (sequences)", [str(p.run.micro_batch_size) for p in plans])
     row("activation checkpointing", ["on" if p.run.checkpointing else "off" for p in plans])
     row("base weights", [_gb(p.memory.base_weights) for p in plans])
@@ -351,5 +355,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"matmul rate {rates.matmul_flops / 1e9:,.0f} GFLOP/s ({source})")
     if req.memory is not None:
         verdict = "fits" if plan.chosen.memory.peak <= req.memory else "does NOT fit"
-        lines.append(f"{plan.chosen.method} {verdict} in {_gb(req.memory)}")
+        lines.append(
+            f"{plan.chosen.method} {verdict} in {_gb(req.memory)} ({req.memory / 2**30:.1f} GiB)"
+        )
     return "\n".join(lines)
