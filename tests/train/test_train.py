@@ -200,7 +200,7 @@ def test_config_validation_names_the_field():
     with pytest.raises(GraftError, match="lr"):
         TrainConfig(data="x", out="y", lr=-1.0)
     with pytest.raises(GraftError, match="method"):
-        TrainConfig(data="x", out="y", method="dora")
+        TrainConfig(data="x", out="y", method="lokr")
     with pytest.raises(GraftError, match=r"unknown setting\(s\) \['bogus'\]"):
         TrainConfig.from_dict({"data": "x", "out": "y", "bogus": 1})
 
