@@ -411,6 +411,15 @@ def _combined_config(sources: list[_Source], new_rank: int) -> dict:
         new_targets: str | list[str] = "|".join(f"({t})" for t in targets)
     else:
         new_targets = sorted(set().union(*(set(t) for t in targets)))
+    if sources[0].config.get("use_rslora"):
+        log.warning(
+            "warning: use_rslora is true: the combined adapter is written as PEFT writes it "
+            "(r = lora_alpha = %d, use_rslora kept), so it applies scale sqrt(%d) = %.3g to "
+            "updates combined at scale 1",
+            new_rank,
+            new_rank,
+            math.sqrt(new_rank),
+        )
     config = dict(sources[0].config)
     config.update(
         r=new_rank,

@@ -372,3 +372,21 @@ def test_serve_mix_is_the_sum_of_its_adapters(llama_folders, tmp_path):
     torch.testing.assert_close(logits(mix), logits(both.eval()), atol=1e-5, rtol=0)
     with pytest.raises(GraftError, match="'c' is not the name of another --adapter"):
         expand_mixes({**given, "mix": "a:0.5,c:0.5"})
+
+
+def test_rslora_as_peft_writes_it_with_a_warning(tmp_path, caplog):
+    """PEFT keeps use_rslora with r = lora_alpha = the new rank, so its combined adapter is
+    scaled by sqrt(r); graftlm writes the same numbers, and says so."""
+    paths = {}
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"], init_lora_weights=False
+        )
+        peft.get_peft_model(helpers.tiny_llama(), config).save_pretrained(tmp_path / name)
+        paths[name] = tmp_path / name
+    model = peft_combined("llama", paths, ["a", "b"], [1.0, 1.0], "cat")
+    out = combine_adapters(paths, [1.0, 1.0], tmp_path / "out", how="cat")
+    expected, found = peft_tensors(model), load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(found[k], expected[k]) for k in expected)
+    assert "scale sqrt(8)" in caplog.text
