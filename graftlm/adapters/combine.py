@@ -19,6 +19,13 @@ adapter's initialisation has drawn its own numbers, module by module in the base
 `combine_adapters` replays those draws, so `torch.manual_seed(S)` before PEFT's call and
 `seed=S` here give the same masks, given the base's module order (`base=`; else the folders'
 `base_model_name_or_path` when it names a local model; else a name order, with a warning).
+
+Where the masks cannot be PEFT's: PEFT run on a GPU draws them from the CUDA generator (graftlm
+draws on the CPU, as PEFT on the CPU does); an `init_lora_weights` that reads the base (PiSSA,
+OLoRA, LoftQ, ...) draws numbers graftlm does not replay (a warning says so); and a
+fan_in_fan_out config (GPT-2) that also targets a plain `nn.Linear` (its lm_head) has PEFT
+draw that one module's *_svd masks over (out, in) where graftlm uses (in, out). PEFT's
+`svd_driver` (cuSOLVER only) has no counterpart: the SVD runs on the CPU.
 """
 
 from __future__ import annotations
