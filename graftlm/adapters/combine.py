@@ -192,6 +192,13 @@ def combine_adapters(
     out = Path(out)
     write_folder(out, config, tensors)
     quantize = {s.graft.get("quantize") for s in sources}
+    if len(quantize) > 1:
+        log.warning(
+            "warning: the adapters were trained on bases of other precisions (quantize: %s); "
+            "the combined adapter names none",
+            ", ".join(f"{s.name}: {s.graft.get('quantize')}" for s in sources),
+        )
+    # a combination of QLoRA adapters keeps their 4-bit base (graftlm.json's "quantize")
     facts = {"quantize": quantize.pop() if len(quantize) == 1 else None}
     combined = {
         "how": how,

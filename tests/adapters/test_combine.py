@@ -390,3 +390,13 @@ def test_rslora_as_peft_writes_it_with_a_warning(tmp_path, caplog):
     expected, found = peft_tensors(model), load_file(out / "adapter_model.safetensors")
     assert all(torch.equal(found[k], expected[k]) for k in expected)
     assert "scale sqrt(8)" in caplog.text
+
+
+def test_qlora_adapters_keep_their_4bit_base(llama_folders, tmp_path, caplog):
+    a = edited(llama_folders["a"], tmp_path, "qa", graft={"quantize": "nf4"})
+    b = edited(llama_folders["b"], tmp_path, "qb", graft={"quantize": "nf4"})
+    out = combine_adapters([a, b], [0.5, 0.5], tmp_path / "out", how="cat")
+    assert json.loads((out / "graftlm.json").read_text())["quantize"] == "nf4"
+    out = combine_adapters([a, llama_folders["b"]], [0.5, 0.5], tmp_path / "mixed", how="cat")
+    assert json.loads((out / "graftlm.json").read_text())["quantize"] is None
+    assert "other precisions" in caplog.text
