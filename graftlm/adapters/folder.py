@@ -6,18 +6,24 @@
     adapter_model.safetensors   the adapter's tensors under PEFT's keys ("base_model.model.<module>...")
     graftlm.json                graftlm's own facts: method, base fingerprint, training summary
 
-Every file is written atomically (a temp file in the same folder, then a rename), so a crash
-never leaves half a folder that looks whole. Weights are read with safetensors, never pickle
+Every file is written atomically (a temp file in the same folder, then a rename), and a whole
+save is all-or-nothing (`staged_folder`): its files are written into a staging folder inside the
+adapter folder, which one rename commits; the commit's files then replace the folder's, and a
+save killed among those renames is finished by the next reader (`finish_interrupted_save`). A
+crash at any point leaves the previous adapter or the new one, never a mix. Weights are read with safetensors, never pickle
 (prompt/prefix folders from older PEFT versions excepted, see `read_weights`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +71,71 @@ def atomic_save_safetensors(
     """Write `tensors` (made contiguous, on the CPU) as a safetensors file atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write_bytes(path, save(tensors, metadata=metadata or {"format": "pt"}))
+
+
+STAGING = ".graftlm-save"
+"""The prefix of a save's staging folder (`.tmp-*` while written, `.commit` once complete)."""
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole save of `folder` all-or-nothing: yield a staging folder to write the files
+    into; on a normal exit they replace the folder's own files of those names (others are kept).
+
+    A crash before the commit (one rename) leaves the previous files; after it, the next
+    `finish_interrupted_save` (every reader here runs it) completes the save.
+
+    Raises:
+        OSError: writing failed (disk full, read-only); the folder is left as it was.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_save(folder)
+    for stale in folder.glob(STAGING + ".tmp-*"):  # from a save killed before its commit
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING + ".tmp-", dir=folder))
+    try:
+        yield staging
+        _fsync_dir(staging)
+        os.rename(staging, folder / (STAGING + ".commit"))  # the commit point
+        _fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finish_interrupted_save(folder)
+
+
+def finish_interrupted_save(folder: str | os.PathLike) -> None:
+    """Complete a committed save of `folder` that was stopped while its files were moved in.
+
+    Raises:
+        GraftError: the folder holds such a save and cannot be written (read-only).
+    """
+    folder = Path(folder)
+    commit = folder / (STAGING + ".commit")
+    if not commit.is_dir():
+        return
+    try:
+        for entry in sorted(os.listdir(commit)):
+            source, target = commit / entry, folder / entry
+            if source.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(source, target)
+        os.rmdir(commit)
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise GraftError(
+            f"{folder}: holds an interrupted save ({commit.name}) that could not be finished: {exc}"
+        ) from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a folder's renames durable (a file's own fsync does not cover its name)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_folder(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -135,14 +206,12 @@ def read_config(folder: str | os.PathLike, peft_type: str | None = None) -> dict
     path = folder / CONFIG_FILE
     if not folder.is_dir():
         raise GraftError(f"adapter folder {str(folder)!r} does not exist")
+    finish_interrupted_save(folder)
     if not path.is_file():
         raise GraftError(
             f"{path}: not found (an adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GraftError(f"{path}: not valid JSON ({exc})") from None
+    data = _read_json(path)
     if not isinstance(data, dict):
         raise GraftError(f"{path}: expected a JSON object, got {type(data).__name__}")
     if peft_type is not None and str(data.get("peft_type", "")).upper() != peft_type:
@@ -156,12 +225,23 @@ def read_graft(folder: str | os.PathLike) -> dict[str, Any]:
     Raises:
         GraftError: the file exists but is not valid JSON.
     """
+    finish_interrupted_save(folder)
     path = Path(folder) / GRAFT_FILE
     if not path.is_file():
         return {}
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise GraftError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise GraftError(f"{path}: not valid JSON (nested too deeply)") from None
+    # ValueError: JSONDecodeError, UnicodeDecodeError, a number of over 4300 digits
+    except (OSError, ValueError) as exc:
         raise GraftError(f"{path}: not valid JSON ({exc})") from None
 
 
@@ -176,6 +256,7 @@ def read_weights(folder: str | os.PathLike, *, pickled: bool = False) -> dict[st
         GraftError: missing, truncated or corrupt file (only a pickle file, unless `pickled`).
     """
     folder = Path(folder)
+    finish_interrupted_save(folder)
     path = folder / WEIGHTS_FILE
     legacy = folder / "adapter_model.bin"
     if not path.is_file():
@@ -199,6 +280,7 @@ def weight_shapes(folder: str | os.PathLike) -> dict[str, list[int]]:
     Raises:
         GraftError: missing, truncated or corrupt file.
     """
+    finish_interrupted_save(folder)
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise GraftError(f"{path}: not found")

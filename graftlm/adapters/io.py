@@ -14,8 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from graftlm.adapters.base_model import base_fingerprint
-from graftlm.adapters.folder import base_model_name, write_graft
+from graftlm.adapters.folder import base_model_name, staged_folder, write_graft
 from graftlm.adapters.state import adapter_state
+from graftlm.errors import GraftError
 from graftlm.methods import PEFT_TYPES, folder_method, method_module
 
 
@@ -72,10 +73,19 @@ def _save(
     extra: dict | None = None,
 ) -> Path:
     module = method_module(method)
-    tensors = module.save(model, folder, base_model_name(model), name)
     facts = module.graft_facts(model, name) if hasattr(module, "graft_facts") else None
     fingerprint = base_fingerprint(model)
-    write_graft(folder, method, fingerprint, tensors, facts=facts, training=training, extra=extra)
+    try:  # all files or none: a crash or a full disk leaves the previous adapter whole
+        with staged_folder(folder) as staging:
+            tensors = module.save(model, staging, base_model_name(model), name)
+            write_graft(
+                staging, method, fingerprint, tensors, facts=facts, training=training, extra=extra
+            )
+    except OSError as exc:
+        raise GraftError(
+            f"could not save the adapter to {str(folder)!r}: {exc}; the folder keeps its "
+            "previous adapter"
+        ) from None
     return folder
 
 

@@ -8,6 +8,7 @@ temp folder and swapped in with renames, so a crash mid-write leaves the previou
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,28 +88,92 @@ def write(
     target = out / FOLDER
     tmp = out / (FOLDER + ".tmp")
     old = out / (FOLDER + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / TENSORS))
-    (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if not _complete(target) and _complete(old):
+            # a write killed between its two renames: .old is the one checkpoint, put it back
+            # before anything below deletes .old
+            shutil.rmtree(target, ignore_errors=True)
+            old.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        before = saved_step(out)
+        kept = "no checkpoint before" if before is None else f"that of step {before} is intact"
+        raise GraftError(
+            f"could not write the checkpoint of step {step} in {out}: {exc} ({kept})"
+        ) from None
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / META).is_file() and (folder / TENSORS).is_file()
+
+
+def saved_step(out: Path) -> int | None:
+    """The step of the checkpoint in `out` (or its `.old` one), None without one."""
+    for folder in (out / FOLDER, out / (FOLDER + ".old")):
+        try:
+            return int(json.loads((folder / META).read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def read(out: Path) -> dict[str, Any] | None:
     """The checkpoint in `out` (falling back to a complete `.old` one), or None."""
     for folder in (out / FOLDER, out / (FOLDER + ".old")):
-        if (folder / META).is_file() and (folder / TENSORS).is_file():
+        if _complete(folder):
             try:
                 meta = json.loads((folder / META).read_text(encoding="utf-8"))
                 tensors = load_file(str(folder / TENSORS))
             except Exception as exc:
                 raise GraftError(f"{folder}: checkpoint is unreadable ({exc})") from None
+            _check(folder, meta, tensors)
             return {"meta": meta, "tensors": tensors, "folder": folder}
     return None
+
+
+def _check(folder: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """What `restore` relies on, so that a damaged checkpoint is a GraftError naming its file
+    and key rather than a KeyError (or NaN weights) mid-restore."""
+    where = folder / META
+
+    def bad(problem: str) -> GraftError:
+        return GraftError(f"{where}: {problem}; the checkpoint is damaged (delete {folder})")
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, got {type(meta).__name__}")
+    for key, kinds in (
+        ("step", int),
+        ("scheduler", int),
+        ("elapsed_s", (int, float)),
+        ("param_names", list),
+        ("settings", dict),
+    ):
+        value = meta.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise bad(f"{key!r} is {value!r}")
+    if meta["step"] < 0 or not math.isfinite(meta["elapsed_s"]):
+        raise bad(f"'step' {meta['step']!r} / 'elapsed_s' {meta['elapsed_s']!r}")
+    if not all(isinstance(name, str) for name in meta["param_names"]):
+        raise bad("'param_names' should be a list of strings")
+    where = folder / TENSORS
+    missing = [f"param/{n}" for n in meta["param_names"] if f"param/{n}" not in tensors]
+    rng = tensors.get("rng/torch")
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        missing.append("rng/torch (a uint8 vector)")
+    if missing:
+        raise bad(f"missing tensors {missing[:5]}")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise bad(f"{key!r} holds NaN or infinite values")
 
 
 def check_settings(state: dict, cfg) -> None:
@@ -137,6 +202,13 @@ def restore(
         raise GraftError(
             f"{state['folder']}: the checkpoint's trainable parameters differ from this model's"
         )
+    for p in params:
+        saved = tensors[f"param/{names[id(p)]}"]
+        if saved.shape != p.shape:
+            raise GraftError(
+                f"{state['folder']}: parameter {names[id(p)]!r} is {list(saved.shape)} in the "
+                f"checkpoint, {list(p.shape)} in this model"
+            )
     with torch.no_grad():
         for p in params:
             p.copy_(tensors[f"param/{names[id(p)]}"])
@@ -148,6 +220,12 @@ def restore(
             for k, v in tensors.items()
             if k.startswith(prefix)
         }
+        wrong = [k for k, v in entry.items() if k != "step" and v.shape != p.shape]
+        if wrong:
+            raise GraftError(
+                f"{state['folder']}: optimizer state {prefix}{wrong[0]} does not have the shape "
+                f"of parameter {names[id(p)]!r} ({list(p.shape)})"
+            )
         if entry:
             optimizer.state[p] = entry
     scheduler.last_epoch = meta["scheduler"]
@@ -158,7 +236,10 @@ def restore(
     ):
         group["lr"] = lr
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    torch.set_rng_state(tensors["rng/torch"])
+    try:
+        torch.set_rng_state(tensors["rng/torch"])
+    except RuntimeError as exc:
+        raise GraftError(f"{state['folder']}: the saved random state is unusable ({exc})") from None
     for label, holder in (stateful or {}).items():
         prefix = f"{label}/"
         found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime, bf16_supported
 from graftlm.train.evaluation import RunEvaluation
 from graftlm.train.forward import autocast, prefix_sharing_is_exact, training_device
+from graftlm.train.guard import claim_out, non_finite_loss
 from graftlm.train.interrupt import StopFlag
 from graftlm.train.loss import logits_buffer_scope
 from graftlm.train.memory import (
@@ -102,6 +104,12 @@ def train(
     runtime = runtime or Runtime.single()
     cfg = cfg.with_method_defaults()
     out = Path(cfg.out)
+    with claim_out(out, is_main=runtime.is_main):  # writable, and no other run writes there
+        return _run(cfg, out, runtime, progress, prepared)
+
+
+def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
+    """`train` in a claimed `out`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = training_device()
@@ -164,6 +172,9 @@ def train(
             total_loss, stops = runtime.all_reduce_sum([total_loss, float(flag.stop)])
             interrupted = stops > 0
             last_loss = total_loss / max(labelled, 1)
+            if not math.isfinite(last_loss):  # stop before it reaches a checkpoint or adapter
+                sources = [e.source for e in batch]
+                raise non_finite_loss(step + 1, last_loss, sources, ckpt.saved_step(out), out)
             elapsed = elapsed_before + time.perf_counter() - t0
             done = step + 1
             epoch = done * cfg.batch_size / len(examples)
