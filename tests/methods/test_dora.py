@@ -245,6 +245,16 @@ def test_method_dora_attaches_dora_and_describes_it(tmp_path):
     save(model, tmp_path, None)
     assert method_module("lora").describe(tmp_path) == {"method": "dora"}
 
+    quantized = _tiny("llama")
+    cfg = cfg.__class__(**{**cfg.to_dict(), "method": "qdora"}).with_method_defaults()
+    assert cfg.low_memory  # QLoRA's recipe
+    method_module("qdora").attach(quantized, cfg)
+    layers = dict(lora_layers(quantized))
+    assert layers and all(type(m).__name__ == "LoraNF4Linear" for m in layers.values())
+    assert all("default" in m.lora_magnitude_vector for m in layers.values())
+    graftlm.save_adapter(quantized, tmp_path / "q")
+    assert method_module("lora").describe(tmp_path / "q") == {"method": "qdora"}
+
 
 def test_folder_without_magnitudes_is_refused(tmp_path):
     model = dora_model("llama")
@@ -254,3 +264,46 @@ def test_folder_without_magnitudes_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(GraftError, match="use_dora"):
         load_adapter(_tiny("llama"), tmp_path)
+
+
+def test_qdora_layer_matches_peft_over_bitsandbytes_nf4():
+    """QDoRA: graftlm's NF4 base (bit-exact with bitsandbytes) under PEFT's DoRA on a
+    bitsandbytes Linear4bit: the same initial magnitude and the same output."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from graftlm.methods.lora.nf4_layer import LoraNF4Linear
+    from graftlm.quant.nf4_linear import NF4Linear
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 128, generator=generator) * 0.1
+    bias = torch.randn(64, generator=generator) * 0.1
+    four_bit = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+    four_bit.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+    four_bit.bias = torch.nn.Parameter(bias.clone())
+    holder = torch.nn.Sequential(four_bit.to("cpu"))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True)
+    reference = peft.get_peft_model(holder, config).base_model.model[0]
+
+    plain = torch.nn.Linear(128, 64)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        plain.bias.copy_(bias)
+    ours = LoraNF4Linear(NF4Linear.from_linear(plain, compute_dtype=torch.float32))
+    ours.add("default", 4, 2.0, 0.0, "kaiming")
+    ours.lora_magnitude_vector.init(ours, "default")
+    ours.active_adapters = ["default"]
+    theirs_m = reference.lora_magnitude_vector["default"].weight
+    torch.testing.assert_close(ours.lora_magnitude_vector["default"].detach(), theirs_m.detach())
+    with torch.no_grad():
+        reference.lora_B["default"].weight.copy_(torch.randn(64, 4, generator=generator) * 0.2)
+        theirs_m.mul_(1 + 0.3 * torch.rand(64, generator=generator))
+        ours.lora_A["default"].weight.copy_(reference.lora_A["default"].weight)
+        ours.lora_B["default"].weight.copy_(reference.lora_B["default"].weight)
+        ours.lora_magnitude_vector["default"].copy_(theirs_m)
+        x = torch.randn(3, 5, 128, generator=generator)
+        expected = reference(x)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+        ours.merge()  # a merged QDoRA layer keeps g ⊙ (dequant(W) + s·B·A) in fp32
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+        ours.unmerge()
+        assert ours.merged_weight is None  # the exact NF4 base again
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
