@@ -191,6 +191,34 @@ def write_graft(
 
 # -- reading ----------------------------------------------------------------------------------
 
+# what a method's reader raises on a config field of the wrong type or a tensor of the wrong
+# shape (found by fuzzing: tests/fuzz): a property of the folder, so a GraftError naming it
+_MALFORMED = (
+    TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RuntimeError,
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def reading(folder: str | os.PathLike) -> Iterator[None]:
+    """Make every error of reading or loading `folder` a one-line `GraftError` that names it.
+
+    Raises:
+        GraftError: what the block raised, prefixed with the folder unless it names it.
+    """
+    name = str(folder)
+    try:
+        yield
+    except GraftError as exc:
+        if name in str(exc) or str(Path(folder).resolve()) in str(exc):
+            raise
+        raise GraftError(f"{name}: {exc}") from None
+    except RecursionError:
+        raise GraftError(f"{name}: not a readable adapter folder (nested too deeply)") from None
+    except _MALFORMED as exc:
+        raise GraftError(
+            f"{name}: not a readable adapter folder ({type(exc).__name__}: {exc})"
+        ) from None
+
 
 def read_config(folder: str | os.PathLike, peft_type: str | None = None) -> dict[str, Any]:
     """`adapter_config.json` of an adapter folder, as a dict.

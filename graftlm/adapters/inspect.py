@@ -12,6 +12,7 @@ from graftlm.adapters.folder import (
     parameter_count,
     read_config,
     read_graft,
+    reading,
     weight_shapes,
 )
 from graftlm.errors import GraftError
@@ -27,7 +28,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         GraftError: not an adapter folder, or unreadable files.
     """
-    folder = Path(path)
+    with reading(path):
+        return _facts(Path(path))
+
+
+def _facts(folder: Path) -> dict[str, Any]:
     if not (folder / CONFIG_FILE).is_file():
         raise GraftError(f"{folder}: not an adapter folder (no {CONFIG_FILE})")
     config = read_config(folder)

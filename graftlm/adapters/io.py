@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from graftlm.adapters.base_model import base_fingerprint
-from graftlm.adapters.folder import base_model_name, staged_folder, write_graft
+from graftlm.adapters.folder import base_model_name, reading, staged_folder, write_graft
 from graftlm.adapters.state import adapter_state
 from graftlm.errors import GraftError
 from graftlm.methods import PEFT_TYPES, folder_method, method_module
@@ -102,9 +102,10 @@ def load_any(
         The folder's method ("lora", "adalora", "ia3", "prompt", "prefix", "bottleneck").
     """
     folder = Path(folder)
-    method = folder_method(folder)
     base_fingerprint(model)  # computed on the untouched base, before the method changes modules
-    method_module(method).load(model, folder, name, force=force)
+    with reading(folder):
+        method = folder_method(folder)
+        method_module(method).load(model, folder, name, force=force)
     return method
 
 
@@ -114,5 +115,6 @@ def quantization(folder: str | os.PathLike) -> str | None:
     Raises:
         GraftError: not a readable adapter folder of a method graftlm implements.
     """
-    module = method_module(folder_method(folder))
-    return module.quantization(Path(folder)) if hasattr(module, "quantization") else None
+    with reading(folder):
+        module = method_module(folder_method(folder))
+        return module.quantization(Path(folder)) if hasattr(module, "quantization") else None

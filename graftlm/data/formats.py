@@ -13,12 +13,14 @@ a chat template is `graftlm.data.chat_template`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from graftlm.errors import GraftError
 
 FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 WHERE = "_where"  # key read_rows adds to each row: "file:line", for later error messages
 
 # The key that identifies each format, in order of precedence when a row has several.
@@ -74,7 +76,17 @@ def _string_problem(row: dict, key: str, *, required: bool, allow_empty: bool) -
         return f"field {key!r} must be a string, got {type(value).__name__}"
     if not allow_empty and not value.strip():
         return f"empty {key!r}"
-    return None
+    return _surrogate_problem(value, f"field {key!r}")
+
+
+def _surrogate_problem(text: str, what: str) -> str | None:
+    r"""JSON's "\ud800" escapes decode to half a UTF-16 pair, which no tokenizer can encode."""
+    match = _SURROGATE.search(text)
+    if match is None:
+        return None
+    return (
+        f"{what} holds a lone UTF-16 surrogate ({match.group()!r}) at character {match.start() + 1}"
+    )
 
 
 def _chat_problem(messages: Any, require_answer: bool) -> str | None:
@@ -99,6 +111,9 @@ def _chat_problem(messages: Any, require_answer: bool) -> str | None:
             return f"message {i} content must be a string, got {type(content).__name__}"
         if not content.strip():
             return f"message {i} ({role}) has empty content"
+        problem = _surrogate_problem(content, f"message {i} content")
+        if problem:
+            return problem
     if require_answer and not any(m["role"] == "assistant" for m in messages):
         return (
             "no assistant turn: a training chat needs at least one assistant message to learn from"

@@ -92,6 +92,12 @@ def _jsonl_rows(path: Path) -> Read:
                 yield where, json.loads(line), None
             except json.JSONDecodeError as err:
                 yield where, None, f"not valid JSON: {err.msg} at column {err.colno}"
+            except (RecursionError, ValueError) as err:  # nested too deep, a 5000-digit number
+                yield where, None, f"not valid JSON: {_json_problem(err)}"
+
+
+def _json_problem(err: Exception) -> str:
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err)
 
 
 def _csv_rows(path: Path) -> Read:
@@ -110,7 +116,10 @@ def _csv_rows(path: Path) -> Read:
     # Long texts exceed the csv module's default 128 KiB field limit.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     reader = csv.reader(lines)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as err:
+        raise GraftError(f"{path}:1: header is not valid CSV: {err}") from None
     if header is None:
         return
     if 1 in bad:
@@ -143,6 +152,10 @@ def _csv_rows(path: Path) -> Read:
                 except json.JSONDecodeError as err:
                     yield where, None, f"column 'messages' is not valid JSON: {err.msg}"
                     continue
+                except (RecursionError, ValueError) as err:
+                    problem = _json_problem(err)
+                    yield where, None, f"column 'messages' is not valid JSON: {problem}"
+                    continue
             yield where, row, None
 
 
@@ -151,6 +164,8 @@ def _parquet_rows(path: Path) -> Read:
         import pyarrow.parquet as pq
     except ImportError:
         raise GraftError("reading Parquet files needs pyarrow: pip install pyarrow") from None
+    from pyarrow import ArrowException
+
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
         number = 0
@@ -158,7 +173,8 @@ def _parquet_rows(path: Path) -> Read:
             for row in batch.to_pylist():
                 number += 1
                 yield f"{path}:row {number}", row, None
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+    # ArrowInvalid is a ValueError, ArrowIOError an OSError, ArrowNotImplementedError neither
+    except (OSError, ValueError, ArrowException) as err:
         raise GraftError(f"{path}: not a readable Parquet file: {err}") from None
 
 
