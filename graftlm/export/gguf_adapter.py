@@ -51,6 +51,7 @@ ADAPTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 """Tensor types for ``--format gguf`` (those llama.cpp's own LoRA converter offers)."""
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>A|B)\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector$")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class LoraPair:
         a: ``(r, in)`` float32, as trained.
         b: ``(out, r)`` float32 as trained, rows in llama.cpp's order (permuted for q and k).
         scale: the module's true scale (alpha_m / r_m, or alpha_m / sqrt(r_m) with rsLoRA).
+        magnitude: DoRA's ``(out,)`` magnitude in llama.cpp's row order, or None (plain LoRA).
     """
 
     module: str
@@ -70,6 +72,16 @@ class LoraPair:
     a: np.ndarray
     b: np.ndarray
     scale: float
+    magnitude: np.ndarray | None = None
+
+    def merged(self, base: np.ndarray) -> np.ndarray:
+        """``base + scale·B·A``, for DoRA rescaled to ``m / ‖base + scale·B·A‖`` per row;
+        ``(out, in)`` float32 (computed in fp32)."""
+        weights = base.astype(np.float32) + self.delta()
+        if self.magnitude is not None:
+            norms = np.linalg.norm(weights.astype(np.float64), axis=1).astype(np.float32)
+            weights *= (self.magnitude / norms)[:, None]
+        return weights
 
     def delta(self) -> np.ndarray:
         """``scale · B·A`` in llama.cpp's row order, ``(out, in)`` float32 (computed in fp32)."""
@@ -79,9 +91,12 @@ class LoraPair:
 
 
 def lora_pairs(
-    adapter: str | os.PathLike, base: GGUFBase, *, force: bool = False
+    adapter: str | os.PathLike, base: GGUFBase, *, force: bool = False, merging: bool = False
 ) -> tuple[Any, list[LoraPair]]:
     """Read an adapter folder as llama.cpp tensors for `base` (B rows permuted for q and k).
+
+    A DoRA adapter is read only when `merging` (``--format gguf-merged``): llama.cpp's adapter
+    files hold A and B, with no place for DoRA's magnitude.
 
     Returns:
         (LoraConfig, pairs in block order); each pair's B is unscaled (see `LoraPair`).
@@ -92,6 +107,11 @@ def lora_pairs(
             or the adapter's base fingerprint names another base (unless `force`).
     """
     config, graft = read_adapter_config(adapter)
+    if config.use_dora and not merging:
+        raise GraftError(
+            f"{adapter}: a DoRA adapter (use_dora) cannot be exported as a llama.cpp adapter: "
+            "llama.cpp has no DoRA adapter type; export the merged model with --format gguf-merged"
+        )
     expected = (graft.get("base_fingerprint") or {}).get("weights_sha256")
     if expected and not force:
         base_hash = embedding_hash(base)
@@ -103,6 +123,7 @@ def lora_pairs(
     found, problems = _split_tensors(read_adapter_weights(adapter), config)
     pairs, unmapped, mismatched = [], [], []
     for module, ab in sorted(found.items(), key=lambda kv: _block_order(kv[0])):
+        magnitude = ab.pop("M", None)
         if set(ab) != {"A", "B"}:
             problems.append(f"{module}: lora_{'B' if 'A' in ab else 'A'} is missing")
             continue
@@ -121,11 +142,14 @@ def lora_pairs(
             )
             continue
         heads = qk_heads(tensor, base.n_head, base.n_head_kv)
+        if magnitude is not None:  # one value per output row: permuted as B's rows are
+            magnitude = magnitude.float().numpy()[:, None]
+            magnitude = (magnitude if heads is None else permute_qk(magnitude, heads))[:, 0]
         if heads is not None:
             b = permute_qk(b, heads)
-        pairs.append(
-            LoraPair(module, tensor, a, np.ascontiguousarray(b), config.scaling_for(module))
-        )
+        pair = LoraPair(module, tensor, a, np.ascontiguousarray(b), config.scaling_for(module))
+        pair.magnitude = None if magnitude is None else np.ascontiguousarray(magnitude)
+        pairs.append(pair)
     if unmapped:
         problems.append(f"modules without a llama.cpp LoRA tensor: {_listing(unmapped)}")
     if mismatched:
@@ -155,8 +179,11 @@ def _split_tensors(weights: dict, config: Any) -> tuple[dict[str, dict[str, Any]
     others = []
     for key, tensor in weights.items():
         match = _LORA_KEY.match(key)
+        magnitude = _MAGNITUDE_KEY.match(key) if config.use_dora else None
         if match:
             found.setdefault(match.group("module"), {})[match.group("kind")] = tensor
+        elif magnitude:
+            found.setdefault(magnitude.group("module"), {})["M"] = tensor
         else:
             others.append(key)
     embeddings = [k for k in others if ".lora_embedding_" in k]

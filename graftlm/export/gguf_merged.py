@@ -79,7 +79,7 @@ def export_merged_gguf(
         raise GraftError(f"--quant should be one of {', '.join(MERGED_QUANTS)}, got {quant!r}")
     base = resolve_base(model, adapter)
     if base.is_gguf:
-        _, pairs = lora_pairs(adapter, base, force=force)
+        _, pairs = lora_pairs(adapter, base, force=force, merging=True)
         return _merge_into_gguf(base, pairs, Path(out), quant)
     return _merge_hf_folder(adapter, base, Path(out), quant, force)
 
@@ -105,8 +105,8 @@ def _merge_into_gguf(base: GGUFBase, pairs: list[LoraPair], out: Path, quant: st
             continue
         shape = (pair.b.shape[0], pair.a.shape[1])
         base_weights = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        delta = pair.delta()
-        weights = base_weights.astype(np.float32) + delta
+        weights = pair.merged(base_weights)
+        delta = weights - base_weights  # DoRA: the whole change its rescaling makes
         if not np.isfinite(weights).all():
             raise GraftError(f"{pair.module}: the merged weight has NaN or inf; not writing it")
         data, qtype = encode(weights, merged_kind(t.name, quant), t.name)
