@@ -125,7 +125,7 @@ def memory_breakdown(
     runtime = RUNTIME_BYTES.get(run.device, RUNTIME_BYTES["cpu"])
     weights = shape.total_params * (4 if run.method == "full" else run.dtype_bytes)
     # a file's tensor is read whole before the cast, in host memory (a GPU receives it cast)
-    read_buffer = shape.largest_tensor * 4 if run.device == "cpu" else 0
+    read_buffer = shape.largest_tensor * shape.file_dtype_bytes if run.device == "cpu" else 0
     return MemoryBreakdown(
         base_weights=base_weight_bytes(shape, run),
         trainable_weights=trainable_weights,

@@ -37,6 +37,7 @@ logger = logging.getLogger("graftlm")
 BUILTIN = "smollm2-135m-instruct"
 # fields every config needs (under its own names, e.g. GPT-2's n_embd, through attribute_map)
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+FILE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_FAMILY = ("lora", "qlora", "dora", "qdora")
 
 
@@ -106,6 +107,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     largest_tensor: int  # values of the biggest parameter (a load reads one at a time)
+    file_dtype_bytes: int  # bytes per value in the checkpoint files (config's dtype; else fp32)
     model: nn.Module = dataclasses.field(repr=False)  # the meta-device model
 
 
@@ -153,10 +155,11 @@ def model_shape(values: dict, source: str = "config") -> ModelShape:
             model = AutoModelForCausalLM.from_config(hf_config)
     except (TypeError, ValueError, KeyError) as exc:
         raise GraftError(f"{source}: transformers cannot build this config ({exc})") from None
-    return _shape_of(model, hf_config)
+    stored = str(values.get("torch_dtype") or values.get("dtype") or "float32")
+    return _shape_of(model, hf_config, FILE_DTYPE_BYTES.get(stored.removeprefix("torch."), 4))
 
 
-def _shape_of(model: nn.Module, config: Any) -> ModelShape:
+def _shape_of(model: nn.Module, config: Any, file_dtype_bytes: int = 4) -> ModelShape:
     heads_named = output_head_names(model)
     head_module = model.get_output_embeddings()
     embed = model.get_input_embeddings()
@@ -188,6 +191,7 @@ def _shape_of(model: nn.Module, config: Any) -> ModelShape:
         head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
         vocab=int(embed.weight.shape[0]),
         largest_tensor=max(p.numel() for p in params),
+        file_dtype_bytes=file_dtype_bytes,
         model=model,
     )
 

@@ -1,0 +1,256 @@
+"""`graftlm plan` against measured runs: predicted vs measured peak RSS and step time.
+
+Every row runs `graftlm train --steps 2` in a fresh process (its peak RSS from `wait4`, so the
+parent's memory never counts) right after `graftlm plan --json` for the same settings. Models:
+the built-in one and two randomly initialised Llama-family models built from configs (~0.5B and
+~1.1B parameters; random weights take exactly the memory real ones do), saved once as bf16
+safetensors with the built-in's tokenizer. The data is synthetic text, every row longer than
+`--seq-len`, so every sequence of a step has exactly `--seq-len` tokens.
+
+Criterion (issue #20): peak within 15%, step time within 30%. Step times on a shared machine
+drift with the other jobs' load: the load average is printed beside each row. The step time is
+the second step's (the first pays one-time costs: kernel compilation, the allocator's growth).
+
+    python bench/plan_validation.py                   # all rows
+    python bench/plan_validation.py --only builtin    # one model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path(tempfile.gettempdir()) / "graftlm-plan-bench"
+RESULT = REPO / "bench" / "results" / "plan_validation.txt"
+MEASURED = WORK / "measured.json"  # kept measurements: --reuse re-plans without re-training
+
+LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+    "vocab_size": 49152, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 2048, "rope_theta": 10000.0, "bos_token_id": 1,
+    "eos_token_id": 2, "pad_token_id": 2,
+}  # fmt: skip
+MODELS = {
+    "builtin": "smollm2-135m-instruct",
+    # ~0.5B: hidden 1024, 24 layers, GQA 16/8
+    "llama-0.5b": {**LLAMA, "hidden_size": 1024, "intermediate_size": 5120,
+                   "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8},
+    # ~1.1B: TinyLlama's shape with the built-in's vocabulary
+    "llama-1.1b": {**LLAMA, "hidden_size": 2048, "intermediate_size": 5632,
+                   "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4},
+}  # fmt: skip
+# (method, batch, micro-batch, seq-len): two batch shapes per method
+SHAPES = {
+    "builtin": [(2, 2, 128), (4, 2, 256)],
+    "llama-0.5b": [(1, 1, 64), (2, 2, 128)],
+    "llama-1.1b": [(1, 1, 64), (2, 2, 128)],
+}
+METHODS = ("lora", "qlora", "full")
+
+
+def make_model(name: str, config: dict) -> Path:
+    """A random model folder (bf16 safetensors + the built-in's tokenizer), made once."""
+    folder = WORK / name
+    if (folder / "model.safetensors").is_file():
+        return folder
+    code = f"""
+import json, torch
+from pathlib import Path
+from transformers import AutoConfig, AutoModelForCausalLM
+from graftlm.models.load import model_folder, load_tokenizer
+config = AutoConfig.for_model(**json.loads({json.dumps(json.dumps(config))}))
+with torch.device("meta"):
+    model = AutoModelForCausalLM.from_config(config)
+model = model.to_empty(device="cpu").to(torch.bfloat16)
+gen = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    for b in model.buffers():
+        pass
+model.config.torch_dtype = torch.bfloat16
+out = Path({str(folder)!r})
+model.save_pretrained(out)
+load_tokenizer("smollm2-135m-instruct").save_pretrained(out)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    return folder
+
+
+def make_data(rows: int) -> Path:
+    path = WORK / f"text{rows}.jsonl"
+    if not path.is_file():
+        rng = random.Random(0)
+        words = "the of and to in is was for on that with as by at from his her an were".split()
+        with path.open("w") as f:
+            for _ in range(rows):
+                text = " ".join(rng.choice(words) + str(rng.randint(0, 999)) for _ in range(1200))
+                f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def run(cmd: list[str]) -> tuple[int, str, int]:
+    """(exit status, output, peak RSS bytes of that process alone)."""
+    env = dict(os.environ, MKL_CBWR="AUTO,STRICT", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO
+    )
+    output = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    return status, output, usage.ru_maxrss * 1024
+
+
+PLAN_ALL = """
+import json, sys
+from graftlm.plan.report import PlanRequest, plan_run
+from graftlm.plan.shapes import model_shape, read_config
+from graftlm.plan.timing import measure_rates
+for line in sys.stdin:
+    model, method, batch, micro, seq_len = json.loads(line)
+    request = PlanRequest(method=method, batch_size=batch, micro_batch_size=micro, seq_len=seq_len)
+    plan = plan_run(model_shape(*read_config(model)), request, model, with_full=False)
+    print(json.dumps(plan.to_dict()), flush=True)
+"""
+
+
+def predict(rows: list[tuple]) -> list[dict]:
+    """`graftlm plan`'s JSON for every row, from one process (rates measured per plan)."""
+    env = dict(os.environ, MKL_CBWR="AUTO,STRICT", PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-c", PLAN_ALL], input="\n".join(json.dumps(r) for r in rows),
+        capture_output=True, text=True, env=env, cwd=REPO, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def measured(model: str, method: str, batch: int, micro: int, seq_len: int, reuse: bool) -> dict:
+    """The peak and step time of these settings (kept from an earlier run with `reuse`)."""
+    settings = ["--method", method, "--batch-size", str(batch), "--micro-batch-size", str(micro),
+                "--seq-len", str(seq_len)]  # fmt: skip
+    key = f"{Path(model).name}-{method}-{batch}x{seq_len}/{micro}"
+    kept = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+    if not (reuse and key in kept):
+        kept[key] = measure(model, settings, batch)
+        MEASURED.write_text(json.dumps(kept, indent=1))
+    return kept[key]
+
+
+def _kept(model: str, method: str, shape: str) -> bool:
+    kept = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+    return f"{Path(model).name}-{method}-{shape}" in kept
+
+
+def measure(model: str, settings: list[str], batch: int) -> dict:
+    """Peak RSS and step 2's seconds of `graftlm train --steps 2` in a fresh process."""
+    out = WORK / "runs" / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    status, output, peak = run(
+        [sys.executable, "-m", "graftlm", "train", "--model", model, "--data",
+         str(make_data(3 * batch)), "--out", str(out), "--steps", "2", "--quiet", *settings]
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    if status:
+        return {"error": output[-600:]}
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "tokens_per_s" in s]
+    step_s = steps[-1]["tokens"] / steps[-1]["tokens_per_s"]
+    return {
+        "measured_peak": peak,
+        "measured_step_s": step_s,
+        "load": (load + os.getloadavg()[0]) / 2,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=list(MODELS), action="append")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", default=str(RESULT))
+    parser.add_argument(
+        "--budget-min", type=float, default=30.0, help="start no new training run after this"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep earlier measurements of the same settings"
+    )
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    trains = subprocess.run(
+        [sys.executable, "-c", "from graftlm.methods import REGISTRY; print(' '.join(REGISTRY))"],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    ).stdout.split()  # fmt: skip
+    header = (
+        f"{'model':22}{'method':7}{'batch':>10}{'ckpt':>5}{'peak pred':>11}{'measured':>10}"
+        f"{'err':>7}{'step pred':>11}{'measured':>10}{'err':>7}{'load':>6}"
+    )
+    lines = [
+        "graftlm plan vs graftlm train --steps 2 (peak RSS of the process; step 2's time)",
+        f"machine: {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        header,
+    ]
+    print("\n".join(lines), flush=True)
+    deadline = time.monotonic() + args.budget_min * 60
+    todo: list[tuple] = []  # (line index, model key, settings, measurement): planned at the end
+    # every model's first batch shape before any second one: a short budget still covers all
+    for index in range(2):
+        for key in args.only or list(MODELS):
+            config = MODELS[key]
+            model = config if isinstance(config, str) else str(make_model(key, config))
+            for method in args.methods.split(","):
+                batch, micro, seq_len = SHAPES[key][index]
+                shape = f"{batch}x{seq_len}/{micro}"
+                why = None
+                if method not in trains:
+                    why = f"graftlm train has no --method {method}"
+                elif method == "full" and key != "builtin":
+                    why = (
+                        "full fine-tuning's fp32 weights, gradients and AdamW state do not fit here"
+                    )
+                elif time.monotonic() > deadline and not _kept(model, method, shape):
+                    why = f"out of the {args.budget_min:g} min budget"
+                if why:
+                    lines.append(f"{key:22}{method:7}{shape:>10}  not run: {why}")
+                    print(lines[-1], flush=True)
+                    continue
+                result = measured(model, method, batch, micro, seq_len, args.reuse)
+                if "error" in result:
+                    lines.append(
+                        f"{key:22}{method:7}{shape:>10}  failed: {result['error'][-300:]!r}"
+                    )
+                    print(lines[-1], flush=True)
+                    continue
+                print(f"measured {key} {method} {shape}: {result}", flush=True)
+                lines.append(None)
+                todo.append((len(lines) - 1, key, (model, method, batch, micro, seq_len), result))
+    for (index, key, settings, r), plan in zip(todo, predict([t[2] for t in todo])):
+        _, method, _, _, _ = settings
+        shape = f"{settings[2]}x{settings[4]}/{settings[3]}"
+        peak_err = plan["peak_bytes"] / r["measured_peak"] - 1
+        time_err = plan["step_seconds"] / r["measured_step_s"] - 1
+        lines[index] = (
+            f"{key:22}{method:7}{shape:>10}{'on' if plan['activation_checkpointing'] else 'off':>5}"
+            f"{plan['peak_bytes'] / 1e9:>9.2f}GB{r['measured_peak'] / 1e9:>8.2f}GB"
+            f"{peak_err:>+7.0%}{plan['step_seconds']:>10.1f}s"
+            f"{r['measured_step_s']:>9.1f}s{time_err:>+7.0%}{r['load']:>6.1f}"
+        )
+    lines = [line for line in lines if line is not None]
+    print("\n".join(lines), flush=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
