@@ -38,6 +38,7 @@ from graftlm.adapters.state import adapter_state
 from graftlm.adapters.switch import adapter_names, set_adapter
 from graftlm.errors import GraftError
 from graftlm.methods.lora.config import ALL_LINEAR, LoraConfig
+from graftlm.methods.lora.conv_layer import CONV_TYPES, LoraConv, is_conv
 from graftlm.methods.lora.inject import inject, lora_layers
 from graftlm.methods.lora.layer import LoraEmbedding, LoraLayerBase, TrainedCopies
 
@@ -107,7 +108,12 @@ def peft_target_modules(model: nn.Module, name: str) -> list[str] | str:
         n
         for n, m in model.named_modules()
         if n
-        and (isinstance(m, LoraLayerBase) or is_linear(m) or isinstance(m, nn.Embedding))
+        and (
+            isinstance(m, LoraLayerBase)
+            or is_linear(m)
+            or isinstance(m, nn.Embedding)
+            or is_conv(m)
+        )
         and not _inside_adapter(n)
     ]
     if config.targets == ALL_LINEAR:
@@ -166,6 +172,10 @@ def save(
     peft_config = written.to_peft_dict(
         base_model_name_or_path=base_model_name, target_modules=peft_target_modules(model, name)
     )
+    if not hasattr(model, "prepare_inputs_for_generation"):
+        # not a causal LM (a conv net, a diffusers UNet, a text encoder): PEFT would wrap it
+        # in PeftModelForCausalLM, which needs generation methods; no task type loads it as is
+        peft_config["task_type"] = None
     if isinstance(peft_config["target_modules"], str):
         # PEFT refuses layers_to_transform next to a regex target (ValueError on load); the
         # regex selects the layers by itself (an exact-name regex when layers were given)
@@ -305,6 +315,9 @@ def load_adapter(
 def _check_shapes(
     folder: Path, module_name: str, module: nn.Module, pair: dict, config: LoraConfig
 ) -> None:
+    if isinstance(module, (LoraConv, *CONV_TYPES)):
+        _check_conv_shapes(folder, module_name, module, pair, config)
+        return
     if isinstance(module, LoraLayerBase) and not isinstance(module, LoraEmbedding):
         in_f, out_f = module.in_features, module.out_features
     elif isinstance(module, (nn.Embedding, LoraEmbedding)):
@@ -322,6 +335,29 @@ def _check_shapes(
             raise GraftError(
                 f"{folder / WEIGHTS_FILE}: {PREFIX}{module_name}.{kind}: expected shape {expected}, found {found} "
                 "(the adapter was trained on a base model with other layer sizes)"
+            )
+    if rank != config.rank_for(module_name):
+        raise GraftError(
+            f"{folder / WEIGHTS_FILE}: {module_name} has rank {rank}, but {CONFIG_FILE} gives it "
+            f"rank {config.rank_for(module_name)} (r / rank_pattern)"
+        )
+
+
+def _check_conv_shapes(
+    folder: Path, module_name: str, module: nn.Module, pair: dict, config: LoraConfig
+) -> None:
+    """A conv's A is `[r, in, *kernel]` and B `[out, r, 1, ...]` (PEFT's layout)."""
+    weight = module.weight  # [out, in, *kernel]
+    rank = pair["lora_A"].shape[0]
+    ones = (1,) * (weight.dim() - 2)
+    expected_a = (rank, weight.shape[1], *weight.shape[2:])
+    expected_b = (weight.shape[0], rank, *ones)
+    for kind, expected in (("lora_A", expected_a), ("lora_B", expected_b)):
+        found = tuple(pair[kind].shape)
+        if found != expected:
+            raise GraftError(
+                f"{folder / WEIGHTS_FILE}: {PREFIX}{module_name}.{kind}: expected shape {expected}, "
+                f"found {found} (the adapter was trained on a base model with other layer sizes)"
             )
     if rank != config.rank_for(module_name):
         raise GraftError(

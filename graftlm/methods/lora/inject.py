@@ -39,6 +39,7 @@ from graftlm.adapters.switch import (  # noqa: F401
 )
 from graftlm.errors import GraftError
 from graftlm.methods.lora.config import ALL_LINEAR, LoraConfig
+from graftlm.methods.lora.conv_layer import CONV_TYPES, LoraConv, is_conv
 from graftlm.methods.lora.layer import (
     LoraEmbedding,
     LoraLayerBase,
@@ -64,13 +65,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         # a layer already holding another adapter's LoRA counts as the layer it wraps
         linear = is_linear(module) or (
-            isinstance(module, LoraLayerBase) and not isinstance(module, LoraEmbedding)
+            isinstance(module, LoraLayerBase) and not isinstance(module, (LoraEmbedding, LoraConv))
         )
         if config.targets == ALL_LINEAR:
             hit = linear and name not in heads
-        else:
+        else:  # convs are adapted when named, as PEFT does ("all-linear" leaves them out)
             hit = name_matches(config.targets, name) and (
-                linear or isinstance(module, (nn.Embedding, LoraEmbedding))
+                linear
+                or isinstance(module, (nn.Embedding, LoraEmbedding, LoraConv))
+                or is_conv(module)
             )
         if hit and config.layers is not None:
             match = LAYER_INDEX.match(name)
@@ -153,6 +156,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
         if not isinstance(module, LoraLayerBase):
             if isinstance(module, nn.Embedding):
                 wrapped: LoraLayerBase = LoraEmbedding(module)
+            elif is_conv(module):
+                wrapped = LoraConv(module)
             else:
                 wrapped = _wrap_linear(module)
             set_module(model, module_name, wrapped)
@@ -174,12 +179,11 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Injec
 
 
 def _check_dora_targets(model: nn.Module, targets: list[str]) -> None:
-    embeddings = [
-        n for n in targets if isinstance(model.get_submodule(n), (nn.Embedding, LoraEmbedding))
-    ]
+    kinds = (nn.Embedding, LoraEmbedding, LoraConv, *CONV_TYPES)
+    embeddings = [n for n in targets if isinstance(model.get_submodule(n), kinds)]
     if embeddings:
         raise GraftError(
-            f"DoRA (use_dora) adapts linear layers only; targets include the embedding(s) "
+            f"DoRA (use_dora) adapts linear layers only; targets include the embedding/conv(s) "
             f"{embeddings}: target linear layers, or use plain LoRA"
         )
 
