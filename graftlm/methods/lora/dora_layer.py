@@ -135,6 +135,19 @@ class DoraMagnitudes(nn.ParameterDict):
         g = self.scale(layer, name)
         return (g - 1) * base_out + g * lora_out
 
+    def _one_adapter_output(self, layer, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Training, one adapter, no dropout: `g ⊙ (W x + s·B·A x) + b` in two element-wise
+        ops over the output (PEFT's `(g − 1) ⊙ W x + g ⊙ s·B·A x`, added to `W x`, takes five,
+        each kept for backward; bench/dora_speed.py measures what the difference costs)."""
+        result = layer.base_forward(x)
+        base_out = result if layer.bias is None else result - layer.bias
+        lora_a = layer.lora_A[name]
+        lora_out = layer.lora_B[name](lora_a(x.to(lora_a.weight.dtype)))
+        out = torch.add(base_out, lora_out, alpha=layer.scaling[name]) * self.scale(layer, name)
+        if layer.bias is not None:
+            out = out + layer.bias
+        return out.to(result.dtype)
+
     def merged_weight(self, layer, name: str, base: torch.Tensor) -> torch.Tensor:
         """`g ⊙ (W + s·B·A)` in the layer's weight layout, float32; remembers g for unmerge.
 
@@ -171,10 +184,13 @@ class DoraMagnitudes(nn.ParameterDict):
         At inference one DoRA adapter is LoRA's fast path plus a per-feature rescale; otherwise
         each adapter adds its update to the base output (DoRA's `adapter_output`, LoRA's `s·B·A x`).
         """
-        if len(active) == 1 and not torch.is_grad_enabled():
-            name = active[0]
-            if not layer.training or isinstance(layer.lora_dropout[name], nn.Identity):
+        name = active[0]
+        if len(active) == 1 and (
+            not layer.training or isinstance(layer.lora_dropout[name], nn.Identity)
+        ):
+            if not torch.is_grad_enabled():
                 return self.rescale(layer, name, layer.lora_forward(x, active))
+            return self._one_adapter_output(layer, name, x)
         result = layer.base_forward(x)
         out_dtype = result.dtype
         lora = [n for n in active if n not in self]
