@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from graftlm.cli.combine import add_combine
+from graftlm.cli.compare import add_compare
 from graftlm.cli.export import add_export, add_inspect, add_merge
 from graftlm.cli.infer import add_chat, add_eval, add_generate
 from graftlm.cli.plan import add_plan
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         add_train,
         add_sweep,
+        add_compare,
         add_plan,
         add_generate,
         add_chat,

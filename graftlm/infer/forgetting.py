@@ -102,13 +102,7 @@ def load_keep(
             to compare with (naming the file).
     """
     path = Path(path) if path is not None else default_keep_file()
-    rows, fmt = read_rows(path)
-    rows = [r for r in rows if (reference_answer(r) or "").strip()]
-    if not rows:
-        raise GraftError(
-            f"{path}: no usable keep rows (each needs a prompt and a non-empty reference answer: "
-            "chat, prompt/completion or Alpaca rows)"
-        )
+    rows, fmt = read_keep_rows(path)
     if limit is not None and limit < len(rows):
         step = len(rows) / limit
         rows = [rows[int(i * step)] for i in range(limit)]
@@ -131,6 +125,22 @@ def load_keep(
         examples=[final_answer_only(e) for e in examples],
         text=text,
     )
+
+
+def read_keep_rows(path: str | Path) -> tuple[list[dict], str]:
+    """The rows of a keep file that carry a reference answer, and the file's row format.
+
+    Raises:
+        GraftError: bad rows (named by file:line), or none with an answer (naming the file).
+    """
+    rows, fmt = read_rows(path)
+    rows = [r for r in rows if (reference_answer(r) or "").strip()]
+    if not rows:
+        raise GraftError(
+            f"{path}: no usable keep rows (each needs a prompt and a non-empty reference answer: "
+            "chat, prompt/completion or Alpaca rows)"
+        )
+    return rows, fmt
 
 
 def is_right(answer: str, reference: str, check: str | None = None) -> bool:
