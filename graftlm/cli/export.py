@@ -107,7 +107,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="describe an adapter folder")
+    p = sub.add_parser(
+        "inspect", help="describe an adapter folder, or a diffusers / kohya LoRA .safetensors file"
+    )
     p.add_argument("adapter")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.set_defaults(func=cmd_inspect)
@@ -116,7 +118,12 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     # loads the method modules (torch) to describe a folder: imported in the command, as above
     from graftlm.adapters.inspect import describe, format_description
+    from graftlm.image import inspect as image_inspect
 
+    if image_inspect.is_image_lora(args.adapter):  # a diffusers or kohya LoRA file
+        facts = image_inspect.describe(args.adapter)
+        print(json.dumps(facts, indent=2) if args.json else image_inspect.format_description(facts))
+        return 0
     facts = describe(args.adapter)
     print(json.dumps(facts, indent=2) if args.json else format_description(facts))
     return 0

@@ -18,7 +18,7 @@ NOT_YET_SPLIT: set[str] = set()
 # Lower layers never import higher ones: cli > serve/train/infer/export > adapters/methods/quant
 # > models/data/kernels.
 RANK = {
-    "cli": 4, "serve": 3, "train": 3, "plan": 3, "infer": 3, "export": 3,
+    "cli": 4, "serve": 3, "train": 3, "plan": 3, "infer": 3, "export": 3, "image": 3,
     "adapters": 2, "methods": 2, "quant": 1, "models": 1, "data": 1, "kernels": 1, "errors": 0,
 }  # fmt: skip
 

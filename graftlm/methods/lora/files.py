@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -259,6 +260,47 @@ def load_adapter(
     # architecture first; the weights fingerprint only after the shapes, because for a base
     # with other layer sizes the first mismatching key and its shapes say more than a hash
     check_fingerprint(model, graft, folder, force=True)
+    return load_tensors(
+        model,
+        config,
+        tensors,
+        name,
+        source=folder / WEIGHTS_FILE,
+        activate=activate,
+        check_base=lambda: check_fingerprint(model, graft, folder, force),
+    )
+
+
+def load_tensors(
+    model: nn.Module,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    name: str = "default",
+    *,
+    source: Path,
+    activate: bool = True,
+    check_base: Callable[[], None] | None = None,
+) -> LoraConfig:
+    """Load LoRA tensors under PEFT's keys (`tensors`, as a PEFT weights file holds them) into
+    `model` as adapter `name`: every key and shape is checked before the model changes.
+
+    Args:
+        model: the base model (plain or already holding other adapters).
+        config: the adapter's config (ranks, alphas, targets).
+        tensors: PEFT's keys to tensors.
+        name: the name it gets in this model.
+        source: the file the tensors came from, named in errors.
+        activate: make it the active adapter.
+        check_base: called after the shape checks, before the model changes (the folder's
+            base fingerprint check).
+
+    Returns:
+        `config`.
+
+    Raises:
+        GraftError: a key naming a module the model lacks, a shape mismatch, a rank that is
+            not the config's.
+    """
 
     lora, rest = group_keys(tensors, _LORA_KEY)
     magnitudes, rest = group_keys(rest, _MAG_KEY)
@@ -267,26 +309,23 @@ def load_adapter(
         lora[module_name] = {k.replace("lora_embedding_", "lora_"): v for k, v in pair.items()}
     others = {strip_prefix(key): tensor for key, tensor in rest.items()}
     if not lora:
-        raise GraftError(
-            f"{folder / WEIGHTS_FILE}: no LoRA tensors (keys like '...lora_A.weight') found"
-        )
+        raise GraftError(f"{source}: no LoRA tensors (keys like '...lora_A.weight') found")
 
     modules = dict(model.named_modules())
     for module_name, pair in lora.items():
         missing = [k for k in ("lora_A", "lora_B") if k not in pair]
         if missing:
-            raise GraftError(
-                f"{folder / WEIGHTS_FILE}: {module_name} has no {' / '.join(missing)} tensor"
-            )
+            raise GraftError(f"{source}: {module_name} has no {' / '.join(missing)} tensor")
         module = modules.get(module_name)
         if module is None:
             raise GraftError(
-                f"{folder / WEIGHTS_FILE}: key {PREFIX}{module_name}.lora_A names module {module_name!r}, "
+                f"{source}: key {PREFIX}{module_name}.lora_A names module {module_name!r}, "
                 f"which {type(model).__name__} does not have: the adapter was trained on another architecture"
             )
-        _check_shapes(folder, module_name, module, pair, config)
-    _check_magnitudes(folder, lora, magnitudes, config)
-    check_fingerprint(model, graft, folder, force)
+        _check_shapes(source, module_name, module, pair, config)
+    _check_magnitudes(source, lora, magnitudes, config)
+    if check_base is not None:
+        check_base()
 
     exact = "^(?:" + "|".join(re.escape(n) for n in lora) + ")$"
     inject(model, config.replace(targets=exact, exclude=None, layers=None, init="kaiming"), name)
@@ -304,7 +343,7 @@ def load_adapter(
                 if module_name in magnitudes:
                     magnitude = magnitudes[module_name]["lora_magnitude_vector"]
                     layer.lora_magnitude_vector[name].copy_(magnitude)
-        _load_others(model, name, config, others, folder)
+        _load_others(model, name, config, others, source)
     if activate:
         set_adapter(model, name)
     elif len(adapter_names(model)) > 1:
@@ -313,10 +352,10 @@ def load_adapter(
 
 
 def _check_shapes(
-    folder: Path, module_name: str, module: nn.Module, pair: dict, config: LoraConfig
+    source: Path, module_name: str, module: nn.Module, pair: dict, config: LoraConfig
 ) -> None:
     if isinstance(module, (LoraConv, *CONV_TYPES)):
-        _check_conv_shapes(folder, module_name, module, pair, config)
+        _check_conv_shapes(source, module_name, module, pair, config)
         return
     if isinstance(module, LoraLayerBase) and not isinstance(module, LoraEmbedding):
         in_f, out_f = module.in_features, module.out_features
@@ -326,25 +365,25 @@ def _check_shapes(
         out_f, in_f = linear_dims(module)
     else:
         raise GraftError(
-            f"{folder / WEIGHTS_FILE}: {module_name} is a {type(module).__name__}, which LoRA cannot adapt"
+            f"{source}: {module_name} is a {type(module).__name__}, which LoRA cannot adapt"
         )
     rank = pair["lora_A"].shape[0]
     for kind, expected in (("lora_A", (rank, in_f)), ("lora_B", (out_f, rank))):
         found = tuple(pair[kind].shape)
         if found != expected:
             raise GraftError(
-                f"{folder / WEIGHTS_FILE}: {PREFIX}{module_name}.{kind}: expected shape {expected}, found {found} "
+                f"{source}: {PREFIX}{module_name}.{kind}: expected shape {expected}, found {found} "
                 "(the adapter was trained on a base model with other layer sizes)"
             )
     if rank != config.rank_for(module_name):
         raise GraftError(
-            f"{folder / WEIGHTS_FILE}: {module_name} has rank {rank}, but {CONFIG_FILE} gives it "
+            f"{source}: {module_name} has rank {rank}, but {CONFIG_FILE} gives it "
             f"rank {config.rank_for(module_name)} (r / rank_pattern)"
         )
 
 
 def _check_conv_shapes(
-    folder: Path, module_name: str, module: nn.Module, pair: dict, config: LoraConfig
+    source: Path, module_name: str, module: nn.Module, pair: dict, config: LoraConfig
 ) -> None:
     """A conv's A is `[r, in, *kernel]` and B `[out, r, 1, ...]` (PEFT's layout)."""
     weight = module.weight  # [out, in, *kernel]
@@ -356,35 +395,35 @@ def _check_conv_shapes(
         found = tuple(pair[kind].shape)
         if found != expected:
             raise GraftError(
-                f"{folder / WEIGHTS_FILE}: {PREFIX}{module_name}.{kind}: expected shape {expected}, "
+                f"{source}: {PREFIX}{module_name}.{kind}: expected shape {expected}, "
                 f"found {found} (the adapter was trained on a base model with other layer sizes)"
             )
     if rank != config.rank_for(module_name):
         raise GraftError(
-            f"{folder / WEIGHTS_FILE}: {module_name} has rank {rank}, but {CONFIG_FILE} gives it "
+            f"{source}: {module_name} has rank {rank}, but {CONFIG_FILE} gives it "
             f"rank {config.rank_for(module_name)} (r / rank_pattern)"
         )
 
 
-def _check_magnitudes(folder: Path, lora: dict, magnitudes: dict, config: LoraConfig) -> None:
+def _check_magnitudes(source: Path, lora: dict, magnitudes: dict, config: LoraConfig) -> None:
     """DoRA: a `[out]` magnitude for every adapted module when `use_dora`, none otherwise."""
     if not config.use_dora:
         if magnitudes:
             raise GraftError(
-                f"{folder / WEIGHTS_FILE}: has lora_magnitude_vector tensors (DoRA), but "
+                f"{source}: has lora_magnitude_vector tensors (DoRA), but "
                 f"{CONFIG_FILE} does not set use_dora: true"
             )
         return
     missing = sorted(set(lora) - set(magnitudes))
     if missing:
         raise GraftError(
-            f"{folder / WEIGHTS_FILE}: {CONFIG_FILE} sets use_dora: true, but these modules have "
+            f"{source}: {CONFIG_FILE} sets use_dora: true, but these modules have "
             f"no lora_magnitude_vector: {missing[:10]}"
         )
     for module_name, entry in magnitudes.items():
         if module_name not in lora:
             raise GraftError(
-                f"{folder / WEIGHTS_FILE}: {PREFIX}{module_name}.lora_magnitude_vector has no "
+                f"{source}: {PREFIX}{module_name}.lora_magnitude_vector has no "
                 "lora_A / lora_B beside it"
             )
         found, out_f = (
@@ -393,13 +432,13 @@ def _check_magnitudes(folder: Path, lora: dict, magnitudes: dict, config: LoraCo
         )
         if found != (out_f,):
             raise GraftError(
-                f"{folder / WEIGHTS_FILE}: {PREFIX}{module_name}.lora_magnitude_vector: expected "
+                f"{source}: {PREFIX}{module_name}.lora_magnitude_vector: expected "
                 f"shape {(out_f,)}, found {found}"
             )
 
 
 def _load_others(
-    model: nn.Module, name: str, config: LoraConfig, others: dict, folder: Path
+    model: nn.Module, name: str, config: LoraConfig, others: dict, source: Path
 ) -> None:
     """Biases and modules_to_save; PEFT's copies of untouched base embeddings are skipped."""
     params = dict(model.named_parameters())
@@ -426,10 +465,8 @@ def _load_others(
             continue
         if tuple(target.shape) != tuple(tensor.shape):
             raise GraftError(
-                f"{folder / WEIGHTS_FILE}: {key}: expected shape {tuple(target.shape)}, found {tuple(tensor.shape)}"
+                f"{source}: {key}: expected shape {tuple(target.shape)}, found {tuple(tensor.shape)}"
             )
         target.copy_(tensor.to(target.dtype))
     if unexpected:
-        raise GraftError(
-            f"{folder / WEIGHTS_FILE}: unexpected keys the model cannot place: {unexpected[:10]}"
-        )
+        raise GraftError(f"{source}: unexpected keys the model cannot place: {unexpected[:10]}")
