@@ -199,7 +199,13 @@ def test_rows_of_base_lora_and_dora_equal_each_row_alone():
     names = ["d1", None, "plain", "d2", "d1"]
     with graftlm.row_adapters(model, names), torch.inference_mode():
         batched = model(input_ids=batch).logits
-    for row, name in enumerate(names):
+    # the same batch with its rows' adapters shuffled: the per-row scales follow the rows
+    shuffled = ["d2", "d1", None, "plain", "d2"]
+    with graftlm.row_adapters(model, shuffled), torch.inference_mode():
+        again = model(input_ids=batch).logits
+    for row, name in [*enumerate(names), *((r + 5, n) for r, n in enumerate(shuffled))]:
+        source = batched if row < 5 else again
+        row %= 5
         with torch.inference_mode():
             if name is None:
                 with graftlm.disable_adapters(model):
@@ -207,7 +213,7 @@ def test_rows_of_base_lora_and_dora_equal_each_row_alone():
             else:
                 graftlm.set_adapter(model, name)
                 alone = model(input_ids=batch[row : row + 1]).logits
-        torch.testing.assert_close(batched[row : row + 1], alone, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(source[row : row + 1], alone, atol=2e-4, rtol=1e-4)
 
 
 def test_decode_steps_reuse_the_constant_scale_and_follow_weight_changes():

@@ -22,6 +22,8 @@ included), saved as `...<module>.lora_magnitude_vector`.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -56,6 +58,8 @@ class DoraMagnitudes(nn.ParameterDict):
         self._inference: dict[str, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
         # per merged adapter: the g its merge used (unmerging divides by the same one)
         self.merged_scale: dict[str, torch.Tensor] = {}
+        # per-row serving: the per-row scales of the last batch (`rescale_rows`)
+        self._rows: _RowScales | None = None
 
     def init(self, layer, name: str) -> None:
         """Add adapter `name`'s magnitude, `‖W + s·B·A‖_row` (‖W‖ while B is zero), as PEFT."""
@@ -64,6 +68,7 @@ class DoraMagnitudes(nn.ParameterDict):
         self._inference.pop(name, None)
 
     def drop(self, name: str) -> None:
+        self._rows = None
         if name in self:
             del self[name]
         self._inference.pop(name, None)
@@ -171,12 +176,23 @@ class DoraMagnitudes(nn.ParameterDict):
         """Per-row serving: the rows of each DoRA adapter's group rescaled (`rescale`).
 
         `result` holds every row's LoRA output (base rows: the base output), `(batch, ..., out)`.
+        One multiply (and one add, for a layer with bias) by per-row tensors, kept for as long
+        as the batch keeps its rows and adapters and no weight changes: this runs in every
+        layer at every decode step, where checking each adapter's constants one by one cost
+        more than the rescale itself.
         """
-        for name, rows in layer.row_groups:
-            if name in self:
-                rescaled = self.rescale(layer, name, result.index_select(0, rows))
-                result = result.index_copy(0, rows, rescaled)
-        return result
+        groups = layer.row_groups
+        cached = self._rows
+        if cached is None or not cached.fits(layer, groups):
+            cached = _RowScales(self, layer, groups)
+            self._rows = cached
+        if cached.scale is None:
+            return result
+        shape = (result.shape[0],) + (1,) * (result.dim() - 2) + (layer.out_features,)
+        out = result * cached.scale.view(shape).to(result.dtype)
+        if cached.offset is not None:
+            out += cached.offset.view(shape).to(result.dtype)
+        return out
 
     def forward_active(self, layer, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """The layer's output with the `active` (unmerged) adapters, at least one of them DoRA.
@@ -201,3 +217,59 @@ class DoraMagnitudes(nn.ParameterDict):
             if name in self:
                 result = result + self.adapter_output(layer, name, x, base_out)
         return result.to(out_dtype)
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+class _RowScales:
+    """Per-row g and (1 - g)·b of one batch on one layer (ones and zeros for other rows)."""
+
+    def __init__(self, magnitudes: DoraMagnitudes, layer, groups) -> None:
+        self.groups, self.content = groups, _rows_content(groups)
+        names = [(n, rows) for n, rows in groups if n in magnitudes]
+        self.tensors = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+        for name, _ in names:
+            self.tensors += [layer.lora_A[name].weight, layer.lora_B[name].weight, magnitudes[name]]
+        self.key = self._key(layer)
+        self.scale = self.offset = None
+        if not names:
+            return
+        batch = sum(rows.numel() for _, rows in groups)
+        self.scale = torch.ones(
+            batch, layer.out_features, device=layer.lora_A[names[0][0]].weight.device
+        )
+        if layer.bias is not None:
+            self.offset = torch.zeros_like(self.scale)
+        for name, rows in names:
+            g, offset = magnitudes._constants(layer, name)
+            self.scale[rows] = g
+            if offset is not None:
+                self.offset[rows] = offset
+
+    def _key(self, layer) -> tuple:
+        # checked in every layer at every decode step: map() keeps the loop in C
+        return (
+            tuple(map(_VERSION, self.tensors)),
+            tuple(map(torch.Tensor.data_ptr, self.tensors)),
+            tuple(layer.merged_adapters),
+        )
+
+    def fits(self, layer, groups) -> bool:
+        if self.groups is not groups:
+            if not _same_rows(self.content, groups):
+                return False
+            self.groups = groups  # by content: a server may enter `row_adapters` at every step
+        return self._key(layer) == self.key
+
+
+def _rows_content(groups) -> tuple:
+    return tuple((name, tuple(rows.tolist())) for name, rows in groups)
+
+
+def _same_rows(content: tuple, groups) -> bool:
+    # by content: a server may enter `row_adapters` anew at every decode step
+    return len(content) == len(groups) and all(
+        name == n and rows.numel() == len(r) and tuple(rows.tolist()) == r
+        for (n, r), (name, rows) in zip(content, groups)
+    )
