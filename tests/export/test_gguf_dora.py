@@ -77,3 +77,23 @@ def test_dora_gguf_adapter_is_refused_and_merged_gguf_holds_the_dora_weights(
     zero = _adapter(tmp_path / "zero", tiny_model_dir, use_dora=False, std=0.0)
     base = export_merged_gguf(zero, tmp_path / "base.gguf", model=str(tiny_model_dir), quant="f16")
     check(export_merged_gguf(dora, tmp_path / "on-gguf.gguf", model=str(base), force=True))
+
+
+def test_graftlm_merge_writes_a_plain_model_with_the_dora_logits(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from graftlm.cli.parser import main as cli_main
+
+    dora = _adapter(tmp_path / "dora", tiny_model_dir, use_dora=True)
+    out = tmp_path / "merged"
+    args = ["merge", "--adapter", str(dora), "--model", str(tiny_model_dir), "--out", str(out)]
+    assert cli_main([*args, "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    model, _ = graftlm.load_model(str(tiny_model_dir))
+    graftlm.load_adapter(model, dora)
+    ids = torch.tensor([[1, 40, 50, 60, 70]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        graftlm.set_adapter(model, [])
+        assert (model(input_ids=ids).logits - expected).abs().max() > 1e-3  # DoRA did change it
