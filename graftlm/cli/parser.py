@@ -16,6 +16,7 @@ import warnings
 from graftlm.cli.combine import add_combine
 from graftlm.cli.compare import add_compare
 from graftlm.cli.export import add_export, add_inspect, add_merge
+from graftlm.cli.image import add_train_image
 from graftlm.cli.infer import add_chat, add_eval, add_generate
 from graftlm.cli.plan import add_plan
 from graftlm.cli.serve import add_serve
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         add_train,
+        add_train_image,
         add_sweep,
         add_compare,
         add_plan,

@@ -8,11 +8,12 @@ import warnings
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_diffusers import pipeline as _pipeline
+from tiny_diffusers import text_encoder as _text_encoder
+from tiny_diffusers import unet as _unet
 from torch.testing import assert_close
-from transformers import CLIPTextConfig, CLIPTextModel
 
 import graftlm
 from graftlm.cli import main as cli_main
@@ -26,61 +27,6 @@ from graftlm.image.lora_files import (
 from graftlm.image.presets import TEXT_ENCODER_ATTENTION, UNET_ATTENTION, UNET_CONVS
 from graftlm.methods.lora.conv_layer import LoraConv
 from graftlm.methods.lora.inject import lora_layers
-
-
-def _unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
-
-
-def _text_encoder(seed: int = 0) -> CLIPTextModel:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=1000,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(config).eval()
-
-
-def _pipeline(unet, text_encoder) -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=8,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=None,
-        unet=unet,
-        scheduler=DDPMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def _perturb(model, seed: int) -> None:
@@ -292,7 +238,9 @@ def test_inspect_cli(tmp_path, capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["format"] == "diffusers" and facts["method"] == "lora"
     unet_facts, te_facts = facts["parts"]["unet"], facts["parts"]["text_encoder"]
-    assert unet_facts["ranks"] == {"4": unet_facts["modules"]} and unet_facts["alphas"] == {"6.0": 1}
+    assert unet_facts["ranks"] == {"4": unet_facts["modules"]} and unet_facts["alphas"] == {
+        "6.0": 1
+    }
     assert unet_facts["conv_modules"] == sum(isinstance(m, LoraConv) for _, m in lora_layers(unet))
     assert {"to_q", "to_out.0", "conv1", "proj_in"} <= set(unet_facts["module_kinds"])
     assert te_facts["module_kinds"] == sorted(TEXT_ENCODER_ATTENTION)
