@@ -28,8 +28,10 @@ import torch
 
 from graftlm.plan.shapes import ModelShape
 
-# How many times the element-wise ops of a step read or write each byte of kept activations
-# (forward, backward; fitted on the built-in model, bench/results/plan_validation.txt)
+# How many times the element-wise ops of a step read or write each byte of kept activations:
+# written once and read once in the forward, read, and its gradient written and read, in the
+# backward, plus the casts. An estimate: the validation runs shared the machine with other jobs
+# and could not check step times (bench/results/plan_validation.txt)
 PASSES = 6.0
 # NF4 layers dequantize their weight on every use: passes over the weight per forward / backward
 DEQUANT_PASSES = 2.0
