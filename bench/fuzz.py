@@ -39,8 +39,8 @@ def main() -> None:
     output = done.stdout + done.stderr
     tried = {}
     for test, block in re.findall(r"test_fuzz\.py::(\w+):\n(.*?)(?=\n\S|\Z)", output, re.S):
-        passing = sum(int(n) for n in re.findall(r"(\d+) passing examples", block))
-        failing = sum(int(n) for n in re.findall(r"(\d+) failing examples", block))
+        passing = sum(int(n) for n in re.findall(r"(\d+) passing", block))
+        failing = sum(int(n) for n in re.findall(r"(\d+) failing", block))
         tried[test] = (passing, failing)
     summary = re.findall(r"^\d+ (?:passed|failed).*$", output, re.M)
     lines = [
@@ -52,8 +52,10 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if done.returncode != 0:
-        print(output[-4000:])
+    if done.returncode != 0:  # the failures' tracebacks and the examples that made them
+        log = Path(args.out or "fuzz").with_suffix(".log")
+        log.write_text(output, encoding="utf-8")
+        print(f"failures: see {log}")
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(text + "\n")

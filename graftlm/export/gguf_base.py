@@ -160,7 +160,12 @@ def _field_value(reader: Any, key: str, default: Any = None) -> Any:
         if default is not None:
             return default
         raise GraftError(f"{reader.data.filename}: GGUF key {key!r} is missing")
-    value = entry.contents()
+    try:
+        value = entry.contents()
+    except (ValueError, IndexError, TypeError) as exc:  # not UTF-8 (found by tests/fuzz), ...
+        raise GraftError(
+            f"{reader.data.filename}: GGUF key {key!r} is unreadable ({type(exc).__name__}: {exc})"
+        ) from None
     return int(value) if isinstance(value, (np.integer,)) else value
 
 

@@ -131,8 +131,12 @@ weight_values = st.one_of(
             p.safetensors_bytes({k: v.to(torch.bfloat16) for k, v in p.lora_tensors().items()}),
             p.safetensors_bytes(p.lora_tensors(rank=3)),  # shapes that disagree with r
             p.safetensors_bytes(p.lora_tensors(hidden=32)),  # another base's shapes
-            p.safetensors_header(b"", {"a": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}),
-            p.safetensors_header(b"\0" * 8, {"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}),
+            p.safetensors_header(
+                b"", {"a": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}
+            ),
+            p.safetensors_header(
+                b"\0" * 8, {"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}
+            ),
             b"\xff" * 8 + b"{}",  # a header size of 2**64 - 1
         ]
     ),
@@ -209,6 +213,19 @@ def test_gguf_headers_of_any_bytes(raw):
     p.check_gguf(raw)
 
 
+def test_a_gguf_value_that_is_not_utf8_names_file_and_key():
+    """Found by bench/fuzz.py (seed 4087682006): gguf's reader decoded it with a UnicodeDecodeError."""
+    from graftlm.errors import GraftError
+    from graftlm.export.gguf_base import read_gguf_base
+
+    assert GGUF.count(b"llama") >= 1
+    with p.scratch() as folder:
+        (folder / "m.gguf").write_bytes(GGUF.replace(b"llama", b"\x80lama", 1))
+        with pytest.raises(GraftError, match="'general.architecture' is unreadable") as err:
+            read_gguf_base(folder / "m.gguf")
+        assert "m.gguf" in str(err.value)
+
+
 def test_the_valid_gguf_reads():
     from graftlm.export.gguf_base import read_gguf_base
 
@@ -253,7 +270,9 @@ class Run:
             self.checkpoint.out = out
             self.checkpoint.write(3, 1.5)
             folder = out / checkpoint.FOLDER
-            return (folder / checkpoint.META).read_bytes(), (folder / checkpoint.TENSORS).read_bytes()
+            return (folder / checkpoint.META).read_bytes(), (
+                folder / checkpoint.TENSORS
+            ).read_bytes()
 
 
 RUN = Run()
