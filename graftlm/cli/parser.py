@@ -16,7 +16,7 @@ import warnings
 from graftlm.cli.combine import add_combine
 from graftlm.cli.compare import add_compare
 from graftlm.cli.export import add_export, add_inspect, add_merge
-from graftlm.cli.image import add_train_image
+from graftlm.cli.image import add_generate_image, add_train_image
 from graftlm.cli.infer import add_chat, add_eval, add_generate
 from graftlm.cli.plan import add_plan
 from graftlm.cli.serve import add_serve
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_compare,
         add_plan,
         add_generate,
+        add_generate_image,
         add_chat,
         add_eval,
         add_merge,

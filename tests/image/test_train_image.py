@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -39,7 +40,7 @@ def _images(folder, n: int = 4):
 def _fixed_loss(pipe, unet, folder) -> float:
     """The denoising loss on fixed noise and timesteps: what training should lower."""
     items = read_image_folder(folder, None)
-    latents, states = encode(pipe, items, 32)
+    latents, states = encode(pipe, items, 16)  # the resolution train-image used
     gen = torch.Generator().manual_seed(123)
     losses = []
     with torch.no_grad():
@@ -74,6 +75,16 @@ def test_train_image_writes_a_file_diffusers_loads(tmp_path):
     ours = load_pipeline(base)
     load_lora_weights(out, {"unet": ours.unet})
     assert_close(_fixed_loss(ours, ours.unet, images), theirs, rtol=1e-5, atol=1e-6)
+
+    # generate-image: a PNG of the pipeline's size; the LoRA changes it
+    pngs = {}
+    for label, extra in (("base", []), ("lora", ["--adapter", str(out)])):
+        png = tmp_path / f"{label}.png"
+        argv = ["generate-image", "--base", str(base), "--prompt", "a sks square"]
+        assert cli_main([*argv, "--out", str(png), "--steps", "2", *extra]) == 0
+        pngs[label] = np.asarray(Image.open(png), dtype=np.float32)
+    assert pngs["base"].shape == (16, 16, 3)  # sample_size 16, a VAE that does not downsample
+    assert np.abs(pngs["base"] - pngs["lora"]).mean() > 0.5
 
 
 def test_image_folder_errors(tmp_path):
