@@ -18,6 +18,7 @@ file beside the image; `prompt` (an instance prompt) captions the images that ha
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from graftlm.image.lora_files import save_lora_weights
 from graftlm.image.presets import PRESETS
 from graftlm.methods.lora.config import LoraConfig
 from graftlm.methods.lora.inject import inject
-from graftlm.train.metrics import MetricsWriter
+from graftlm.train.metrics import MetricsWriter, progress_bar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -170,6 +171,7 @@ def train_image(config: ImageTrainConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
+    bar = progress_bar(config.steps, 0, enabled=sys.stderr.isatty())
     for step in range(1, config.steps + 1):
         rows = torch.randint(0, len(items), (config.batch_size,), generator=gen)
         batch = latents[rows]
@@ -186,6 +188,9 @@ def train_image(config: ImageTrainConfig) -> Path:
         row = {"step": step, "loss": loss.item(), "lr": config.lr}
         row["seconds"] = round(time.perf_counter() - start, 3)
         metrics.append(row, None)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+    bar.close()
     unet.eval()
     path = save_lora_weights(out, {"unet": unet})
     metrics.plot()
