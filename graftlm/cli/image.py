@@ -23,6 +23,9 @@ def add_train_image(sub: argparse._SubParsersAction) -> None:
         flag = "--" + field.name.replace("_", "-")
         required = field.default is dataclasses.MISSING
         kind = {"int": int, "float": float}.get(str(field.type).split(" |")[0], str)
+        if field.type == "bool":
+            p.add_argument(flag, dest=field.name, action="store_true", help=helps.get(field.name))
+            continue
         p.add_argument(
             flag,
             dest=field.name,

@@ -26,6 +26,8 @@ class ImageTrainConfig:
         batch_size: images per step.
         resolution: image side in pixels (default: what the UNet's sample size decodes to).
         seed: seeds noise, timesteps and batches.
+        save_every: write a resumable checkpoint (OUT/checkpoint) every N steps.
+        resume: continue from OUT/checkpoint (the same settings), to the same numbers.
     """
 
     base: str
@@ -40,11 +42,13 @@ class ImageTrainConfig:
     batch_size: int = 1
     resolution: int | None = None
     seed: int = 0
+    save_every: int = 50
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.targets not in PRESETS:
             raise GraftError(f"targets {self.targets!r}: choose one of {sorted(PRESETS)}")
-        for field in ("rank", "steps", "batch_size"):
+        for field in ("rank", "steps", "batch_size", "save_every"):
             if getattr(self, field) < 1:
                 raise GraftError(
                     f"{field} must be a positive integer, got {getattr(self, field)!r}"

@@ -17,6 +17,7 @@ file beside the image; `prompt` (an instance prompt) captions the images that ha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ from graftlm.image.lora_files import save_lora_weights
 from graftlm.image.presets import PRESETS
 from graftlm.methods.lora.config import LoraConfig
 from graftlm.methods.lora.inject import inject
+from graftlm.train import checkpoint
 from graftlm.train.metrics import MetricsWriter, progress_bar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -163,35 +165,55 @@ def train_image(config: ImageTrainConfig) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsWriter(out)
-    metrics.path.unlink(missing_ok=True)
+    # what a resumed run must share with the checkpointed one: everything but where it writes
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "resume")}
+    state = checkpoint.read(out) if config.resume else None
+    if config.resume and state is None:
+        raise GraftError(f"--resume: no checkpoint in {out / checkpoint.FOLDER}")
+    if state is None and metrics.exists():
+        raise GraftError(
+            f"{out} already holds a run (metrics.jsonl); use --resume or another --out"
+        )
+    if state is not None:
+        checkpoint.check_settings(state, config, settings)
 
+    torch.manual_seed(config.seed)  # A's init, then batches, noise, timesteps (checkpointed)
     inject(unet, LoraConfig(rank=config.rank, alpha=config.alpha, targets=PRESETS[config.targets]))
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed)
-    start = time.perf_counter()
-    bar = progress_bar(config.steps, 0, enabled=sys.stderr.isatty())
-    for step in range(1, config.steps + 1):
-        rows = torch.randint(0, len(items), (config.batch_size,), generator=gen)
+    names = {id(p): n for n, p in unet.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=config.lr)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    first, elapsed = 0, 0.0
+    if state is not None:
+        first, elapsed = checkpoint.restore(state, unet, optimizer, constant, names)
+        metrics.truncate(first)
+    start = time.perf_counter() - elapsed
+    bar = progress_bar(config.steps, first, enabled=sys.stderr.isatty())
+    for step in range(first + 1, config.steps + 1):
+        rows = torch.randint(0, len(items), (config.batch_size,))
         batch = latents[rows]
-        noise = torch.randn(batch.shape, generator=gen)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=gen
-        )
+        noise = torch.randn(batch.shape)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,))
         loss = denoise_loss(unet, scheduler, batch, states[rows], noise, timesteps)
         if not torch.isfinite(loss):
             raise GraftError(f"step {step}: the loss is {loss.item()} (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        constant.step()
         row = {"step": step, "loss": loss.item(), "lr": config.lr}
         row["seconds"] = round(time.perf_counter() - start, 3)
         metrics.append(row, None)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if step % config.save_every == 0 and step < config.steps:
+            checkpoint.write(
+                out, unet, optimizer, constant, names,
+                step=step, elapsed_s=time.perf_counter() - start, cfg=config, settings=settings,
+            )  # fmt: skip
     bar.close()
     unet.eval()
     path = save_lora_weights(out, {"unet": unet})
     metrics.plot()
+    checkpoint.remove(out)
     return path

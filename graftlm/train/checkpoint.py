@@ -58,12 +58,15 @@ def write(
     elapsed_s: float,
     cfg,
     stateful: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Write the checkpoint for `step` atomically (temp folder, then rename).
 
     `stateful`: more training state by name, each saved through its `state_dict()` if it has
     one: the method's TrainingHooks ("hooks": AdaLoRA's importance averages and rank masks),
     the adaptive run's early stop ("early_stop": the best adapter so far).
+    `settings`: what a resumed run must match (default: `cfg`'s TrainConfig fields that change
+    a step; `graftlm train-image` gives its own).
     """
     tensors: dict[str, torch.Tensor] = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -83,7 +86,7 @@ def write(
         "elapsed_s": elapsed_s,
         "scheduler": scheduler.state_dict()["last_epoch"],
         "param_names": [names[id(p)] for p in params],
-        "settings": {k: getattr(cfg, k) for k in _MUST_MATCH},
+        "settings": settings if settings is not None else {k: getattr(cfg, k) for k in _MUST_MATCH},
     }
     target = out / FOLDER
     tmp = out / (FOLDER + ".tmp")
@@ -176,13 +179,13 @@ def _check(folder: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None:
             raise bad(f"{key!r} holds NaN or infinite values")
 
 
-def check_settings(state: dict, cfg) -> None:
-    """A resumed run must compute the same steps: list every setting that differs."""
+def check_settings(state: dict, cfg, settings: dict[str, Any] | None = None) -> None:
+    """A resumed run must compute the same steps: list every setting that differs (`settings`
+    as given to `write`, default `cfg`'s)."""
     saved = state["meta"]["settings"]
+    now = settings if settings is not None else {k: getattr(cfg, k) for k in _MUST_MATCH}
     differ = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}"
-        for k in _MUST_MATCH
-        if saved.get(k) != getattr(cfg, k)
+        f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]
     ]
     if differ:
         raise GraftError(

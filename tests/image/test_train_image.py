@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors.torch import load_file
 from tiny_diffusers import pipeline_folder
 from torch.testing import assert_close
 
@@ -17,7 +19,14 @@ from graftlm.cli import main as cli_main
 from graftlm.errors import GraftError
 from graftlm.image.config import ImageTrainConfig
 from graftlm.image.lora_files import WEIGHTS_NAME, load_lora_weights
-from graftlm.image.train import denoise_loss, encode, load_pipeline, read_image_folder
+from graftlm.image.train import (
+    denoise_loss,
+    encode,
+    load_pipeline,
+    read_image_folder,
+    train_image,
+)
+from graftlm.train.metrics import MetricsWriter
 
 
 def _images(folder, n: int = 4):
@@ -106,3 +115,46 @@ def test_image_folder_errors(tmp_path):
         ImageTrainConfig(base="b", images="i", out="o", targets="convs")
     with pytest.raises(GraftError, match="not a diffusers pipeline folder"):
         load_pipeline(tmp_path)
+
+
+def test_resume_continues_to_the_same_numbers(tmp_path, monkeypatch):
+    """A run stopped after its step-2 checkpoint and resumed ends with the same LoRA and loss
+    rows as the run that was never stopped."""
+    base = pipeline_folder(tmp_path / "base")
+    images = _images(tmp_path / "images")
+
+    def config(out, **changes):
+        settings = {"base": str(base), "images": str(images), "out": str(out), "steps": 4}
+        return ImageTrainConfig(**settings, save_every=2, lr=1e-3, batch_size=2, **changes)
+
+    whole = train_image(config(tmp_path / "whole"))
+    assert not (tmp_path / "whole" / "checkpoint").exists()  # removed once the file is written
+
+    append = MetricsWriter.append
+
+    def stop_at_step_3(self, row, eval_row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+        append(self, row, eval_row)
+
+    monkeypatch.setattr(MetricsWriter, "append", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_image(config(tmp_path / "cut"))
+    monkeypatch.setattr(MetricsWriter, "append", append)
+    with pytest.raises(GraftError, match="already holds a run .* use --resume"):
+        train_image(config(tmp_path / "cut"))
+    with pytest.raises(GraftError, match=r"settings differ .* lr: checkpoint 0\.001, now 0\.002"):
+        train_image(dataclasses.replace(config(tmp_path / "cut", resume=True), lr=2e-3))
+    resumed = train_image(config(tmp_path / "cut", resume=True))
+
+    def rows(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in rows(tmp_path / "cut")] == list(range(1, 5))
+    assert [r["loss"] for r in rows(tmp_path / "cut")] == [
+        r["loss"] for r in rows(tmp_path / "whole")
+    ]
+    ours, theirs = load_file(str(resumed)), load_file(str(whole))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
