@@ -4,6 +4,7 @@ and JSON forms (`graftlm plan`, and `graftlm train`'s check before it loads the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +106,9 @@ class Plan:
             **_method_dict(self.chosen),
             "steps_per_epoch": self.steps_per_epoch,
             "epoch_seconds": round(self.chosen.step_seconds * self.steps_per_epoch, 1),
-            "matmul_flops_per_s": round(self.rates.matmul_flops),
+            "matmul_flops_per_s": round(self.rates.matmul_flops)
+            if math.isfinite(self.rates.matmul_flops)
+            else None,
             "elementwise_bytes_per_s": round(self.rates.elementwise_bytes)
             if self.rates.elementwise_bytes
             else None,
