@@ -14,7 +14,8 @@ The terms follow `graftlm train` (`train/step.py`, `train/steps.py`, `train/loss
 - the runtime (Python, torch, transformers, tokenizer) and the allocator's slack.
 
 The peak is the larger of loading (weights being read, one tensor's read buffer beside them;
-a QLoRA base is read whole before it is quantized) and training.
+a QLoRA base is read whole before it is quantized, and its freed full-precision weights stay
+in the heap beside their NF4 copies until the trim after attach) and training.
 """
 
 from __future__ import annotations
@@ -126,6 +127,14 @@ def memory_breakdown(
     weights = shape.total_params * (4 if run.method == "full" else run.dtype_bytes)
     # a file's tensor is read whole before the cast, in host memory (a GPU receives it cast)
     read_buffer = shape.largest_tensor * shape.file_dtype_bytes if run.device == "cpu" else 0
+    load_peak = runtime + weights + read_buffer
+    if run.method == "qlora":
+        # quantizing layer by layer frees each full-precision weight into the heap, which keeps
+        # it resident until the trim after attach (docs/architecture.md, "Memory of a load"):
+        # at the last layer all weights and all their NF4 copies are resident, and one layer's
+        # fp32 copy that the quantization works on
+        quantized = [lin.out_features * lin.in_features for lin in shape.linears]
+        load_peak = runtime + weights + sum(nf4_bytes(n) for n in quantized) + 4 * max(quantized)
     return MemoryBreakdown(
         base_weights=base_weight_bytes(shape, run),
         trainable_weights=trainable_weights,
@@ -135,7 +144,7 @@ def memory_breakdown(
         loss_workspace=loss,
         runtime=runtime,
         slack=int(SLACK * (activations + loss)),
-        load_peak=runtime + weights + read_buffer,
+        load_peak=load_peak,
     )
 
 
