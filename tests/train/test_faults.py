@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -75,21 +76,31 @@ def complete_generations(out: Path) -> tuple[int, int]:
 def test_sigkill_during_saves_leaves_the_old_or_the_new_adapter_and_checkpoint(tmp_path):
     out = tmp_path / "out"
     saver = Saver(out)
+    start = time.perf_counter()
     saver.save(0)
+    one_save = time.perf_counter() - start
     rng = random.Random(1234)
     seen, caught_mid_write, gen, step = set(), 0, 0, 0
     for _ in range(KILLS):
+        ready, done = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child saves generations in a loop until it is killed
             try:
+                os.close(ready)
                 torch.set_num_threads(1)
                 for g in itertools.count(max(gen, step) + 1):
                     saver.save(g)
+                    os.write(done, b".")  # one more whole generation
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0.0, 0.12))
+        os.close(done)
+        # after the child's first whole save (so that every kill finds progress to keep), at a
+        # random point of the next ones, however slow this machine is today
+        assert select.select([ready], [], [], 60)[0], "the saving child made no progress"
+        time.sleep(rng.uniform(0.0, 1.5 * one_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(ready)
         leftovers = [p.name for p in out.iterdir() if p.name.startswith((STAGING, "checkpoint."))]
         caught_mid_write += bool(leftovers)
         new_gen, new_step = complete_generations(out)
