@@ -128,8 +128,8 @@ def memory_breakdown(
     # a file's tensor is read whole before the cast, in host memory (a GPU receives it cast)
     read_buffer = shape.largest_tensor * shape.file_dtype_bytes if run.device == "cpu" else 0
     load_peak = runtime + weights + read_buffer
-    if run.method == "qlora":
-        # quantizing layer by layer frees each full-precision weight into the heap, which keeps
+    if run.method == "qlora" and run.device == "cpu":
+        # quantizing layer by layer frees each full-precision weight into glibc's heap, which keeps
         # it resident until the trim after attach (docs/architecture.md, "Memory of a load"):
         # at the last layer all weights and all their NF4 copies are resident, and one layer's
         # fp32 copy that the quantization works on
