@@ -4,7 +4,9 @@ loss that is not a finite number, naming the step and the rows of its batch.
 
 The lock is `fcntl.flock` on ``OUT/.graftlm-train.lock``: the kernel releases it when the
 process exits, however it exits (a crash or SIGKILL included), so a stale lock file never blocks
-the next run; the file itself stays, holding the pid of the last run that took it.
+the next run. A run that ends in Python (done, an error, Ctrl-C) deletes the file while it still
+holds the lock, so a finished adapter folder holds only the adapter's files; one that was killed
+leaves it, holding the pid of that run.
 """
 
 from __future__ import annotations
@@ -40,26 +42,48 @@ def claim_out(out: str | os.PathLike, *, is_main: bool = True) -> Iterator[None]
         fd, probe = tempfile.mkstemp(dir=out, prefix=".graftlm-probe.")
         os.close(fd)
         os.unlink(probe)
-        handle = open(out / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
+        handle = _take_lock(out / LOCK_FILE)
     except OSError as exc:
         raise GraftError(f"--out {str(out)!r} is not writable: {exc}") from None
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            raise GraftError(
-                f"--out {str(out)!r} is in use by another graftlm train (pid {holder}, lock "
-                f"{LOCK_FILE}): wait for it to finish or pick another --out"
-            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield
     finally:
+        # deleted while still held: a run that opened the file before this unlink re-checks
+        # in _take_lock that its lock is on the file at the path, and takes a new one if not
+        with contextlib.suppress(OSError):
+            os.unlink(out / LOCK_FILE)
         handle.close()  # releases the lock
+
+
+def _take_lock(path: Path):
+    """Open `path` and take its exclusive lock, on the file that is at `path` once it is held.
+
+    Raises:
+        GraftError: another run holds the lock.
+    """
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open by the caller)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise GraftError(
+                f"--out {str(path.parent)!r} is in use by another graftlm train (pid {holder}, "
+                f"lock {LOCK_FILE}): wait for it to finish or pick another --out"
+            ) from None
+        # the run that held it may have deleted the file between our open and our lock
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
 
 
 def non_finite_loss(

@@ -240,6 +240,7 @@ def test_a_second_run_on_one_out_is_refused_until_the_first_dies(tmp_path, tiny_
         assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
     with claim_out(out):  # released on exit from the block
         pass
+    assert not (out / LOCK_FILE).exists()  # a run that ends leaves only its outputs
 
 
 def test_out_that_is_a_file_is_refused(tmp_path):
