@@ -1,5 +1,6 @@
 """What every graftlm reader promises whatever its input: rows (or a result), or a `GraftError`
-that names the file; never another exception, never a hang.
+that names the file; never another exception, never a hang, never memory beyond a bound (each
+case gets `CASE_SECONDS` and may raise the process's peak RSS by at most `CASE_MEMORY_BYTES`).
 
 Each `check_*` function takes the bytes (or the pieces) a hypothesis strategy drew, writes them
 where the reader expects a file, runs the reader and checks that promise. The suite runs them
@@ -12,8 +13,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import shutil
+import signal
 import struct
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,13 +88,50 @@ def scratch():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def expect_rows_or_error(call, names: str):
-    """Run `call`; its result, or None after a `GraftError` whose message names `names`."""
+# the bounds on one case: generous for a loaded 2-core machine, far below what a reader that
+# loops or trusts a declared size (a header saying 2**60 bytes) would take
+CASE_SECONDS = 60
+CASE_MEMORY_BYTES = 512 << 20
+
+
+class CaseTooSlow(AssertionError):
+    """A reader ran past `CASE_SECONDS` on one case: a hang, as far as a user can tell."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise `CaseTooSlow` in the main thread once `seconds` have passed (SIGALRM)."""
+
+    def expire(signum, frame):
+        raise CaseTooSlow(f"a reader ran for more than {seconds} s on one case")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return call()
-    except GraftError as exc:
-        assert names in str(exc), f"the error does not name {names!r}: {exc}"
-        return None
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def expect_rows_or_error(call, names: str):
+    """Run `call` within the case's bounds; its result, or None after a `GraftError` whose
+    message names `names`."""
+    peak_before = peak_rss_bytes()
+    with time_limit(CASE_SECONDS):
+        try:
+            result = call()
+        except GraftError as exc:
+            assert names in str(exc), f"the error does not name {names!r}: {exc}"
+            result = None
+    grown = peak_rss_bytes() - peak_before
+    assert grown <= CASE_MEMORY_BYTES, f"one case raised the peak RSS by {grown >> 20} MiB"
+    return result
 
 
 # -- data readers -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import helpers
 import pytest
@@ -319,3 +320,10 @@ def test_a_valid_checkpoint_restores():
         state = checkpoint.read(out)
         checkpoint.check_settings(state, RUN.cfg)
         assert RUN.restore(state) == (3, 1.5)
+
+
+def test_a_case_that_hangs_fails(monkeypatch):
+    """The time bound is real: a reader that does not return within the limit fails its case."""
+    monkeypatch.setattr(p, "CASE_SECONDS", 0.2)
+    with pytest.raises(p.CaseTooSlow):
+        p.expect_rows_or_error(lambda: time.sleep(5), "x")
