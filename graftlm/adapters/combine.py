@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.combine_order import module_order, replay_init_draws, seeded
+from graftlm.adapters.combine_rules import HOWS
 from graftlm.adapters.folder import (
     CONFIG_FILE,
     PREFIX,
@@ -58,21 +59,6 @@ from graftlm.errors import GraftError
 from graftlm.methods.lora.config import LoraConfig
 
 log = logging.getLogger(__name__)
-
-HOWS = (
-    "linear",
-    "cat",
-    "svd",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
-"""The combination rules, PEFT's `combination_type` values."""
 
 DENSITY_RULES = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 """Rules that prune (alone or before an svd): they need a density."""

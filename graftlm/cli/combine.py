@@ -10,23 +10,9 @@ import re
 import shutil
 import tempfile
 
+from graftlm.adapters.combine_rules import HOWS
 from graftlm.cli.infer import adapter_map
 from graftlm.errors import GraftError
-
-# the rules, as graftlm.adapters.combine.HOWS has them (kept here so `--help` needs no torch)
-HOWS = (
-    "linear",
-    "cat",
-    "svd",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
 
 
 def add_combine(sub: argparse._SubParsersAction) -> None:

@@ -137,19 +137,7 @@ class LoraConv(LoraLayerBase):
         result = self.base_forward(x)
         if self.disabled:
             return result
-        out_dtype = result.dtype
-        if self.row_groups is not None:
-            # each row (batch item) with its own adapter: one A/B pass per adapter group
-            self._check_rows()
-            for name, rows in self.row_groups:
-                if name is None or name not in self.ranks:
-                    continue
-                delta = self._lora(name, x.index_select(0, rows))
-                result = result.index_add(0, rows, delta.to(out_dtype))
-            return result
-        for name in self._unmerged_active():
-            result = result + self._lora(name, x).to(out_dtype)
-        return result
+        return self._add_adapter_outputs(result, x)
 
     def to_plain(self) -> nn.Module:
         """A plain conv of the base's class holding the (possibly merged) weight and bias."""

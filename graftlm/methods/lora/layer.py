@@ -147,6 +147,22 @@ class LoraLayerBase(nn.Module):
                 f"(merged: {self.merged_adapters})"
             )
 
+    def _add_adapter_outputs(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`result` plus `self._lora(name, x)` of each unmerged active adapter, or of each row's
+        own adapter (one pass per adapter group) when per-row adapters are set."""
+        out_dtype = result.dtype
+        if self.row_groups is not None:
+            self._check_rows()
+            for name, rows in self.row_groups:
+                if name is None or name not in self.ranks:
+                    continue
+                delta = self._lora(name, x.index_select(0, rows))
+                result = result.index_add(0, rows, delta.to(out_dtype))
+            return result
+        for name in self._unmerged_active():
+            result = result + self._lora(name, x).to(out_dtype)
+        return result
+
 
 class LoraLinear(LoraLayerBase):
     """LoRA on `nn.Linear` (or GPT-2's `Conv1D`), keeping its `weight`/`bias` Parameters.
@@ -447,18 +463,7 @@ class LoraEmbedding(LoraLayerBase):
         result = self._embed(ids, self.weight)
         if self.disabled:
             return result
-        out_dtype = result.dtype
-        if self.row_groups is not None:
-            self._check_rows()
-            for name, rows in self.row_groups:
-                if name is None or name not in self.ranks:
-                    continue
-                delta = self._lora(name, ids.index_select(0, rows))
-                result = result.index_add(0, rows, delta.to(out_dtype))
-            return result
-        for name in self._unmerged_active():
-            result = result + self._lora(name, ids).to(out_dtype)
-        return result
+        return self._add_adapter_outputs(result, ids)
 
     def to_plain(self) -> nn.Embedding:
         plain = nn.Embedding(
