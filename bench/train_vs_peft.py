@@ -21,6 +21,14 @@ check of the issue); `chat` = the tickets chat task, rows of varied length, loss
 Prints tokens/s, peak RSS, the loss of the last steps and the ratios, and each side's achieved
 FLOP/s (tokens/s times the model's forward + backward FLOPs per token, counted by torch in a third
 process) against matrix-product peaks measured here in fp32 and bf16.
+
+`--profile N`: each side also runs torch's profiler over N steps after two untimed ones (the
+first loads, the second warms up) and prints its top operators by share of the step's own CPU
+time (self time; with `--threads 1` that is the wall time), with the casts
+(`aten::copy_` + `aten::_to_copy`) and the matrix products (`aten::mm`/`addmm`/`bmm`) summed, so
+every change to the step is measured before and after. Profiled steps run slower than plain ones:
+read the shares, and the tokens/s of a run without `--profile`.
+`--threads N`: torch threads in each worker (default: torch's own choice).
 """
 
 from __future__ import annotations
@@ -59,10 +67,53 @@ def peak_rss_mb() -> float:
     return peak_rss_bytes() / 2**20
 
 
+# operators summed into one line of the profile's summary
+CAST_OPS = ("aten::copy_", "aten::_to_copy")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def step_profiler(steps: int):
+    """torch's profiler over `steps` training steps after two that are not recorded (the first
+    step includes the load, the second warms up); call `.step()` after each training step.
+    None where no profile was asked for."""
+    if not steps:
+        return None
+    import torch
+
+    return torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],
+        schedule=torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1),
+    )
+
+
+def profile_table(prof, top: int = 12) -> dict:
+    """The profile as shares of the recorded self CPU time: the `top` operators, and the casts
+    and the matrix products summed."""
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    share = {e.key: e.self_cpu_time_total / total for e in events}
+    ranked = sorted(share.items(), key=lambda kv: -kv[1])
+    return {
+        "total_s": total / 1e6,
+        "top": [[name, round(value, 4)] for name, value in ranked[:top]],
+        "casts": round(sum(share.get(op, 0.0) for op in CAST_OPS), 4),
+        "matmul": round(sum(share.get(op, 0.0) for op in MATMUL_OPS), 4),
+    }
+
+
+def set_threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def worker_graftlm(args) -> dict:
     from graftlm.train.config import TrainConfig
     from graftlm.train.loop import train
+    from graftlm.train.step import OptimizerStep
 
+    set_threads(args)
     out = Path(tempfile.mkdtemp(prefix="bench-graftlm-")) / "out"
     extra = {"steps": args.steps} if args.steps else {"epochs": args.epochs}
     cfg = TrainConfig(
@@ -80,16 +131,33 @@ def worker_graftlm(args) -> dict:
         low_memory=True if args.low_memory else None,  # None: the method's recipe (QLoRA: on)
         # None: the recipe (QLoRA: on; LoRA: only with --low-memory and rows over 1024 tokens)
         activation_checkpointing=False if args.no_activation_checkpointing else None,
+        fused_kernels=not args.no_fused_kernels,
         **extra,
     )
-    train(cfg, progress=False)
+    prof = step_profiler(args.profile)
+    if prof is not None:
+        # the bench's own hook: the profiler's schedule advances after every optimizer step
+        one_step = OptimizerStep.__call__
+
+        def profiled_step(self, *a, **k):
+            result = one_step(self, *a, **k)
+            prof.step()
+            return result
+
+        OptimizerStep.__call__ = profiled_step
+        with prof:
+            train(cfg, progress=False)
+    else:
+        train(cfg, progress=False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     return {
+        # each step's own tokens and seconds: evaluation passes are not training time
         "tokens": sum(r["tokens"] for r in steps),
-        "seconds": steps[-1]["elapsed_s"],
+        "seconds": sum(r["tokens"] / r["tokens_per_s"] for r in steps),
         "losses": [r["loss"] for r in steps],
         "peak_rss_mb": peak_rss_mb(),
+        **({"profile": profile_table(prof)} if prof is not None else {}),
     }
 
 
@@ -106,13 +174,16 @@ def with_peft_lora(model, args):
     return model.train()
 
 
-def worker_peft(args) -> dict:
+def worker_peft(args, attention_mask: bool = True) -> dict:
+    """PEFT's plain loop; `attention_mask=False` is its fastest form where rows have no padding
+    (the text workload): transformers then takes SDPA's causal path without building a mask."""
     import torch
 
     from graftlm.data.dataset import collate, length_grouped_batches, load_dataset
     from graftlm.models.load import load_model
     from graftlm.train.distributed import bf16_supported
 
+    set_threads(args)
     torch.manual_seed(0)
     bf16 = bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -151,15 +222,17 @@ def worker_peft(args) -> dict:
         optimizer, lr_lambda(steps, 0.0)
     )  # graftlm's schedule
     losses, tokens, seconds = [], 0, 0.0
+    prof = step_profiler(args.profile)
+    if prof is not None:
+        prof.start()
     for step in range(steps):
         batch = collate([examples[i] for i in order[step]], tokenizer.pad_token_id)
+        mask = batch["attention_mask"] if attention_mask else None
+        if mask is None and not bool(batch["attention_mask"].all()):
+            raise SystemExit("peft-fast: a batch has padding; it needs the attention mask")
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"],
-            )
+            out = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -168,13 +241,23 @@ def worker_peft(args) -> dict:
         seconds += time.perf_counter() - start
         tokens += int(batch["attention_mask"].sum())
         losses.append(round(out.loss.item(), 6))
+        if prof is not None:
+            prof.step()
+    if prof is not None:
+        prof.stop()
     return {
         "tokens": tokens,
         "seconds": seconds,
         "losses": losses,
         "peak_rss_mb": peak_rss_mb(),
         "bf16": bf16,
+        **({"profile": profile_table(prof)} if prof is not None else {}),
     }
+
+
+def worker_peft_fast(args) -> dict:
+    """PEFT's fastest form: bf16 weights + autocast, no attention mask (rows without padding)."""
+    return worker_peft(args, attention_mask=False)
 
 
 def worker_flops(args) -> dict:
@@ -252,7 +335,19 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--low-memory", action="store_true")
     parser.add_argument("--no-activation-checkpointing", action="store_true")
-    parser.add_argument("--worker", choices=["graftlm", "peft", "flops"], help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--no-fused-kernels", action="store_true", help="graftlm on transformers' code"
+    )
+    parser.add_argument(
+        "--sides",
+        default="peft,peft-fast,graftlm",
+        help="which to run, of peft (with the attention mask), peft-fast (no mask), graftlm",
+    )
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count and peaks")
+    workers = ["graftlm", "peft", "peft-fast", "flops"]
+    parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -260,7 +355,12 @@ def main() -> None:
         import warnings
 
         warnings.filterwarnings("ignore")
-        workers = {"graftlm": worker_graftlm, "peft": worker_peft, "flops": worker_flops}
+        workers = {
+            "graftlm": worker_graftlm,
+            "peft": worker_peft,
+            "peft-fast": worker_peft_fast,
+            "flops": worker_flops,
+        }
         result = workers[args.worker](args)
         print(json.dumps(result))
         return
@@ -301,9 +401,14 @@ def main() -> None:
         + (["--steps", str(args.steps)] if args.steps else [])
         + (["--low-memory"] if args.low_memory else [])
         + (["--no-activation-checkpointing"] if args.no_activation_checkpointing else [])
+        + ["--profile", str(args.profile), "--threads", str(args.threads)]
+        + (["--no-fused-kernels"] if args.no_fused_kernels else [])
     )
-    results = {kind: run_worker(kind, argv) for kind in ("peft", "graftlm")}
-    flops = run_worker("flops", argv)
+    sides = args.sides.split(",")
+    if args.workload == "chat" and "peft-fast" in sides:
+        sides.remove("peft-fast")  # chat rows are padded: no mask would be wrong
+    results = {kind: run_worker(kind, argv) for kind in sides}
+    flops = None if args.no_flops else run_worker("flops", argv)
     print(
         f"workload {args.workload}, {args.method}: rank {args.rank}, targets {args.targets}, batch {args.batch_size}, seq-len {args.seq_len}"
     )
@@ -313,6 +418,35 @@ def main() -> None:
             f"  {kind:8s} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
             f"  loss first {r['losses'][0]:.4f} last {r['losses'][-1]:.4f}"
         )
+    for kind, r in results.items():
+        if "profile" in r:
+            print_profile(kind, r["profile"])
+    if flops is not None:
+        print_flops(results, flops)
+    g = results.get("graftlm")
+    for kind in ("peft", "peft-fast"):
+        if g is None or kind not in results:
+            continue
+        p = results[kind]
+        print(
+            f"  ratios graftlm/{kind}: speed {g['tokens_per_s'] / p['tokens_per_s']:.2f}x (time to finish "
+            f"{p['seconds'] / g['seconds']:.2f}x faster), peak memory {g['peak_rss_mb'] / p['peak_rss_mb']:.2f}x"
+        )
+        steps = min(len(g["losses"]), len(p["losses"]))
+        worst = max(abs(a - b) / b for a, b in zip(g["losses"][:steps], p["losses"][:steps]))
+        print(f"  loss agreement over {steps} steps: max relative difference {worst:.3%}")
+
+
+def print_profile(kind: str, profile: dict) -> None:
+    print(
+        f"  {kind} profile: {profile['total_s']:.1f} s of self CPU time recorded; matrix products "
+        f"{profile['matmul']:.1%}, casts (copy_ + _to_copy) {profile['casts']:.1%}"
+    )
+    for name, share in profile["top"]:
+        print(f"    {share:6.1%}  {name}")
+
+
+def print_flops(results: dict, flops: dict) -> None:
     per_token = flops["flops_per_token"]
     print(
         f"  model FLOPs (forward + backward, no padding, torch's FlopCounterMode): "
@@ -327,14 +461,6 @@ def main() -> None:
             f"{achieved / flops['peak_fp32']:.2f} of the fp32 peak, "
             f"{achieved / flops['peak_bf16']:.2f} of the bf16 peak"
         )
-    g, p = results["graftlm"], results["peft"]
-    print(
-        f"  ratios graftlm/PEFT: speed {g['tokens_per_s'] / p['tokens_per_s']:.2f}x (time to finish "
-        f"{p['seconds'] / g['seconds']:.2f}x faster), peak memory {g['peak_rss_mb'] / p['peak_rss_mb']:.2f}x"
-    )
-    steps = min(len(g["losses"]), len(p["losses"]))
-    worst = max(abs(a - b) / b for a, b in zip(g["losses"][:steps], p["losses"][:steps]))
-    print(f"  loss agreement over {steps} steps: max relative difference {worst:.3%}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ SwiGLU).
 The forward values are the transformers formulas evaluated in the same order, so logits are
 unchanged; gradients agree to float rounding (tested against the transformers modules in
 `tests/kernels/test_fused_ops.py`). `fused_forwards(model)` switches them on for the modules it
-recognises and leaves everything else (other architectures, bf16 norms) on transformers' code.
+recognises and leaves everything else (other architectures) on transformers' code.
+
+In bf16 on a CPU the three run on the C kernels of `fused_cpu.py` instead (one pass over memory
+each way, fp32 in registers; `fused_cpu.applies`), RMSNorm included, whose bf16 form here is
+otherwise transformers' own (its casts to fp32 and back).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from graftlm.kernels import fused_cpu
 
 # classes whose forward is exactly transformers' Llama formula (checked by name: transformers
 # generates these classes from Llama's code, so they are copies, not subclasses)
@@ -111,20 +117,33 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if fused_cpu.applies(hidden_states, self.weight):
+        return fused_cpu.RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
     if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
         return type(self).forward(self, hidden_states)  # transformers' casts for low precision
     return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 def swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.shape == up.shape and fused_cpu.applies(gate, up):
+        return self.down_proj(fused_cpu.SwiGLUFunction.apply(gate, up))
+    return self.down_proj(SwiGLUFunction.apply(gate, up))
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     """Drop-in for transformers' `apply_rotary_pos_emb` (same signature and result)."""
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
-    return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)
+    if (
+        fused_cpu.applies(q, k, cos, sin)
+        and fused_cpu.rotary_applies(q, cos, sin)
+        and fused_cpu.rotary_applies(k, cos, sin)
+    ):
+        rotary = fused_cpu.RotaryFunction
+    else:
+        rotary = RotaryFunction
+    return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
 
 
 def _is_silu_mlp(module: nn.Module) -> bool:

@@ -1,0 +1,182 @@
+/* Element-wise work of a bf16 Llama training step, one pass over memory each: RMSNorm, SwiGLU
+ * and the rotary embedding, forward and backward (graftlm/kernels/fused_cpu.py binds them).
+ *
+ * Tensors are bf16 (uint16_t bits); every value is widened to fp32 in registers, computed in
+ * fp32 (sums of squares and dot products accumulate in fp32) and rounded once to bf16, to
+ * nearest even as torch casts. Where transformers' forward rounds an intermediate to bf16
+ * (RMSNorm's normalised row before the weight, SiLU's output before the product) the forward
+ * rounds there too, so its logits are those of transformers' bf16 forward up to the last bit of
+ * the fp32 row sums; the backward works on fp32 values throughout.
+ *
+ * The loops are plain C written for the compiler to vectorize (-O3, AVX-512 or AVX2, OpenMP
+ * SIMD pragmas for the reductions); rows are split across `threads` OpenMP threads where the
+ * library is built with -fopenmp (only where it shares torch's libgomp, as nf4_dequant.c).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef uint16_t bf16;
+
+static inline float widen(bf16 b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16 narrow(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? (bf16)0x7fc0 : (bf16)rounded; /* NaN stays NaN */
+}
+
+static inline float round_bf16(float f) { return widen(narrow(f)); }
+
+/* exp(x) in fp32 arithmetic only, so it vectorizes: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2,
+ * Cephes' polynomial (relative error ~2e-7, far below bf16's 4e-3) */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x; /* not fminf/fmaxf: those keep NaN rules that do not vectorize */
+    x = x > 88.0f ? 88.0f : x;
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float n = (x * 1.44269504088896341f + shifter) - shifter;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+static inline int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* out = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) per row of n values */
+void graftlm_rms_norm_forward(const bf16 *x, const bf16 *w, bf16 *out, float *rstd, long rows,
+                              long n, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < rows; row++) {
+        const bf16 *xr = x + row * n;
+        bf16 *outr = out + row * n;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (long j = 0; j < n; j++) squares += widen(xr[j]) * widen(xr[j]);
+        float r = 1.0f / sqrtf(squares / (float)n + eps);
+        rstd[row] = r;
+#pragma omp simd
+        for (long j = 0; j < n; j++) outr[j] = narrow(widen(w[j]) * round_bf16(widen(xr[j]) * r));
+    }
+}
+
+/* dx = rstd * (g*w - xhat * mean(g*w*xhat)), xhat = x * rstd; dw += g * bf16(xhat) summed over
+ * rows into dw_partial[thread][n] (fp32, zeroed by the caller). dx or dw_partial may be NULL. */
+void graftlm_rms_norm_backward(const bf16 *grad, const bf16 *x, const bf16 *w, const float *rstd,
+                               bf16 *dx, float *dw_partial, long rows, long n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < rows; row++) {
+        const bf16 *gr = grad + row * n, *xr = x + row * n;
+        float r = rstd[row];
+        if (dw_partial) {
+            float *dw = dw_partial + (long)thread_index() * n;
+#pragma omp simd
+            for (long j = 0; j < n; j++) dw[j] += widen(gr[j]) * round_bf16(widen(xr[j]) * r);
+        }
+        if (dx) {
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (long j = 0; j < n; j++) dot += widen(gr[j]) * widen(w[j]) * widen(xr[j]);
+            dot *= r * r / (float)n; /* mean(g*w*xhat) * rstd, folded into the xhat term */
+            bf16 *dxr = dx + row * n;
+#pragma omp simd
+            for (long j = 0; j < n; j++)
+                dxr[j] = narrow(r * (widen(gr[j]) * widen(w[j]) - widen(xr[j]) * dot));
+        }
+    }
+}
+
+/* element-wise kernels run in blocks of this many values, one block a task for the threads */
+#define BLOCK 4096
+
+/* out = bf16(silu(gate)) * up over n values */
+void graftlm_swiglu_forward(const bf16 *gate, const bf16 *up, bf16 *out, long n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long start = 0; start < n; start += BLOCK) {
+        long end = start + BLOCK < n ? start + BLOCK : n;
+#pragma omp simd
+        for (long i = start; i < end; i++) {
+            float g = widen(gate[i]);
+            out[i] = narrow(round_bf16(g * sigmoid(g)) * widen(up[i]));
+        }
+    }
+}
+
+/* d gate = grad * up * silu'(gate), d up = grad * silu(gate);
+ * silu'(g) = sigmoid(g) + silu(g) * (1 - sigmoid(g)) */
+void graftlm_swiglu_backward(const bf16 *grad, const bf16 *gate, const bf16 *up, bf16 *dgate,
+                             bf16 *dup, long n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long start = 0; start < n; start += BLOCK) {
+        long end = start + BLOCK < n ? start + BLOCK : n;
+#pragma omp simd
+        for (long i = start; i < end; i++) {
+            float g = widen(gate[i]), d = widen(grad[i]);
+            float s = sigmoid(g), silu = g * s;
+            dup[i] = narrow(d * silu);
+            dgate[i] = narrow(d * widen(up[i]) * (s + silu * (1.0f - s)));
+        }
+    }
+}
+
+/* The rotary embedding of x [B, H, S, D] (any strides over B, H, S; D contiguous) with cos and
+ * sin [B or 1, S, D] (stride 0 over B when shared); out has its own strides.
+ * forward:  out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+ * backward (x is the gradient of the output): out = x * cos + (x2 * sin2, -x1 * sin1),
+ * the transpose of the forward's map. */
+void graftlm_rotary(const bf16 *x, const bf16 *cos, const bf16 *sin, bf16 *out, long batch,
+                    long heads, long seq, long dim, const long *x_strides,
+                    const long *out_strides, const long *cs_strides, int backward, int threads) {
+    long half = dim / 2;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (long b = 0; b < batch; b++) {
+        for (long s = 0; s < seq; s++) {
+            const bf16 *c = cos + b * cs_strides[0] + s * cs_strides[1];
+            const bf16 *sn = sin + b * cs_strides[0] + s * cs_strides[1];
+            for (long h = 0; h < heads; h++) {
+                const bf16 *xr = x + b * x_strides[0] + h * x_strides[1] + s * x_strides[2];
+                bf16 *o = out + b * out_strides[0] + h * out_strides[1] + s * out_strides[2];
+                if (backward) {
+#pragma omp simd
+                    for (long j = 0; j < half; j++) {
+                        float x1 = widen(xr[j]), x2 = widen(xr[j + half]);
+                        o[j] = narrow(x1 * widen(c[j]) + x2 * widen(sn[j + half]));
+                        o[j + half] = narrow(x2 * widen(c[j + half]) - x1 * widen(sn[j]));
+                    }
+                } else {
+#pragma omp simd
+                    for (long j = 0; j < half; j++) {
+                        float x1 = widen(xr[j]), x2 = widen(xr[j + half]);
+                        o[j] = narrow(x1 * widen(c[j]) - x2 * widen(sn[j]));
+                        o[j + half] = narrow(x2 * widen(c[j + half]) + x1 * widen(sn[j + half]));
+                    }
+                }
+            }
+        }
+    }
+}

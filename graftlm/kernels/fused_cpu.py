@@ -1,0 +1,202 @@
+"""RMSNorm, SwiGLU and the rotary embedding of a bf16 training step as C kernels on the CPU.
+
+`fused_ops.py`'s autograd functions are single functions, but each still runs as several torch
+ops, each a pass over a `tokens x hidden` tensor; in bf16, transformers' RMSNorm also casts the
+whole activation to fp32 and back. Where the matrix units are fast (AVX-512 BF16 / AMX), those
+passes are a large share of the step (bench/results/fusion.txt). `kernels/fused_cpu.c` does
+each forward and each backward in one pass: bf16 in and out, fp32 in registers and in the row
+sums. The functions here are the autograd functions over those kernels, used by `fused_ops.py`
+where `applies` says so: CPU tensors in bf16 (float32 runs keep the torch path, whose results
+the golden files pin bit for bit), on a CPU with AVX2 + FMA and a C compiler, unless
+`GRAFTLM_FUSED_CPU_KERNELS=0`. Everywhere else, and on CUDA, the torch path runs unchanged.
+
+Rows are split across `torch.get_num_threads()` threads of torch's own OpenMP pool where torch
+runs on GNU OpenMP (as `nf4_dequant.py` does), else the calling thread does them all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from graftlm.kernels import build
+from graftlm.kernels.nf4_dequant import torch_uses_libgomp
+
+logger = logging.getLogger("graftlm")
+
+SOURCE = Path(__file__).with_name("fused_cpu.c")
+DISABLE_VAR = "GRAFTLM_FUSED_CPU_KERNELS"
+AVX512_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma")
+AVX512_CPU = {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}
+# -fopenmp-simd: the vectorized reductions of the pragmas, with or without threads
+COMMON_FLAGS = ("-fopenmp-simd", "-mprefer-vector-width=512", "-shared", "-fPIC")
+# below this many values per thread, waking a thread costs more than it saves
+MIN_VALUES_PER_THREAD = 1 << 14
+
+_LONG, _PTR, _INT, _FLOAT = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "graftlm_rms_norm_forward": [_PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _FLOAT, _INT],
+    "graftlm_rms_norm_backward": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _INT],
+    "graftlm_swiglu_forward": [_PTR, _PTR, _PTR, _LONG, _INT],
+    "graftlm_swiglu_backward": [_PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _INT],
+    "graftlm_rotary": [_PTR, _PTR, _PTR, _PTR, *[_LONG] * 4, _PTR, _PTR, _PTR, _INT, _INT],
+}
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernels take these tensors: all bf16 on the CPU, and the kernels built."""
+    return all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in tensors) and (
+        library() is not None
+    )
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """`weight * bf16(x * rsqrt(mean(x^2) + eps))` over the last dimension, bf16 `(..., n)`;
+    saves `x` and one fp32 `rsqrt` value per row."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        n = x.shape[-1]
+        rows = x.numel() // n
+        out = torch.empty_like(x)
+        rstd = torch.empty(rows, dtype=torch.float32)
+        fn = library().graftlm_rms_norm_forward
+        fn(_ptr(x), _ptr(weight.contiguous()), _ptr(out), _ptr(rstd), rows, n, eps, _threads(x))
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        grad = grad.contiguous()
+        n = x.shape[-1]
+        rows = x.numel() // n
+        threads = _threads(x)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        partial = torch.zeros(threads, n) if ctx.needs_input_grad[1] else None
+        library().graftlm_rms_norm_backward(
+            _ptr(grad), _ptr(x), _ptr(weight.contiguous()), _ptr(rstd), _ptr(grad_x),
+            _ptr(partial), rows, n, threads,
+        )  # fmt: skip
+        grad_weight = None if partial is None else partial.sum(0).to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """`bf16(silu(gate)) * up`, bf16 tensors of one shape; saves `gate` and `up`."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate.contiguous(), up.contiguous()
+        out = torch.empty_like(gate)
+        library().graftlm_swiglu_forward(
+            _ptr(gate), _ptr(up), _ptr(out), gate.numel(), _threads(gate)
+        )
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+        library().graftlm_swiglu_backward(
+            _ptr(grad), _ptr(gate), _ptr(up), _ptr(grad_gate), _ptr(grad_up), gate.numel(),
+            _threads(gate),
+        )  # fmt: skip
+        return grad_gate, grad_up
+
+
+class RotaryFunction(torch.autograd.Function):
+    """`x * cos + rotate_half(x) * sin` for x `(batch, heads, seq, dim)` (any strides but a
+    contiguous last dimension) and cos, sin `(batch or 1, 1, seq, dim)`, all bf16. The output
+    keeps x's memory layout (transformers' q and k are transposed views)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cos, sin = _rotary_table(cos), _rotary_table(sin)
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, backward=True), None, None
+
+
+def rotary_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `RotaryFunction` takes these shapes (besides `applies`' dtype and device):
+    x 4-D with an even last dimension, cos/sin broadcast over the heads only."""
+    if x.dim() != 4 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.dim() != 4:
+        return False
+    batch, _, seq, dim = x.shape
+    return cos.shape[1] == 1 and cos.shape[0] in (1, batch) and cos.shape[2:] == (seq, dim)
+
+
+def _rotary_table(table: torch.Tensor) -> torch.Tensor:
+    # (batch or 1, 1, seq, dim) -> contiguous (batch or 1, seq, dim)
+    return table[:, 0].contiguous()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty_like(x)  # same strides as x: a transposed view stays one
+    if out.stride(-1) != 1:  # empty_like of an overlapping or odd layout
+        out = torch.empty(x.shape, dtype=x.dtype)
+    batch, heads, seq, dim = x.shape
+    cs_strides = (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1))
+    library().graftlm_rotary(
+        _ptr(x), _ptr(cos), _ptr(sin), _ptr(out), batch, heads, seq, dim,
+        _strides(x.stride()[:3]), _strides(out.stride()[:3]), _strides(cs_strides),
+        int(backward), _threads(x),
+    )  # fmt: skip
+    return out
+
+
+def _strides(values) -> ctypes.Array:
+    return (_LONG * len(values))(*values)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _threads(t: torch.Tensor) -> int:
+    return max(1, min(torch.get_num_threads(), t.numel() // MIN_VALUES_PER_THREAD))
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels with their C signatures bound, or None where they cannot run here
+    (the reason is logged once)."""
+    if os.environ.get(DISABLE_VAR, "1") == "0":
+        return None
+    avx512 = build.missing_requirement(AVX512_CPU) is None
+    reason = None if avx512 else build.missing_requirement({"avx2", "fma"})
+    lib = None
+    if not reason:
+        flags = (*(AVX512_FLAGS if avx512 else build.AVX2_FLAGS[:-2]), *COMMON_FLAGS)
+        if not avx512:
+            flags = tuple(f for f in flags if f != "-mprefer-vector-width=512")
+        # -fopenmp only where the library would share torch's libgomp (nf4_dequant.py says why)
+        if torch_uses_libgomp():
+            lib = build.load_library(SOURCE, (*flags, "-fopenmp"))
+        lib = lib or build.load_library(SOURCE, flags)
+    if lib is None:
+        logger.info("fused bf16 kernels run in torch: %s", reason or "the C kernels did not build")
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        build.bind(lib, name, argtypes, None)
+    return lib
+
+
+def clear_cache() -> None:
+    """Forget the loaded kernels (after changing `GRAFTLM_FUSED_CPU_KERNELS` or `CC`)."""
+    library.cache_clear()

@@ -1,0 +1,213 @@
+"""The C kernels of a bf16 step (RMSNorm, SwiGLU, rotary) against float64 references, and a
+few bf16 training steps of a tiny Llama with and without them."""
+
+from __future__ import annotations
+
+import json
+
+import helpers
+import pytest
+import torch
+
+from graftlm.kernels import fused_cpu
+from graftlm.kernels.fused_ops import apply_rotary_pos_emb, fused_forwards
+from graftlm.train.loop import train
+
+pytestmark = pytest.mark.skipif(
+    fused_cpu.library() is None, reason="no C compiler or no AVX2 here: the torch path runs"
+)
+
+BF16 = torch.bfloat16
+# bf16 keeps 8 significant bits: one rounding is 2^-9 relative; a forward rounds twice
+TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+def _bf16(*shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(BF16)
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def _reference_grads(fn, inputs, grad):
+    """fn over float64 copies of `inputs`; its output and the gradients of `(out * grad).sum()`."""
+    wide = [_leaf(t.double()) for t in inputs]
+    out = fn(*wide)
+    out.backward(grad.double())
+    return out.detach(), [w.grad for w in wide]
+
+
+def _rms_norm(x, w, eps=1e-5):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("rows,n", [(1, 64), (5, 17), (3, 576), (64, 600)])
+def test_rms_norm_forward_and_backward_match_float64(rows, n):
+    x, w = _bf16(rows, n, seed=1), (1 + 0.1 * _bf16(n, seed=2).float()).to(BF16)
+    grad = _bf16(rows, n, seed=3)
+    xs, ws = _leaf(x), _leaf(w)
+    out = fused_cpu.RMSNormFunction.apply(xs, ws, 1e-5)
+    out.backward(grad)
+    expected, (gx, gw) = _reference_grads(_rms_norm, [x, w], grad)
+    assert out.dtype is BF16 and xs.grad.dtype is BF16 and ws.grad.dtype is BF16
+    torch.testing.assert_close(out.double(), expected, **TOL)
+    torch.testing.assert_close(xs.grad.double(), gx, **TOL)
+    # dweight sums `rows` products: its error grows with the sum's size
+    torch.testing.assert_close(ws.grad.double(), gw, rtol=2e-2, atol=2e-2 * rows**0.5)
+
+
+def test_rms_norm_forward_is_transformers_bf16_up_to_one_rounding():
+    x, w = _bf16(4, 9, 96, seed=4), _bf16(96, seed=5)
+    hidden = x.float()
+    expected = w * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)).to(BF16)
+    got = fused_cpu.RMSNormFunction.apply(x, w, 1e-6)
+    # the same roundings; only the fp32 row sums' order may move a value by one bf16 step
+    ulp = expected.float().abs() * 2**-7 + 1e-30
+    assert ((got.float() - expected.float()).abs() <= ulp).all()
+    assert (got == expected).float().mean() > 0.97
+
+
+def test_rms_norm_takes_a_non_contiguous_input():
+    wide, w = _bf16(6, 2 * 40, seed=6), _bf16(40, seed=7)
+    x = wide[:, ::2]
+    assert not x.is_contiguous()
+    got = fused_cpu.RMSNormFunction.apply(x, w, 1e-6)
+    assert torch.equal(got, fused_cpu.RMSNormFunction.apply(x.contiguous(), w, 1e-6))
+
+
+def test_rms_norm_threads_split_rows_without_changing_results():
+    x, w, grad = _bf16(64, 576, seed=8), _bf16(576, seed=9), _bf16(64, 576, seed=10)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            xs, ws = _leaf(x), _leaf(w)
+            fused_cpu.RMSNormFunction.apply(xs, ws, 1e-6).backward(grad)
+            results.append((xs.grad, ws.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])  # rows are independent
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-2, atol=1e-2)
+
+
+def _swiglu(gate, up):
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 7, 37), (2, 4100)])
+def test_swiglu_forward_and_backward_match_float64(shape):
+    gate, up, grad = 3 * _bf16(*shape, seed=11), _bf16(*shape, seed=12), _bf16(*shape, seed=13)
+    gs, us = _leaf(gate), _leaf(up)
+    out = fused_cpu.SwiGLUFunction.apply(gs, us)
+    out.backward(grad)
+    expected, (gg, gu) = _reference_grads(_swiglu, [gate, up], grad)
+    torch.testing.assert_close(out.double(), expected, **TOL)
+    torch.testing.assert_close(gs.grad.double(), gg, **TOL)
+    torch.testing.assert_close(us.grad.double(), gu, **TOL)
+
+
+def test_swiglu_extremes_and_nan():
+    gate = torch.tensor([-200.0, -90.0, -20.0, 0.0, 20.0, 90.0, 200.0, float("nan")]).to(BF16)
+    up = torch.ones_like(gate)
+    got = fused_cpu.SwiGLUFunction.apply(gate, up).float()
+    expected = _swiglu(gate.double(), up.double()).float()
+    torch.testing.assert_close(got[:-1], expected[:-1], rtol=1e-2, atol=1e-6)
+    assert torch.isnan(got[-1])
+
+
+def _rotary_tables(batch, seq, dim, seed, equal_halves=True):
+    if equal_halves:  # transformers' tables: cat(freqs, freqs)
+        angles = torch.arange(seq)[:, None] * torch.rand(dim // 2, generator=_gen(seed))
+        angles = torch.cat([angles, angles], -1).expand(batch, seq, dim)
+        return angles.cos().to(BF16), angles.sin().to(BF16)
+    return _bf16(batch, seq, dim, seed=seed), _bf16(batch, seq, dim, seed=seed + 1)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@pytest.mark.parametrize("table_batch", [1, 2])
+@pytest.mark.parametrize("dim,equal_halves", [(64, True), (6, True), (10, False)])
+def test_rotary_forward_and_backward_match_float64(table_batch, dim, equal_halves):
+    batch, heads, seq = 2, 3, 5
+    cos, sin = _rotary_tables(table_batch, seq, dim, seed=14, equal_halves=equal_halves)
+    cos, sin = cos[:, None], sin[:, None]  # (batch or 1, 1, seq, dim)
+    # transformers' q: (batch, seq, heads, dim) projected, viewed as (batch, heads, seq, dim)
+    x = _bf16(batch, seq, heads, dim, seed=16).transpose(1, 2)
+    grad = _bf16(batch, heads, seq, dim, seed=17)
+    assert fused_cpu.rotary_applies(x, cos, sin)
+    xs = _leaf(x)
+    out = fused_cpu.RotaryFunction.apply(xs, cos, sin)
+    assert out.stride() == x.stride()  # the layout SDPA would have had from torch's ops
+    out.backward(grad)
+
+    def reference(a, c, s):
+        return a * c + _rotate_half(a) * s
+
+    expected, (gx, _, _) = _reference_grads(reference, [x, cos, sin], grad)
+    torch.testing.assert_close(out.double(), expected, **TOL)
+    torch.testing.assert_close(xs.grad.double(), gx, **TOL)
+
+
+def test_rotary_refuses_shapes_it_does_not_take():
+    x = _bf16(1, 2, 3, 7)  # odd dim
+    cos = _bf16(1, 1, 3, 7)
+    assert not fused_cpu.rotary_applies(x, cos, cos)
+    x = _bf16(1, 2, 3, 8)
+    assert not fused_cpu.rotary_applies(x, _bf16(1, 2, 3, 8), _bf16(1, 2, 3, 8))  # per head
+
+
+def test_fused_forwards_dispatch_bf16_to_the_c_kernels_and_float32_to_torch(monkeypatch):
+    calls = []
+    original = fused_cpu.SwiGLUFunction.apply
+    monkeypatch.setattr(
+        fused_cpu.SwiGLUFunction, "apply", lambda *a: calls.append(1) or original(*a)
+    )
+    model = helpers.tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    for dtype, expected in ((torch.float32, False), (BF16, True)):
+        calls.clear()
+        model.to(dtype)
+        hidden = model.model.embed_tokens(ids).detach().requires_grad_(True)
+        with fused_forwards(model):
+            normed = model.model.norm(hidden)
+            model.model.layers[0].mlp(hidden)
+            table = torch.ones(1, 6, 8, dtype=dtype)
+            q, _ = apply_rotary_pos_emb(
+                torch.ones(1, 2, 6, 8, dtype=dtype, requires_grad=True),
+                torch.ones(1, 2, 6, 8, dtype=dtype),
+                table,
+                table,
+            )
+        for out in (normed, q):
+            assert (out.grad_fn._forward_cls.__module__ == fused_cpu.__name__) is expected
+        assert bool(calls) is expected
+
+
+def test_bf16_training_losses_match_with_and_without_the_kernels(tmp_path, monkeypatch):
+    model_dir = helpers.save_tiny_model_dir(tmp_path / "model")
+    losses = {}
+    for kernels in ("1", "0"):
+        monkeypatch.setenv(fused_cpu.DISABLE_VAR, kernels)
+        fused_cpu.clear_cache()
+        (tmp_path / kernels).mkdir()
+        cfg = helpers.base_cfg(
+            tmp_path / kernels, model_dir, dtype="bfloat16", steps=4, save_every=100, lr=5e-3
+        )
+        train(cfg, progress=False)
+        rows = (tmp_path / kernels / "out" / "metrics.jsonl").read_text().splitlines()
+        losses[kernels] = [json.loads(r)["loss"] for r in rows if "loss" in json.loads(r)]
+    fused_cpu.clear_cache()
+    assert len(losses["1"]) == 4
+    torch.testing.assert_close(
+        torch.tensor(losses["1"]), torch.tensor(losses["0"]), rtol=1e-2, atol=0
+    )
