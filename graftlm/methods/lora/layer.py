@@ -265,9 +265,13 @@ class LoraLinear(LoraLayerBase):
         return small_batch_linear.linear(x, self.weight, self.bias)  # decode steps: C kernel
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        lora_a = self.lora_A[name]
-        x = x.to(lora_a.weight.dtype)
-        return self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+        lora_a, dropout = self.lora_A[name], self.lora_dropout[name]
+        # under autocast the adapter's linears cast x to the autocast dtype themselves: a cast
+        # to the adapter's fp32 first is a copy of x there and back, each way, in every
+        # adapted layer, for the same bits (without dropout, whose mask would round otherwise)
+        if not (isinstance(dropout, nn.Identity) and torch.is_autocast_enabled(x.device.type)):
+            x = x.to(lora_a.weight.dtype)
+        return self.lora_B[name](lora_a(dropout(x))) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
