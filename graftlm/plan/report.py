@@ -13,7 +13,7 @@ import torch
 from graftlm.errors import GraftError, check_choice
 from graftlm.methods import REGISTRY
 from graftlm.plan import METHODS
-from graftlm.plan.activations import activation_profile
+from graftlm.plan.activations import ActivationProfile, activation_profile
 from graftlm.plan.memory import (
     MemoryBreakdown,
     RunShape,
@@ -76,6 +76,7 @@ class MethodPlan:
     adapter_bytes: int  # as graftlm saves it: fp32 adapters, full weights in the compute dtype
     adapter_bytes_16bit: int  # the same tensors in fp16 / bf16 (what other tools often quote)
     memory: MemoryBreakdown
+    profile: ActivationProfile  # bytes per token kept: re-plans other micro-batches
     flops_per_token: float
     step_seconds: float
     largest_micro_batch: int | None
@@ -281,6 +282,7 @@ def _plan_method(
         adapter_bytes=safetensors_bytes(adapter.tensors, saved_bytes),
         adapter_bytes_16bit=safetensors_bytes(adapter.tensors, 2),
         memory=memory,
+        profile=profile,
         flops_per_token=flops.total,
         step_seconds=seconds,
         largest_micro_batch=largest_micro,

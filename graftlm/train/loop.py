@@ -116,8 +116,9 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
     compute_dtype = compute_dtype_for(cfg.dtype, device)
     metrics = MetricsWriter(out)
     state = _resume_state(cfg, out, metrics, runtime)
-    if prepared is None:  # the plan's peak, before any weight or row is read (or --force)
-        preflight(cfg, device, runtime.log)
+    checked = None
+    if prepared is None:  # the plan's peak and pass size, before any weight or row is read
+        checked = preflight(cfg, device, runtime.log)
     torch.manual_seed(cfg.seed)
     model, prepared = _base_for_run(prepared, cfg, runtime, device, compute_dtype)
     tokenizer, pad_id = prepared.tokenizer, pad_token_id(prepared.tokenizer)
@@ -126,7 +127,13 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
     base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
     summary = method.attach(model, cfg)
     runtime.log(str(summary))
-    memory_plan = plan_memory(model, cfg, examples, runtime, compute_dtype)
+    pass_tokens_for = None
+    if checked is not None:
+
+        def pass_tokens_for(checkpointing: bool) -> int:
+            return checked.pass_tokens(cfg, checkpointing, runtime.log)
+
+    memory_plan = plan_memory(model, cfg, examples, runtime, compute_dtype, pass_tokens_for)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}

@@ -3,6 +3,7 @@ optimizer and schedule, and the memory plan that bounds a step's passes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,13 @@ def plan_memory(
     examples: list[Example],
     runtime: Runtime,
     compute_dtype: torch.dtype = torch.float32,
+    pass_tokens_for: Callable[[bool], int] | None = None,
 ) -> MemoryPlan:
     """Report the planned memory, then turn on checkpointing / early unmapping as `cfg` (and, in
-    low-memory mode, the compute dtype) asks."""
+    low-memory mode, the compute dtype) asks.
+
+    `pass_tokens_for(checkpointing)`: padded tokens per pass (the plan's choice,
+    `plan/preflight.py: Preflight.pass_tokens`); default `tokens_per_pass`."""
     planned = memory_accounting(model, None)
     runtime.log(
         f"memory: base weights {planned['base_weight_bytes'] / 1e6:.1f} MB, adapter "
@@ -53,7 +58,10 @@ def plan_memory(
         f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
     )
     checkpointing = needs_checkpointing(cfg, examples, compute_dtype)
-    pass_tokens = tokens_per_pass(cfg, checkpointing)
+    if pass_tokens_for is not None:
+        pass_tokens = pass_tokens_for(checkpointing)
+    else:
+        pass_tokens = tokens_per_pass(cfg, checkpointing)
     if cfg.low_memory:
         release_free_heap()  # what attach freed (a quantized base's full-precision weights)
         threshold = LOW_MEMORY_MMAP_THRESHOLD
