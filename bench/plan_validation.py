@@ -8,11 +8,20 @@ safetensors with the built-in's tokenizer. The data is synthetic text, every row
 `--seq-len`, so every sequence of a step has exactly `--seq-len` tokens.
 
 Criterion (issue #20): peak within 15%, step time within 30%. Step times on a shared machine
-drift with the other jobs' load: the load average is printed beside each row. The step time is
-the second step's (the first pays one-time costs: kernel compilation, the allocator's growth).
+drift with the other jobs' load: the load average is printed beside each row. The step time is the second step's (the first pays one-time costs: kernel
+compilation, the allocator's growth).
+
+A clean step time: `--threads 1` (given to `graftlm train --threads` and to the plan's rate
+measurement, so the plan predicts the thread count it is checked against) with `--pin 0 --lock
+/tmp/core0.lock`, which runs every timed process (each training run, and the plan's rate
+measurement) as `flock LOCK taskset -c 0 ...`: one row per hold of the lock, on a core kept
+quiet for measurements. Measurements are kept (WORK/measured.json, by settings and threads):
+run the rows in chunks (`--only`, `--methods`, `--shapes`), then `--reuse` prints the whole
+table, every kept row re-planned.
 
     python bench/plan_validation.py                   # all rows
     python bench/plan_validation.py --only builtin    # one model
+    python bench/plan_validation.py --threads 1 --pin 0 --lock /tmp/core0.lock --only builtin
 """
 
 from __future__ import annotations
@@ -101,22 +110,36 @@ def make_data(rows: int) -> Path:
     return path
 
 
-def run(cmd: list[str]) -> tuple[int, str, int]:
-    """(exit status, output, peak RSS bytes of that process alone)."""
+# how timed processes run: `flock LOCK taskset -c CORE` in front (--pin, --lock), and the torch
+# thread count (--threads); set once by main()
+TIMED: dict = {"prefix": [], "threads": None}
+
+
+def timed(cmd: list[str]) -> list[str]:
+    """`cmd` as a timed process runs: pinned and under the lock where asked."""
+    return [*TIMED["prefix"], *cmd]
+
+
+def run(cmd: list[str]) -> tuple[int, str, int, float]:
+    """(exit status, output, peak RSS bytes of that process alone, its CPU seconds)."""
     env = dict(os.environ, MKL_CBWR="AUTO,STRICT", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO
     )
     output = proc.stdout.read().decode(errors="replace")
+    # flock and taskset exec or wait for the child: wait4 on the wrapper reports the largest
+    # RSS among it and its waited-for children, which is the training process's
     _, status, usage = os.wait4(proc.pid, 0)
-    return status, output, usage.ru_maxrss * 1024
+    return status, output, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 PLAN_ALL = """
-import json, sys
+import json, sys, torch
 from graftlm.plan.report import PlanRequest, plan_run
 from graftlm.plan.shapes import model_shape, read_config
-from graftlm.plan.timing import measure_rates
+threads = json.loads(sys.argv[1])
+if threads:
+    torch.set_num_threads(threads)
 for line in sys.stdin:
     model, method, batch, micro, seq_len = json.loads(line)
     request = PlanRequest(method=method, batch_size=batch, micro_batch_size=micro, seq_len=seq_len)
@@ -129,7 +152,8 @@ def predict(rows: list[tuple]) -> list[dict]:
     """`graftlm plan`'s JSON for every row, from one process (rates measured per plan)."""
     env = dict(os.environ, MKL_CBWR="AUTO,STRICT", PYTHONPATH=str(REPO))
     done = subprocess.run(
-        [sys.executable, "-c", PLAN_ALL], input="\n".join(json.dumps(r) for r in rows),
+        timed([sys.executable, "-c", PLAN_ALL, json.dumps(TIMED["threads"])]),
+        input="\n".join(json.dumps(r) for r in rows),
         capture_output=True, text=True, env=env, cwd=REPO, check=True,
     )  # fmt: skip
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -139,7 +163,7 @@ def measured(model: str, method: str, batch: int, micro: int, seq_len: int, reus
     """The peak and step time of these settings (kept from an earlier run with `reuse`)."""
     settings = ["--method", method, "--batch-size", str(batch), "--micro-batch-size", str(micro),
                 "--seq-len", str(seq_len)]  # fmt: skip
-    key = f"{Path(model).name}-{method}-{batch}x{seq_len}/{micro}"
+    key = _key(model, method, f"{batch}x{seq_len}/{micro}")
     kept = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
     if not (reuse and key in kept):
         result = measure(model, settings, batch)
@@ -150,9 +174,15 @@ def measured(model: str, method: str, batch: int, micro: int, seq_len: int, reus
     return kept[key]
 
 
+def _key(model: str, method: str, shape: str) -> str:
+    """A measurement's key: the settings, and the thread count when one was given."""
+    threads = TIMED["threads"]
+    return f"{Path(model).name}-{method}-{shape}" + (f"-t{threads}" if threads else "")
+
+
 def _kept(model: str, method: str, shape: str) -> bool:
     kept = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
-    return f"{Path(model).name}-{method}-{shape}" in kept
+    return _key(model, method, shape) in kept
 
 
 # the forgetting meter runs generation after training when graftlm has it: a job of its own,
@@ -166,10 +196,11 @@ def measure(model: str, settings: list[str], batch: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    status, output, peak = run(
-        [sys.executable, "-m", "graftlm", "train", "--model", model, "--data",
-         str(make_data(3 * batch)), "--out", str(out), "--steps", "2", "--quiet", *settings,
-         *NO_EXTRAS]
+    threads = ["--threads", str(TIMED["threads"])] if TIMED["threads"] else []
+    status, output, peak, cpu = run(
+        timed([sys.executable, "-m", "graftlm", "train", "--model", model, "--data",
+               str(make_data(3 * batch)), "--out", str(out), "--steps", "2", "--quiet",
+               *settings, *threads, *NO_EXTRAS])
     )  # fmt: skip
     wall = time.perf_counter() - start
     if status:
@@ -182,13 +213,15 @@ def measure(model: str, settings: list[str], batch: int) -> dict:
         "measured_step_s": step_s,
         "load": (load + os.getloadavg()[0]) / 2,
         "wall_s": wall,
+        "cpu_s": cpu,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=list(MODELS), action="append")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--only", choices=list(MODELS), action="append", help="models to run")
+    parser.add_argument("--methods", default=",".join(METHODS), help="methods to run")
+    parser.add_argument("--shapes", default="0,1", help="batch shapes to run (indices, 0,1)")
     parser.add_argument("--out", default=str(RESULT))
     parser.add_argument(
         "--budget-min", type=float, default=30.0, help="start no new training run after this"
@@ -196,7 +229,15 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="keep earlier measurements of the same settings"
     )
+    parser.add_argument("--threads", type=int, help="torch threads of training and the plan")
+    parser.add_argument("--pin", type=int, help="run timed processes on this core (taskset)")
+    parser.add_argument("--lock", help="hold this file's lock (flock) for each timed process")
     args = parser.parse_args()
+    TIMED["threads"] = args.threads
+    if args.lock:
+        TIMED["prefix"] += ["flock", args.lock]
+    if args.pin is not None:
+        TIMED["prefix"] += ["taskset", "-c", str(args.pin)]
     WORK.mkdir(parents=True, exist_ok=True)
     trains = subprocess.run(
         [sys.executable, "-c", "from graftlm.methods import REGISTRY; print(' '.join(REGISTRY))"],
@@ -210,24 +251,35 @@ def main() -> None:
         NO_EXTRAS.append("--no-forgetting")
     header = (
         f"{'model':22}{'method':7}{'batch':>10}{'ckpt':>5}{'peak pred':>11}{'measured':>10}"
-        f"{'err':>7}{'step pred':>11}{'measured':>10}{'err':>7}{'load':>6}"
+        f"{'err':>7}{'step pred':>11}{'measured':>10}{'err':>7}{'FLOP model':>11}{'err':>7}"
+        f"{'load':>6}"
     )
+    threads = f"{args.threads} torch thread(s)" if args.threads else "all cores"
+    where = " ".join(TIMED["prefix"]) or "unpinned"
     lines = [
         "graftlm plan vs graftlm train --steps 2 (peak RSS of the process; step 2's time)",
-        f"machine: {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"machine: {os.cpu_count()} CPUs, {threads}, timed processes: {where}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         header,
     ]
     print("\n".join(lines), flush=True)
     deadline = time.monotonic() + args.budget_min * 60
     todo: list[tuple] = []  # (line index, model key, settings, measurement): planned at the end
-    # every model's first batch shape before any second one: a short budget still covers all
+    chosen_models = args.only or list(MODELS)
+    chosen_methods = args.methods.split(",")
+    chosen_shapes = [int(i) for i in args.shapes.split(",")]
+    # every model's first batch shape before any second one: a short budget still covers all;
+    # rows not chosen are shown from kept measurements (--reuse), so chunks make one table
     for index in range(2):
-        for key in args.only or list(MODELS):
+        for key in MODELS:
             config = MODELS[key]
             model = config if isinstance(config, str) else str(make_model(key, config))
-            for method in args.methods.split(","):
+            for method in METHODS:
                 batch, micro, seq_len = SHAPES[key][index]
                 shape = f"{batch}x{seq_len}/{micro}"
+                chosen = key in chosen_models and method in chosen_methods
+                chosen = chosen and index in chosen_shapes
+                kept = _kept(model, method, shape)
                 why = None
                 if method not in trains:
                     why = f"graftlm train has no --method {method}"
@@ -235,13 +287,15 @@ def main() -> None:
                     why = (
                         "full fine-tuning's fp32 weights, gradients and AdamW state do not fit here"
                     )
-                elif time.monotonic() > deadline and not _kept(model, method, shape):
+                elif not chosen and not (args.reuse and kept):
+                    why = "not measured"
+                elif time.monotonic() > deadline and not (args.reuse and kept):
                     why = f"out of the {args.budget_min:g} min budget"
                 if why:
                     lines.append(f"{key:22}{method:7}{shape:>10}  not run: {why}")
                     print(lines[-1], flush=True)
                     continue
-                result = measured(model, method, batch, micro, seq_len, args.reuse)
+                result = measured(model, method, batch, micro, seq_len, args.reuse or not chosen)
                 if "error" in result:
                     lines.append(
                         f"{key:22}{method:7}{shape:>10}  failed: {result['error'][-300:]!r}"
@@ -256,11 +310,14 @@ def main() -> None:
         shape = f"{settings[2]}x{settings[4]}/{settings[3]}"
         peak_err = plan["peak_bytes"] / r["measured_peak"] - 1
         time_err = plan["step_seconds"] / r["measured_step_s"] - 1
+        flops_s = plan.get("flops_step_seconds", plan["step_seconds"])
+        flops_err = flops_s / r["measured_step_s"] - 1
         lines[index] = (
             f"{key:22}{method:7}{shape:>10}{'on' if plan['activation_checkpointing'] else 'off':>5}"
             f"{plan['peak_bytes'] / 1e9:>9.2f}GB{r['measured_peak'] / 1e9:>8.2f}GB"
-            f"{peak_err:>+7.0%}{plan['step_seconds']:>10.1f}s"
-            f"{r['measured_step_s']:>9.1f}s{time_err:>+7.0%}{r['load']:>6.1f}"
+            f"{peak_err:>+7.0%}{plan['step_seconds']:>10.2f}s"
+            f"{r['measured_step_s']:>9.2f}s{time_err:>+7.0%}{flops_s:>10.2f}s{flops_err:>+7.0%}"
+            f"{r['load']:>6.1f}"
         )
     lines = [line for line in lines if line is not None]
     print("\n".join(lines), flush=True)

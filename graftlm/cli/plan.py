@@ -65,6 +65,11 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="a matrix-product rate to plan with (a GPU's); default: measured on this machine",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads the time is measured with: as graftlm train --threads (default: all)",
+    )
     p.add_argument("--examples", type=int, default=1000, help="sequences per epoch (default: 1000)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
@@ -72,8 +77,15 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     # torch-backed: imported only here (see cli/train.py)
+    import torch
+
     from graftlm.plan.report import PlanRequest, format_plan, plan_run
     from graftlm.plan.shapes import model_shape, read_config
+
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise GraftError(f"--threads should be a positive integer, got {args.threads!r}")
+        torch.set_num_threads(args.threads)  # the step is timed on this many, as training's
 
     request = PlanRequest(
         method=args.method,

@@ -85,17 +85,7 @@ def _saved_bytes(
     shape: ModelShape, cfg: TrainConfig, method: str, dtype: torch.dtype, s: int, layers: int
 ) -> tuple[int, int]:
     """(bytes of width-sized saved tensors, bytes of rank-sized ones) of one proxy forward."""
-    attached = {"dora": "lora", "qdora": "qlora"}.get(method, method)
-    module = method_module(attached) if attached in REGISTRY else None
-    # the dtype the loop loads the base in (full fine-tuning: float32 master weights)
-    model = _proxy(shape, s, layers, getattr(module, "WEIGHTS_DTYPE", None) or dtype)
-    if module is None:  # full fine-tuning before graftlm had it: every weight trains
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        adapter_state(model).fingerprint = {"architecture": "proxy", "weights_sha256": ""}
-        module.attach(model, cfg)
-    model.train()
+    model = attached_model(shape, cfg, method, dtype, s, layers)
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
     own |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     rank = cfg.rank or 8
@@ -126,7 +116,32 @@ def _saved_bytes(
     return width, ranked
 
 
-def _proxy(shape: ModelShape, s: int, layers: int, dtype: torch.dtype) -> nn.Module:
+def attached_model(
+    shape: ModelShape,
+    cfg: TrainConfig,
+    method: str,
+    dtype: torch.dtype,
+    s: int,
+    layers: int,
+    vocab: int = PROXY_VOCAB,
+) -> nn.Module:
+    """`scaled_model` with `method` attached as training attaches it, in training mode."""
+    attached = {"dora": "lora", "qdora": "qlora"}.get(method, method)
+    module = method_module(attached) if attached in REGISTRY else None
+    # the dtype the loop loads the base in (full fine-tuning: float32 master weights)
+    model = scaled_model(shape, s, layers, getattr(module, "WEIGHTS_DTYPE", None) or dtype, vocab)
+    if module is None:  # full fine-tuning before graftlm had it: every weight trains
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        adapter_state(model).fingerprint = {"architecture": "proxy", "weights_sha256": ""}
+        module.attach(model, cfg)
+    return model.train()
+
+
+def scaled_model(
+    shape: ModelShape, s: int, layers: int, dtype: torch.dtype, vocab: int = PROXY_VOCAB
+) -> nn.Module:
     """The model with widths / s, `layers` decoder layers, a small vocabulary, random weights."""
     from transformers import AutoModelForCausalLM  # heavy
 
@@ -139,7 +154,7 @@ def _proxy(shape: ModelShape, s: int, layers: int, dtype: torch.dtype) -> nn.Mod
     if getattr(config, "head_dim", None) is not None:
         config.head_dim = shape.head_dim // s
     config.num_hidden_layers = layers
-    config.vocab_size = PROXY_VOCAB
+    config.vocab_size = vocab
     for name in ("layer_types", "max_window_layers"):
         if getattr(config, name, None) is not None and name == "layer_types":
             config.layer_types = config.layer_types[:layers]

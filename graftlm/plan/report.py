@@ -21,6 +21,7 @@ from graftlm.plan.memory import (
     memory_breakdown,
 )
 from graftlm.plan.shapes import ModelShape, Trainable, trainable
+from graftlm.plan.step_time import measure_step_parts
 from graftlm.plan.timing import Rates, measure_rates, step_flops, step_seconds
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import bf16_supported
@@ -79,6 +80,7 @@ class MethodPlan:
     profile: ActivationProfile  # bytes per token kept: re-plans other micro-batches
     flops_per_token: float
     step_seconds: float
+    flops_step_seconds: float  # FLOPs / matmul rate (+ element-wise term): the GPU form
     largest_micro_batch: int | None
     largest_seq_len: int | None
 
@@ -147,6 +149,7 @@ def _method_dict(plan: MethodPlan) -> dict[str, Any]:
         "peak_bytes": mem.peak,
         "flops_per_token": round(plan.flops_per_token),
         "step_seconds": round(plan.step_seconds, 3),
+        "flops_step_seconds": round(plan.flops_step_seconds, 3),
         "largest_micro_batch": plan.largest_micro_batch,
         "largest_seq_len": plan.largest_seq_len,
     }
@@ -264,7 +267,15 @@ def _plan_method(
         passes = -(-request.batch_size // micro) * (3 if checkpointing else 2)
         weights = sum(lin.out_features * lin.in_features for lin in shape.linears)
         dequant = passes * weights * dtype_bytes
-    seconds = step_seconds(flops, tokens, kept, dequant, rates)
+    flops_seconds = step_seconds(flops, tokens, kept, dequant, rates)
+    seconds = flops_seconds
+    if rates.measured and request.device == "cpu":  # this machine's step, timed by its parts
+        parts = measure_step_parts(
+            shape, counted, "dora" if method == "qdora" else method, dtype, micro,
+            request.seq_len, checkpointing, adapter.params,
+        )  # fmt: skip
+        passes = -(-request.batch_size // micro)
+        seconds = parts.step_seconds(shape.layers, passes, micro * request.seq_len)
     largest_micro = largest_seq = None
     if request.memory is not None:
 
@@ -285,6 +296,7 @@ def _plan_method(
         profile=profile,
         flops_per_token=flops.total,
         step_seconds=seconds,
+        flops_step_seconds=flops_seconds,
         largest_micro_batch=largest_micro,
         largest_seq_len=largest_seq,
     )
@@ -358,6 +370,11 @@ def format_plan(plan: Plan) -> str:
     source = "measured here" if rates.measured else "given"
     lines.append("")
     lines.append(f"matmul rate {rates.matmul_flops / 1e9:,.0f} GFLOP/s ({source})")
+    if rates.measured and req.device == "cpu":
+        lines.append(
+            "seconds per step: one decoder layer, the head + loss and the optimizer, each timed "
+            f"here at the model's widths on {torch.get_num_threads()} thread(s) (--threads)"
+        )
     if req.memory is not None:
         verdict = "fits" if plan.chosen.memory.peak <= req.memory else "does NOT fit"
         lines.append(

@@ -1,0 +1,177 @@
+"""A CPU step's time from its parts, each timed at the model's own shapes on this machine.
+
+FLOPs over one matrix-product rate (`plan/timing.py`) misses most of a CPU step: the products
+are skinny (a pass of a few hundred tokens; LoRA's rank-r products move bytes, not FLOPs), and
+the element-wise work (norms, rotary, SwiGLU, casts, NF4 dequantization) is ~40% of the time.
+A decoder-only model's step is the same decoder layer `layers` times, the output head with the
+fused loss, and the optimizer, so the plan times exactly those parts, built at the model's real
+widths, with the method attached, under graftlm's own training forward and backward
+(`train/forward.py: loss_sum`, fused kernels, autocast, activation checkpointing as the run):
+
+    pass      = layers x (one layer's forward + backward) + head and loss (forward + backward)
+    step      = passes x pass x (pass tokens / measured tokens) + optimizer
+    one layer = time(2 layers) - time(1 layer), on models with a 256-word vocabulary
+    head      = `fused_lm_loss_sum` on random hidden states at the real vocabulary
+    optimizer = gradient clipping, AdamW's step and zero_grad over one layer's trainable values,
+                scaled to all of them
+
+Nothing is fitted: each part is the best of `REPEATS` timings after a warm-up. A pass bigger
+than `MEASURE_FLOPS` is measured on fewer sequences (and, past that, fewer tokens) and scaled
+linearly; the attention's quadratic share then grows less than it should.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from graftlm.kernels.fused_ops import fused_forwards
+from graftlm.plan.activations import attached_model
+from graftlm.plan.shapes import ModelShape
+from graftlm.train.checkpointing import enable as enable_checkpointing
+from graftlm.train.config import TrainConfig
+from graftlm.train.forward import autocast, loss_sum
+from graftlm.train.loss import fused_lm_loss_sum
+from graftlm.train.step import make_optimizer
+
+REPEATS = 3
+# matrix-product FLOPs of one measured layer pass at most (~0.5 s on one core of this machine):
+# keeps `graftlm plan` quick on 7B-70B shapes
+MEASURE_FLOPS = 2e11
+SMALL_VOCAB = 256
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """Seconds of each part of a step, measured on a pass of `rows` x `seq_len` tokens."""
+
+    layer: float  # one decoder layer, forward + backward (+ recomputation with checkpointing)
+    head: float  # output head + fused loss, forward + backward
+    optimizer: float  # clipping + AdamW step over all trainable values
+    rows: int
+    seq_len: int
+
+    def step_seconds(self, layers: int, passes: int, pass_tokens: int) -> float:
+        """One optimizer step of `passes` passes of `pass_tokens` tokens each."""
+        scale = pass_tokens / (self.rows * self.seq_len)
+        return passes * (layers * self.layer + self.head) * scale + self.optimizer
+
+
+def _best(run, repeats: int = REPEATS) -> float:
+    run()  # warm-up: kernel selection, the allocator's first blocks
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measured_shape(shape: ModelShape, micro_batch: int, seq_len: int) -> tuple[int, int]:
+    """(rows, tokens per row) of the measured pass: the run's, or fewer where one layer's
+    products would pass `MEASURE_FLOPS`."""
+    layer_params = sum(lin.out_features * lin.in_features for lin in shape.linears) / shape.layers
+    max_tokens = max(64, int(MEASURE_FLOPS // (6 * layer_params)))  # forward 2, backward 4
+    if micro_batch * seq_len <= max_tokens:
+        return micro_batch, seq_len
+    if seq_len <= max_tokens:
+        return max_tokens // seq_len, seq_len
+    return 1, max_tokens
+
+
+def measure_step_parts(
+    shape: ModelShape,
+    cfg: TrainConfig,
+    method: str,
+    dtype: torch.dtype,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    trainable_params: int,
+) -> StepParts:
+    """Time one layer, the head and the optimizer of `method`'s step (see the module docstring).
+
+    Args:
+        shape: the model.
+        cfg: the run's settings (rank, targets, the optimizer).
+        method: as `plan/activations.py: attached_model` takes it.
+        dtype: the compute dtype.
+        micro_batch, seq_len: the run's pass.
+        checkpointing: layers recompute their forward in the backward.
+        trainable_params: trainable values of the whole model (the optimizer's share).
+    """
+    rows, tokens = measured_shape(shape, micro_batch, seq_len)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, SMALL_VOCAB, (rows, tokens), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    times = {}
+    optimizer_seconds = 0.0
+    for layers in (1, 2):
+        model = attached_model(shape, cfg, method, dtype, 1, layers, SMALL_VOCAB)
+        if checkpointing:
+            enable_checkpointing(model)
+
+        def step(model=model) -> None:
+            with autocast(dtype):
+                loss, _ = loss_sum(model, batch, dtype, share_prefix=False)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        with fused_forwards(model):
+            times[layers] = _best(step)
+        if layers == 2:
+            optimizer_seconds = _optimizer_seconds(model, cfg, trainable_params)
+        del model
+    layer = max(0.0, times[2] - times[1])
+    head = _head_seconds(shape, method, dtype, rows, tokens, generator)
+    return StepParts(layer, head, optimizer_seconds, rows, tokens)
+
+
+def _head_seconds(shape, method, dtype, rows, tokens, generator) -> float:
+    """The output head and fused loss on random hidden states at the real vocabulary."""
+    # full fine-tuning trains the head in fp32 master weights; adapters leave it frozen in dtype
+    full = method == "full"
+    weight = (torch.randn(shape.vocab, shape.hidden, generator=generator) * 0.02).to(
+        torch.float32 if full else dtype
+    )
+    weight.requires_grad_(full)
+    hidden = torch.randn(rows, tokens, shape.hidden, generator=generator).to(dtype)
+    hidden.requires_grad_(True)
+    labels = torch.randint(0, shape.vocab, (rows, tokens), generator=generator)
+
+    def run() -> None:
+        with autocast(dtype):
+            loss, _ = fused_lm_loss_sum(hidden, weight, labels, compute_dtype=dtype)
+        loss.backward()
+        hidden.grad = weight.grad = None
+
+    return _best(run)
+
+
+def _optimizer_seconds(model, cfg: TrainConfig, trainable_params: int) -> float:
+    """Clip + AdamW step + zero_grad over the model's trainable values, scaled to the run's."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    count = sum(p.numel() for p in params)
+    if not count:
+        return 0.0
+    optimizer, _ = make_optimizer(params, cfg, total_steps=10)
+
+    def run() -> None:
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+        start = time.perf_counter()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.seconds = time.perf_counter() - start
+
+    best = math.inf
+    run()  # the first step allocates AdamW's moments
+    for _ in range(REPEATS):
+        run()
+        best = min(best, run.seconds)
+    return best * trainable_params / count
