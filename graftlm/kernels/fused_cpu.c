@@ -180,3 +180,67 @@ void graftlm_rotary(const bf16 *x, const bf16 *cos, const bf16 *sin, bf16 *out, 
         }
     }
 }
+
+/* Causal softmax over score matrices [mats][rows][seq] (fp32, from q @ k^T): row r of a matrix
+ * is query position r % seq (grouped-query heads stack their rows), and sees keys 0..r % seq.
+ * p = exp(scale * s - lse) in bf16, zero above the diagonal; lse = the row's log-sum-exp.
+ * The scores are a temporary: each row's exponentials are kept there between two passes. */
+void graftlm_causal_softmax(float *scores, bf16 *p, float *lse, long mats, long rows, long seq,
+                            float scale, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < mats * rows; row++) {
+        float *s = scores + row * seq;
+        bf16 *pr = p + row * seq;
+        long visible = row % rows % seq + 1;
+        float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (long j = 0; j < visible; j++) top = s[j] > top ? s[j] : top;
+        top *= scale;
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (long j = 0; j < visible; j++) {
+            s[j] = exp_approx(s[j] * scale - top);
+            total += s[j];
+        }
+        lse[row] = top + logf(total);
+        float inverse = 1.0f / total;
+#pragma omp simd
+        for (long j = 0; j < visible; j++) pr[j] = narrow(s[j] * inverse);
+        memset(pr + visible, 0, (size_t)(seq - visible) * sizeof(bf16));
+    }
+}
+
+/* The backward of graftlm_causal_softmax from the recomputed scores and the saved lse:
+ * p = exp(scale * s - lse) (bf16, for d v = p^T g) and d s = scale * p * (dp - delta), where
+ * dp = g @ v^T and delta = rowsum(g * out); both zero above the diagonal. */
+void graftlm_causal_softmax_backward(const float *scores, const float *lse, const bf16 *dp,
+                                     const float *delta, bf16 *p, bf16 *ds, long mats, long rows,
+                                     long seq, float scale, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < mats * rows; row++) {
+        const float *s = scores + row * seq;
+        const bf16 *dpr = dp + row * seq;
+        bf16 *pr = p + row * seq, *dsr = ds + row * seq;
+        long visible = row % rows % seq + 1;
+        float l = lse[row], d = delta[row];
+#pragma omp simd
+        for (long j = 0; j < visible; j++) {
+            float weight = exp_approx(s[j] * scale - l);
+            pr[j] = narrow(weight);
+            dsr[j] = narrow(scale * weight * (widen(dpr[j]) - d));
+        }
+        memset(pr + visible, 0, (size_t)(seq - visible) * sizeof(bf16));
+        memset(dsr + visible, 0, (size_t)(seq - visible) * sizeof(bf16));
+    }
+}
+
+/* out[row] = sum_j a[row][j] * b[row][j] in fp32 (the attention backward's rowsum(g * out)) */
+void graftlm_row_dot(const bf16 *a, const bf16 *b, float *out, long rows, long n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < rows; row++) {
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (long j = 0; j < n; j++) total += widen(a[row * n + j]) * widen(b[row * n + j]);
+        out[row] = total;
+    }
+}

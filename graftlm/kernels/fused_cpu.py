@@ -45,6 +45,10 @@ _SIGNATURES = {
     "graftlm_swiglu_forward": [_PTR, _PTR, _PTR, _LONG, _INT],
     "graftlm_swiglu_backward": [_PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _INT],
     "graftlm_rotary": [_PTR, _PTR, _PTR, _PTR, *[_LONG] * 4, _PTR, _PTR, _PTR, _INT, _INT],
+    # the causal softmax of causal_attention.py
+    "graftlm_causal_softmax": [_PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _FLOAT, _INT],
+    "graftlm_causal_softmax_backward": [*[_PTR] * 6, _LONG, _LONG, _LONG, _FLOAT, _INT],
+    "graftlm_row_dot": [_PTR, _PTR, _PTR, _LONG, _LONG, _INT],
 }
 
 

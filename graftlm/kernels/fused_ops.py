@@ -16,7 +16,9 @@ recognises and leaves everything else (other architectures) on transformers' cod
 
 In bf16 on a CPU the three run on the C kernels of `fused_cpu.py` instead (one pass over memory
 each way, fp32 in registers; `fused_cpu.applies`), RMSNorm included, whose bf16 form here is
-otherwise transformers' own (its casts to fp32 and back).
+otherwise transformers' own (its casts to fp32 and back); and transformers' "sdpa" attention
+becomes `causal_attention.attention_forward`, which differentiates causal bf16 attention on the
+matrix units where SDPA's flash kernel is slow, and calls transformers' sdpa for everything else.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from graftlm.kernels import fused_cpu
+from graftlm.kernels import causal_attention, fused_cpu
 
 # classes whose forward is exactly transformers' Llama formula (checked by name: transformers
 # generates these classes from Llama's code, so they are copies, not subclasses)
@@ -175,9 +178,17 @@ def fused_forwards(model: nn.Module) -> Iterator[int]:
             modeling = sys.modules[module_name]
             rope_modules.append((modeling, modeling.apply_rotary_pos_emb))
             modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+    # transformers' attention registry: an entry set here shadows the library-wide "sdpa" one
+    sdpa_before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if switched:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = causal_attention.attention_forward
     try:
         yield len(switched)
     finally:
+        if switched:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+            if ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_before:  # it was set here before us
+                ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_before
         for modeling, original in rope_modules:
             modeling.apply_rotary_pos_emb = original
         for module in switched:

@@ -1,5 +1,5 @@
-"""The C kernels of a bf16 step (RMSNorm, SwiGLU, rotary) against float64 references, and a
-few bf16 training steps of a tiny Llama with and without them."""
+"""The C kernels of a bf16 step (RMSNorm, SwiGLU, rotary, causal attention) against float64
+references, and a few bf16 training steps of a tiny Llama with and without them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import json
 import helpers
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from graftlm.kernels import fused_cpu
+from graftlm.kernels import causal_attention, fused_cpu
 from graftlm.kernels.fused_ops import apply_rotary_pos_emb, fused_forwards
 from graftlm.train.loop import train
 
@@ -211,3 +214,74 @@ def test_bf16_training_losses_match_with_and_without_the_kernels(tmp_path, monke
     torch.testing.assert_close(
         torch.tensor(losses["1"]), torch.tensor(losses["0"]), rtol=1e-2, atol=0
     )
+
+
+def _attention_inputs(batch, heads, kv_heads, seq, dim, seed):
+    q = _bf16(batch, seq, heads, dim, seed=seed).transpose(1, 2)  # transformers' layout
+    k = _bf16(batch, kv_heads, seq, dim, seed=seed + 1)
+    v = _bf16(batch, kv_heads, seq, dim, seed=seed + 2)
+    return q, k, v, _bf16(batch, heads, seq, dim, seed=seed + 3)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 7, 10), (1, 3, 3, 33, 16), (2, 6, 2, 64, 64)])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_causal_attention_matches_float64(shape, chunk, monkeypatch):
+    batch, heads, kv_heads, seq, dim = shape
+    if chunk:  # one (batch, kv head) matrix per chunk
+        monkeypatch.setattr(causal_attention, "MAX_SCORES_PER_CHUNK", heads // kv_heads * seq**2)
+    q, k, v, grad = _attention_inputs(*shape, seed=20)
+    leaves = [_leaf(t) for t in (q, k, v)]
+    out = causal_attention.CausalAttentionFunction.apply(*leaves, dim**-0.5)
+    out.backward(grad)
+
+    def reference(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
+
+    expected, expected_grads = _reference_grads(reference, [q, k, v], grad)
+    torch.testing.assert_close(out.double(), expected, **TOL)
+    for leaf, wanted in zip(leaves, expected_grads):
+        assert leaf.grad.dtype is BF16 and leaf.grad.shape == wanted.shape
+        torch.testing.assert_close(leaf.grad.double(), wanted, rtol=3e-2, atol=3e-2)
+
+
+def _uses_causal_kernel(out: torch.Tensor) -> bool:
+    nodes, seen = [out.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_forward_cls", None) is causal_attention.CausalAttentionFunction:
+            return True
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def test_attention_forward_leaves_masks_no_grad_and_float32_to_sdpa():
+    module = torch.nn.Module()
+    q, k, v, _ = _attention_inputs(1, 2, 2, 5, 8, seed=30)
+    q.requires_grad_(True)
+    ours, _ = causal_attention.attention_forward(module, q, k, v, None)
+    assert _uses_causal_kernel(ours)
+    assert ours.shape == (1, 5, 2, 8)  # (batch, seq, heads, dim), as transformers' sdpa
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
+    for args, kwargs in (
+        ((q, k, v, mask), {}),  # a mask: padding, shared prefixes
+        ((q, k, v, None), {"dropout": 0.1}),
+        ((q.detach(), k, v, None), {}),
+        ((q.float(), k.float(), v.float(), None), {}),
+        ((q[:, :, :4], k, v, None), {}),  # fewer queries than keys (a cache)
+    ):
+        out, _ = causal_attention.attention_forward(module, *args, **kwargs)
+        assert not _uses_causal_kernel(out)
+    with torch.no_grad():
+        expected, _ = sdpa_attention_forward(module, q, k, v, None)
+    torch.testing.assert_close(ours.detach(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_forwards_swap_sdpa_for_the_causal_kernel_and_back():
+    model = helpers.tiny_llama()
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with fused_forwards(model):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is causal_attention.attention_forward
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
