@@ -244,3 +244,28 @@ void graftlm_row_dot(const bf16 *a, const bf16 *b, float *out, long rows, long n
         out[row] = total;
     }
 }
+
+/* Cross-entropy of bf16 logits [rows][vocab] against targets, and its gradient in place:
+ * loss[row] = logsumexp(logits[row]) - logits[row][target], then logits[row] becomes
+ * softmax(logits[row]) - onehot(target), in bf16. Sums and exponentials are fp32; a row
+ * (vocab x 2 bytes) stays in the cache across the three passes, so memory sees one. */
+void graftlm_cross_entropy(bf16 *logits, const int64_t *targets, float *loss, long rows,
+                           long vocab, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < rows; row++) {
+        bf16 *z = logits + row * vocab;
+        float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (long j = 0; j < vocab; j++) top = widen(z[j]) > top ? widen(z[j]) : top;
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (long j = 0; j < vocab; j++) total += exp_approx(widen(z[j]) - top);
+        long target = (long)targets[row];
+        float target_logit = widen(z[target]);
+        loss[row] = top + logf(total) - target_logit;
+        float inverse = 1.0f / total;
+#pragma omp simd
+        for (long j = 0; j < vocab; j++) z[j] = narrow(exp_approx(widen(z[j]) - top) * inverse);
+        z[target] = narrow(widen(z[target]) - 1.0f);
+    }
+}

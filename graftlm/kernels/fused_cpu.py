@@ -49,6 +49,7 @@ _SIGNATURES = {
     "graftlm_causal_softmax": [_PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _FLOAT, _INT],
     "graftlm_causal_softmax_backward": [*[_PTR] * 6, _LONG, _LONG, _LONG, _FLOAT, _INT],
     "graftlm_row_dot": [_PTR, _PTR, _PTR, _LONG, _LONG, _INT],
+    "graftlm_cross_entropy": [_PTR, _PTR, _PTR, _LONG, _LONG, _INT],
 }
 
 
@@ -132,6 +133,20 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         return _rotate(grad, cos, sin, backward=True), None, None
+
+
+def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of bf16 `logits` `(rows, vocab)` (contiguous) against int64
+    `targets` `(rows,)`, in fp32; `logits` is overwritten with the loss's gradient
+    `softmax(logits) - onehot(targets)` in bf16. The caller checks `applies(logits)`."""
+    assert logits.is_contiguous() and targets.dtype is torch.int64, "contiguous logits, int64"
+    rows, vocab = logits.shape
+    loss = torch.empty(rows)
+    targets = targets.contiguous()
+    library().graftlm_cross_entropy(
+        _ptr(logits), _ptr(targets), _ptr(loss), rows, vocab, _threads(logits)
+    )
+    return loss
 
 
 def rotary_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from graftlm.kernels import fused_cpu
+
 IGNORE_INDEX = -100
 
 
@@ -42,21 +44,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size].detach().to(compute_dtype)
             y = targets[start : start + chunk_size]
             logits = buffer[: h.shape[0] * weight.shape[0]].view(h.shape[0], weight.shape[0])
-            if compute_dtype == torch.float32:
-                torch.matmul(h, w.T, out=logits)  # (c, V)
+            if fused_cpu.applies(h, w):
+                # bf16 on the CPU: the C kernel's one pass, in the buffer's memory seen as bf16
+                # (no fp32 copy of the logits, no separate passes of the softmax)
+                logits = buffer.view(torch.bfloat16)[: logits.numel()].view(logits.shape)
+                torch.matmul(h, w.T, out=logits)
+                total += fused_cpu.cross_entropy_(logits, y).sum()
+                grad_logits = logits
             else:
-                logits.copy_(h @ w.T)
-            # the loss and d(loss)/d(logits) = softmax - onehot, in place over the buffer:
-            # logsumexp's own temporaries cost as much again as the buffer, and allocating them
-            # is a sizable share of the loss's time (docs/measurements.md, "The fused loss")
-            target_logits = logits.gather(1, y[:, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(top).exp_()
-            sums = probs.sum(dim=-1, keepdim=True)
-            total += (top.squeeze(1) + sums.log().squeeze(1) - target_logits).sum()
-            probs.div_(sums)
-            probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-            grad_logits = probs.to(compute_dtype)
+                if compute_dtype == torch.float32:
+                    torch.matmul(h, w.T, out=logits)  # (c, V)
+                else:
+                    logits.copy_(h @ w.T)
+                chunk_loss, grad_logits = _cross_entropy_(logits, y, compute_dtype)
+                total += chunk_loss
             grad_hidden[start : start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
             if need_weight_grad:
                 grad_weight += (grad_logits.T @ h).float()
@@ -73,6 +74,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         gh = grad_hidden * grad_output.to(grad_hidden.dtype)
         gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.need_weight_grad else None
         return gh, gw, None, None, None
+
+
+def _cross_entropy_(logits: torch.Tensor, y: torch.Tensor, compute_dtype: torch.dtype):
+    """The summed loss of fp32 `logits` against `y`, and d(loss)/d(logits) = softmax - onehot
+    in `compute_dtype`, computed in place over `logits`: logsumexp's own temporaries cost as much
+    again as the buffer, and allocating them is a sizable share of the loss's time
+    (docs/measurements.md, "The fused loss")."""
+    target_logits = logits.gather(1, y[:, None]).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    sums = probs.sum(dim=-1, keepdim=True)
+    loss = (top.squeeze(1) + sums.log().squeeze(1) - target_logits).sum()
+    probs.div_(sums)
+    probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+    return loss, probs.to(compute_dtype)
 
 
 _workspace = threading.local()

@@ -15,6 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from graftlm.kernels import causal_attention, fused_cpu
 from graftlm.kernels.fused_ops import apply_rotary_pos_emb, fused_forwards
 from graftlm.train.loop import train
+from graftlm.train.loss import fused_lm_loss_sum
 
 pytestmark = pytest.mark.skipif(
     fused_cpu.library() is None, reason="no C compiler or no AVX2 here: the torch path runs"
@@ -285,3 +286,36 @@ def test_fused_forwards_swap_sdpa_for_the_causal_kernel_and_back():
     with fused_forwards(model):
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is causal_attention.attention_forward
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 5), (7, 1000), (3, 49157)])
+def test_cross_entropy_and_its_gradient_in_place_match_float64(rows, vocab):
+    logits = (4 * _bf16(rows, vocab, seed=40).float()).to(BF16)
+    targets = torch.randint(0, vocab, (rows,), generator=_gen(41))
+    wide = logits.double().requires_grad_(True)
+    expected = F.cross_entropy(wide, targets, reduction="none")
+    expected.sum().backward()
+    work = logits.clone()
+    loss = fused_cpu.cross_entropy_(work, targets)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    # the gradient overwrote the logits, rounded once to bf16
+    torch.testing.assert_close(work.double(), wide.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_fused_loss_in_bf16_matches_the_torch_path(monkeypatch):
+    hidden = _bf16(1, 41, 32, seed=42).requires_grad_(True)
+    weight = _bf16(300, 32, seed=43).requires_grad_(True)
+    labels = torch.randint(0, 300, (1, 41), generator=_gen(44))
+    results = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv(fused_cpu.DISABLE_VAR, kernels)
+        fused_cpu.clear_cache()
+        hidden.grad = weight.grad = None
+        total, _ = fused_lm_loss_sum(hidden, weight, labels, chunk_size=16)
+        total.backward()
+        results.append((total.detach(), hidden.grad.clone(), weight.grad.clone()))
+    fused_cpu.clear_cache()
+    (loss, *grads), (expected_loss, *expected_grads) = results
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-4, atol=0)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-3)
