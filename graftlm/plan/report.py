@@ -21,7 +21,7 @@ from graftlm.plan.memory import (
     memory_breakdown,
 )
 from graftlm.plan.shapes import ModelShape, Trainable, trainable
-from graftlm.plan.step_time import measure_step_parts
+from graftlm.plan.step_time import measurable, measure_step_parts
 from graftlm.plan.timing import Rates, measure_rates, step_flops, step_seconds
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import bf16_supported
@@ -269,7 +269,7 @@ def _plan_method(
         dequant = passes * weights * dtype_bytes
     flops_seconds = step_seconds(flops, tokens, kept, dequant, rates)
     seconds = flops_seconds
-    if rates.measured and request.device == "cpu":  # this machine's step, timed by its parts
+    if _timed_by_parts(shape, request, rates):  # this machine's step, timed by its parts
         parts = measure_step_parts(
             shape, counted, "dora" if method == "qdora" else method, dtype, micro,
             request.seq_len, checkpointing, adapter.params,
@@ -300,6 +300,12 @@ def _plan_method(
         largest_micro_batch=largest_micro,
         largest_seq_len=largest_seq,
     )
+
+
+def _timed_by_parts(shape: ModelShape, request: PlanRequest, rates: Rates) -> bool:
+    """A CPU plan with measured rates times the step's parts (`plan/step_time.py`); a given
+    (GPU) rate, or a layer too large to time here, keeps the FLOP model."""
+    return rates.measured and request.device == "cpu" and measurable(shape)
 
 
 def _with_method(cfg: TrainConfig, method: str) -> TrainConfig:
@@ -370,7 +376,7 @@ def format_plan(plan: Plan) -> str:
     source = "measured here" if rates.measured else "given"
     lines.append("")
     lines.append(f"matmul rate {rates.matmul_flops / 1e9:,.0f} GFLOP/s ({source})")
-    if rates.measured and req.device == "cpu":
+    if _timed_by_parts(shape, req, rates):
         lines.append(
             "seconds per step: one decoder layer, the head + loss and the optimizer, each timed "
             f"here at the model's widths on {torch.get_num_threads()} thread(s) (--threads)"

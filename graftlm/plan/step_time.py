@@ -38,10 +38,15 @@ from graftlm.train.loss import fused_lm_loss_sum
 from graftlm.train.step import make_optimizer
 
 REPEATS = 3
-# matrix-product FLOPs of one measured layer pass at most (~0.5 s on one core of this machine):
+# matrix-product FLOPs of one measured layer pass at most (~0.3 s on one core of this machine):
 # keeps `graftlm plan` quick on 7B-70B shapes
-MEASURE_FLOPS = 2e11
+MEASURE_FLOPS = 1e11
 SMALL_VOCAB = 256
+# the largest decoder layer timed (parameters; an 8B model's are ~220M): a 70B layer in the fp32
+# of full fine-tuning would take GBs to time, and such a plan keeps the FLOP model
+MEASURE_LAYER_PARAMS = 300_000_000
+# AdamW is timed on at most this many values and scaled (it moves bytes: linear in the count)
+MEASURE_OPTIMIZER_PARAMS = 32_000_000
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,20 @@ def _best(run, repeats: int = REPEATS) -> float:
     return best
 
 
+def layer_params(shape: ModelShape) -> float:
+    """Weights of one decoder layer's linear layers."""
+    return sum(lin.out_features * lin.in_features for lin in shape.linears) / shape.layers
+
+
+def measurable(shape: ModelShape) -> bool:
+    """Whether a layer of `shape` is small enough to time here (else the FLOP model)."""
+    return layer_params(shape) <= MEASURE_LAYER_PARAMS
+
+
 def measured_shape(shape: ModelShape, micro_batch: int, seq_len: int) -> tuple[int, int]:
     """(rows, tokens per row) of the measured pass: the run's, or fewer where one layer's
     products would pass `MEASURE_FLOPS`."""
-    layer_params = sum(lin.out_features * lin.in_features for lin in shape.linears) / shape.layers
-    max_tokens = max(64, int(MEASURE_FLOPS // (6 * layer_params)))  # forward 2, backward 4
+    max_tokens = max(64, int(MEASURE_FLOPS // (6 * layer_params(shape))))  # forward 2, backward 4
     if micro_batch * seq_len <= max_tokens:
         return micro_batch, seq_len
     if seq_len <= max_tokens:
@@ -110,7 +124,7 @@ def measure_step_parts(
     times = {}
     optimizer_seconds = 0.0
     for layers in (1, 2):
-        model = attached_model(shape, cfg, method, dtype, 1, layers, SMALL_VOCAB)
+        model = attached_model(shape, cfg, method, dtype, 1, layers, SMALL_VOCAB, quick_init=True)
         if checkpointing:
             enable_checkpointing(model)
 
@@ -124,7 +138,7 @@ def measure_step_parts(
             times[layers] = _best(step)
         if layers == 2:
             optimizer_seconds = _optimizer_seconds(model, cfg, trainable_params)
-        del model
+        del model, step  # before the next model is built
     layer = max(0.0, times[2] - times[1])
     head = _head_seconds(shape, method, dtype, rows, tokens, generator)
     return StepParts(layer, head, optimizer_seconds, rows, tokens)
@@ -153,8 +167,11 @@ def _head_seconds(shape, method, dtype, rows, tokens, generator) -> float:
 
 def _optimizer_seconds(model, cfg: TrainConfig, trainable_params: int) -> float:
     """Clip + AdamW step + zero_grad over the model's trainable values, scaled to the run's."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    count = sum(p.numel() for p in params)
+    params, count = [], 0
+    for p in model.parameters():
+        if p.requires_grad and count < MEASURE_OPTIMIZER_PARAMS:
+            params.append(p)
+            count += p.numel()
     if not count:
         return 0.0
     optimizer, _ = make_optimizer(params, cfg, total_steps=10)

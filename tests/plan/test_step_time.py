@@ -12,7 +12,13 @@ import torch
 from graftlm.plan import report
 from graftlm.plan.report import PlanRequest, plan_run
 from graftlm.plan.shapes import model_shape, read_config
-from graftlm.plan.step_time import MEASURE_FLOPS, StepParts, measure_step_parts, measured_shape
+from graftlm.plan.step_time import (
+    MEASURE_FLOPS,
+    StepParts,
+    measurable,
+    measure_step_parts,
+    measured_shape,
+)
 from graftlm.plan.timing import Rates
 from graftlm.train.config import TrainConfig
 
@@ -37,6 +43,9 @@ def test_measured_pass_is_the_runs_unless_too_big():
     assert rows == 1 and 64 <= tokens < 4096
     layer = sum(lin.out_features * lin.in_features for lin in big.linears) / big.layers
     assert tokens == 64 or 6 * layer * tokens <= MEASURE_FLOPS
+    # a 70B layer is not built to be timed (the plan keeps the FLOP model); an 8B one is
+    assert measurable(small) and measurable(model_shape(*read_config("llama-3-8b")))
+    assert not measurable(big)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
