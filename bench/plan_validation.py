@@ -149,14 +149,17 @@ for line in sys.stdin:
 
 
 def predict(rows: list[tuple]) -> list[dict]:
-    """`graftlm plan`'s JSON for every row, from one process (rates measured per plan)."""
+    """`graftlm plan`'s JSON for every row, each in a fresh process (rates and step parts
+    measured per plan; a --low-memory run's allocator settings are process-wide)."""
     env = dict(os.environ, MKL_CBWR="AUTO,STRICT", PYTHONPATH=str(REPO))
-    done = subprocess.run(
-        timed([sys.executable, "-c", PLAN_ALL, json.dumps(TIMED["threads"])]),
-        input="\n".join(json.dumps(r) for r in rows),
-        capture_output=True, text=True, env=env, cwd=REPO, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    plans = []
+    for row in rows:
+        done = subprocess.run(
+            timed([sys.executable, "-c", PLAN_ALL, json.dumps(TIMED["threads"])]),
+            input=json.dumps(row), capture_output=True, text=True, env=env, cwd=REPO, check=True,
+        )  # fmt: skip
+        plans += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return plans
 
 
 def measured(model: str, method: str, batch: int, micro: int, seq_len: int, reuse: bool) -> dict:

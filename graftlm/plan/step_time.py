@@ -15,7 +15,9 @@ widths, with the method attached, under graftlm's own training forward and backw
     optimizer = gradient clipping, AdamW's step and zero_grad over one layer's trainable values,
                 scaled to all of them
 
-Nothing is fitted: each part is the best of `REPEATS` timings after a warm-up. A pass bigger
+Nothing is fitted: each part is the best of `REPEATS` timings after a warm-up. A --low-memory
+run's allocator settings (unmapped blocks, heap trims) are applied as the run applies them, for
+the rest of the process. A pass bigger
 than `MEASURE_FLOPS` is measured on fewer sequences (and, past that, fewer tokens) and scaled
 linearly; the attention's quadratic share then grows less than it should.
 """
@@ -35,7 +37,8 @@ from graftlm.train.checkpointing import enable as enable_checkpointing
 from graftlm.train.config import TrainConfig
 from graftlm.train.forward import autocast, loss_sum
 from graftlm.train.loss import fused_lm_loss_sum
-from graftlm.train.step import make_optimizer
+from graftlm.train.memory import release_free_heap, return_freed_memory_to_os
+from graftlm.train.step import low_memory_mmap_threshold, make_optimizer
 
 REPEATS = 3
 # matrix-product FLOPs of one measured layer pass at most (~0.3 s on one core of this machine):
@@ -123,6 +126,10 @@ def measure_step_parts(
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     times = {}
     optimizer_seconds = 0.0
+    if cfg.low_memory:
+        # as the run's allocator: freed big blocks unmapped (page faults on the next), the heap
+        # trimmed after each checkpointed forward and each step (`train/step.py`); process-wide
+        return_freed_memory_to_os(low_memory_mmap_threshold(checkpointing, dtype))
     for layers in (1, 2):
         model = attached_model(shape, cfg, method, dtype, 1, layers, SMALL_VOCAB, quick_init=True)
         if checkpointing:
@@ -131,8 +138,12 @@ def measure_step_parts(
         def step(model=model) -> None:
             with autocast(dtype):
                 loss, _ = loss_sum(model, batch, dtype, share_prefix=False)
+            if cfg.low_memory and checkpointing:
+                release_free_heap()
             loss.backward()
             model.zero_grad(set_to_none=True)
+            if cfg.low_memory:
+                release_free_heap()
 
         with fused_forwards(model):
             times[layers] = _best(step)

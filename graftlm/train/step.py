@@ -64,15 +64,20 @@ def plan_memory(
         pass_tokens = tokens_per_pass(cfg, checkpointing)
     if cfg.low_memory:
         release_free_heap()  # what attach freed (a quantized base's full-precision weights)
-        threshold = LOW_MEMORY_MMAP_THRESHOLD
-        if checkpointing:
-            bf16 = compute_dtype == torch.bfloat16
-            threshold = CHECKPOINTED_BF16_MMAP_THRESHOLD if bf16 else CHECKPOINTED_MMAP_THRESHOLD
-        return_freed_memory_to_os(threshold)
+        return_freed_memory_to_os(low_memory_mmap_threshold(checkpointing, compute_dtype))
     if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         keeps_cache = enable_checkpointing(model)
         runtime.log(f"activation checkpointing on{'' if keeps_cache else ' (no shared prefix)'}")
     return MemoryPlan(checkpointing, pass_tokens)
+
+
+def low_memory_mmap_threshold(checkpointing: bool, compute_dtype: torch.dtype) -> int:
+    """The smallest freed block a --low-memory run unmaps at once (see the constants above)."""
+    if not checkpointing:
+        return LOW_MEMORY_MMAP_THRESHOLD
+    if compute_dtype == torch.bfloat16:
+        return CHECKPOINTED_BF16_MMAP_THRESHOLD
+    return CHECKPOINTED_MMAP_THRESHOLD
 
 
 @dataclass
