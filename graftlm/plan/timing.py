@@ -1,4 +1,9 @@
-"""Time of a step: the FLOPs of graftlm's step per token, over rates measured on this machine.
+"""Time of a step from its FLOPs: over a given GPU rate, or beside the CPU plan's timed parts.
+
+`graftlm plan` on a CPU times the step's parts at the model's own widths (`plan/step_time.py`);
+this FLOP model is what a given rate (`--matmul-tflops`, a GPU) plans with, and what the plan
+shows beside the timed one (`flops_step_seconds`; both against measured steps:
+bench/results/plan_validation.txt).
 
 Per token, with N the weights of the linear layers a token passes through (the output head
 included: the plan assumes every token has a label, the fused loss projects only those):
