@@ -86,11 +86,26 @@ def read_image_folder(folder: str | Path, prompt: str | None) -> list[tuple[Path
     return out
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. Transparent pixels become white (PIL's own convert would make
+    them whatever colour they hide, often black); 16-bit greys are scaled to 8 bits (PIL's
+    convert clips them at 255, so most of an image turns white)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        grey = np.asarray(image, dtype=np.float32) / 257.0
+        image = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
 def load_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """An image as `[3, resolution, resolution]` in [-1, 1]: resized (short side) and
-    center-cropped, as diffusers' training scripts do."""
+    """An image as `[3, resolution, resolution]` in [-1, 1]: any mode as RGB (`to_rgb`), resized
+    (short side) and center-cropped, as diffusers' training scripts do."""
     try:
-        image = Image.open(path).convert("RGB")
+        with Image.open(path) as opened:
+            image = to_rgb(opened)
     except (UnidentifiedImageError, OSError) as exc:
         raise GraftError(f"{path}: not a readable image ({exc})") from None
     scale = resolution / min(image.size)

@@ -1,14 +1,16 @@
 """Tiny random Stable Diffusion parts built from configs (a few hundred thousand parameters):
-a UNet2DConditionModel, a CLIPTextModel, a one-block VAE, a byte-level CLIP tokenizer."""
+a UNet2DConditionModel, a CLIPTextModel, a one-block VAE, and the byte-level CLIP tokenizer of
+graftlm.image.small_pipeline (the image demo's base is built by that module)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from graftlm.image.small_pipeline import byte_tokenizer
 
 
 def unet(seed: int = 0) -> UNet2DConditionModel:
@@ -66,32 +68,9 @@ def pipeline(unet, text_encoder) -> StableDiffusionPipeline:
     )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte -> printable character table (its BPE works on these characters)."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
 def tokenizer(folder: Path) -> CLIPTokenizer:
     """A CLIP tokenizer with one token per byte (and per word-final byte), no merges."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
-    )
+    return byte_tokenizer(folder, max_length=16)
 
 
 def pipeline_folder(folder: Path) -> Path:
