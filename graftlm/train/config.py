@@ -117,8 +117,9 @@ class TrainConfig:
     )
     fused_kernels: bool = setting(
         True,
-        "run RMSNorm, rotary embedding and SwiGLU of Llama-family models on graftlm's "
-        "fused kernels (same results, faster, less memory); --no-fused-kernels: transformers' code",
+        "run RMSNorm, rotary embedding, SwiGLU and (bf16 on a CPU) causal attention of "
+        "Llama-family models on graftlm's fused kernels (float32: same results; bf16: the same "
+        "up to rounding; faster, less memory); --no-fused-kernels: transformers' code",
     )
     fsdp: bool = setting(
         False,
