@@ -13,7 +13,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo image-base image-demo lint clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,18 @@ test: setup $(VENV)/.llama-cpp
 
 demo: setup
 	$(PY) examples/demo.py
+
+# The image demo (graftlm[image]; `make setup` installs diffusers): a small Stable Diffusion
+# pipeline pretrained from scratch on synthetic shapes (examples/image/make_base.py, one thread,
+# deterministic), then taught a shape it never saw from 20 images with `graftlm train-image`.
+bases/shapes/model_index.json: examples/image/make_base.py examples/image/shapes.py \
+		graftlm/image/small_pipeline.py | $(VENV)/.ready
+	$(PY) examples/image/make_base.py --out bases/shapes
+
+image-base: setup bases/shapes/model_index.json
+
+image-demo: image-base
+	$(PY) examples/image/demo.py --base bases/shapes --work runs/image-demo
 
 lint: setup
 	$(VENV)/bin/ruff check graftlm tests bench examples
