@@ -267,7 +267,6 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     deadline = time.monotonic() + args.budget_min * 60
-    todo: list[tuple] = []  # (line index, model key, settings, measurement): planned at the end
     chosen_models = args.only or list(MODELS)
     chosen_methods = args.methods.split(",")
     chosen_shapes = [int(i) for i in args.shapes.split(",")]
@@ -306,25 +305,28 @@ def main() -> None:
                     print(lines[-1], flush=True)
                     continue
                 print(f"measured {key} {method} {shape}: {result}", flush=True)
-                lines.append(None)
-                todo.append((len(lines) - 1, key, (model, method, batch, micro, seq_len), result))
-    for (index, key, settings, r), plan in zip(todo, predict([t[2] for t in todo])):
-        _, method, _, _, _ = settings
-        shape = f"{settings[2]}x{settings[4]}/{settings[3]}"
-        peak_err = plan["peak_bytes"] / r["measured_peak"] - 1
-        time_err = plan["step_seconds"] / r["measured_step_s"] - 1
-        flops_s = plan.get("flops_step_seconds", plan["step_seconds"])
-        flops_err = flops_s / r["measured_step_s"] - 1
-        lines[index] = (
-            f"{key:22}{method:7}{shape:>10}{'on' if plan['activation_checkpointing'] else 'off':>5}"
-            f"{plan['peak_bytes'] / 1e9:>9.2f}GB{r['measured_peak'] / 1e9:>8.2f}GB"
-            f"{peak_err:>+7.0%}{plan['step_seconds']:>10.2f}s"
-            f"{r['measured_step_s']:>9.2f}s{time_err:>+7.0%}{flops_s:>10.2f}s{flops_err:>+7.0%}"
-            f"{r['load']:>6.1f}"
-        )
-    lines = [line for line in lines if line is not None]
+                # planned right away: a chunk cut short still has its rows
+                plan = predict([(model, method, batch, micro, seq_len)])[0]
+                lines.append(_row(key, method, shape, plan, result))
+                print(lines[-1], flush=True)
+                Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def _row(key: str, method: str, shape: str, plan: dict, r: dict) -> str:
+    """One line of the table: the plan against the measurement."""
+    peak_err = plan["peak_bytes"] / r["measured_peak"] - 1
+    time_err = plan["step_seconds"] / r["measured_step_s"] - 1
+    flops_s = plan.get("flops_step_seconds", plan["step_seconds"])
+    flops_err = flops_s / r["measured_step_s"] - 1
+    return (
+        f"{key:22}{method:7}{shape:>10}{'on' if plan['activation_checkpointing'] else 'off':>5}"
+        f"{plan['peak_bytes'] / 1e9:>9.2f}GB{r['measured_peak'] / 1e9:>8.2f}GB"
+        f"{peak_err:>+7.0%}{plan['step_seconds']:>10.2f}s"
+        f"{r['measured_step_s']:>9.2f}s{time_err:>+7.0%}{flops_s:>10.2f}s{flops_err:>+7.0%}"
+        f"{r['load']:>6.1f}"
+    )
 
 
 if __name__ == "__main__":
