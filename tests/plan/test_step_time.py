@@ -4,6 +4,9 @@ how the parts add up, and that `plan_run` uses them where it measures rates."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import helpers
 import pytest
@@ -21,6 +24,8 @@ from graftlm.plan.step_time import (
 )
 from graftlm.plan.timing import Rates
 from graftlm.train.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny_shape():
@@ -79,3 +84,12 @@ def test_plan_uses_the_parts_when_it_measures(monkeypatch):
     # a given (GPU) rate keeps the FLOP model
     given = plan_run(shape, dataclasses.replace(request, matmul_tflops=1.0), with_full=False)
     assert given.chosen.step_seconds == given.chosen.flops_step_seconds
+
+
+def test_plan_threads_must_be_positive():
+    result = subprocess.run(
+        [sys.executable, "-m", "graftlm", "plan", "--threads", "0", "--matmul-tflops", "1"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --threads should be a positive integer, got 0"
