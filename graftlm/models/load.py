@@ -44,6 +44,7 @@ from graftlm.models.gguf_cache import (
     ensure_converted,
     gguf_cache_path,
 )
+from graftlm.models.head_input import make_head_input_contiguous
 from graftlm.models.weights import StreamedLoadUnsupported, load_weights_streamed
 
 __all__ = [
@@ -110,6 +111,7 @@ def load_model(
     model = _load_hf_model(folder, torch_dtype, name_or_path)
     tokenizer = _load_hf_tokenizer(folder, name_or_path)
     _set_model_id(model, tokenizer, model_id)
+    make_head_input_contiguous(model)
     if tokenizer.pad_token_id is not None and model.generation_config is not None:
         # Without this, generate() warns on every call and picks eos on its own.
         if model.generation_config.pad_token_id is None:
