@@ -178,6 +178,9 @@ def method_row(cfg: CompareConfig, spec: MethodSpec, folder: Path, total: int) -
         "optimizer_state_bytes": memory.get("optimizer_state_bytes"),
         "train_seconds": training.get("train_seconds"),
         "steps": training.get("steps"),
+        # methods stop at different steps (each its own recipe): the time of one step compares
+        # their cost, the total their recipes
+        "seconds_per_step": _per_step(training.get("train_seconds"), training.get("steps")),
         "storage_bytes": storage_bytes(folder),
         "exact_match": score.get("exact_match"),
         "test_loss": round(score["loss"], 5),
@@ -186,6 +189,10 @@ def method_row(cfg: CompareConfig, spec: MethodSpec, folder: Path, total: int) -
         "ppl_ratio": forgetting.get("ppl_ratio"),
         "folder": str(folder),
     }
+
+
+def _per_step(seconds: float | None, steps: int | None) -> float | None:
+    return None if not seconds or not steps else round(seconds / steps, 3)
 
 
 def _size(value: float | None, unit: float, suffix: str, digits: int = 2) -> str:
@@ -202,16 +209,17 @@ def write_markdown(path: Path, cfg: CompareConfig, rows: list[dict[str, Any]]) -
         f"`graftlm compare` on `{cfg.model}`: data `{cfg.data}`, test `{cfg.test}`"
         + (f", train args `{' '.join(cfg.train_args)}`" if cfg.train_args else ""),
         "",
-        "| method | trainable params | % | peak RSS | optimizer state | train time | storage "
-        "| exact match | kept_exact | kl | ppl_ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable params | % | peak RSS | optimizer state | train time (steps) "
+        "| s/step | storage | exact match | kept_exact | kl | ppl_ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['trainable_parameters']:,} | {r['trainable_percent']:.3f} "
             f"| {_size(r['peak_rss_bytes'], 1e9, 'GB')} "
             f"| {_size(r['optimizer_state_bytes'], 1e6, 'MB', 1)} "
-            f"| {_num(r['train_seconds'], 0)} s | {_size(r['storage_bytes'], 1e6, 'MB', 2)} "
+            f"| {_num(r['train_seconds'], 0)} s ({r.get('steps') or '-'}) "
+            f"| {_num(r.get('seconds_per_step'), 2)} | {_size(r['storage_bytes'], 1e6, 'MB', 2)} "
             f"| {_num(r['exact_match'], 3)} | {_num(r['kept_exact'], 3)} | {_num(r['kl'], 4)} "
             f"| {_num(r['ppl_ratio'], 3)} |"
         )

@@ -37,7 +37,7 @@ def test_compare_full_and_lora_writes_a_row_per_method(tmp_path, tiny_model_dir)
         for key in (
             "trainable_parameters", "trainable_percent", "peak_rss_bytes",
             "optimizer_state_bytes", "train_seconds", "storage_bytes", "exact_match", "kl",
-            "ppl_ratio",
+            "ppl_ratio", "seconds_per_step",
         ):  # fmt: skip
             assert row[key] is not None, (row["method"], key)
     assert full["trainable_percent"] == 100.0 and 0 < lora["trainable_percent"] < 100.0
@@ -46,6 +46,9 @@ def test_compare_full_and_lora_writes_a_row_per_method(tmp_path, tiny_model_dir)
         moments = 8 * row["trainable_parameters"]
         assert moments <= row["optimizer_state_bytes"] <= moments + 4096
     assert full["storage_bytes"] > lora["storage_bytes"]
+    for row in rows:
+        assert row["steps"] == 2
+        assert row["seconds_per_step"] == round(row["train_seconds"] / 2, 3)
     assert (out / "compare.png").stat().st_size > 0
     table = (out / "compare.md").read_text()
     assert "| full |" in table and "| lora-r4 |" in table
