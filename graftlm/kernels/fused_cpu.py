@@ -121,7 +121,7 @@ class SwiGLUFunction(torch.autograd.Function):
 class RotaryFunction(torch.autograd.Function):
     """`x * cos + rotate_half(x) * sin` for x `(batch, heads, seq, dim)` (any strides but a
     contiguous last dimension) and cos, sin `(batch or 1, 1, seq, dim)`, all bf16. The output
-    keeps x's memory layout (transformers' q and k are transposed views)."""
+    is contiguous, read by the attention without a copy."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -166,9 +166,9 @@ def _rotary_table(table: torch.Tensor) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty_like(x)  # same strides as x: a transposed view stays one
-    if out.stride(-1) != 1:  # empty_like of an overlapping or odd layout
-        out = torch.empty(x.shape, dtype=x.dtype)
+    # contiguous (batch, heads, seq, dim), whatever x's layout (transformers' q and k are
+    # transposed views): what the attention's matrix products read without a copy
+    out = torch.empty(x.shape, dtype=x.dtype)
     batch, heads, seq, dim = x.shape
     cs_strides = (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1))
     library().graftlm_rotary(
