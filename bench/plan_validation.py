@@ -183,6 +183,12 @@ def _key(model: str, method: str, shape: str) -> str:
     return f"{Path(model).name}-{method}-{shape}" + (f"-t{threads}" if threads else "")
 
 
+def _keep_plan(key: str, plan: dict) -> None:
+    kept = json.loads(MEASURED.read_text())
+    kept[key]["plan"] = plan
+    MEASURED.write_text(json.dumps(kept, indent=1))
+
+
 def _kept(model: str, method: str, shape: str) -> bool:
     kept = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
     return _key(model, method, shape) in kept
@@ -305,8 +311,12 @@ def main() -> None:
                     print(lines[-1], flush=True)
                     continue
                 print(f"measured {key} {method} {shape}: {result}", flush=True)
-                # planned right away: a chunk cut short still has its rows
-                plan = predict([(model, method, batch, micro, seq_len)])[0]
+                # planned right away (a chunk cut short still has its rows) and kept beside the
+                # measurement; a row of another chunk shows its kept plan
+                plan = result.get("plan")
+                if chosen or plan is None:
+                    plan = predict([(model, method, batch, micro, seq_len)])[0]
+                    _keep_plan(_key(model, method, shape), plan)
                 lines.append(_row(key, method, shape, plan, result))
                 print(lines[-1], flush=True)
                 Path(args.out).write_text("\n".join(lines) + "\n")
