@@ -215,9 +215,19 @@ class EarlyStop:
         progress = score.progresses_from(self.best)
         if score.beats(self.best):
             self.best, self.best_step = score, step
-            self.best_state = {n: p.detach().clone() for n, p in self.params.items()}
+            self._keep_best()
         self.evals_since_best = 0 if progress else self.evals_since_best + 1
         return self.evals_since_best >= self.patience or score.exact_match == 1.0
+
+    @torch.no_grad()
+    def _keep_best(self) -> None:
+        # into the tensors of the last best when there are some: a clone would hold the old and
+        # the new copy at once (for a full fine-tune, two copies of every weight)
+        if self.best_state.keys() == self.params.keys():
+            for name, tensor in self.params.items():
+                self.best_state[name].copy_(tensor)
+        else:
+            self.best_state = {n: p.detach().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def restore_best(self) -> None:
