@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from graftlm.adapters.folder import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -34,6 +36,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 def _facts(folder: Path) -> dict[str, Any]:
     if not (folder / CONFIG_FILE).is_file():
+        full = method_module("full")
+        if full.is_model_folder(folder):
+            return _full_facts(folder, full)
         raise GraftError(f"{folder}: not an adapter folder (no {CONFIG_FILE})")
     config = read_config(folder)
     graft = read_graft(folder)
@@ -69,6 +74,42 @@ def _facts(folder: Path) -> dict[str, Any]:
         "training": graft.get("training"),
         "memory": (graft.get("training") or {}).get("memory"),
         **extra,
+    }
+
+
+def _full_facts(folder: Path, full) -> dict[str, Any]:
+    """Facts of a full fine-tune's folder (a plain model folder, no adapter_config.json): every
+    weight in its safetensors files counts as trained."""
+    graft = read_graft(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise GraftError(f"{folder}: a full fine-tune's folder without a .safetensors file")
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shapes.update({k: list(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        except Exception as exc:  # safetensors raises several types for bad headers
+            raise GraftError(f"{path}: not a readable safetensors file ({exc})") from None
+    return {
+        "path": str(folder),
+        "method": "full",
+        "peft_type": None,
+        "rank": None,
+        "ranks": {},
+        "rank_pattern": {},
+        "target_modules": None,
+        "adapted_module_kinds": [],
+        "adapted_modules": 0,
+        "trainable_parameters": parameter_count(shapes),
+        "file_bytes": sum(p.stat().st_size for p in files),
+        "base_model": graft.get("base_model"),
+        "quantize": None,
+        "base_fingerprint": graft.get("base_fingerprint"),
+        "created": graft.get("created"),
+        "training": graft.get("training"),
+        "memory": (graft.get("training") or {}).get("memory"),
+        **full.describe(folder),
     }
 
 

@@ -12,6 +12,7 @@ from helpers import base_cfg
 from transformers import AutoModelForCausalLM
 
 from graftlm import LoraConfig, inject
+from graftlm.adapters.inspect import describe
 from graftlm.adapters.io import load_any
 from graftlm.adapters.switch import disable_adapters
 from graftlm.data.dataset import collate
@@ -80,6 +81,9 @@ def test_full_folder_loads_in_transformers_and_generates_the_same(tmp_path, tiny
     assert not (out / "adapter_config.json").exists()
     graft = json.loads((out / "graftlm.json").read_text())
     assert graft["method"] == "full" and graft["training"]["steps"] == 6
+    facts = describe(out)  # graftlm inspect
+    assert facts["method"] == "full" and facts["training"]["steps"] == 6
+    assert facts["file_bytes"] == (out / "model.safetensors").stat().st_size
 
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     ours, tokenizer = load_for_inference(None, {"default": str(out)})
@@ -102,6 +106,8 @@ def test_full_folder_loads_in_transformers_and_generates_the_same(tmp_path, tiny
     text = tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True)
     sampling = SamplingConfig(max_new_tokens=6)
     assert generate(ours, tokenizer, [prompt], adapters=["default"], sampling=sampling) == [text]
+    # every weight is trained: the tied head counted once, as transformers counts it
+    assert facts["trainable_parameters"] == sum(p.numel() for p in plain.parameters())
 
 
 def test_full_keeps_tied_embeddings_and_float32_master_weights(tmp_path, tiny_model_dir):
