@@ -1,13 +1,15 @@
-"""The image demo: teach the small base (make_base.py) a shape it never saw, from 20 images.
+"""The image demo: teach the small base (make_base.py) a shape it never saw (a heart), from 20 images.
 
     .venv/bin/python examples/image/demo.py --base bases/shapes      (make image-demo)
 
-1. 20 images of stars (red, green, blue), captioned "a red star", ... by a .txt beside each;
-2. a small CNN that tells circles, squares, triangles and stars apart, trained on fresh synthetic
-   images of all four (the judge: it never sees a generated image while it learns);
-3. before: the base draws 8 samples per "a <colour> star" prompt (fixed seeds); the judge scores
-   the share that are stars; the base's own shapes are scored too;
-4. `graftlm train-image` on the 20 images, through the CLI, as a user runs it;
+1. 20 images of hearts (red, green, blue), captioned "a red heart", ... by a .txt beside each;
+2. a small CNN that tells circles, squares, triangles and hearts apart, trained on fresh synthetic
+   images of all four as the base's VAE renders them (the judge: it never sees a generated
+   image while it learns);
+3. before: the base draws 8 samples per "a <colour> heart" prompt (fixed seeds); the judge scores
+   the share that are hearts; the base's own shapes are scored too;
+4. `graftlm train-image` on the 20 images, through the CLI, as a user runs it, with 20 images the
+   base drew itself of its own shapes (DreamBooth's prior preservation; --keep 0: without);
 5. after: diffusers' own `pipe.load_lora_weights` puts the LoRA file on the base, and the same
    prompts and seeds are drawn and scored again.
 
@@ -36,8 +38,10 @@ from shapes import BASE_SHAPES, COLORS, NEW_SHAPE, caption, dataset, draw
 ALL_SHAPES = (*BASE_SHAPES, NEW_SHAPE)
 
 
-def judge(seed: int, steps: int = 300) -> torch.nn.Module:
-    """A small CNN over 32x32 images: which of ALL_SHAPES it is."""
+def judge(seed: int, vae, steps: int = 300) -> torch.nn.Module:
+    """A small CNN over 32x32 images: which of ALL_SHAPES it is. It learns from drawn images as
+    the base's VAE renders them (encoded and decoded), so a sample is judged by its shape, not by
+    the codec's soft edges; it never sees a generated image."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -45,26 +49,28 @@ def judge(seed: int, steps: int = 300) -> torch.nn.Module:
         torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(), torch.nn.Linear(64, len(ALL_SHAPES)),
     )  # fmt: skip
-    rows = dataset(ALL_SHAPES, 4000, seed + 1)
-    pixels, labels = to_pixels([r[0] for r in rows]), torch.tensor([r[2] for r in rows])
-    held = dataset(ALL_SHAPES, 400, seed + 2)
+
+    def rendered(rows):
+        with torch.no_grad():
+            pixels = to_pixels([r[0] for r in rows]).split(250)
+            return torch.cat([vae.decode(vae.encode(p).latent_dist.mean).sample for p in pixels])
+
+    rows, held = dataset(ALL_SHAPES, 4000, seed + 1), dataset(ALL_SHAPES, 400, seed + 2)
+    pixels, labels = rendered(rows), torch.tensor([r[2] for r in rows])
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         batch = torch.randint(0, len(rows), (64,), generator=gen)
-        # blur and noise: generated samples are softer than drawn ones
-        x = pixels[batch]
-        x = F.avg_pool2d(x, 3, 1, 1) if torch.rand(1, generator=gen) < 0.5 else x
-        x = x + 0.1 * torch.randn(x.shape, generator=gen)
+        x = pixels[batch] + 0.05 * torch.randn(pixels[batch].shape, generator=gen)
         loss = F.cross_entropy(net(x), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     net.eval()
     with torch.no_grad():
-        guess = net(to_pixels([r[0] for r in held])).argmax(1)
+        guess = net(rendered(held)).argmax(1)
     accuracy = (guess == torch.tensor([r[2] for r in held])).float().mean().item()
-    print(f"judge: {accuracy:.3f} accuracy on 400 held-out drawn images", flush=True)
+    print(f"judge: {accuracy:.3f} accuracy on 400 held-out drawn images (VAE-rendered)", flush=True)
     return net
 
 
@@ -88,9 +94,9 @@ def score(net, images, shape: str) -> float:
 def draw_and_score(pipe, net, args, label: str, work: Path) -> dict:
     per_color = args.samples // len(COLORS)
     new_prompts = [caption(NEW_SHAPE, c) for c in COLORS for _ in range(per_color)]
-    stars = sample(pipe, new_prompts, args.seed, args.sample_steps, args.guidance)
-    grid(stars, per_color, zoom=2).save(work / f"{label}_stars.png")
-    result = {"star_share": score(net, stars, NEW_SHAPE)}
+    drawn = sample(pipe, new_prompts, args.seed, args.sample_steps, args.guidance)
+    grid(drawn, per_color, zoom=2).save(work / f"{label}.png")
+    result = {f"{NEW_SHAPE}_share": score(net, drawn, NEW_SHAPE)}
     for shape in BASE_SHAPES:  # what the base knew: kept?
         prompts = [caption(shape, c) for c in COLORS for _ in range(2)]
         result[f"{shape}_share"] = score(net, sample(pipe, prompts, args.seed, args.sample_steps,
@@ -105,10 +111,17 @@ def main() -> None:
     parser.add_argument("--work", default="runs/image-demo", help="images, LoRA, grids, results")
     parser.add_argument("--docs", help="also copy the grids here (e.g. docs/images)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=24, help="star samples, per side")
+    parser.add_argument(
+        "--samples", type=int, default=24, help="samples of the new shape, before and after"
+    )
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=300, help="train-image's steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="train-image's learning rate")
+    parser.add_argument("--targets", default="attention+conv", help="train-image's --targets")
+    parser.add_argument(
+        "--keep", type=int, default=20, help="the base's own samples trained beside (0: none)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,28 +131,39 @@ def main() -> None:
         sys.exit(f"error: {base}: no base; make it first: make image-base")
     if work.exists():
         shutil.rmtree(work)
-    images = work / "stars"
+    images = work / "images"
     images.mkdir(parents=True)
     started = time.perf_counter()
 
-    rng = random.Random(args.seed + 100)  # not make_base's stream: stars of their own
-    stars = []
+    rng = random.Random(args.seed + 100)  # not make_base's stream: shapes of their own
+    shown = []
     for i in range(20):
         color = list(COLORS)[i % len(COLORS)]
-        stars.append(draw(NEW_SHAPE, color, rng))
-        stars[-1].save(images / f"star_{i:02d}.png")
-        (images / f"star_{i:02d}.txt").write_text(caption(NEW_SHAPE, color), encoding="utf-8")
-    grid(stars, 10).save(work / "training_images.png")
+        shown.append(draw(NEW_SHAPE, color, rng))
+        shown[-1].save(images / f"{NEW_SHAPE}_{i:02d}.png")
+        (images / f"{NEW_SHAPE}_{i:02d}.txt").write_text(
+            caption(NEW_SHAPE, color), encoding="utf-8"
+        )
+    grid(shown, 10).save(work / "training_images.png")
 
-    net = judge(args.seed)
     pipe = StableDiffusionPipeline.from_pretrained(str(base))
+    net = judge(args.seed, pipe.vae)
     pipe.set_progress_bar_config(disable=True)
     before = draw_and_score(pipe, net, args, "before", work)
+    # DreamBooth's prior preservation: the base's own drawings of what it knows, captioned with
+    # their prompts, train beside the new shape, so the LoRA does not redraw every shape as it
+    keep = [caption(s, c) for s in BASE_SHAPES for c in COLORS]
+    keep = [keep[i % len(keep)] for i in range(args.keep)]
+    for i, image in enumerate(
+        sample(pipe, keep, args.seed + 1000, args.sample_steps, args.guidance)
+    ):
+        image.save(images / f"keep_{i:02d}.png")
+        (images / f"keep_{i:02d}.txt").write_text(keep[i], encoding="utf-8")
 
     lora = work / "lora"
     command = [sys.executable, "-m", "graftlm", "train-image", "--base", str(base),
                "--images", str(images), "--out", str(lora), "--steps", str(args.steps),
-               "--lr", "1e-3", "--rank", "8", "--alpha", "8", "--targets", "attention+conv",
+               "--lr", str(args.lr), "--rank", "8", "--alpha", "8", "--targets", args.targets,
                "--batch-size", "4", "--seed", str(args.seed)]  # fmt: skip
     print("$ graftlm " + " ".join(command[3:]), flush=True)
     trained = time.perf_counter()
@@ -162,6 +186,9 @@ def main() -> None:
         "total_seconds": round(time.perf_counter() - started, 1),
         "steps": args.steps,
         "samples": args.samples,
+        "keep": args.keep,
+        "targets": args.targets,
+        "lr": args.lr,
         "threads": args.threads,
     }
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
@@ -169,9 +196,11 @@ def main() -> None:
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        for name in ("before_stars.png", "after_stars.png", "training_images.png"):
+        for name in ("before.png", "after.png", "training_images.png"):
             shutil.copy(work / name, docs / f"image_demo_{name}")
         shutil.copy(lora / "loss.png", docs / "image_demo_loss.png")
+        if (base / "samples.png").is_file():  # make_base.py's grid of what the base draws
+            shutil.copy(base / "samples.png", docs / "image_demo_base_samples.png")
 
 
 if __name__ == "__main__":

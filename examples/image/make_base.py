@@ -7,8 +7,10 @@ scratch (graftlm.image.small_pipeline: a byte-level CLIP tokenizer and text enco
 AutoencoderKL, a UNet2DConditionModel, a DDIM scheduler) and pretrains it on 32x32 images of
 red / green / blue circles, squares and triangles, captioned "a red circle", ...:
 
-1. the VAE, as an autoencoder (reconstruction MSE + a small KL term), so its latents mean
-   something (a random VAE's latents decode to noise); its scaling_factor makes them unit-variance;
+1. the VAE, as an autoencoder (reconstruction MSE + a small KL term) on those images and as many
+   random irregular polygons of random colours (a codec for pictures of every such kind, as SD's
+   VAE is for photos), so its latents mean something (a random VAE's latents decode to noise);
+   its scaling_factor makes them unit-variance;
 2. the UNet, on those latents with the denoising loss train-image uses, one caption in ten
    dropped to "" so classifier-free guidance works. The text encoder stays random and frozen: it
    still tells the captions apart, byte by byte.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from shapes import BASE_SHAPES, COLORS, caption, dataset
+from shapes import BASE_SHAPES, COLORS, caption, dataset, draw_polygon
 
 from graftlm.image.small_pipeline import SmallPipelineShape, build_pipeline
 
@@ -115,7 +118,7 @@ def main() -> None:
     parser.add_argument("--out", default="bases/shapes", help="the pipeline folder to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=3000, help="synthetic training images")
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=500)
     parser.add_argument("--unet-steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: deterministic)")
@@ -133,8 +136,10 @@ def main() -> None:
           f"UNet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f} M parameters, "
           f"VAE {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f} M", flush=True)  # fmt: skip
 
-    print("1/3 the VAE, as an autoencoder", flush=True)
-    train_vae(pipe.vae, pixels, args.vae_steps, args.batch // 2, 2e-3, gen)
+    print("1/3 the VAE, as an autoencoder (the shapes and as many random polygons)", flush=True)
+    polygons = random.Random(args.seed + 1)
+    generic = to_pixels([draw_polygon(polygons, shape.resolution) for _ in range(args.images)])
+    train_vae(pipe.vae, torch.cat([pixels, generic]), args.vae_steps, args.batch // 2, 2e-3, gen)
     with torch.no_grad():
         means = torch.cat([pipe.vae.encode(p).latent_dist.mean for p in pixels.split(256)])
         pipe.vae.register_to_config(scaling_factor=float(1 / means.std()))
