@@ -116,8 +116,8 @@ def main() -> None:
     )
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--steps", type=int, default=300, help="train-image's steps")
-    parser.add_argument("--lr", type=float, default=1e-3, help="train-image's learning rate")
+    parser.add_argument("--steps", type=int, default=800, help="train-image's steps")
+    parser.add_argument("--lr", type=float, default=2e-3, help="train-image's learning rate")
     parser.add_argument("--targets", default="attention+conv", help="train-image's --targets")
     parser.add_argument(
         "--keep", type=int, default=20, help="the base's own samples trained beside (0: none)"
