@@ -229,6 +229,6 @@ def train_image(config: ImageTrainConfig) -> Path:
     bar.close()
     unet.eval()
     path = save_lora_weights(out, {"unet": unet})
-    metrics.plot()
+    metrics.plot("denoising MSE")
     checkpoint.remove(out)
     return path

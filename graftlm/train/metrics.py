@@ -30,9 +30,9 @@ class MetricsWriter:
         """Add one step's row and its evaluation row, if any."""
         append_metrics(self.path, row, eval_row)
 
-    def plot(self) -> None:
-        """Draw loss.png from the rows written so far."""
-        plot(self.path, self.png)
+    def plot(self, ylabel: str = "cross-entropy (labelled tokens)") -> None:
+        """Draw loss.png from the rows written so far (`ylabel`: what the loss is)."""
+        plot(self.path, self.png, ylabel)
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
@@ -65,7 +65,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def plot(metrics_path: Path, png: Path) -> None:
+def plot(metrics_path: Path, png: Path, ylabel: str = "cross-entropy (labelled tokens)") -> None:
     """loss.png: training loss per step (and a smoothed line), eval loss as points."""
     # matplotlib is imported only when a run finishes (it is slow to import), and the
     # non-interactive backend must be chosen before pyplot is imported
@@ -101,7 +101,7 @@ def plot(metrics_path: Path, png: Path) -> None:
             label="eval loss",
         )
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (labelled tokens)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
