@@ -36,7 +36,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         header = lora.configs.get(part, {})
         alphas = collections.Counter(
             e["alpha"] for e in modules.values() if "alpha" in e
-        ) or collections.Counter({header.get("lora_alpha", "= r (none in the file)"): 1})
+        ) or collections.Counter({header.get("lora_alpha", "= r (none in the file)"): len(modules)})
         parts[part] = {
             "modules": len(modules),
             "conv_modules": sum(e["lora_A"].dim() > 2 for e in modules.values()),

@@ -238,9 +238,9 @@ def test_inspect_cli(tmp_path, capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["format"] == "diffusers" and facts["method"] == "lora"
     unet_facts, te_facts = facts["parts"]["unet"], facts["parts"]["text_encoder"]
-    assert unet_facts["ranks"] == {"4": unet_facts["modules"]} and unet_facts["alphas"] == {
-        "6.0": 1
-    }
+    # one alpha in the file's header, for every module (counted per module, as kohya's are)
+    assert unet_facts["ranks"] == {"4": unet_facts["modules"]}
+    assert unet_facts["alphas"] == {"6.0": unet_facts["modules"]}
     assert unet_facts["conv_modules"] == sum(isinstance(m, LoraConv) for _, m in lora_layers(unet))
     assert {"to_q", "to_out.0", "conv1", "proj_in"} <= set(unet_facts["module_kinds"])
     assert te_facts["module_kinds"] == sorted(TEXT_ENCODER_ATTENTION)
