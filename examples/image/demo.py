@@ -1,4 +1,4 @@
-"""The image demo: teach the small base (make_base.py) a shape it never saw (a heart), from 20 images.
+"""The image demo: teach the small base (make_base.py) a new shape (a heart) from 20 images.
 
     .venv/bin/python examples/image/demo.py --base bases/shapes      (make image-demo)
 
@@ -99,8 +99,9 @@ def draw_and_score(pipe, net, args, label: str, work: Path) -> dict:
     result = {f"{NEW_SHAPE}_share": score(net, drawn, NEW_SHAPE)}
     for shape in BASE_SHAPES:  # what the base knew: kept?
         prompts = [caption(shape, c) for c in COLORS for _ in range(2)]
-        result[f"{shape}_share"] = score(net, sample(pipe, prompts, args.seed, args.sample_steps,
-                                                     args.guidance), shape)  # fmt: skip
+        result[f"{shape}_share"] = score(
+            net, sample(pipe, prompts, args.seed, args.sample_steps, args.guidance), shape
+        )
     print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
     return result
 
@@ -161,10 +162,32 @@ def main() -> None:
         (images / f"keep_{i:02d}.txt").write_text(keep[i], encoding="utf-8")
 
     lora = work / "lora"
-    command = [sys.executable, "-m", "graftlm", "train-image", "--base", str(base),
-               "--images", str(images), "--out", str(lora), "--steps", str(args.steps),
-               "--lr", str(args.lr), "--rank", "8", "--alpha", "8", "--targets", args.targets,
-               "--batch-size", "4", "--seed", str(args.seed)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "graftlm",
+        "train-image",
+        "--base",
+        str(base),
+        "--images",
+        str(images),
+        "--out",
+        str(lora),
+        "--steps",
+        str(args.steps),
+        "--lr",
+        str(args.lr),
+        "--rank",
+        "8",
+        "--alpha",
+        "8",
+        "--targets",
+        args.targets,
+        "--batch-size",
+        "4",
+        "--seed",
+        str(args.seed),
+    ]
     print("$ graftlm " + " ".join(command[3:]), flush=True)
     trained = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}

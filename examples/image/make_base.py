@@ -81,8 +81,11 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen)
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"  vae  step {step + 1:4d}/{steps}  mse {loss.item():.4f}  "
-                  f"{time.perf_counter() - start:5.0f} s", flush=True)  # fmt: skip
+            print(
+                f"  vae  step {step + 1:4d}/{steps}  mse {loss.item():.4f}  "
+                f"{time.perf_counter() - start:5.0f} s",
+                flush=True,
+            )
     vae.eval()
 
 
@@ -108,8 +111,11 @@ def train_unet(unet, scheduler, latents, states, empty, steps, batch, lr, gen) -
         optimizer.step()
         average = loss.item() if average is None else 0.95 * average + 0.05 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            print(f"  unet step {step + 1:4d}/{steps}  loss {average:.4f}  "
-                  f"{time.perf_counter() - start:5.0f} s", flush=True)  # fmt: skip
+            print(
+                f"  unet step {step + 1:4d}/{steps}  loss {average:.4f}  "
+                f"{time.perf_counter() - start:5.0f} s",
+                flush=True,
+            )
     unet.eval()
 
 
@@ -132,9 +138,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     rows = dataset(BASE_SHAPES, args.images, args.seed, shape.resolution)
     pixels = to_pixels([image for image, _, _ in rows])
-    print(f"{len(rows)} images of {', '.join(BASE_SHAPES)} in {', '.join(COLORS)}; "
-          f"UNet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f} M parameters, "
-          f"VAE {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f} M", flush=True)  # fmt: skip
+    print(
+        f"{len(rows)} images of {', '.join(BASE_SHAPES)} in {', '.join(COLORS)}; "
+        f"UNet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f} M parameters, "
+        f"VAE {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f} M",
+        flush=True,
+    )
 
     print("1/3 the VAE, as an autoencoder (the shapes and as many random polygons)", flush=True)
     polygons = random.Random(args.seed + 1)
@@ -148,25 +157,42 @@ def main() -> None:
     print("2/3 the captions, through the frozen text encoder", flush=True)
     with torch.no_grad():
         captions = [text for _, text, _ in rows]
-        tokens = pipe.tokenizer(captions + [""], padding="max_length", truncation=True,
-                                max_length=pipe.tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
+        tokens = pipe.tokenizer(
+            captions + [""],
+            padding="max_length",
+            truncation=True,
+            max_length=pipe.tokenizer.model_max_length,
+            return_tensors="pt",
+        )
         states = pipe.text_encoder(tokens.input_ids)[0]
         states, empty = states[:-1], states[-1]
 
     print("3/3 the UNet, denoising the latents", flush=True)
-    train_unet(pipe.unet, pipe.scheduler, latents, states, empty,
-               args.unet_steps, args.batch, 1e-3, gen)  # fmt: skip
+    train_unet(
+        pipe.unet, pipe.scheduler, latents, states, empty, args.unet_steps, args.batch, 1e-3, gen
+    )
 
     out = Path(args.out)
     pipe.save_pretrained(out)
     prompts = [caption(s, c) for s in BASE_SHAPES for c in COLORS]
     with torch.no_grad():
-        images = pipe(prompts, num_inference_steps=20, guidance_scale=4.0,
-                      generator=torch.Generator().manual_seed(args.seed), output_type="pil").images  # fmt: skip
+        images = pipe(
+            prompts,
+            num_inference_steps=20,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="pil",
+        ).images
     grid(images, len(COLORS), zoom=3).save(out / "samples.png")
-    info = {"seed": args.seed, "images": args.images, "vae_steps": args.vae_steps,
-            "unet_steps": args.unet_steps, "batch": args.batch, "threads": args.threads,
-            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    info = {
+        "seed": args.seed,
+        "images": args.images,
+        "vae_steps": args.vae_steps,
+        "unet_steps": args.unet_steps,
+        "batch": args.batch,
+        "threads": args.threads,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     (out / "graftlm_base.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     print(f"base written to {out} in {info['seconds']:.0f} s (samples: {out / 'samples.png'})")
 

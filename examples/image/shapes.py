@@ -3,8 +3,10 @@
 The base (make_base.py) learns circles, squares and triangles; the demo (demo.py) teaches it a
 heart from 20 images. (Why a heart and not a star: the base's text encoder reads bytes, causally,
 so "a red s" is the same prefix in "a red star" and "a red square"; a word that starts like no
-known one keeps the demo about the shape, not about that artefact of a toy tokenizer.) Every image is one shape of one colour on white, at a random place, size and
-(for triangles and hearts) rotation, captioned "a red circle", "a blue heart", ...
+known one keeps the demo about the shape, not about that artefact of a toy tokenizer.)
+
+Every image is one shape of one colour on white, at a random place, size and (for triangles
+and hearts) rotation, captioned "a red circle", "a blue heart", ...
 """
 
 from __future__ import annotations

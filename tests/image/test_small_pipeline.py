@@ -53,8 +53,12 @@ def _unet_out(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(5)
     side = SmallPipelineShape().latent_size
     latents = torch.randn(2, 4, side, side, generator=gen)
-    ids = pipe.tokenizer(["a grey sks square", "a red circle"], padding="max_length",
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
+    ids = pipe.tokenizer(
+        ["a grey sks square", "a red circle"],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         states = pipe.text_encoder(ids.input_ids)[0]
         return pipe.unet(latents, torch.tensor([100, 700]), states).sample
