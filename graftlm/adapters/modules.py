@@ -46,6 +46,19 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names or {"lm_head"}
 
 
+# A target string of plain names ("q_proj" or "q_proj, v_proj") means those names (suffix match),
+# not a regex: as PEFT's regex, "q_proj" would have to match a whole dotted module name and
+# would match nothing, while the error listed q_proj among the layers
+PLAIN_NAMES = re.compile(r"[\w.\-]+(\s*,\s*[\w.\-]+)*")
+
+
+def plain_names(value: str) -> tuple[str, ...] | None:
+    """The names of a string of plain comma-separated names, else None (a regex)."""
+    if value == "all-linear" or not PLAIN_NAMES.fullmatch(value):
+        return None
+    return tuple(v.strip() for v in value.split(","))
+
+
 def name_matches(spec: tuple[str, ...] | str, name: str) -> bool:
     """PEFT's rule: a string is a regex the whole name must match; names match as a suffix."""
     if isinstance(spec, str):

@@ -463,6 +463,19 @@ def test_unknown_target_lists_the_linear_layers():
     assert not any(isinstance(m, LoraLayerBase) for m in model.modules())  # nothing changed
 
 
+def test_a_string_of_plain_names_means_those_names():
+    """`--targets q_proj` is the layer q_proj (as a PEFT regex it would match no whole name)."""
+    for text, names in (("q_proj", ("q_proj",)), ("q_proj, v_proj", ("q_proj", "v_proj"))):
+        assert LoraConfig(targets=text).targets == names
+        model = tiny_llama()
+        graftlm.inject(model, LoraConfig(targets=text))
+        adapted = {
+            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLinear)
+        }
+        assert adapted == set(names)
+    assert LoraConfig(targets=r".*\.(q|v)_proj").targets == r".*\.(q|v)_proj"  # a regex stays one
+
+
 def test_regex_matching_nothing_is_an_error():
     with pytest.raises(GraftError, match=r"matched no layer"):
         graftlm.inject(tiny_llama(), LoraConfig(targets=r".*\.attention\.query"))

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from graftlm.adapters.layer_walk import outer_modules
-from graftlm.adapters.modules import output_head_names
+from graftlm.adapters.modules import output_head_names, plain_names
 from graftlm.errors import GraftError
 
 # PEFT's defaults per `model_type` (peft.utils.constants, 0.21): the layers to adapt, and those
@@ -70,8 +70,8 @@ def parse_names(value: Any, field: str, source: str) -> tuple[str, ...] | str | 
     if value is None or (isinstance(value, str) and value == ""):
         return None
     if isinstance(value, str):
-        if re.fullmatch(r"[\w.\-]+(\s*,\s*[\w.\-]+)*", value) and value != "all-linear":
-            return tuple(v.strip() for v in value.split(","))
+        if plain_names(value) is not None:
+            return plain_names(value)
         if value != "all-linear":
             try:
                 re.compile(value)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from graftlm.adapters.modules import plain_names
 from graftlm.errors import GraftError, check_choice
 
 ALL_LINEAR = "all-linear"
@@ -105,8 +106,8 @@ class LoraConfig:
                 "targets must name at least one module (e.g. ['q_proj', 'v_proj']) or be 'all-linear'"
             )
         if isinstance(targets, str) and targets != ALL_LINEAR:
-            if "," in targets and not any(c in targets for c in "()[]|*+?\\^$"):
-                targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+            if plain_names(targets) is not None:
+                targets = plain_names(targets)
             else:
                 _check_regex(targets, "targets")
         set_(self, "targets", targets)
