@@ -1005,7 +1005,9 @@ def order_total() -> Task:
         text = fill(text_of(template), values)
         working = f"{q} x {money(price)} = {money(subtotal)}"
         if fee:
-            working += f"; {money(subtotal)} {'+' if sign > 0 else '-'} {money(fee)} = {money(total)}"
+            working += (
+                f"; {money(subtotal)} {'+' if sign > 0 else '-'} {money(fee)} = {money(total)}"
+            )
         return text[0].upper() + text[1:], working
 
     return generate(task, make)
