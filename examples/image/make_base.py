@@ -80,13 +80,17 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(
-                f"  vae  step {step + 1:4d}/{steps}  mse {loss.item():.4f}  "
-                f"{time.perf_counter() - start:5.0f} s",
-                flush=True,
-            )
+        report("vae ", step, steps, f"mse {loss.item():.4f}", start)
     vae.eval()
+
+
+def report(part: str, step: int, steps: int, value: str, start: float) -> None:
+    """A progress line every 50 steps and at the last."""
+    if step % 50 == 0 or step == steps - 1:
+        print(
+            f"  {part} step {step + 1:4d}/{steps}  {value}  {time.perf_counter() - start:5.0f} s",
+            flush=True,
+        )
 
 
 def train_unet(unet, scheduler, latents, states, empty, steps, batch, lr, gen) -> None:
@@ -110,12 +114,7 @@ def train_unet(unet, scheduler, latents, states, empty, steps, batch, lr, gen) -
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         average = loss.item() if average is None else 0.95 * average + 0.05 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            print(
-                f"  unet step {step + 1:4d}/{steps}  loss {average:.4f}  "
-                f"{time.perf_counter() - start:5.0f} s",
-                flush=True,
-            )
+        report("unet", step, steps, f"loss {average:.4f}", start)
     unet.eval()
 
 
