@@ -192,7 +192,7 @@ def method_row(cfg: CompareConfig, spec: MethodSpec, folder: Path, total: int) -
 
 
 def _per_step(seconds: float | None, steps: int | None) -> float | None:
-    return None if not seconds or not steps else round(seconds / steps, 3)
+    return None if seconds is None or not steps else round(seconds / steps, 3)
 
 
 def _size(value: float | None, unit: float, suffix: str, digits: int = 2) -> str:
