@@ -302,14 +302,15 @@ def read_weights(folder: str | os.PathLike, *, pickled: bool = False) -> dict[st
         raise GraftError(f"{path}: cannot read, file is truncated or corrupt ({exc})") from None
 
 
-def weight_shapes(folder: str | os.PathLike) -> dict[str, list[int]]:
-    """{key: shape} of the weights file, from its header alone (no tensor is read).
+def weight_shapes(folder: str | os.PathLike, filename: str = WEIGHTS_FILE) -> dict[str, list[int]]:
+    """{key: shape} of the folder's weights file (or `filename`, another safetensors file in
+    it), from its header alone (no tensor is read).
 
     Raises:
         GraftError: missing, truncated or corrupt file.
     """
     finish_interrupted_save(folder)
-    path = Path(folder) / WEIGHTS_FILE
+    path = Path(folder) / filename
     if not path.is_file():
         raise GraftError(f"{path}: not found")
     try:

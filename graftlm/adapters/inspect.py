@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from graftlm.adapters.folder import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -86,11 +84,7 @@ def _full_facts(folder: Path, full) -> dict[str, Any]:
         raise GraftError(f"{folder}: a full fine-tune's folder without a .safetensors file")
     shapes: dict[str, list[int]] = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                shapes.update({k: list(handle.get_slice(k).get_shape()) for k in handle.keys()})
-        except Exception as exc:  # safetensors raises several types for bad headers
-            raise GraftError(f"{path}: not a readable safetensors file ({exc})") from None
+        shapes.update(weight_shapes(folder, path.name))
     return {
         "path": str(folder),
         "method": "full",
