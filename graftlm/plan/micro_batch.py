@@ -86,7 +86,8 @@ def choose_pass_size(
         return PassSize(optimal_tokens, 1, checkpointing, memory, reason)
     micro = max(1, largest_fit(fits, 1, optimal - 1))
     smaller = breakdown_at(plan, micro, checkpointing)
-    verdict = "the largest that fits" if fits(micro) else "the smallest, and it does NOT fit"
+    fitting = smaller.training <= limit
+    verdict = "the largest that fits" if fitting else "the smallest, and it does NOT fit"
     reason = (
         f"{verdict} {share}: the throughput-optimal {optimal} would peak at "
         f"{memory.training / 1e9:.2f} GB, {micro} at {smaller.training / 1e9:.2f} GB"
