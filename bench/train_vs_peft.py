@@ -8,7 +8,11 @@ Both sides run in their own subprocess (so peak RSS is each one's own), on the s
 same tokenized rows, rank, targets, batch, sequence length, learning rate and seed:
 
 - graftlm: `graftlm.train.loop.train` (what `graftlm train` runs), its defaults for everything else;
-  tokens/s from its metrics.jsonl (`tokens`, `elapsed_s`).
+  tokens/s from each step's own `tokens` and `tokens_per_s` in its metrics.jsonl.
+- graftlm-cli: the `graftlm train` command itself, as a user types it (the same settings as flags,
+  its defaults for the rest), timed from outside: tokens/s from each step's own `tokens` and
+  `tokens_per_s` in metrics.jsonl (evaluation rows are separate rows, not training time), peak RSS
+  of the command's process from `wait4`. No `--profile` for this side (nothing to hook into).
 - PEFT: `get_peft_model` + AdamW + a padded batch loop with `model(**batch, labels=...)`, in the
   best precision this CPU has (bf16 weights + autocast where bf16 is fast, else fp32).
   With `--method qlora` its base is loaded by transformers + bitsandbytes in 4-bit NF4 with double
@@ -18,6 +22,7 @@ same tokenized rows, rank, targets, batch, sequence length, learning rate and se
 Workloads: `text` = plain-text rows of `--seq-len` tokens, every position labelled (the timed
 check of the issue); `chat` = the tickets chat task, rows of varied length, loss on answers only
 (where padding and unlabelled positions matter), timed to finish `--epochs` epochs.
+Peak RSS is each side's process's own, read by the parent from `wait4` when it exits.
 Prints tokens/s, peak RSS, the loss of the last steps and the ratios, and each side's achieved
 FLOP/s (tokens/s times the model's forward + backward FLOPs per token, counted by torch in a third
 process) against matrix-product peaks measured here in fp32 and bf16.
@@ -57,14 +62,6 @@ def make_text_rows(path: Path, tokenizer, seq_len: int, rows: int) -> None:
             out.append({"text": " ".join(current)})
             current = []
     path.write_text("".join(json.dumps(r) + "\n" for r in out))
-
-
-def peak_rss_mb() -> float:
-    from graftlm.train.memory import (
-        peak_rss_bytes,  # VmHWM: this worker's own peak, not its parent's
-    )
-
-    return peak_rss_bytes() / 2**20
 
 
 # operators summed into one line of the profile's summary
@@ -156,7 +153,6 @@ def worker_graftlm(args) -> dict:
         "tokens": sum(r["tokens"] for r in steps),
         "seconds": sum(r["tokens"] / r["tokens_per_s"] for r in steps),
         "losses": [r["loss"] for r in steps],
-        "peak_rss_mb": peak_rss_mb(),
         **({"profile": profile_table(prof)} if prof is not None else {}),
     }
 
@@ -249,7 +245,6 @@ def worker_peft(args, attention_mask: bool = True) -> dict:
         "tokens": tokens,
         "seconds": seconds,
         "losses": losses,
-        "peak_rss_mb": peak_rss_mb(),
         "bf16": bf16,
         **({"profile": profile_table(prof)} if prof is not None else {}),
     }
@@ -310,16 +305,58 @@ def worker_flops(args) -> dict:
     }
 
 
+def run_measured(kind: str, command: list[str]) -> tuple[str, float]:
+    """Run `command` to its end; its stdout and its peak RSS in MB, from `wait4`'s
+    `ru_maxrss` (the process's own high-water mark, KiB on Linux), read from outside."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        stdout.seek(0)
+        stderr.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{kind} failed ({proc.returncode}):\n{stderr.read()[-3000:]}")
+        return stdout.read(), usage.ru_maxrss / 1024
+
+
 def run_worker(kind: str, argv: list[str]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", kind, *argv],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout, peak_mb = run_measured(kind, [sys.executable, __file__, "--worker", kind, *argv])
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_mb"] = peak_mb
+    return result
+
+
+def graftlm_command() -> list[str]:
+    """The `graftlm` console script beside this Python (the venv's), else `python -m graftlm`."""
+    script = Path(sys.executable).with_name("graftlm")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "graftlm"]
+
+
+def run_graftlm_cli(args, data: Path) -> dict:
+    """`graftlm train` with the bench's settings, timed from its metrics.jsonl: each step's own
+    `tokens` and `tokens_per_s` (its evaluation passes are rows of their own, left out)."""
+    out = Path(tempfile.mkdtemp(prefix="bench-graftlm-cli-")) / "out"
+    length = ["--steps", str(args.steps)] if args.steps else ["--epochs", str(args.epochs)]
+    command = [
+        *graftlm_command(), "train", "--data", str(data), "--out", str(out),
+        "--method", args.method, "--rank", str(args.rank), "--alpha", str(2 * args.rank),
+        "--targets", args.targets, "--batch-size", str(args.batch_size),
+        "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", "0",
+        "--warmup-ratio", "0", "--quiet", *length,
+        *(["--threads", str(args.threads)] if args.threads else []),
+        *(["--low-memory"] if args.low_memory else []),
+        *(["--no-activation-checkpointing"] if args.no_activation_checkpointing else []),
+        *(["--no-fused-kernels"] if args.no_fused_kernels else []),
+    ]  # fmt: skip
+    _, peak_mb = run_measured("graftlm-cli", command)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    return {
+        "tokens": sum(r["tokens"] for r in steps),
+        "seconds": sum(r["tokens"] / r["tokens_per_s"] for r in steps),
+        "losses": [r["loss"] for r in steps],
+        "peak_rss_mb": peak_mb,
+    }
 
 
 def main() -> None:
@@ -343,7 +380,8 @@ def main() -> None:
     parser.add_argument(
         "--sides",
         default="peft,peft-fast,graftlm",
-        help="which to run, of peft (with the attention mask), peft-fast (no mask), graftlm",
+        help="which to run, of peft (with the attention mask), peft-fast (no mask), graftlm "
+        "(the training function in a worker), graftlm-cli (the `graftlm train` command)",
     )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count and peaks")
     workers = ["graftlm", "peft", "peft-fast", "flops"]
@@ -407,7 +445,10 @@ def main() -> None:
     sides = args.sides.split(",")
     if args.workload == "chat" and "peft-fast" in sides:
         sides.remove("peft-fast")  # chat rows are padded: no mask would be wrong
-    results = {kind: run_worker(kind, argv) for kind in sides}
+    results = {
+        kind: run_graftlm_cli(args, data) if kind == "graftlm-cli" else run_worker(kind, argv)
+        for kind in sides
+    }
     flops = None if args.no_flops else run_worker("flops", argv)
     print(
         f"workload {args.workload}, {args.method}: rank {args.rank}, targets {args.targets}, batch {args.batch_size}, seq-len {args.seq_len}"
@@ -415,7 +456,7 @@ def main() -> None:
     for kind, r in results.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         print(
-            f"  {kind:8s} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
+            f"  {kind:11s} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
             f"  loss first {r['losses'][0]:.4f} last {r['losses'][-1]:.4f}"
         )
     for kind, r in results.items():
@@ -423,13 +464,12 @@ def main() -> None:
             print_profile(kind, r["profile"])
     if flops is not None:
         print_flops(results, flops)
-    g = results.get("graftlm")
-    for kind in ("peft", "peft-fast"):
-        if g is None or kind not in results:
+    for ours, kind in [(g, p) for g in ("graftlm", "graftlm-cli") for p in ("peft", "peft-fast")]:
+        if ours not in results or kind not in results:
             continue
-        p = results[kind]
+        g, p = results[ours], results[kind]
         print(
-            f"  ratios graftlm/{kind}: speed {g['tokens_per_s'] / p['tokens_per_s']:.2f}x (time to finish "
+            f"  ratios {ours}/{kind}: speed {g['tokens_per_s'] / p['tokens_per_s']:.2f}x (time to finish "
             f"{p['seconds'] / g['seconds']:.2f}x faster), peak memory {g['peak_rss_mb'] / p['peak_rss_mb']:.2f}x"
         )
         steps = min(len(g["losses"]), len(p["losses"]))
@@ -457,7 +497,7 @@ def print_flops(results: dict, flops: dict) -> None:
     for kind, r in results.items():
         achieved = r["tokens_per_s"] * per_token
         print(
-            f"  {kind:8s} achieves {achieved / 1e9:6.1f} GFLOP/s: "
+            f"  {kind:11s} achieves {achieved / 1e9:6.1f} GFLOP/s: "
             f"{achieved / flops['peak_fp32']:.2f} of the fp32 peak, "
             f"{achieved / flops['peak_bf16']:.2f} of the bf16 peak"
         )
