@@ -5,7 +5,7 @@
     python examples/zoo/make_zoo.py --check          # regenerate in memory, compare with the files
     python examples/zoo/make_zoo.py --out /tmp/zoo   # write somewhere else
 
-Seven narrow chat tasks of different shapes, used to choose graftlm's default training recipe
+Eight narrow chat tasks of different shapes, used to choose graftlm's default training recipe
 (see examples/data/zoo/README.md):
 
     bank_intent     classification      message -> one of 7 labels
@@ -15,6 +15,7 @@ Seven narrow chat tasks of different shapes, used to choose graftlm's default tr
     formal_rewrite  style transfer      informal one-liner -> one formal house-style sentence
     order_total     arithmetic          quantity x unit price +/- a fee -> "3 x 5.00 = 15.00; 15.00 + 2.00 = 17.00"
     delivery_reply  long answer         order record -> a 2-4 sentence reply
+    ticket_triage   JSON classification support ticket -> {"product", "category", "urgency"}
 
 Every task writes ``train.jsonl``, ``test.jsonl`` (chat rows, the assistant turn is the reference)
 and ``heldout.json``. The test split is held out by construction: every pool of surface forms
@@ -1108,6 +1109,343 @@ def delivery_reply() -> Task:
 
 
 # =============================================================================================
+# 8. ticket_triage: a support ticket -> {"product", "category", "urgency"}
+# =============================================================================================
+
+TICKET_PRODUCTS = ("mobile_app", "web_dashboard", "thermostat", "router", "camera")
+TICKET_CATEGORIES = (
+    "account", "billing", "shipping", "bug", "feature_request", "hardware_fault",
+)  # fmt: skip
+TICKET_URGENCIES = ("low", "medium", "high", "critical")
+TICKET_SYSTEM = (
+    "Triage the support ticket. Answer with one JSON object with the keys product, category and "
+    "urgency, in that order. product: mobile_app, web_dashboard, thermostat, router or camera. "
+    "category: account, billing, shipping, bug, feature_request or hardware_fault. urgency: low, "
+    "medium, high or critical, from how pressing the ticket says it is."
+)
+_SOFTWARE = ("mobile_app", "web_dashboard")
+_HARDWARE = ("thermostat", "router", "camera")
+# The products a category goes with: sign-in trouble and bugs are software tickets, deliveries
+# and faults are hardware tickets, so a hardware product that misbehaves is a hardware_fault.
+TICKET_COMPATIBLE = {
+    "account": _SOFTWARE,
+    "billing": TICKET_PRODUCTS,
+    "shipping": _HARDWARE,
+    "bug": _SOFTWARE,
+    "feature_request": TICKET_PRODUCTS,
+    "hardware_fault": _HARDWARE,
+}
+# Every pool below is split by hand: each test-only item is a different wording, and its marker
+# (the second element) occurs in no training row, system prompt and answers included.
+# fmt: off
+TICKET_ALIASES = {
+    "mobile_app": {
+        "train": ["the mobile app", "your app", "the app on my phone", "the iPhone app",
+                  "the Android app", "the app"],
+        "test": [("the phone application", "phone application"), ("the app on my tablet", "on my tablet"),
+                 ("the smartphone client", "smartphone client")],
+    },
+    "web_dashboard": {
+        "train": ["the web dashboard", "the dashboard", "your website", "the online portal",
+                  "the browser version", "the dashboard site"],
+        "test": [("the web console", "web console"), ("the admin page in my browser", "admin page"),
+                 ("the control panel on your site", "control panel")],
+    },
+    "thermostat": {
+        "train": ["the thermostat", "my smart thermostat", "the T-400 thermostat",
+                  "the heating controller", "my thermostat"],
+        "test": [("the climate control unit", "climate control"),
+                 ("the room temperature sensor", "temperature sensor"), ("the heating panel", "heating panel")],
+    },
+    "router": {
+        "train": ["the router", "my wifi router", "the R2 router", "the wireless router", "my router"],
+        "test": [("the wifi hub", "wifi hub"), ("our internet box", "internet box"),
+                 ("the broadband modem", "broadband modem")],
+    },
+    "camera": {
+        "train": ["the security camera", "my doorbell camera", "the outdoor camera", "the camera",
+                  "the C3 camera"],
+        "test": [("the CCTV unit", "cctv"), ("the surveillance cam", "surveillance cam"),
+                 ("the video doorbell", "video doorbell")],
+    },
+}
+TICKET_CORES = {
+    "account": {
+        "train": [
+            "I can't log in to {product} anymore.",
+            "{product} keeps saying my password is wrong even though I just reset it.",
+            "My account on {product} has been locked after too many attempts.",
+            "The password reset email for {product} never shows up.",
+            "I'm stuck on the sign-in screen of {product}.",
+            "{product} logged me out and won't accept my username.",
+            "I forgot my password and the reset link for {product} has expired.",
+            "How do I change the email address I use to sign in to {product}?",
+            "Someone else seems to have access to my account on {product}.",
+            "My login for {product} stopped working this morning.",
+        ],
+        "test": [
+            ("The two-factor codes never arrive, so I can't get into {product}.", "two-factor codes"),
+            ("{product} rejects my credentials every single time.", "rejects my credentials"),
+            ("I've been shut out of my profile in {product}.", "shut out of my profile"),
+            ("The verification text for {product} doesn't come through, so I can't get past the "
+             "second step.", "verification text"),
+        ],
+    },
+    "billing": {
+        "train": [
+            "I was charged twice for {product} this month.",
+            "My invoice for {product} shows the wrong amount.",
+            "Why did my subscription for {product} go up in price?",
+            "The payment for {product} failed but the money left my account.",
+            "My card was billed for {product} after I cancelled the plan.",
+            "There's a charge for {product} on my statement that I don't understand.",
+            "Please update the card you bill for {product}.",
+            "I was overcharged for {product} on my last bill.",
+            "The receipt for {product} lists a plan I never chose.",
+            "I need a proper invoice with our company name for {product}.",
+        ],
+        "test": [
+            ("The direct debit for {product} was taken two times.", "direct debit"),
+            ("My bank shows a mystery fee linked to {product}.", "mystery fee"),
+            ("The monthly price of {product} doubled without any warning.", "doubled without any warning"),
+            ("You took payment for {product} from a card I removed ages ago.", "card i removed"),
+        ],
+    },
+    "shipping": {
+        "train": [
+            "My order {order} for {product} hasn't arrived yet.",
+            "The tracking page for {product} hasn't updated in a week.",
+            "{product} was delivered to the wrong address.",
+            "I ordered {product} ten days ago and it still hasn't shipped.",
+            "The courier says {product} was delivered but nothing came.",
+            "Can you tell me when {product} will be dispatched?",
+            "The parcel with {product} is stuck at the depot.",
+            "I received someone else's parcel instead of {product}.",
+            "My delivery of {product} (order {order}) was sent back to the warehouse.",
+            "{product} was supposed to arrive on {day} and there's no sign of it.",
+        ],
+        "test": [
+            ("The package containing {product} has gone missing in the post.", "gone missing in the post"),
+            ("The delivery van never turned up with {product}.", "delivery van"),
+            ("{product} from order {order} is still sitting at the sorting centre.", "sorting centre"),
+            ("The carrier dropped {product} off with a neighbour I don't know.", "carrier dropped"),
+        ],
+    },
+    "bug": {
+        "train": [
+            "{product} crashes every time I open the settings.",
+            "The export button in {product} does nothing.",
+            "{product} shows an error when I try to save.",
+            "Since the last update {product} freezes on the home screen.",
+            "Charts in {product} are showing yesterday's numbers.",
+            "{product} keeps spinning and never loads my data.",
+            "Notifications from {product} arrive twice.",
+            "The search in {product} returns nothing even for exact names.",
+            "{product} closes itself when I rotate the screen.",
+            "The buttons in {product} overlap and I can't click them.",
+        ],
+        "test": [
+            ("{product} goes completely white after I tap the menu.", "goes completely white"),
+            ('An "unexpected exception" message pops up in {product}.', "unexpected exception"),
+            ("The calendar in {product} jumps to the wrong month whenever I scroll.",
+             "jumps to the wrong month"),
+            ("{product} hangs forever whenever I upload a file.", "hangs forever"),
+        ],
+    },
+    "feature_request": {
+        "train": [
+            "It would be great if {product} had a dark mode.",
+            "Could you add a way to schedule things in {product}?",
+            "Please let {product} support more than one user.",
+            "I'd love to see a weekly summary from {product}.",
+            "Is there any plan to add voice control to {product}?",
+            "Can {product} get an option to export my history?",
+            "I wish {product} could work with my smart watch.",
+            "Suggestion: let {product} send alerts by text message.",
+            "Please add a holiday mode to {product}.",
+            "It would help if {product} let me rename things.",
+        ],
+        "test": [
+            ("My idea for {product}: a shortcut to mute all alerts.", "my idea for"),
+            ("Have you thought about giving {product} a calendar view?", "have you thought about"),
+            ("{product} really ought to offer a guest mode.", "ought to offer"),
+            ("Any chance of a widget version of {product} in the future?", "widget version"),
+        ],
+    },
+    "hardware_fault": {
+        "train": [
+            "{product} won't turn on at all.",
+            "The power light on {product} just blinks red.",
+            "{product} makes a loud buzzing noise.",
+            "The casing of {product} was cracked out of the box.",
+            "{product} keeps rebooting by itself.",
+            "The button on {product} is stuck.",
+            "{product} has been dead since the power cut.",
+            "The cable port on {product} is loose.",
+            "{product} gets very hot after an hour.",
+            "The mounting bracket of {product} snapped.",
+        ],
+        "test": [
+            ("{product} stays completely dark when I plug it in.", "stays completely dark"),
+            ("There's a rattle inside {product} as if something came loose.", "rattle inside"),
+            ("{product} switches itself off after a few minutes.", "switches itself off"),
+            ("The lights on {product} flicker and then it dies.", "flicker and then it dies"),
+        ],
+    },
+}
+# Urgency is decided by one cue. low: no time pressure; medium: within days, or a workaround;
+# high: today, a deadline, or one person cannot work; critical: everyone, production, customers.
+TICKET_CUES = {
+    "low": {
+        "train": ["No rush on this.", "Whenever you get a chance is fine.", "It's not urgent.",
+                  "Low priority.", "Take your time with this one.", "It can wait until next month.",
+                  "Just a minor thing."],
+        "test": [("There's no hurry at all.", "no hurry"),
+                 ("Feel free to leave this for later.", "leave this for later"),
+                 ("It's hardly a big deal.", "big deal")],
+    },
+    "medium": {
+        "train": ["Could you look at it this week?", "A fix in the next few days would be good.",
+                  "I have a workaround for now.", "It's annoying but I can still use it.",
+                  "Please sort it out within the week.", "Please get back to me in the next few days."],
+        "test": [("Sorting it in the coming days would be fine.", "in the coming days"),
+                 ("I've found a way around it for the moment.", "way around it"),
+                 ("Ideally it gets fixed within a couple of days.", "within a couple of days")],
+    },
+    "high": {
+        "train": ["Please fix this as soon as possible.", "I need this sorted today.",
+                  "We need it before Friday's launch.", "This is stopping me from working.",
+                  "It's urgent.", "I have a deadline tomorrow and need this working.",
+                  "Please treat this as urgent."],
+        "test": [("I need it resolved by end of day.", "by end of day"),
+                 ("We have a client demo tomorrow morning that depends on this.", "client demo"),
+                 ("This is holding up my own work right now.", "holding up my own work")],
+    },
+    "critical": {
+        "train": ["Production is down for everyone.", "Nobody in our office can work.",
+                  "All of our customers are affected.", "This is an emergency, our whole company is offline.",
+                  "Every store we run has stopped.",
+                  "The whole team is down and we are losing money every minute.",
+                  "Our entire site is down."],
+        "test": [("Our entire team is blocked.", "entire team is blocked"),
+                 ("This is a full outage for all of our users.", "full outage"),
+                 ("Every branch we have has ground to a halt.", "ground to a halt")],
+    },
+}
+TICKET_OPENERS = {
+    "train": ["Hi,", "Hello,", "Hey team,", "Good morning,", "Dear support team,", "Hello there,"],
+    "test": [("Greetings,", "greetings"), ("Hiya,", "hiya"), ("Good afternoon,", "good afternoon"),
+             ("To the help desk,", "help desk")],
+}
+TICKET_DETAILS = {
+    "train": ["I've already restarted it twice.", "We're based in {city}.", "This started on {day}.",
+              "I checked the help pages first.", "My customer number is {acct}.",
+              "I've been a customer for {years} years.", "I'm writing on behalf of my dad."],
+    "test": [("It first happened on {day}.", "first happened on"),
+             ("I looked through the FAQ before writing.", "faq"),
+             ("Reference number {acct}, in case you need it.", "reference number"),
+             ("I relocated to {city} recently.", "relocated")],
+}
+TICKET_CLOSERS = {  # after a newline when signed, else after a space
+    "train": ["Thanks, {name}", "Cheers, {name}", "Regards, {name} {surname}", "Thank you.",
+              "Thanks in advance.", "- {name}"],
+    "test": [("Many thanks, {name}", "many thanks"), ("All the best, {name}", "all the best"),
+             ("Much appreciated. {name}", "much appreciated"),
+             ("Warm wishes, {name} {surname}", "warm wishes")],
+}
+# fmt: on
+# Common misspellings, used sparingly (one word in 6% of the messages).
+# fmt: off
+TICKET_TYPOS = {"received": "recieved", "already": "allready", "until": "untill",
+                "since": "sinse", "working": "workign", "please": "plese", "still": "stil",
+                "anymore": "any more", "address": "adress", "whenever": "whenver"}
+# fmt: on
+
+
+def ticket_answer(product: str, category: str, urgency: str) -> str:
+    return json.dumps({"product": product, "category": category, "urgency": urgency})
+
+
+def ticket_triage() -> Task:
+    labels = tuple(
+        ticket_answer(p, c, u)
+        for c in TICKET_CATEGORIES
+        for p in TICKET_COMPATIBLE[c]
+        for u in TICKET_URGENCIES
+    )
+    # The answer set is closed (every valid product x category x urgency): train and test share it.
+    task = Task("ticket_triage", TICKET_SYSTEM, n_train=480, n_test=120, closed_labels=labels)
+
+    def make(rng: Random, s: str, i: int, used: Used):
+        # Balanced: each category on 1/6 of the rows, each urgency on 1/4 of each category's rows,
+        # and the category's products in turn, shifted by the urgency so that every product meets
+        # every urgency even in the 20 test rows of a category.
+        category = TICKET_CATEGORIES[i % len(TICKET_CATEGORIES)]
+        k = i // len(TICKET_CATEGORIES)  # the row's index among its category's rows
+        urgency = TICKET_URGENCIES[k % len(TICKET_URGENCIES)]
+        products = TICKET_COMPATIBLE[category]
+        product = products[(k // len(TICKET_URGENCIES) + k % len(TICKET_URGENCIES)) % len(products)]
+        name, surname = rng.choice(NAMES[s]), rng.choice(SURNAME[s])
+        values = {
+            "product": text_of(used.pick(rng, "product aliases", TICKET_ALIASES[product])),
+            "order": f"#{rng.randint(10000, 99999)}",
+            "day": rng.choice(DAYS),
+            "city": rng.choice(CITY[s]),
+            "acct": f"{rng.randint(10**6, 10**7 - 1)}",
+            "years": rng.randint(2, 12),
+            "name": name,
+            "surname": surname,
+        }
+        core = text_of(used.pick(rng, "templates", TICKET_CORES[category]))
+        cue = text_of(used.pick(rng, "urgency cues", TICKET_CUES[urgency]))
+        sentences = [core]
+        if rng.random() < 0.35:
+            sentences.insert(
+                rng.randint(0, 1), text_of(used.pick(rng, "context sentences", TICKET_DETAILS))
+            )
+        if rng.random() < 0.25:
+            sentences.insert(0, cue)
+        elif rng.random() < 0.25 and sentences[-1].endswith("."):
+            # One sentence fewer: "... hasn't arrived yet - no rush on this."
+            clause = cue if cue.startswith("I ") else cue[0].lower() + cue[1:]
+            sentences[-1] = sentences[-1][:-1] + " - " + clause
+        else:
+            sentences.append(cue)
+        text = " ".join(sentences)
+        if rng.random() < 0.4:
+            opener = text_of(used.pick(rng, "openers", TICKET_OPENERS))
+            if not re.match(r"I\b", text):  # "Hi, the app ..." but "Hi, I ..."
+                text = text[0].lower() + text[1:]
+            text = opener + " " + text
+        if rng.random() < 0.45:
+            closer = text_of(used.pick(rng, "closers", TICKET_CLOSERS))
+            text += ("\n" if "{name}" in closer and rng.random() < 0.5 else " ") + closer
+        for slot, category_name in (("name", "names"), ("surname", "surnames"), ("city", "cities")):
+            if "{" + slot + "}" in text:
+                used.note(category_name, values[slot])
+        text = fill(text, values)
+        # Capitalise each sentence's first letter ("{product} crashes" -> "The app crashes").
+        text = re.sub(r"(^|[.?!]\s+|\n)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+        if rng.random() < 0.06:
+            words = [w for w in TICKET_TYPOS if re.search(rf"\b{w}\b", text, re.IGNORECASE)]
+            if words:
+                word = rng.choice(words)
+                typo = TICKET_TYPOS[word]
+                text = re.sub(
+                    rf"\b{word}\b",
+                    lambda m: typo.capitalize() if m.group(0)[0].isupper() else typo,
+                    text,
+                    count=1,
+                    flags=re.IGNORECASE,
+                )
+        if rng.random() < 0.12:
+            text = text.lower()
+        return text, ticket_answer(product, category, urgency)
+
+    return generate(task, make)
+
+
+# =============================================================================================
 # Checks, writing, CLI
 # =============================================================================================
 
@@ -1119,6 +1457,7 @@ TASKS = (
     formal_rewrite,
     order_total,
     delivery_reply,
+    ticket_triage,
 )
 
 

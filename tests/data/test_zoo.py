@@ -29,8 +29,10 @@ ANSWER_SHAPES = {
     "formal_rewrite": r"Dear [A-Z][a-z]+, [^\n]+[.?]",
     "order_total": r"\d x \d+\.00 = \d+\.00(; \d+\.00 [+-] \d\.00 = \d+\.00)?",
     "delivery_reply": r"Dear [A-Z][a-z]+, [^\n]+\.",
+    "ticket_triage": None,  # JSON from the closed product x category x urgency set (below)
 }
 CONTACT_KEYS = ["name", "company", "city", "email", "phone"]
+TICKET_KEYS = ["product", "category", "urgency"]
 
 
 def _generator():
@@ -81,7 +83,7 @@ def _word(marker: str) -> re.Pattern:
     return re.compile(r"(?<![0-9a-z])" + re.escape(marker.lower()) + r"(?![0-9a-z])")
 
 
-def test_the_zoo_has_the_seven_task_shapes():
+def test_the_zoo_has_the_eight_task_shapes():
     assert TASKS == sorted(ANSWER_SHAPES)
 
 
@@ -130,6 +132,13 @@ def test_answers_are_canonical(task):
             assert answer == json.dumps(card, ensure_ascii=False)
             for value in card.values():
                 assert value is None or value in _user(row), (value, _user(row))
+        elif task == "ticket_triage":
+            assert answer in labels
+            ticket = json.loads(answer)
+            assert list(ticket) == TICKET_KEYS
+            assert answer == json.dumps(ticket)
+            system = row["messages"][0]["content"]
+            assert all(_word(value).search(system) for value in ticket.values()), answer
         else:
             assert re.fullmatch(ANSWER_SHAPES[task], answer), answer
     if task == "delivery_reply":
@@ -200,3 +209,15 @@ def test_test_names_and_cities_occur_in_no_task_training():
     assert len(markers) >= 20
     train = "\n".join(_text(r) for t in TASKS for r in _rows(t, "train"))
     assert not [m for m in sorted(markers) if _word(m).search(train)]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_ticket_triage_classes_are_balanced(split):
+    """Each category on 1/6 of the rows and each urgency on 1/4, in both splits."""
+    tickets = [json.loads(_answer(r)) for r in _rows("ticket_triage", split)]
+    for key, n_values in (("category", 6), ("urgency", 4)):
+        values = {t[key] for t in tickets}
+        assert len(values) == n_values
+        assert all(
+            sum(t[key] == value for t in tickets) == len(tickets) // n_values for value in values
+        )
