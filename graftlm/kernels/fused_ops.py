@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from graftlm.kernels import causal_attention, fused_cpu
+from graftlm.kernels import causal_attention, fused_cpu, lora_update
 
 # classes whose forward is exactly transformers' Llama formula (checked by name: transformers
 # generates these classes from Llama's code, so they are copies, not subclasses)
@@ -183,7 +183,8 @@ def fused_forwards(model: nn.Module) -> Iterator[int]:
     if switched:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = causal_attention.attention_forward
     try:
-        yield len(switched)
+        with lora_update.enabled():  # LoRA layers: the update inside the base's product
+            yield len(switched)
     finally:
         if switched:
             del ALL_ATTENTION_FUNCTIONS["sdpa"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from graftlm.adapters.modules import is_conv1d
 from graftlm.errors import GraftError
-from graftlm.kernels import small_batch_linear
+from graftlm.kernels import lora_update, small_batch_linear
 from graftlm.methods.lora.dora_layer import DoraMagnitudes
 from graftlm.methods.lora.rows import RowGroups, gathered_rows_forward
 
@@ -293,6 +293,12 @@ class LoraLinear(LoraLayerBase):
             step = self._one_adapter_decode_step(x, active[0])
             if step is not None:
                 return step
+            if self._fused_training_update(x, active[0]):
+                name = active[0]
+                return lora_update.LoraUpdateFunction.apply(
+                    x, self.weight, self.bias, self.lora_A[name].weight,
+                    self.lora_B[name].weight, self.scaling[name],
+                )  # fmt: skip
         result = self.base_forward(x)
         if (
             not torch.is_grad_enabled()
@@ -345,6 +351,17 @@ class LoraLinear(LoraLayerBase):
             self.lora_A[name].weight,
             self.transposed_b(name),
             self.scaling[name],
+        )
+
+    def _fused_training_update(self, x: torch.Tensor, name: str) -> bool:
+        """Whether a bf16 CPU training step runs this layer as one autograd function that adds
+        the update inside the base's matrix product (kernels/lora_update.py)."""
+        return (
+            self.DENSE_BASE
+            and not self.fan_in_fan_out
+            and self._plain_lora_without_dropout([name])
+            and isinstance(self.lora_dropout[name], nn.Identity)
+            and lora_update.applies(x, self.weight, self.bias)
         )
 
     def _plain_lora_without_dropout(self, names: list[str]) -> bool:

@@ -1,0 +1,122 @@
+"""The fused LoRA update of a bf16 training step (kernels/lora_update.py) against the plain
+form: same forward and gradients up to bf16 rounding, taken only where it applies."""
+
+from __future__ import annotations
+
+import contextlib
+
+import helpers
+import pytest
+import torch
+
+from graftlm.kernels import lora_update
+from graftlm.kernels.lora_update import LoraUpdateFunction
+from graftlm.methods.lora.config import LoraConfig
+from graftlm.methods.lora.inject import inject
+
+BF16 = torch.bfloat16
+
+
+def _model(dropout: float = 0.0):
+    model = helpers.tiny_llama().to(BF16)  # the base in bf16, as graftlm trains it
+    inject(model, LoraConfig(rank=4, alpha=8, targets="q_proj,v_proj", dropout=dropout))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()  # fp32 adapter, as graftlm trains it
+            if "lora_B" in name:  # B = 0 at init would hide A's gradients
+                torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(1))
+    return model.train()
+
+
+def _forward_backward(model, ids, fused: bool):
+    model.zero_grad(set_to_none=True)
+    scope = lora_update.enabled() if fused else contextlib.nullcontext()
+    with scope, torch.autocast("cpu", dtype=BF16):
+        logits = model(input_ids=ids).logits
+        kinds = {
+            type(node).__name__
+            for node in _graph_nodes(logits.grad_fn)
+            if "LoraUpdateFunction" in type(node).__name__
+        }
+    logits.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach().float(), grads, bool(kinds)
+
+
+def _graph_nodes(node, seen=None):
+    seen = set() if seen is None else seen
+    if node is None or node in seen:
+        return seen
+    seen.add(node)
+    for parent, _ in node.next_functions:
+        _graph_nodes(parent, seen)
+    return seen
+
+
+def test_fused_model_matches_the_plain_form_forward_and_backward():
+    model = _model()
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0)
+    )
+    logits, grads, used = _forward_backward(model, ids, fused=True)
+    expected_logits, expected, plain_used = _forward_backward(model, ids, fused=False)
+    assert used and not plain_used
+    torch.testing.assert_close(logits, expected_logits, rtol=2e-2, atol=2e-2)
+    assert grads.keys() == expected.keys() and sum("lora_A" in n for n in grads) == 4
+    for name in grads:
+        assert grads[name].dtype is torch.float32
+        # gradients summed over tokens: compare against the gradient's own size
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=3e-2 * scale)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_function_matches_float64(bias):
+    generator = torch.Generator().manual_seed(0)
+    tokens, d_in, d_out, rank, scale = 13, 24, 20, 4, 2.0
+    x = torch.randn(1, tokens, d_in, generator=generator).to(BF16).requires_grad_()
+    weight = torch.randn(d_out, d_in, generator=generator).to(BF16)
+    b = torch.randn(d_out, generator=generator).to(BF16) if bias else None
+    a = torch.randn(rank, d_in, generator=generator).requires_grad_()
+    lb = torch.randn(d_out, rank, generator=generator).requires_grad_()
+    grad = torch.randn(1, tokens, d_out, generator=generator).to(BF16)
+    out = LoraUpdateFunction.apply(x, weight, b, a, lb, scale)
+    out.backward(grad)
+    # A and B as the products see them: rounded to bf16, as autocast rounds them
+    wide = [t.detach().to(BF16).double().requires_grad_() for t in (x, a, lb)]
+    reference = wide[0] @ weight.double().t() + scale * (wide[0] @ wide[1].t()) @ wide[2].t()
+    if bias:
+        reference = reference + b.double()
+    reference.backward(grad.double())
+    # each product's output is rounded to bf16 once (2^-9 relative), the sum of two twice
+    size = reference.abs().max().item()
+    torch.testing.assert_close(out.double(), reference.detach(), rtol=1e-2, atol=1e-2 * size)
+    for got, want in zip((x.grad, a.grad, lb.grad), (w.grad for w in wide)):
+        assert got.dtype is (BF16 if got is x.grad else torch.float32)
+        torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max())
+
+
+def test_applies_only_to_a_bf16_cpu_training_step_inside_the_scope():
+    x = torch.randn(2, 3, 8).to(BF16)
+    weight = torch.randn(4, 8).to(BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        assert not lora_update.applies(x, weight, None)  # outside enabled()
+    with lora_update.enabled():
+        assert not lora_update.applies(x, weight, None)  # no autocast
+        with torch.autocast("cpu", dtype=BF16):
+            assert lora_update.applies(x, weight, None)
+            assert not lora_update.applies(x.float(), weight, None)  # float32 input
+            assert not lora_update.applies(x, weight.float(), None)
+            assert not lora_update.applies(x, weight.clone().requires_grad_(), None)
+            with torch.no_grad():
+                assert not lora_update.applies(x, weight, None)  # inference
+    assert not lora_update.applies(x, weight, None)  # the scope is closed again
+
+
+def test_dropout_keeps_the_plain_form():
+    model = _model(dropout=0.1)
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0)
+    )
+    _, _, used = _forward_backward(model, ids, fused=True)
+    assert not used
