@@ -4,9 +4,9 @@
 
 Each `--set` is one run (settings on top of TrainConfig's defaults). For every run it prints and
 appends to `bench/results/recipe.jsonl`: the settings, optimizer steps, training seconds (from
-metrics.jsonl), tokens/s, final eval loss, and greedy exact match on the task's held-out test
-file (unseen phrasings). Accuracy does not depend on machine load; seconds do, so compare
-seconds only between runs made on a quiet machine.
+metrics.jsonl), tokens/s, final eval loss, and greedy exact match and field accuracy on the
+task's held-out test file (unseen phrasings). Accuracy does not depend on machine load; seconds
+do, so compare seconds only between runs made on a quiet machine.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ def parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, int, float]:
-    """Greedy exact match on `test` with the adapter in `adapter` (None: the base model alone),
-    the rows scored, and the seconds generation took."""
+def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, float, int, float]:
+    """Greedy exact match and field accuracy (`graftlm.infer.answer_fields`: per key of a JSON
+    answer, equal to exact match for a single label) on `test` with the adapter in `adapter`
+    (None: the base model alone), the rows scored, and the seconds generation took."""
     from graftlm.data.dataset import prompt_for_generation, read_rows, reference_answer
+    from graftlm.infer.answer_fields import field_accuracy
     from graftlm.infer.generate import SamplingConfig, generate, load_for_inference
 
     data, _ = read_rows(test)
@@ -55,7 +57,8 @@ def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, in
         batch_size=16,
     )
     correct = sum(o.strip() == r for o, r in zip(outputs, refs))
-    return correct / len(data), len(data), time.perf_counter() - t
+    fields = sum(field_accuracy(o, r) for o, r in zip(outputs, refs))
+    return correct / len(data), fields / len(data), len(data), time.perf_counter() - t
 
 
 def main() -> None:
@@ -78,9 +81,10 @@ def main() -> None:
     from graftlm.train.loop import train
 
     if args.base:
-        accuracy, n, gen_s = score(None, DATA / args.task / "test.jsonl", args.rows)
+        accuracy, fields, n, gen_s = score(None, DATA / args.task / "test.jsonl", args.rows)
         record = {"task": args.task, "settings": "base model", "exact_match": round(accuracy, 3),
-                  "test_rows": n, "generate_s": round(gen_s, 1)}  # fmt: skip
+                  "field_accuracy": round(fields, 3), "test_rows": n,
+                  "generate_s": round(gen_s, 1)}  # fmt: skip
         print(json.dumps(record), flush=True)
         with open(args.results, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -98,7 +102,7 @@ def main() -> None:
         graft = json.loads((out / "graftlm.json").read_text())
         steps = [r for r in rows if "loss" in r]
         tokens = sum(r["tokens"] for r in steps)
-        accuracy, n, gen_s = score(out, DATA / args.task / "test.jsonl", args.rows)
+        accuracy, fields, n, gen_s = score(out, DATA / args.task / "test.jsonl", args.rows)
         record = {
             "task": args.task,
             "settings": overrides,
@@ -109,6 +113,7 @@ def main() -> None:
             "final_loss": result.final_loss,
             "eval_loss": result.eval_loss,
             "exact_match": round(accuracy, 3),
+            "field_accuracy": round(fields, 3),
             "test_rows": n,
             "generate_s": round(gen_s, 1),
             "validation": graft["training"].get("validation"),  # adaptive runs: why it stopped

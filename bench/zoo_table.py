@@ -4,8 +4,9 @@
 
 Reads `bench/results/zoo-{base,old-defaults,new-defaults,qlora,sweep}.jsonl`; for each task and
 column it takes the newest row (a task's rows after a change of its data replace the older ones).
-Cells hold greedy exact match on the task's held-out test file, then the optimizer steps and the
-training seconds as measured (under load: compare accuracies, not seconds).
+Cells hold greedy exact match on the task's held-out test file (for JSON answers also field
+accuracy, where the row has it), then the optimizer steps and the training seconds as measured
+(under load: compare accuracies, not seconds).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = [
     "bank_intent", "contact_card", "date_time", "quantities", "formal_rewrite", "order_total",
-    "delivery_reply",
+    "delivery_reply", "ticket_triage",
 ]  # fmt: skip
+FIELD_TASKS = {"contact_card", "ticket_triage"}  # JSON answers: field accuracy shown too
 COLUMNS = {
     "base": "base model",
     "old-defaults": "old defaults (1 epoch, cosine)",
@@ -42,6 +44,8 @@ def cell(row: dict | None) -> str:
     if row is None:
         return "–"
     text = f"**{row['exact_match']:.3f}**"
+    if row.get("field_accuracy") is not None and row["task"].removeprefix("zoo/") in FIELD_TASKS:
+        text += f" fields {row['field_accuracy']:.2f}"
     if "steps" in row:
         text += f" ({row['steps']} steps, {row['train_s']:.0f} s)"
     if isinstance(row.get("settings"), dict):

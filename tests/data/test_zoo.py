@@ -14,6 +14,7 @@ import pytest
 # graftlm.data.dataset re-exports the reader (graftlm.data.formats is being split); this is the
 # name the CLI, the demo and the benches import it by.
 from graftlm.data.dataset import read_rows
+from graftlm.infer.answer_fields import field_accuracy
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "examples" / "data" / "zoo"
@@ -221,3 +222,15 @@ def test_ticket_triage_classes_are_balanced(split):
         assert all(
             sum(t[key] == value for t in tickets) == len(tickets) // n_values for value in values
         )
+
+
+def test_ticket_triage_is_scored_field_by_field():
+    """Field accuracy (`graftlm eval --generate`, bench/recipe.py) compares the three values."""
+    reference = _answer(_rows("ticket_triage", "test")[0])
+    ticket = json.loads(reference)
+    assert field_accuracy(reference, reference) == 1.0
+    other = "account" if ticket["category"] != "account" else "shipping"
+    assert field_accuracy(json.dumps({**ticket, "category": other}), reference) == pytest.approx(
+        2 / 3
+    )
+    assert field_accuracy(json.dumps(ticket)[:-1], reference) == 0.0  # unparsable
