@@ -202,6 +202,8 @@ def library() -> ctypes.CDLL | None:
     lib = None
     if not reason:
         flags = (*(AVX512_FLAGS if avx512 else build.AVX2_FLAGS[:-2]), *COMMON_FLAGS)
+        if avx512 and build.missing_requirement({"avx512_bf16"}) is None:
+            flags = (*flags, "-mavx512bf16")  # the intrinsic kernels (fused_cpu.c says why)
         if not avx512:
             flags = tuple(f for f in flags if f != "-mprefer-vector-width=512")
         # -fopenmp only where the library would share torch's libgomp (nf4_dequant.py says why)
