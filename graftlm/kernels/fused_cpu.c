@@ -14,6 +14,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -361,6 +362,44 @@ void graftlm_row_dot(const bf16 *a, const bf16 *b, float *out, long rows, long n
  * (vocab x 2 bytes) stays in the cache across the three passes, so memory sees one. */
 void graftlm_cross_entropy(bf16 *logits, const int64_t *targets, float *loss, long rows,
                            long vocab, int threads) {
+#ifdef VECTOR_KERNELS
+    /* the row's exponentials are kept in fp32 between the sum and the write (one exp a value,
+     * not two); a row of them (vocab x 4 bytes) stays in the cache */
+#pragma omp parallel num_threads(threads)
+    {
+        float *kept = malloc((size_t)vocab * sizeof(float)); /* NULL: computed twice instead */
+#pragma omp for schedule(static)
+        for (long row = 0; row < rows; row++) {
+            bf16 *z = logits + row * vocab;
+            __m512 vtop = _mm512_set1_ps(-INFINITY);
+            for (long j = 0; j < vocab; j += 16) {
+                __mmask16 m = lanes(vocab - j);
+                vtop = _mm512_mask_max_ps(vtop, m, vtop, v_load_bf16(m, z + j));
+            }
+            float top = _mm512_reduce_max_ps(vtop);
+            __m512 shift = _mm512_set1_ps(top), vsum = _mm512_setzero_ps();
+            for (long j = 0; j < vocab; j += 16) {
+                __mmask16 m = lanes(vocab - j);
+                __m512 e = _mm512_maskz_mov_ps(m, v_exp(_mm512_sub_ps(v_load_bf16(m, z + j), shift)));
+                if (kept) _mm512_mask_storeu_ps(kept + j, m, e);
+                vsum = _mm512_add_ps(vsum, e);
+            }
+            float total = _mm512_reduce_add_ps(vsum);
+            long target = (long)targets[row];
+            loss[row] = top + logf(total) - widen(z[target]);
+            __m512 inverse = _mm512_set1_ps(1.0f / total);
+            for (long j = 0; j < vocab; j += 16) {
+                __mmask16 m = lanes(vocab - j);
+                __m512 e = kept ? _mm512_maskz_loadu_ps(m, kept + j)
+                                : v_exp(_mm512_sub_ps(v_load_bf16(m, z + j), shift));
+                v_store_bf16(z + j, m, _mm512_mul_ps(e, inverse));
+            }
+            z[target] = narrow(widen(z[target]) - 1.0f);
+        }
+        free(kept);
+    }
+    return;
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long row = 0; row < rows; row++) {
         bf16 *z = logits + row * vocab;
