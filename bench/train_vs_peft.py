@@ -30,7 +30,7 @@ process) against matrix-product peaks measured here in fp32 and bf16.
 `--profile N`: each side also runs torch's profiler over N steps after two untimed ones (the
 first loads, the second warms up) and prints its top operators by share of the step's own CPU
 time (self time; with `--threads 1` that is the wall time), with the casts
-(`aten::copy_` + `aten::_to_copy`) and the matrix products (`aten::mm`/`addmm`/`bmm`) summed, so
+(`aten::copy_` + `aten::_to_copy`) and the matrix products (`aten::mm`/`addmm`/`addmm_`/`bmm`) summed, so
 every change to the step is measured before and after. Profiled steps run slower than plain ones:
 read the shares, and the tokens/s of a run without `--profile`.
 `--threads N`: torch threads in each worker (default: torch's own choice).
@@ -66,7 +66,15 @@ def make_text_rows(path: Path, tokenizer, seq_len: int, rows: int) -> None:
 
 # operators summed into one line of the profile's summary
 CAST_OPS = ("aten::copy_", "aten::_to_copy")
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+# (addmm_: graftlm's LoRA update, `out += scale * t @ B^T`, summed inside the product)
+MATMUL_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::addmm_",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::linear",
+)
 
 
 def step_profiler(steps: int):
@@ -83,7 +91,7 @@ def step_profiler(steps: int):
     )
 
 
-def profile_table(prof, top: int = 12) -> dict:
+def profile_table(prof, top: int = 16) -> dict:
     """The profile as shares of the recorded self CPU time: the `top` operators, and the casts
     and the matrix products summed."""
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
