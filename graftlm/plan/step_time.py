@@ -54,8 +54,11 @@ SMALL_VOCAB = 256
 # the largest decoder layer timed (parameters; an 8B model's are ~220M): a 70B layer in the fp32
 # of full fine-tuning would take GBs to time, and such a plan keeps the FLOP model
 MEASURE_LAYER_PARAMS = 300_000_000
-# AdamW is timed on at most this many values and scaled (it moves bytes: linear in the count)
-MEASURE_OPTIMIZER_PARAMS = 32_000_000
+# AdamW is timed on at most this many values and scaled (it moves bytes: linear in the count).
+# Not fewer: its cost per value still grows past the last-level cache (one thread of the
+# 2-core Xeon: 4.6 ns at 32M values, 5.3 at 96M, 6.0 at 256M; page and TLB misses), and a 32M
+# cap made the 0.5B full fine-tune's step 30% too short. 128M values take ~2 GB while timed.
+MEASURE_OPTIMIZER_PARAMS = 128_000_000
 
 
 @dataclass(frozen=True)
@@ -238,9 +241,12 @@ def _optimizer_seconds(model, cfg: TrainConfig, trainable_params: int) -> float:
     optimizer, _ = make_optimizer(params, cfg, total_steps=10)
 
     def run() -> float:
+        start = time.perf_counter()
+        # timed too: a run's zero_grad(set_to_none) frees the gradients, so each backward writes
+        # them to fresh pages (big blocks are mmapped), whose page faults the layer timings of a
+        # 2-layer model, with its few small, reused gradient blocks, do not see
         for p in params:
             p.grad = torch.full_like(p, 1e-3)
-        start = time.perf_counter()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
