@@ -16,6 +16,7 @@ import json
 import logging
 import platform
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +60,27 @@ def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, fl
     correct = sum(o.strip() == r for o, r in zip(outputs, refs))
     fields = sum(field_accuracy(o, r) for o, r in zip(outputs, refs))
     return correct / len(data), fields / len(data), len(data), time.perf_counter() - t
+
+
+def code_version() -> str | None:
+    """The commit the run's code came from (+ "-dirty" with uncommitted changes), or None."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")  # fmt: skip
 
 
 def main() -> None:
@@ -119,6 +141,7 @@ def main() -> None:
             "validation": graft["training"].get("validation"),  # adaptive runs: why it stopped
             "cpu_bf16": bf16_supported(),
             "machine": platform.processor() or platform.machine(),
+            "commit": code_version(),
         }
         print(json.dumps(record), flush=True)
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
