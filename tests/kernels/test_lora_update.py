@@ -106,6 +106,8 @@ def test_applies_only_to_a_bf16_cpu_training_step_inside_the_scope():
         with torch.autocast("cpu", dtype=BF16):
             assert lora_update.applies(x, weight, None)
             assert not lora_update.applies(x.float(), weight, None)  # float32 input
+            # only CPU tensors: other devices (CUDA) keep the plain form
+            assert not lora_update.applies(x.to("meta"), weight.to("meta"), None)
             assert not lora_update.applies(x, weight.float(), None)
             assert not lora_update.applies(x, weight.clone().requires_grad_(), None)
             with torch.no_grad():
