@@ -24,30 +24,32 @@ everything else keep the plain form.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-_ENABLED = contextvars.ContextVar("graftlm_fused_lora_update", default=False)
+# a plain module global, not a ContextVar: torch.compile traces reads of globals (it guards on
+# their values) but breaks its graph at every `ContextVar.get`, twice per LoRA layer
+_enabled = False
 
 
 @contextlib.contextmanager
 def enabled() -> Iterator[None]:
     """Let LoRA layers inside this block take `LoraUpdateFunction` where `applies`."""
-    token = _ENABLED.set(True)
+    global _enabled
+    before, _enabled = _enabled, True
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _enabled = before
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `LoraUpdateFunction` computes this layer's training forward: inside `enabled()`,
     gradients on, bf16 autocast on the CPU, `x` and a frozen `weight` (and `bias`) bf16 CPU
     tensors."""
-    if not _ENABLED.get() or not torch.is_grad_enabled():
+    if not _enabled or not torch.is_grad_enabled():
         return False
     if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
