@@ -29,9 +29,11 @@ process) against matrix-product peaks measured here in fp32 and bf16.
 
 `--profile N`: each side also runs torch's profiler over N steps after two untimed ones (the
 first loads, the second warms up) and prints its top operators by share of the step's own CPU
-time (self time; with `--threads 1` that is the wall time), with the casts
-(`aten::copy_` + `aten::_to_copy`) and the matrix products (`aten::mm`/`addmm`/`addmm_`/`bmm`) summed, so
-every change to the step is measured before and after. Profiled steps run slower than plain ones:
+time (self time; with `--threads 1` that is the wall time), with the copies
+(`aten::copy_` + `aten::_to_copy`) and the matrix products (`aten::mm`/`addmm`/`addmm_`/`bmm`)
+summed, and the copies split by the dtypes the profiler records for each `copy_`: dtype casts
+(`copy_` between two dtypes, and `_to_copy`) and layout copies (`copy_` within one dtype:
+`.contiguous()` of a transposed view), so every change to the step is measured before and after. Profiled steps run slower than plain ones:
 read the shares, and the tokens/s of a run without `--profile`.
 `--threads N`: torch threads in each worker (default: torch's own choice).
 """
@@ -65,7 +67,7 @@ def make_text_rows(path: Path, tokenizer, seq_len: int, rows: int) -> None:
 
 
 # operators summed into one line of the profile's summary
-CAST_OPS = ("aten::copy_", "aten::_to_copy")
+COPY_OPS = ("aten::copy_", "aten::_to_copy")
 # (addmm_: graftlm's LoRA update, `out += scale * t @ B^T`, summed inside the product)
 MATMUL_OPS = (
     "aten::mm",
@@ -88,20 +90,29 @@ def step_profiler(steps: int):
     return torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU],
         schedule=torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1),
+        record_shapes=True,  # with the input dtypes that tell a cast from a layout copy
     )
 
 
 def profile_table(prof, top: int = 16) -> dict:
-    """The profile as shares of the recorded self CPU time: the `top` operators, and the casts
-    and the matrix products summed."""
+    """The profile as shares of the recorded self CPU time: the `top` operators, the copies
+    (dtype casts and layout copies apart) and the matrix products summed."""
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     share = {e.key: e.self_cpu_time_total / total for e in events}
     ranked = sorted(share.items(), key=lambda kv: -kv[1])
+    # a copy_ whose destination and source dtypes differ is a cast (input_dtypes: dst, src)
+    layout = sum(
+        e.self_cpu_time_total
+        for e in prof.events()
+        if e.name == "aten::copy_" and len(set(e.input_dtypes[:2])) == 1
+    )
+    copies = sum(share.get(op, 0.0) for op in COPY_OPS)
     return {
         "total_s": total / 1e6,
         "top": [[name, round(value, 4)] for name, value in ranked[:top]],
-        "casts": round(sum(share.get(op, 0.0) for op in CAST_OPS), 4),
+        "copies": round(copies, 4),
+        "casts": round(copies - layout / total, 4),
         "matmul": round(sum(share.get(op, 0.0) for op in MATMUL_OPS), 4),
     }
 
@@ -488,7 +499,8 @@ def main() -> None:
 def print_profile(kind: str, profile: dict) -> None:
     print(
         f"  {kind} profile: {profile['total_s']:.1f} s of self CPU time recorded; matrix products "
-        f"{profile['matmul']:.1%}, casts (copy_ + _to_copy) {profile['casts']:.1%}"
+        f"{profile['matmul']:.1%}, copies (copy_ + _to_copy) {profile['copies']:.1%}: dtype "
+        f"casts {profile['casts']:.1%}, layout copies {profile['copies'] - profile['casts']:.1%}"
     )
     for name, share in profile["top"]:
         print(f"    {share:6.1%}  {name}")
