@@ -15,8 +15,8 @@ fused loss, AdamW). Each side runs in its own process:
   fuses what the kernels leave: residual adds, casts);
 - `plain`: transformers' code, neither.
 
-Prints, per side: the first step's seconds (compilation included), the mean of the steady
-steps (from the third on), tokens/s over those, and the losses.
+Prints, per side: the first step's seconds (compilation included, from an empty Inductor
+cache), the mean of the steady steps (from the third on), tokens/s over those, and the losses.
 """
 
 from __future__ import annotations
@@ -104,10 +104,14 @@ def main() -> None:
     print(f"bf16 step, LoRA r=8 q_proj,v_proj, 8 x 256, {args.threads} thread(s)")
     for side in args.sides.split(","):
         argv = ["--worker", side, "--data", str(data), "--steps", str(args.steps)]
+        # a fresh Inductor cache per side: the first step pays the whole compilation, as the
+        # first run on a machine does (later runs find the cache in the temp directory)
+        cache = tempfile.mkdtemp(prefix="bench-inductor-")
         proc = subprocess.run(
             [sys.executable, __file__, *argv, "--threads", str(args.threads)],
             capture_output=True,
             text=True,
+            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache},
         )
         if proc.returncode != 0:
             print(f"  {side:16s} failed: {proc.stderr.strip().splitlines()[-1][:300]}")
