@@ -34,6 +34,10 @@ def parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+# where score() appends each answer (--outputs) and the run it belongs to; set by main()
+OUTPUTS: dict = {"path": None, "run": None}
+
+
 def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, float, int, float]:
     """Greedy exact match and field accuracy (`graftlm.infer.answer_fields`: per key of a JSON
     answer, equal to exact match for a single label) on `test` with the adapter in `adapter`
@@ -59,6 +63,13 @@ def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, fl
     )
     correct = sum(o.strip() == r for o, r in zip(outputs, refs))
     fields = sum(field_accuracy(o, r) for o, r in zip(outputs, refs))
+    if OUTPUTS["path"]:  # every answer beside its reference, for reading the misses
+        with open(OUTPUTS["path"], "a", encoding="utf-8") as handle:
+            for prompt_row, output, ref in zip(data, outputs, refs):
+                user = prompt_row["messages"][-2]["content"] if "messages" in prompt_row else ""
+                line = {"task": test.parent.name, "run": OUTPUTS["run"], "user": user,
+                        "output": output.strip(), "reference": ref}  # fmt: skip
+                handle.write(json.dumps(line) + "\n")
     return correct / len(data), fields / len(data), len(data), time.perf_counter() - t
 
 
@@ -92,7 +103,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="score only the first N test rows")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "recipe.jsonl"))
     parser.add_argument("--base", action="store_true", help="score the untrained base model only")
+    parser.add_argument("--outputs", help="append every test answer and its reference here")
     args = parser.parse_args()
+    OUTPUTS["path"] = args.outputs
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
 
@@ -124,6 +137,7 @@ def main() -> None:
         graft = json.loads((out / "graftlm.json").read_text())
         steps = [r for r in rows if "loss" in r]
         tokens = sum(r["tokens"] for r in steps)
+        OUTPUTS["run"] = overrides
         accuracy, fields, n, gen_s = score(out, DATA / args.task / "test.jsonl", args.rows)
         record = {
             "task": args.task,
