@@ -4,6 +4,7 @@ form: same forward and gradients up to bf16 rounding, taken only where it applie
 from __future__ import annotations
 
 import contextlib
+import json
 
 import helpers
 import pytest
@@ -13,6 +14,7 @@ from graftlm.kernels import lora_update
 from graftlm.kernels.lora_update import LoraUpdateFunction
 from graftlm.methods.lora.config import LoraConfig
 from graftlm.methods.lora.inject import inject
+from graftlm.train.loop import train
 
 BF16 = torch.bfloat16
 
@@ -122,3 +124,38 @@ def test_dropout_keeps_the_plain_form():
     )
     _, _, used = _forward_backward(model, ids, fused=True)
     assert not used
+
+
+def _losses(tmp_path, model_dir, name, **overrides):
+    (tmp_path / name).mkdir()
+    cfg = helpers.base_cfg(
+        tmp_path / name, model_dir, dtype="bfloat16", steps=3, save_every=100, lr=5e-3,
+        targets="q_proj,v_proj", **overrides,
+    )  # fmt: skip
+    train(cfg, progress=False)
+    rows = [
+        json.loads(r) for r in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()
+    ]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_bf16_training_with_the_fused_update_matches_without_and_under_checkpointing(
+    tmp_path, monkeypatch
+):
+    model_dir = helpers.save_tiny_model_dir(tmp_path / "model")
+    calls = []
+    forward = LoraUpdateFunction.forward
+
+    def counted(*args):
+        calls.append(1)
+        return forward(*args)
+
+    monkeypatch.setattr(LoraUpdateFunction, "forward", staticmethod(counted))
+    fused = _losses(tmp_path, model_dir, "fused")
+    assert calls  # graftlm's training loop takes the fused update
+    plain = _losses(tmp_path, model_dir, "plain", fused_kernels=False)
+    # checkpointed layers recompute the forward in the backward: the same function again
+    recomputed = _losses(tmp_path, model_dir, "recomputed", activation_checkpointing=True)
+    assert len(fused) == 3
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-2, atol=0)
+    torch.testing.assert_close(torch.tensor(recomputed), torch.tensor(fused), rtol=1e-3, atol=0)
