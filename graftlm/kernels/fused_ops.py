@@ -158,7 +158,8 @@ def _is_silu_mlp(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def fused_forwards(model: nn.Module) -> Iterator[int]:
-    """Run the model's RMSNorms, SiLU MLPs and rotary embeddings on the fused kernels.
+    """Run the model's RMSNorms, SiLU MLPs and rotary embeddings on the fused kernels (and,
+    in a bf16 CPU training step, its LoRA layers as one function each: `lora_update.py`).
 
     Yields how many modules were switched (0: nothing recognised, the model runs unchanged).
     On exit every module and the transformers modeling module are as they were.
