@@ -118,7 +118,8 @@ class TrainConfig:
     fused_kernels: bool = setting(
         True,
         "run RMSNorm, rotary embedding, SwiGLU and (bf16 on a CPU) causal attention of "
-        "Llama-family models on graftlm's fused kernels (float32: same results; bf16: the same "
+        "Llama-family models and the LoRA update on graftlm's fused kernels (float32: same "
+        "results; bf16: the same "
         "up to rounding; faster, less memory); --no-fused-kernels: transformers' code",
     )
     fsdp: bool = setting(
