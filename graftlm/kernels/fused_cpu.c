@@ -63,12 +63,13 @@ static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 /* Where the CPU converts to bf16 itself (AVX-512 BF16, built with -mavx512bf16), the kernels
- * with an exponential (SwiGLU, the causal softmax) are written with intrinsics: one
- * instruction rounds 16 values to bf16 (to nearest even, as narrow() does), and masked loads
- * and stores do a row's tail, where the compiler's loops fall back to scalar code (the causal
- * rows have every length from 1 to seq). Same formulas, same polynomial as the loops above;
- * one difference: the instruction flushes results below bf16's smallest normal (1.2e-38) to
- * zero, where narrow() keeps the subnormal. */
+ * that round to bf16 in their inner loops (RMSNorm, SwiGLU, the causal softmax, the
+ * cross-entropy) are written with intrinsics: one instruction rounds 16 values to bf16 (to
+ * nearest even, as narrow() does; the loops spend ~8 integer operations a value on it), and
+ * masked loads and stores do a row's tail, where the compiler's loops fall back to scalar code
+ * (the causal rows have every length from 1 to seq). Same formulas, same polynomial as the
+ * loops above; one difference: the instruction flushes results below bf16's smallest normal
+ * (1.2e-38) to zero, where narrow() keeps the subnormal. */
 #include <immintrin.h>
 #define VECTOR_KERNELS 1
 
@@ -127,6 +128,22 @@ void graftlm_rms_norm_forward(const bf16 *x, const bf16 *w, bf16 *out, float *rs
     for (long row = 0; row < rows; row++) {
         const bf16 *xr = x + row * n;
         bf16 *outr = out + row * n;
+#ifdef VECTOR_KERNELS
+        __m512 sum = _mm512_setzero_ps();
+        for (long j = 0; j < n; j += 16) {
+            __m512 v = v_load_bf16(lanes(n - j), xr + j);
+            sum = _mm512_fmadd_ps(v, v, sum);
+        }
+        float rv = 1.0f / sqrtf(_mm512_reduce_add_ps(sum) / (float)n + eps);
+        rstd[row] = rv;
+        __m512 scale = _mm512_set1_ps(rv);
+        for (long j = 0; j < n; j += 16) {
+            __mmask16 m = lanes(n - j);
+            __m512 normed = v_round_bf16(_mm512_mul_ps(v_load_bf16(m, xr + j), scale));
+            v_store_bf16(outr + j, m, _mm512_mul_ps(v_load_bf16(m, w + j), normed));
+        }
+        continue;
+#endif
         float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
         for (long j = 0; j < n; j++) squares += widen(xr[j]) * widen(xr[j]);
@@ -145,6 +162,36 @@ void graftlm_rms_norm_backward(const bf16 *grad, const bf16 *x, const bf16 *w, c
     for (long row = 0; row < rows; row++) {
         const bf16 *gr = grad + row * n, *xr = x + row * n;
         float r = rstd[row];
+#ifdef VECTOR_KERNELS
+        __m512 vr = _mm512_set1_ps(r);
+        if (dw_partial) {
+            float *dw = dw_partial + (long)thread_index() * n;
+            for (long j = 0; j < n; j += 16) {
+                __mmask16 m = lanes(n - j);
+                __m512 normed = v_round_bf16(_mm512_mul_ps(v_load_bf16(m, xr + j), vr));
+                __m512 acc = _mm512_maskz_loadu_ps(m, dw + j);
+                acc = _mm512_fmadd_ps(v_load_bf16(m, gr + j), normed, acc);
+                _mm512_mask_storeu_ps(dw + j, m, acc);
+            }
+        }
+        if (dx) {
+            __m512 sum = _mm512_setzero_ps();
+            for (long j = 0; j < n; j += 16) {
+                __mmask16 m = lanes(n - j);
+                __m512 gw = _mm512_mul_ps(v_load_bf16(m, gr + j), v_load_bf16(m, w + j));
+                sum = _mm512_fmadd_ps(gw, v_load_bf16(m, xr + j), sum);
+            }
+            __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(sum) * r * r / (float)n);
+            bf16 *dxr = dx + row * n;
+            for (long j = 0; j < n; j += 16) {
+                __mmask16 m = lanes(n - j);
+                __m512 gw = _mm512_mul_ps(v_load_bf16(m, gr + j), v_load_bf16(m, w + j));
+                __m512 centred = _mm512_fnmadd_ps(v_load_bf16(m, xr + j), dot, gw);
+                v_store_bf16(dxr + j, m, _mm512_mul_ps(vr, centred));
+            }
+        }
+        continue;
+#endif
         if (dw_partial) {
             float *dw = dw_partial + (long)thread_index() * n;
 #pragma omp simd
@@ -380,7 +427,8 @@ void graftlm_cross_entropy(bf16 *logits, const int64_t *targets, float *loss, lo
             __m512 shift = _mm512_set1_ps(top), vsum = _mm512_setzero_ps();
             for (long j = 0; j < vocab; j += 16) {
                 __mmask16 m = lanes(vocab - j);
-                __m512 e = _mm512_maskz_mov_ps(m, v_exp(_mm512_sub_ps(v_load_bf16(m, z + j), shift)));
+                __m512 e = v_exp(_mm512_sub_ps(v_load_bf16(m, z + j), shift));
+                e = _mm512_maskz_mov_ps(m, e); /* lanes past the row add nothing */
                 if (kept) _mm512_mask_storeu_ps(kept + j, m, e);
                 vsum = _mm512_add_ps(vsum, e);
             }
