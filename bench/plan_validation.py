@@ -165,16 +165,38 @@ def predict(rows: list[tuple]) -> list[dict]:
     return plans
 
 
-def measured(model: str, method: str, batch: int, micro: int, seq_len: int, reuse: bool) -> dict:
-    """The peak and step time of these settings (kept from an earlier run with `reuse`)."""
+def measured(
+    model: str, method: str, batch: int, micro: int, seq_len: int, reuse: bool, rounds: int
+) -> dict:
+    """The peak and step time of these settings, with their plan (kept from an earlier run with
+    `reuse`).
+
+    Each of `rounds` rounds measures the run and plans it right after; the row keeps the median
+    of each. This machine's speed drifts by up to 2x over minutes (a VM on a shared host: one
+    row's step took 3.9 s at 17:00 and 6.8 s at 19:00), and a plan and a run made a minute apart
+    see the same host, so the rounds pair them."""
     settings = ["--method", method, "--batch-size", str(batch), "--micro-batch-size", str(micro),
                 "--seq-len", str(seq_len)]  # fmt: skip
     key = _key(model, method, f"{batch}x{seq_len}/{micro}")
     kept = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
     if not (reuse and key in kept):
-        result = measure(model, settings, batch)
-        if "error" in result:
-            return result
+        results, plans = [], []
+        for _ in range(rounds):
+            results.append(measure(model, settings, batch))
+            if "error" in results[-1]:
+                return results[-1]
+            plans.append(predict([(model, method, batch, micro, seq_len)])[0])
+            print(f"  round: measured {results[-1]['measured_step_s']:.2f} s, "
+                  f"planned {plans[-1]['step_seconds']:.2f} s", flush=True)  # fmt: skip
+        result = dict(results[0])
+        for name in ("measured_peak", "measured_step_s", "load"):
+            result[name] = statistics.median(r[name] for r in results)
+        plan = dict(plans[0])
+        plan["step_seconds"] = statistics.median(p["step_seconds"] for p in plans)
+        result["rounds"] = [
+            [r["measured_step_s"], p["step_seconds"]] for r, p in zip(results, plans)
+        ]
+        result["plan"] = plan
         kept[key] = result
         MEASURED.write_text(json.dumps(kept, indent=1))
     return kept[key]
@@ -243,6 +265,9 @@ def main() -> None:
         "--reuse", action="store_true", help="keep earlier measurements of the same settings"
     )
     parser.add_argument("--threads", type=int, help="torch threads of training and the plan")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure and plan each row this often (medians)"
+    )
     parser.add_argument("--pin", type=int, help="run timed processes on this core (taskset)")
     parser.add_argument("--lock", help="hold this file's lock (flock) for each timed process")
     args = parser.parse_args()
@@ -265,7 +290,7 @@ def main() -> None:
     header = (
         f"{'model':22}{'method':7}{'batch':>10}{'ckpt':>5}{'peak pred':>11}{'measured':>10}"
         f"{'err':>7}{'step pred':>11}{'measured':>10}{'err':>7}{'FLOP model':>11}{'err':>7}"
-        f"{'load':>6}"
+        f"{'load':>6}  rounds: measured/planned s"
     )
     threads = f"{args.threads} torch thread(s)" if args.threads else "all cores"
     where = " ".join(TIMED["prefix"]) or "unpinned"
@@ -304,7 +329,8 @@ def main() -> None:
                     lines.append(f"{key:22}{method:7}{shape:>10}  not run: {why}")
                     print(lines[-1], flush=True)
                     continue
-                result = measured(model, method, batch, micro, seq_len, args.reuse or not chosen)
+                reuse = args.reuse or not chosen
+                result = measured(model, method, batch, micro, seq_len, reuse, args.rounds)
                 if "error" in result:
                     lines.append(
                         f"{key:22}{method:7}{shape:>10}  failed: {result['error'][-300:]!r}"
@@ -315,7 +341,7 @@ def main() -> None:
                 # planned right away (a chunk cut short still has its rows) and kept beside the
                 # measurement; a row of another chunk shows its kept plan
                 plan = result.get("plan")
-                if chosen or plan is None:
+                if plan is None:
                     plan = predict([(model, method, batch, micro, seq_len)])[0]
                     _keep_plan(_key(model, method, shape), plan)
                 lines.append(_row(key, method, shape, plan, result))
@@ -336,7 +362,8 @@ def _row(key: str, method: str, shape: str, plan: dict, r: dict) -> str:
         f"{plan['peak_bytes'] / 1e9:>9.2f}GB{r['measured_peak'] / 1e9:>8.2f}GB"
         f"{peak_err:>+7.0%}{plan['step_seconds']:>10.2f}s"
         f"{r['measured_step_s']:>9.2f}s{time_err:>+7.0%}{flops_s:>10.2f}s{flops_err:>+7.0%}"
-        f"{r['load']:>6.1f}"
+        f"{r['load']:>6.1f}" + "".join(f"  {m:.2f}/{q:.2f}" for m, q in r.get("rounds", []))
+        # each round's measured / planned step seconds
     )
 
 
