@@ -10,7 +10,8 @@ widths, with the method attached, under graftlm's own training forward and backw
 
     pass      = layers x (one layer's forward + backward) + head and loss (forward + backward)
     step      = passes x pass x (pass tokens / measured tokens) + optimizer
-    one layer = time(2 layers) - time(1 layer), on models with a 256-word vocabulary
+    one layer = time(2 layers) - time(1 layer), on models with a 256-word vocabulary: the
+                median of `PAIRS` differences of steps timed back to back
     head      = `fused_lm_loss_sum` on random hidden states at the real vocabulary
     optimizer = gradient clipping, AdamW's step and zero_grad over one layer's trainable values,
                 scaled to all of them
@@ -20,16 +21,19 @@ between a layer's forward and its backward: a buffer bigger than the last-level 
 before each timed forward and backward (not timed), and AdamW runs on as many values as the run
 trains (up to `MEASURE_OPTIMIZER_PARAMS`), not a 2-layer model's few, cached MB.
 
-Nothing is fitted: each part is the best of `REPEATS` timings after a warm-up. A --low-memory
-run's allocator settings (unmapped blocks, heap trims) are applied as the run applies them, for
-the rest of the process. A pass bigger
-than `MEASURE_FLOPS` is measured on fewer sequences (and, past that, fewer tokens) and scaled
+Nothing is fitted: the layer is a median of paired differences, the head and the optimizer the
+best of `REPEATS` timings, each after a warm-up. A --low-memory run's allocator settings
+(unmapped blocks, heap trims) are applied as the run applies them, for the rest of the process.
+A pass bigger than `MEASURE_FLOPS` is measured on fewer sequences (and, past that, fewer tokens) and scaled
 linearly; the attention's quadratic share then grows less than it should.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,8 @@ from graftlm.train.memory import release_free_heap, return_freed_memory_to_os
 from graftlm.train.step import low_memory_mmap_threshold, make_optimizer
 
 REPEATS = 3
+# 2-layer minus 1-layer step pairs per layer timing (more while they add up to under 1 s)
+PAIRS = 5
 # matrix-product FLOPs of one measured layer pass at most (~0.3 s on one core of this machine):
 # keeps `graftlm plan` quick on 7B-70B shapes
 MEASURE_FLOPS = 1e11
@@ -77,6 +83,24 @@ class StepParts:
         return passes * (layers * self.layer + self.head) * scale + self.optimizer
 
 
+def _paired_difference(run_more, run_fewer) -> float:
+    """One layer's seconds: the median of `PAIRS` differences between a 2-layer and a 1-layer
+    model's steps, timed one right after the other (after a warm-up of each).
+
+    The difference of two separately taken minima swung by 2x between plans made a minute
+    apart (the 1.1B LoRA at 2 x 128 tokens: 2.46 s then 5.02 s a step, against 2.2 s measured
+    both times): a layer is a small part of each model's step, so the noise of either minimum
+    is multiplied by the layer count. Pairs taken back to back see the same machine, and their
+    median drops the pairs that one interruption hit."""
+    run_more(), run_fewer()
+    differences, spent = [], 0.0
+    while len(differences) < PAIRS or (len(differences) < 3 * PAIRS and spent < 1.0):
+        more, fewer = run_more(), run_fewer()
+        differences.append(more - fewer)
+        spent += more + fewer
+    return max(0.0, statistics.median(differences))
+
+
 def _best(run) -> float:
     """The least of `run()`'s returned seconds: after a warm-up (kernel selection, the
     allocator's first blocks), `REPEATS` runs, or up to 6 while they add up to under half a
@@ -102,17 +126,19 @@ def _cache_bytes() -> int:
 
 
 class _Evict:
-    """Write a buffer bigger than the last-level cache: in a real step each layer's weights
+    """Read a buffer bigger than the last-level cache: in a real step each layer's weights
     are read cold (the other layers and their activations passed through the cache since),
-    while a 2-layer model's would stay cached between its forward and backward."""
+    while a 2-layer model's would stay cached between its forward and backward.
+
+    Read, not written: a written buffer leaves the cache full of dirty lines, whose write-back
+    to memory the timed work that follows would pay (a real step's cache holds mostly weights
+    and activations read since their last write)."""
 
     def __init__(self) -> None:
-        self.buffer = torch.empty(_cache_bytes(), dtype=torch.uint8)
-        self.value = 0
+        self.buffer = torch.ones(_cache_bytes() // 4, dtype=torch.float32)
 
     def __call__(self) -> None:
-        self.value = (self.value + 1) % 256
-        self.buffer.fill_(self.value)
+        self.buffer.sum()
 
 
 def layer_params(shape: ModelShape) -> float:
@@ -161,40 +187,42 @@ def measure_step_parts(
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, SMALL_VOCAB, (rows, tokens), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    times = {}
-    optimizer_seconds = 0.0
     evict = _Evict()
     if cfg.low_memory:
         # as the run's allocator: freed big blocks unmapped (page faults on the next), the heap
         # trimmed after each checkpointed forward and each step (`train/step.py`); process-wide
         return_freed_memory_to_os(low_memory_mmap_threshold(checkpointing, dtype))
-    for layers in (1, 2):
-        model = attached_model(shape, cfg, method, dtype, 1, layers, SMALL_VOCAB, quick_init=True)
-        if checkpointing:
-            enable_checkpointing(model)
 
-        def step(model=model) -> float:
-            evict()
-            start = time.perf_counter()
-            with autocast(dtype):
-                loss, _ = loss_sum(model, batch, dtype, share_prefix=False)
-            if cfg.low_memory and checkpointing:
-                release_free_heap()
-            forward = time.perf_counter() - start
-            evict()
-            start = time.perf_counter()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            if cfg.low_memory:
-                release_free_heap()
-            return forward + time.perf_counter() - start
+    def step(model) -> float:
+        evict()
+        start = time.perf_counter()
+        with autocast(dtype):
+            loss, _ = loss_sum(model, batch, dtype, share_prefix=False)
+        if cfg.low_memory and checkpointing:
+            release_free_heap()
+        forward = time.perf_counter() - start
+        evict()
+        start = time.perf_counter()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if cfg.low_memory:
+            release_free_heap()
+        return forward + time.perf_counter() - start
 
-        with fused_forwards(model):
-            times[layers] = _best(step)
-        if layers == 2:
-            optimizer_seconds = _optimizer_seconds(model, cfg, trainable_params)
-        del model, step  # before the next model is built
-    layer = max(0.0, times[2] - times[1])
+    with contextlib.ExitStack() as stack:
+        models = {}
+        for layers in (1, 2):
+            model = attached_model(
+                shape, cfg, method, dtype, 1, layers, SMALL_VOCAB, quick_init=True
+            )
+            if checkpointing:
+                enable_checkpointing(model)
+            stack.enter_context(fused_forwards(model))
+            models[layers] = model
+        more, fewer = models[2], models[1]
+        layer = _paired_difference(functools.partial(step, more), functools.partial(step, fewer))
+        optimizer_seconds = _optimizer_seconds(more, cfg, trainable_params)
+    del models, model, more, fewer  # before the head's timing allocates its own
     head = _head_seconds(shape, method, dtype, rows, tokens, generator, evict)
     return StepParts(layer, head, optimizer_seconds, rows, tokens)
 
