@@ -61,6 +61,8 @@ def read_config(model: str | None = None, config: str | None = None) -> tuple[di
     shipped = shipped_configs()
     name = config or model or BUILTIN
     key = name.strip().lower()
+    # `--config llama-2-7b.json` where no such file is here: the shipped file of that name
+    key = key.removesuffix(".json") if key.removesuffix(".json") in shipped else key
     if key in shipped and not Path(name).exists():
         path = shipped[key]
     else:

@@ -148,10 +148,18 @@ def test_plan_fits_memory_and_full_costs_more():
     assert untimed.to_dict()["step_seconds"] == 0 and "full" not in untimed.to_dict()
 
 
-@pytest.mark.parametrize("source", [["--config", "llama-2-7b.json"], ["--model", "llama-2-7b"]])
+@pytest.mark.parametrize(
+    "source",
+    [
+        ["--config", "the shipped file's path"],
+        ["--config", "llama-2-7b.json"],  # no such file in the cwd: the shipped one by its name
+        ["--model", "llama-2-7b"],
+    ],
+)
 def test_seed_row_from_outside(source):
-    if source[0] == "--config":
+    if source[1] == "the shipped file's path":
         source = ["--config", str(shipped_configs()["llama-2-7b"])]
+    assert not (REPO / "llama-2-7b.json").exists()
     result = subprocess.run(
         [sys.executable, "-m", "graftlm", "plan", *source, "--method", "lora", "--rank", "8",
          "--targets", "q_proj,v_proj", "--matmul-tflops", "100", "--device", "cuda", "--json"],
