@@ -165,14 +165,21 @@ def worker_graftlm(args) -> dict:
             train(cfg, progress=False)
     else:
         train(cfg, progress=False)
+    return {
+        **step_totals(out),
+        **({"profile": profile_table(prof)} if prof is not None else {}),
+    }
+
+
+def step_totals(out: Path) -> dict:
+    """Tokens, seconds and losses of a graftlm run's steps, from its metrics.jsonl: each step's
+    own tokens and seconds, so evaluation passes are not training time."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     return {
-        # each step's own tokens and seconds: evaluation passes are not training time
         "tokens": sum(r["tokens"] for r in steps),
         "seconds": sum(r["tokens"] / r["tokens_per_s"] for r in steps),
         "losses": [r["loss"] for r in steps],
-        **({"profile": profile_table(prof)} if prof is not None else {}),
     }
 
 
@@ -368,14 +375,7 @@ def run_graftlm_cli(args, data: Path) -> dict:
         *(["--no-fused-kernels"] if args.no_fused_kernels else []),
     ]  # fmt: skip
     _, peak_mb = run_measured("graftlm-cli", command)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    return {
-        "tokens": sum(r["tokens"] for r in steps),
-        "seconds": sum(r["tokens"] / r["tokens_per_s"] for r in steps),
-        "losses": [r["loss"] for r in steps],
-        "peak_rss_mb": peak_mb,
-    }
+    return {**step_totals(out), "peak_rss_mb": peak_mb}
 
 
 def main() -> None:
