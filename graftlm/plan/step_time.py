@@ -24,8 +24,8 @@ trains (up to `MEASURE_OPTIMIZER_PARAMS`), not a 2-layer model's few, cached MB.
 Nothing is fitted: the layer is a median of paired differences, the head and the optimizer the
 best of `REPEATS` timings, each after a warm-up. A --low-memory run's allocator settings
 (unmapped blocks, heap trims) are applied as the run applies them, for the rest of the process.
-A pass bigger than `MEASURE_FLOPS` is measured on fewer sequences (and, past that, fewer tokens) and scaled
-linearly; the attention's quadratic share then grows less than it should.
+A pass bigger than `MEASURE_FLOPS` is measured on fewer sequences (and, past that, fewer
+tokens) and scaled linearly; the attention's quadratic share then grows less than it should.
 """
 
 from __future__ import annotations
