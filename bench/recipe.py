@@ -34,14 +34,13 @@ def parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-# where score() appends each answer (--outputs) and the run it belongs to; set by main()
-OUTPUTS: dict = {"path": None, "run": None}
-
-
-def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, float, int, float]:
+def score(
+    adapter: Path | None, test: Path, rows: int | None, answers_file: str | None = None, run=None
+) -> tuple[float, float, int, float]:
     """Greedy exact match and field accuracy (`graftlm.infer.answer_fields`: per key of a JSON
     answer, equal to exact match for a single label) on `test` with the adapter in `adapter`
-    (None: the base model alone), the rows scored, and the seconds generation took."""
+    (None: the base model alone), the rows scored, and the seconds generation took. With
+    `answers_file`, every answer is appended there beside its reference, tagged with `run`."""
     from graftlm.data.dataset import prompt_for_generation, read_rows, reference_answer
     from graftlm.infer.answer_fields import field_accuracy
     from graftlm.infer.generate import SamplingConfig, generate, load_for_inference
@@ -63,11 +62,11 @@ def score(adapter: Path | None, test: Path, rows: int | None) -> tuple[float, fl
     )
     correct = sum(o.strip() == r for o, r in zip(outputs, refs))
     fields = sum(field_accuracy(o, r) for o, r in zip(outputs, refs))
-    if OUTPUTS["path"]:  # every answer beside its reference, for reading the misses
-        with open(OUTPUTS["path"], "a", encoding="utf-8") as handle:
+    if answers_file:  # every answer beside its reference, for reading the misses
+        with open(answers_file, "a", encoding="utf-8") as handle:
             for prompt_row, output, ref in zip(data, outputs, refs):
                 user = prompt_row["messages"][-2]["content"] if "messages" in prompt_row else ""
-                line = {"task": test.parent.name, "run": OUTPUTS["run"], "user": user,
+                line = {"task": test.parent.name, "run": run, "user": user,
                         "output": output.strip(), "reference": ref}  # fmt: skip
                 handle.write(json.dumps(line) + "\n")
     return correct / len(data), fields / len(data), len(data), time.perf_counter() - t
@@ -91,7 +90,7 @@ def code_version() -> str | None:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head + ("-dirty" if dirty else "")  # fmt: skip
+    return head + ("-dirty" if dirty else "")
 
 
 def main() -> None:
@@ -105,7 +104,6 @@ def main() -> None:
     parser.add_argument("--base", action="store_true", help="score the untrained base model only")
     parser.add_argument("--outputs", help="append every test answer and its reference here")
     args = parser.parse_args()
-    OUTPUTS["path"] = args.outputs
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
 
@@ -116,7 +114,9 @@ def main() -> None:
     from graftlm.train.loop import train
 
     if args.base:
-        accuracy, fields, n, gen_s = score(None, DATA / args.task / "test.jsonl", args.rows)
+        accuracy, fields, n, gen_s = score(
+            None, DATA / args.task / "test.jsonl", args.rows, args.outputs, "base model"
+        )
         record = {"task": args.task, "settings": "base model", "exact_match": round(accuracy, 3),
                   "field_accuracy": round(fields, 3), "test_rows": n,
                   "generate_s": round(gen_s, 1)}  # fmt: skip
@@ -137,8 +137,9 @@ def main() -> None:
         graft = json.loads((out / "graftlm.json").read_text())
         steps = [r for r in rows if "loss" in r]
         tokens = sum(r["tokens"] for r in steps)
-        OUTPUTS["run"] = overrides
-        accuracy, fields, n, gen_s = score(out, DATA / args.task / "test.jsonl", args.rows)
+        accuracy, fields, n, gen_s = score(
+            out, DATA / args.task / "test.jsonl", args.rows, args.outputs, overrides
+        )
         record = {
             "task": args.task,
             "settings": overrides,

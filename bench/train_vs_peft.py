@@ -33,8 +33,9 @@ time (self time; with `--threads 1` that is the wall time), with the copies
 (`aten::copy_` + `aten::_to_copy`) and the matrix products (`aten::mm`/`addmm`/`addmm_`/`bmm`)
 summed, and the copies split by the dtypes the profiler records for each `copy_`: dtype casts
 (`copy_` between two dtypes, and `_to_copy`) and layout copies (`copy_` within one dtype:
-`.contiguous()` of a transposed view), so every change to the step is measured before and after. Profiled steps run slower than plain ones:
-read the shares, and the tokens/s of a run without `--profile`.
+`.contiguous()` of a transposed view), so every change to the step is measured before and
+after. Profiled steps run slower than plain ones: read the shares, and the tokens/s of a run
+without `--profile`.
 `--threads N`: torch threads in each worker (default: torch's own choice).
 """
 
