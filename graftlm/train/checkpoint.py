@@ -41,6 +41,7 @@ _MUST_MATCH = (
     "max_epochs",
     "warmup_ratio",
     "weight_decay",
+    "neftune_alpha",
     "dropout",
     "eval_data",
     "init_rank",

@@ -92,6 +92,10 @@ class TrainConfig:
     seed: int = setting(0, "random seed (init, data order, dropout)")
     warmup_ratio: float = setting(0.06, "fraction of steps of linear warmup")
     weight_decay: float = setting(0.0, "AdamW weight decay")
+    neftune_alpha: float = setting(
+        0.0,
+        "NEFTune: uniform noise of this strength on the input embeddings while training (0: off)",
+    )
     lean_optimizer: bool = setting(
         False,
         "AdamW with bfloat16 moments (half the optimizer state; full fine-tuning's largest "
@@ -203,8 +207,8 @@ class TrainConfig:
             raise GraftError(f"keep_limit should be an integer >= 0, got {self.keep_limit!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise GraftError(f"warmup_ratio should be in [0, 1), got {self.warmup_ratio!r}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise GraftError("grad_clip and weight_decay must be >= 0")
+        if self.grad_clip < 0 or self.weight_decay < 0 or self.neftune_alpha < 0:
+            raise GraftError("grad_clip, weight_decay and neftune_alpha must be >= 0")
 
     @property
     def adaptive(self) -> bool:

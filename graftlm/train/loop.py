@@ -42,6 +42,7 @@ from graftlm.train import checkpointing
 from graftlm.train.adaptive import early_stop_for, pad_token_id
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime, bf16_supported
+from graftlm.train.embedding_noise import embedding_noise
 from graftlm.train.evaluation import RunEvaluation
 from graftlm.train.forward import autocast, prefix_sharing_is_exact, training_device
 from graftlm.train.guard import claim_out, non_finite_loss
@@ -168,7 +169,8 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
     t0 = time.perf_counter()
     step = start_step
     kernels = fused_forwards(model) if cfg.fused_kernels else contextlib.nullcontext(0)
-    with StopFlag() as flag, kernels as fused, logits_buffer_scope():
+    noise = embedding_noise(model, cfg.neftune_alpha)
+    with StopFlag() as flag, kernels as fused, logits_buffer_scope(), noise:
         logger.debug("fused kernels on %d modules", fused)
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
