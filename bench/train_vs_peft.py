@@ -14,7 +14,8 @@ same tokenized rows, rank, targets, batch, sequence length, learning rate and se
   `tokens_per_s` in metrics.jsonl (evaluation rows are separate rows, not training time), peak RSS
   of the command's process from `wait4`. No `--profile` for this side (nothing to hook into).
 - PEFT: `get_peft_model` + AdamW + a padded batch loop with `model(**batch, labels=...)`, in the
-  best precision this CPU has (bf16 weights + autocast where bf16 is fast, else fp32).
+  best precision this CPU has (bf16 weights + autocast where bf16 is fast, else fp32; `--dtype`
+  sets it for every side).
   With `--method qlora` its base is loaded by transformers + bitsandbytes in 4-bit NF4 with double
   quantization (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True)`), the QLoRA recipe of the PEFT documentation.
@@ -149,6 +150,7 @@ def worker_graftlm(args) -> dict:
         # None: the recipe (QLoRA: on; LoRA: only with --low-memory and rows over 1024 tokens)
         activation_checkpointing=False if args.no_activation_checkpointing else None,
         fused_kernels=not args.no_fused_kernels,
+        dtype=args.dtype,
         **extra,
     )
     prof = step_profiler(args.profile)
@@ -208,7 +210,7 @@ def worker_peft(args, attention_mask: bool = True) -> dict:
 
     set_threads(args)
     torch.manual_seed(0)
-    bf16 = bf16_supported()
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_supported())
     dtype = torch.bfloat16 if bf16 else torch.float32
     model, tokenizer = load_model("smollm2-135m-instruct", dtype=dtype)
     if args.method == "qlora":
@@ -278,7 +280,8 @@ def worker_peft(args, attention_mask: bool = True) -> dict:
 
 
 def worker_peft_fast(args) -> dict:
-    """PEFT's fastest form: bf16 weights + autocast, no attention mask (rows without padding)."""
+    """PEFT's fastest form: bf16 weights + autocast (fp32 without bf16), no attention mask
+    (rows without padding)."""
     return worker_peft(args, attention_mask=False)
 
 
@@ -374,6 +377,7 @@ def run_graftlm_cli(args, data: Path) -> dict:
         *(["--low-memory"] if args.low_memory else []),
         *(["--no-activation-checkpointing"] if args.no_activation_checkpointing else []),
         *(["--no-fused-kernels"] if args.no_fused_kernels else []),
+        *(["--dtype", args.dtype] if args.dtype != "auto" else []),
     ]  # fmt: skip
     _, peak_mb = run_measured("graftlm-cli", command)
     return {**step_totals(out), "peak_rss_mb": peak_mb}
@@ -404,6 +408,12 @@ def main() -> None:
         "(the training function in a worker), graftlm-cli (the `graftlm train` command)",
     )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count and peaks")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="every side's compute dtype (auto: bf16 where the CPU has it, as graftlm's default)",
+    )
     workers = ["graftlm", "peft", "peft-fast", "flops"]
     parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -461,6 +471,7 @@ def main() -> None:
         + (["--no-activation-checkpointing"] if args.no_activation_checkpointing else [])
         + ["--profile", str(args.profile), "--threads", str(args.threads)]
         + (["--no-fused-kernels"] if args.no_fused_kernels else [])
+        + ["--dtype", args.dtype]
     )
     sides = args.sides.split(",")
     if args.workload == "chat" and "peft-fast" in sides:

@@ -6,6 +6,13 @@ source or another compiler builds a new library and never loads a stale one. It 
 beside its final name and renamed, so no process loads a half-written file. Every failure (no
 compiler, a CPU without the instructions, a failed compile or load) is a reason string or None
 for the caller, which falls back to torch and logs why once.
+
+`GRAFTLM_KERNEL_ISA=avx2` caps the kernels at AVX2 + FMA on any CPU: the CPU's AVX-512 and AMX
+flags are ignored (`cpu_flags`), so `fused_cpu.c` builds its generic loops as on an AVX2-only
+CPU, and `--dtype auto` picks float32 (`train/distributed.bf16_supported`). With torch's, oneDNN's
+and MKL's own caps (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`,
+`MKL_ENABLE_INSTRUCTIONS=AVX2`) it emulates an AVX2-only CPU on an AVX-512 one (README, "Training speed").
+Unset or `native`: the CPU's own flags.
 """
 
 from __future__ import annotations
@@ -20,24 +27,54 @@ import tempfile
 import threading
 from pathlib import Path
 
+from graftlm.errors import GraftError
+
 logger = logging.getLogger("graftlm")
 
 # what every kernel here is written for: AVX2 + FMA, as on the project's AMD EPYC
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 
+ISA_VAR = "GRAFTLM_KERNEL_ISA"
+ISA_CAPS = ("native", "avx2")
+
 _build_lock = threading.Lock()
 
 
-def missing_requirement(cpu_flags: set[str]) -> str | None:
-    """Why a kernel needing `cpu_flags` (as /proc/cpuinfo spells them) cannot be built and run
-    here, or None when it can."""
+def isa_cap() -> str:
+    """The instruction set the kernels are capped at: `$GRAFTLM_KERNEL_ISA`, `native` if unset.
+
+    Raises:
+        GraftError: the variable names no known cap.
+    """
+    cap = os.environ.get(ISA_VAR, "").strip().lower() or "native"
+    if cap not in ISA_CAPS:
+        raise GraftError(f"{ISA_VAR}={cap!r} is not one of {', '.join(ISA_CAPS)}")
+    return cap
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's flags as /proc/cpuinfo spells them, without AVX-512 and AMX under
+    `GRAFTLM_KERNEL_ISA=avx2`; None without /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             flags = set(next((line for line in handle if line.startswith("flags")), "").split())
     except OSError:
-        return f"no /proc/cpuinfo to check the CPU for {', '.join(sorted(cpu_flags))}"
-    if not cpu_flags <= flags:
-        return f"this CPU has no {' + '.join(sorted(cpu_flags - flags))}"
+        return None
+    if isa_cap() == "avx2":
+        flags = {f for f in flags if not f.startswith(("avx512", "amx", "avx10"))}
+    return flags
+
+
+def missing_requirement(cpu_flags_needed: set[str]) -> str | None:
+    """Why a kernel needing `cpu_flags_needed` (as /proc/cpuinfo spells them) cannot be built
+    and run here, or None when it can."""
+    flags = cpu_flags()
+    if flags is None:
+        return f"no /proc/cpuinfo to check the CPU for {', '.join(sorted(cpu_flags_needed))}"
+    if not cpu_flags_needed <= flags:
+        missing = " + ".join(sorted(cpu_flags_needed - flags))
+        capped = f" ({ISA_VAR}={isa_cap()})" if isa_cap() != "native" else ""
+        return f"this CPU has no {missing}{capped}"
     if compiler() is None:
         return "no C compiler (cc, gcc or clang) on PATH"
     return None

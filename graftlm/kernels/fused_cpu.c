@@ -1,5 +1,6 @@
-/* Element-wise work of a bf16 Llama training step, one pass over memory each: RMSNorm, SwiGLU
- * and the rotary embedding, forward and backward (graftlm/kernels/fused_cpu.py binds them).
+/* Element-wise work of a bf16 Llama training step, one pass over memory each: RMSNorm (alone,
+ * and after a decoder layer's residual add), SwiGLU and the rotary embedding, forward and
+ * backward (graftlm/kernels/fused_cpu.py binds them).
  *
  * Tensors are bf16 (uint16_t bits); every value is widened to fp32 in registers, computed in
  * fp32 (sums of squares and dot products accumulate in fp32) and rounded once to bf16, to
@@ -121,46 +122,80 @@ static inline int thread_index(void) {
 #endif
 }
 
+/* One row of RMSNorm: out = w * bf16(src * rstd), rstd = 1 / sqrt(mean(src^2) + eps). With
+ * `residual`, src is first h = bf16(residual + x), written to `h` (torch's bf16 add rounds the
+ * sum once, as here), and the sum of squares is taken on the rounded h in the same pass. */
+static inline void rms_norm_row(const bf16 *residual, const bf16 *x, bf16 *h, const bf16 *w,
+                                bf16 *out, float *rstd, long n, float eps) {
+    const bf16 *src = residual ? h : x;
+#ifdef VECTOR_KERNELS
+    __m512 sum = _mm512_setzero_ps();
+    for (long j = 0; j < n; j += 16) {
+        __mmask16 m = lanes(n - j);
+        __m512 v = v_load_bf16(m, x + j);
+        if (residual) {
+            v = v_round_bf16(_mm512_add_ps(v_load_bf16(m, residual + j), v));
+            v_store_bf16(h + j, m, v);
+        }
+        sum = _mm512_fmadd_ps(v, v, sum);
+    }
+    float rv = 1.0f / sqrtf(_mm512_reduce_add_ps(sum) / (float)n + eps);
+    *rstd = rv;
+    __m512 scale = _mm512_set1_ps(rv);
+    for (long j = 0; j < n; j += 16) {
+        __mmask16 m = lanes(n - j);
+        __m512 normed = v_round_bf16(_mm512_mul_ps(v_load_bf16(m, src + j), scale));
+        v_store_bf16(out + j, m, _mm512_mul_ps(v_load_bf16(m, w + j), normed));
+    }
+#else
+    /* the sum of squares reads h back from L1 in the plain norm's own loop: the compiler
+     * vectorizes a fused loop with another order of the sum, and the fused forward should be
+     * the add and the norm's, bit for bit */
+    if (residual) {
+#pragma omp simd
+        for (long j = 0; j < n; j++) h[j] = narrow(widen(residual[j]) + widen(x[j]));
+    }
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (long j = 0; j < n; j++) squares += widen(src[j]) * widen(src[j]);
+    float r = 1.0f / sqrtf(squares / (float)n + eps);
+    *rstd = r;
+#pragma omp simd
+    for (long j = 0; j < n; j++) out[j] = narrow(widen(w[j]) * round_bf16(widen(src[j]) * r));
+#endif
+}
+
 /* out = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) per row of n values */
 void graftlm_rms_norm_forward(const bf16 *x, const bf16 *w, bf16 *out, float *rstd, long rows,
                               long n, float eps, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long row = 0; row < rows; row++) {
-        const bf16 *xr = x + row * n;
-        bf16 *outr = out + row * n;
-#ifdef VECTOR_KERNELS
-        __m512 sum = _mm512_setzero_ps();
-        for (long j = 0; j < n; j += 16) {
-            __m512 v = v_load_bf16(lanes(n - j), xr + j);
-            sum = _mm512_fmadd_ps(v, v, sum);
-        }
-        float rv = 1.0f / sqrtf(_mm512_reduce_add_ps(sum) / (float)n + eps);
-        rstd[row] = rv;
-        __m512 scale = _mm512_set1_ps(rv);
-        for (long j = 0; j < n; j += 16) {
-            __mmask16 m = lanes(n - j);
-            __m512 normed = v_round_bf16(_mm512_mul_ps(v_load_bf16(m, xr + j), scale));
-            v_store_bf16(outr + j, m, _mm512_mul_ps(v_load_bf16(m, w + j), normed));
-        }
-        continue;
-#endif
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (long j = 0; j < n; j++) squares += widen(xr[j]) * widen(xr[j]);
-        float r = 1.0f / sqrtf(squares / (float)n + eps);
-        rstd[row] = r;
-#pragma omp simd
-        for (long j = 0; j < n; j++) outr[j] = narrow(widen(w[j]) * round_bf16(widen(xr[j]) * r));
-    }
+    for (long row = 0; row < rows; row++)
+        rms_norm_row(NULL, x + row * n, NULL, w, out + row * n, rstd + row, n, eps);
 }
 
-/* dx = rstd * (g*w - xhat * mean(g*w*xhat)), xhat = x * rstd; dw += g * bf16(xhat) summed over
- * rows into dw_partial[thread][n] (fp32, zeroed by the caller). dx or dw_partial may be NULL. */
-void graftlm_rms_norm_backward(const bf16 *grad, const bf16 *x, const bf16 *w, const float *rstd,
-                               bf16 *dx, float *dw_partial, long rows, long n, int threads) {
+/* A decoder layer's residual add and the RMSNorm after it (vLLM's fused_add_rms_norm), one
+ * pass: h = bf16(residual + x), out = w * bf16(h * rstd); h is the residual stream the layer
+ * passes on, out the next sublayer's input. */
+void graftlm_add_rms_norm_forward(const bf16 *residual, const bf16 *x, const bf16 *w, bf16 *h,
+                                  bf16 *out, float *rstd, long rows, long n, float eps,
+                                  int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < rows; row++)
+        rms_norm_row(residual + row * n, x + row * n, h + row * n, w, out + row * n, rstd + row,
+                     n, eps);
+}
+
+/* dx = [grad_h +] rstd * (g*w - xhat * mean(g*w*xhat)), xhat = x * rstd, rounded to bf16 once;
+ * dw += g * bf16(xhat) summed over rows into dw_partial[thread][n] (fp32, zeroed by the caller).
+ * grad_h (the gradient that reaches the residual stream h directly, for the add's fused form;
+ * NULL for a plain RMSNorm), dx or dw_partial may be NULL. */
+static void rms_norm_backward(const bf16 *grad_h, const bf16 *grad, const bf16 *x, const bf16 *w,
+                              const float *rstd, bf16 *dx, float *dw_partial, long rows, long n,
+                              int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long row = 0; row < rows; row++) {
         const bf16 *gr = grad + row * n, *xr = x + row * n;
+        const bf16 *ghr = grad_h ? grad_h + row * n : NULL;
         float r = rstd[row];
 #ifdef VECTOR_KERNELS
         __m512 vr = _mm512_set1_ps(r);
@@ -187,7 +222,9 @@ void graftlm_rms_norm_backward(const bf16 *grad, const bf16 *x, const bf16 *w, c
                 __mmask16 m = lanes(n - j);
                 __m512 gw = _mm512_mul_ps(v_load_bf16(m, gr + j), v_load_bf16(m, w + j));
                 __m512 centred = _mm512_fnmadd_ps(v_load_bf16(m, xr + j), dot, gw);
-                v_store_bf16(dxr + j, m, _mm512_mul_ps(vr, centred));
+                __m512 d = _mm512_mul_ps(vr, centred);
+                if (ghr) d = _mm512_add_ps(v_load_bf16(m, ghr + j), d);
+                v_store_bf16(dxr + j, m, d);
             }
         }
         continue;
@@ -203,11 +240,32 @@ void graftlm_rms_norm_backward(const bf16 *grad, const bf16 *x, const bf16 *w, c
             for (long j = 0; j < n; j++) dot += widen(gr[j]) * widen(w[j]) * widen(xr[j]);
             dot *= r * r / (float)n; /* mean(g*w*xhat) * rstd, folded into the xhat term */
             bf16 *dxr = dx + row * n;
+            if (ghr) {
 #pragma omp simd
-            for (long j = 0; j < n; j++)
-                dxr[j] = narrow(r * (widen(gr[j]) * widen(w[j]) - widen(xr[j]) * dot));
+                for (long j = 0; j < n; j++)
+                    dxr[j] = narrow(widen(ghr[j]) +
+                                    r * (widen(gr[j]) * widen(w[j]) - widen(xr[j]) * dot));
+            } else {
+#pragma omp simd
+                for (long j = 0; j < n; j++)
+                    dxr[j] = narrow(r * (widen(gr[j]) * widen(w[j]) - widen(xr[j]) * dot));
+            }
         }
     }
+}
+
+void graftlm_rms_norm_backward(const bf16 *grad, const bf16 *x, const bf16 *w, const float *rstd,
+                               bf16 *dx, float *dw_partial, long rows, long n, int threads) {
+    rms_norm_backward(NULL, grad, x, w, rstd, dx, dw_partial, rows, n, threads);
+}
+
+/* The backward of graftlm_add_rms_norm_forward: the gradient of residual and of x (the same
+ * tensor, d_res = dx = grad_h + RMSNorm's backward of grad_out at h), in one pass per row;
+ * grad_h may be NULL (nothing reached h but through the norm). */
+void graftlm_add_rms_norm_backward(const bf16 *grad_h, const bf16 *grad_out, const bf16 *h,
+                                   const bf16 *w, const float *rstd, bf16 *dx,
+                                   float *dw_partial, long rows, long n, int threads) {
+    rms_norm_backward(grad_h, grad_out, h, w, rstd, dx, dw_partial, rows, n, threads);
 }
 
 /* element-wise kernels run in blocks of this many values, one block a task for the threads */

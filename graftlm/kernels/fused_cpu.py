@@ -1,4 +1,5 @@
-"""RMSNorm, SwiGLU and the rotary embedding of a bf16 training step as C kernels on the CPU.
+"""RMSNorm (alone and after a residual add), SwiGLU and the rotary embedding of a bf16 training
+step as C kernels on the CPU.
 
 `fused_ops.py`'s autograd functions are single functions, but each still runs as several torch
 ops, each a pass over a `tokens x hidden` tensor; in bf16, transformers' RMSNorm also casts the
@@ -42,6 +43,8 @@ _LONG, _PTR, _INT, _FLOAT = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes
 _SIGNATURES = {
     "graftlm_rms_norm_forward": [_PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _FLOAT, _INT],
     "graftlm_rms_norm_backward": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _INT],
+    "graftlm_add_rms_norm_forward": [*[_PTR] * 6, _LONG, _LONG, _FLOAT, _INT],
+    "graftlm_add_rms_norm_backward": [*[_PTR] * 7, _LONG, _LONG, _INT],
     "graftlm_swiglu_forward": [_PTR, _PTR, _PTR, _LONG, _INT],
     "graftlm_swiglu_backward": [_PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _INT],
     "graftlm_rotary": [_PTR, _PTR, _PTR, _PTR, *[_LONG] * 4, _PTR, _PTR, _PTR, _INT, _INT],
@@ -91,6 +94,49 @@ class RMSNormFunction(torch.autograd.Function):
         )  # fmt: skip
         grad_weight = None if partial is None else partial.sum(0).to(weight.dtype)
         return grad_x, grad_weight, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """A decoder layer's residual add and the RMSNorm after it, bf16 `(..., n)`:
+    `h = residual + x` and `weight * bf16(h * rsqrt(mean(h^2) + eps))`, both returned; the same
+    values as the add followed by `RMSNormFunction`, in one pass. Saves `h` and one fp32 value
+    per row. The backward is one pass too: the gradient of `residual` and of `x` (one tensor)
+    is the gradient that reaches `h` directly plus the norm's backward, rounded to bf16 once."""
+
+    @staticmethod
+    def forward(ctx, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        residual, x = residual.contiguous(), x.contiguous()
+        n = x.shape[-1]
+        rows = x.numel() // n
+        h, out = torch.empty_like(x), torch.empty_like(x)
+        rstd = torch.empty(rows, dtype=torch.float32)
+        library().graftlm_add_rms_norm_forward(
+            _ptr(residual), _ptr(x), _ptr(weight.contiguous()), _ptr(h), _ptr(out), _ptr(rstd),
+            rows, n, eps, _threads(x),
+        )  # fmt: skip
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.set_materialize_grads(False)  # an unused h or output: no zero tensor to add
+        return h, out
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor | None, grad: torch.Tensor | None):
+        h, weight, rstd = ctx.saved_tensors
+        if grad is None:
+            return grad_h, grad_h, None, None
+        grad = grad.contiguous()
+        grad_h = None if grad_h is None else grad_h.contiguous()
+        n = h.shape[-1]
+        rows = h.numel() // n
+        threads = _threads(h)
+        needs_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(h) if needs_dx else None
+        partial = torch.zeros(threads, n) if ctx.needs_input_grad[2] else None
+        library().graftlm_add_rms_norm_backward(
+            _ptr(grad_h), _ptr(grad), _ptr(h), _ptr(weight.contiguous()), _ptr(rstd),
+            _ptr(grad_x), _ptr(partial), rows, n, threads,
+        )  # fmt: skip
+        grad_weight = None if partial is None else partial.sum(0).to(weight.dtype)
+        return grad_x, grad_x, grad_weight, None
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -191,27 +237,39 @@ def _threads(t: torch.Tensor) -> int:
     return max(1, min(torch.get_num_threads(), t.numel() // MIN_VALUES_PER_THREAD))
 
 
+def compile_flags() -> tuple[str, ...] | None:
+    """The compiler flags for this CPU (AVX-512, with its BF16 intrinsics where it has them, else
+    AVX2 + FMA; `GRAFTLM_KERNEL_ISA=avx2` caps them at AVX2, `build.py`), without OpenMP; None
+    where the kernels cannot run (the reason is logged)."""
+    avx512 = build.missing_requirement(AVX512_CPU) is None
+    reason = None if avx512 else build.missing_requirement({"avx2", "fma"})
+    if reason:
+        logger.info("fused bf16 kernels run in torch: %s", reason)
+        return None
+    if not avx512:
+        return (*build.AVX2_FLAGS[:-2], *(f for f in COMMON_FLAGS if "vector-width" not in f))
+    flags = (*AVX512_FLAGS, *COMMON_FLAGS)
+    if build.missing_requirement({"avx512_bf16"}) is None:
+        flags = (*flags, "-mavx512bf16")  # the intrinsic kernels (fused_cpu.c says why)
+    return flags
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels with their C signatures bound, or None where they cannot run here
     (the reason is logged once)."""
     if os.environ.get(DISABLE_VAR, "1") == "0":
         return None
-    avx512 = build.missing_requirement(AVX512_CPU) is None
-    reason = None if avx512 else build.missing_requirement({"avx2", "fma"})
+    flags = compile_flags()
+    if flags is None:
+        return None
     lib = None
-    if not reason:
-        flags = (*(AVX512_FLAGS if avx512 else build.AVX2_FLAGS[:-2]), *COMMON_FLAGS)
-        if avx512 and build.missing_requirement({"avx512_bf16"}) is None:
-            flags = (*flags, "-mavx512bf16")  # the intrinsic kernels (fused_cpu.c says why)
-        if not avx512:
-            flags = tuple(f for f in flags if f != "-mprefer-vector-width=512")
-        # -fopenmp only where the library would share torch's libgomp (nf4_dequant.py says why)
-        if torch_uses_libgomp():
-            lib = build.load_library(SOURCE, (*flags, "-fopenmp"))
-        lib = lib or build.load_library(SOURCE, flags)
+    # -fopenmp only where the library would share torch's libgomp (nf4_dequant.py says why)
+    if torch_uses_libgomp():
+        lib = build.load_library(SOURCE, (*flags, "-fopenmp"))
+    lib = lib or build.load_library(SOURCE, flags)
     if lib is None:
-        logger.info("fused bf16 kernels run in torch: %s", reason or "the C kernels did not build")
+        logger.info("fused bf16 kernels run in torch: the C kernels did not build")
         return None
     for name, argtypes in _SIGNATURES.items():
         build.bind(lib, name, argtypes, None)
@@ -219,5 +277,6 @@ def library() -> ctypes.CDLL | None:
 
 
 def clear_cache() -> None:
-    """Forget the loaded kernels (after changing `GRAFTLM_FUSED_CPU_KERNELS` or `CC`)."""
+    """Forget the loaded kernels (after changing `GRAFTLM_FUSED_CPU_KERNELS`,
+    `GRAFTLM_KERNEL_ISA` or `CC`)."""
     library.cache_clear()

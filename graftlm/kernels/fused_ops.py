@@ -16,7 +16,8 @@ recognises and leaves everything else (other architectures) on transformers' cod
 
 In bf16 on a CPU the three run on the C kernels of `fused_cpu.py` instead (one pass over memory
 each way, fp32 in registers; `fused_cpu.applies`), RMSNorm included, whose bf16 form here is
-otherwise transformers' own (its casts to fp32 and back); and transformers' "sdpa" attention
+otherwise transformers' own (its casts to fp32 and back); each residual add of a decoder layer
+runs inside the kernel of the RMSNorm that reads its sum (`decoder_layer_forward`); and transformers' "sdpa" attention
 becomes `causal_attention.attention_forward`, which differentiates causal bf16 attention on the
 matrix units where SDPA's flash kernel is slow, and calls transformers' sdpa for everything else.
 """
@@ -39,6 +40,16 @@ from graftlm.kernels import causal_attention, fused_cpu, lora_update
 # generates these classes from Llama's code, so they are copies, not subclasses)
 RMS_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+# decoder layers whose forward is Llama's (pre-norm, residual adds around attention and MLP)
+DECODER_LAYER_CLASSES = {
+    "LlamaDecoderLayer",
+    "MistralDecoderLayer",
+    "Qwen2DecoderLayer",
+    "Qwen3DecoderLayer",
+}
+# the attribute of a residual-stream tensor that carries its norm, computed by the fused add
+# that made the tensor: (the RMSNorm module it is for, the normed tensor)
+NORMED_ATTR = "_graftlm_normed"
 ROPE_MODULES = {
     "transformers.models.llama.modeling_llama",
     "transformers.models.mistral.modeling_mistral",
@@ -120,11 +131,78 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    normed = getattr(hidden_states, NORMED_ATTR, None)
+    if normed is not None and normed[0] is self:
+        delattr(hidden_states, NORMED_ATTR)  # used once: the tensor does not keep it alive
+        return normed[1]
     if fused_cpu.applies(hidden_states, self.weight):
         return fused_cpu.RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
     if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
         return type(self).forward(self, hidden_states)  # transformers' casts for low precision
     return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def add_rms_norm(
+    residual: torch.Tensor, x: torch.Tensor, norm: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`h = residual + x` and `norm(h)`: one C kernel each way for bf16 CPU tensors
+    (`fused_cpu.AddRMSNormFunction`), else the add and the norm's forward, as transformers."""
+    if _add_norm_fuses(residual, x, norm):
+        return fused_cpu.AddRMSNormFunction.apply(residual, x, norm.weight, norm.variance_epsilon)
+    hidden_states = residual + x
+    return hidden_states, norm(hidden_states)
+
+
+def _add_norm_fuses(residual: torch.Tensor, x: torch.Tensor, norm: nn.Module) -> bool:
+    return residual.shape == x.shape and fused_cpu.applies(residual, x, norm.weight)
+
+
+def decoder_layer_forward(next_norm: nn.Module | None):
+    """transformers' Llama decoder layer forward with each residual add fused into the RMSNorm
+    that reads its sum (vLLM's `fused_add_rms_norm`): the add after the attention with
+    `post_attention_layernorm`, and the add after the MLP with `next_norm`, the next layer's
+    `input_layernorm` (or the model's final norm). That norm's result travels on the layer's
+    output tensor (`NORMED_ATTR`) and `rms_norm_forward` returns it when `next_norm` is called
+    on that tensor; the layer's output itself is the residual stream as before, so hidden-state
+    outputs and every other caller see transformers' values. Not across a checkpointed layer:
+    its replay must save what its first run saved, so it adds and lets the next norm run."""
+
+    def forward(
+        self: nn.Module,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        residual, hidden_states = add_rms_norm(
+            residual, hidden_states, self.post_attention_layernorm
+        )
+        hidden_states = self.mlp(hidden_states)
+        checkpointed = getattr(self, "gradient_checkpointing", False) and self.training
+        if (
+            next_norm is None
+            or checkpointed
+            or not _add_norm_fuses(residual, hidden_states, next_norm)
+        ):
+            return residual + hidden_states
+        out, normed = add_rms_norm(residual, hidden_states, next_norm)
+        setattr(out, NORMED_ATTR, (next_norm, normed))
+        return out
+
+    return forward
 
 
 def swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +227,18 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
 
 
+def _is_rms_norm(module: nn.Module | None) -> bool:
+    return type(module).__name__ in RMS_NORM_CLASSES and hasattr(module, "variance_epsilon")
+
+
+def _is_llama_layer(module: nn.Module) -> bool:
+    return (
+        type(module).__name__ in DECODER_LAYER_CLASSES
+        and _is_rms_norm(getattr(module, "input_layernorm", None))
+        and _is_rms_norm(getattr(module, "post_attention_layernorm", None))
+    )
+
+
 def _is_silu_mlp(module: nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     # transformers' ACT2FN["silu"] is its own SiLUActivation (F.silu), older versions nn.SiLU
@@ -158,16 +248,25 @@ def _is_silu_mlp(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def fused_forwards(model: nn.Module) -> Iterator[int]:
-    """Run the model's RMSNorms, SiLU MLPs and rotary embeddings on the fused kernels (and,
-    in a bf16 CPU training step, its LoRA layers as one function each: `lora_update.py`).
+    """Run the model's RMSNorms, SiLU MLPs and rotary embeddings on the fused kernels, with
+    each residual add of its Llama decoder layers fused into the RMSNorm after it (in bf16 on a
+    CPU; `decoder_layer_forward`), and, in a bf16 CPU training step, its LoRA layers as one
+    function each (`lora_update.py`).
 
     Yields how many modules were switched (0: nothing recognised, the model runs unchanged).
     On exit every module and the transformers modeling module are as they were.
     """
     switched: list[nn.Module] = []
     for module in model.modules():
-        name = type(module).__name__
-        if name in RMS_NORM_CLASSES and hasattr(module, "variance_epsilon"):
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and all(map(_is_llama_layer, layers)):
+            final_norm = getattr(module, "norm", None)
+            next_norms = [layer.input_layernorm for layer in layers[1:]]
+            next_norms.append(final_norm if _is_rms_norm(final_norm) else None)
+            for layer, next_norm in zip(layers, next_norms):
+                layer.forward = types.MethodType(decoder_layer_forward(next_norm), layer)
+                switched.append(layer)
+        elif _is_rms_norm(module):
             module.forward = types.MethodType(rms_norm_forward, module)
             switched.append(module)
         elif _is_silu_mlp(module):

@@ -33,6 +33,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from graftlm.errors import GraftError
+from graftlm.kernels import build
 from graftlm.methods.lora.nf4_layer import LoraNF4Linear
 from graftlm.quant.nf4_linear import NF4Linear
 from graftlm.train.launch import launched_by_torchrun
@@ -43,13 +44,20 @@ logger = logging.getLogger("graftlm")
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+# oneDNN's instruction-set caps below AVX-512 BF16: under them its bf16 products are emulated
+_ONEDNN_CAPS_WITHOUT_BF16 = {
+    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+}  # fmt: skip
+
+
 @functools.lru_cache(maxsize=1)
 def bf16_supported() -> bool:
-    """True where bf16 matrix products are fast on this CPU (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = handle.read()
-    except OSError:
+    """True where bf16 matrix products are fast on this CPU (AVX-512 BF16 or AMX), unless
+    `GRAFTLM_KERNEL_ISA=avx2` or oneDNN's `ONEDNN_MAX_CPU_ISA` caps the instructions below
+    them (an emulated AVX2 CPU picks float32, as a real one does)."""
+    flags = build.cpu_flags()
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")
+    if flags is None or onednn_cap.strip().upper() in _ONEDNN_CAPS_WITHOUT_BF16:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
