@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--base", action="store_true", help="score the untrained base model only")
     parser.add_argument("--outputs", help="append every test answer and its reference here")
     args = parser.parse_args()
+    commit = code_version()  # the code these runs load, before anyone commits beside them
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
 
@@ -156,7 +157,7 @@ def main() -> None:
             "validation": graft["training"].get("validation"),  # adaptive runs: why it stopped
             "cpu_bf16": bf16_supported(),
             "machine": platform.processor() or platform.machine(),
-            "commit": code_version(),
+            "commit": commit,
         }
         print(json.dumps(record), flush=True)
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
