@@ -151,6 +151,7 @@ def worker_graftlm(args) -> dict:
         activation_checkpointing=False if args.no_activation_checkpointing else None,
         fused_kernels=not args.no_fused_kernels,
         dtype=args.dtype,
+        micro_batch_size=args.micro_batch_size,
         **extra,
     )
     prof = step_profiler(args.profile)
@@ -378,6 +379,7 @@ def run_graftlm_cli(args, data: Path) -> dict:
         *(["--no-activation-checkpointing"] if args.no_activation_checkpointing else []),
         *(["--no-fused-kernels"] if args.no_fused_kernels else []),
         *(["--dtype", args.dtype] if args.dtype != "auto" else []),
+        *(["--micro-batch-size", str(args.micro_batch_size)] if args.micro_batch_size else []),
     ]  # fmt: skip
     _, peak_mb = run_measured("graftlm-cli", command)
     return {**step_totals(out), "peak_rss_mb": peak_mb}
@@ -413,6 +415,13 @@ def main() -> None:
         choices=["auto", "float32", "bfloat16"],
         default="auto",
         help="every side's compute dtype (auto: bf16 where the CPU has it, as graftlm's default)",
+    )
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="graftlm's rows per forward pass (default: its own, ~1024 tokens; PEFT's loop "
+        "runs the whole batch in one pass)",
     )
     workers = ["graftlm", "peft", "peft-fast", "flops"]
     parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
@@ -472,6 +481,7 @@ def main() -> None:
         + ["--profile", str(args.profile), "--threads", str(args.threads)]
         + (["--no-fused-kernels"] if args.no_fused_kernels else [])
         + ["--dtype", args.dtype]
+        + (["--micro-batch-size", str(args.micro_batch_size)] if args.micro_batch_size else [])
     )
     sides = args.sides.split(",")
     if args.workload == "chat" and "peft-fast" in sides:
