@@ -38,10 +38,11 @@ TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
 # every setting, so these differ by design; with --steps none of them changes what a run computes.
 # `force` (issue 20: train despite the plan's memory check) changes nothing a run computes either.
 # Issue 19's settings (the lean AdamW, the forgetting meter) are off here or change nothing, and
-# the meter's result (training.forgetting) is not written with --no-forgetting.
+# the meter's result (training.forgetting) is not written with --no-forgetting. NEFTune
+# (`neftune_alpha`) is off by default and then draws nothing.
 RECIPE_SETTINGS = (
     "max_epochs", "patience", "time_budget", "lora_init", "epochs", "force",
-    "lean_optimizer", "forgetting", "keep", "keep_limit",
+    "lean_optimizer", "forgetting", "keep", "keep_limit", "neftune_alpha",
 )  # fmt: skip
 
 
