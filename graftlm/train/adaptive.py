@@ -3,7 +3,8 @@ is given.
 
 The run may last the method's `max_epochs`. It is evaluated on the validation split about three
 times an epoch; the learning rate stays at its peak (after warmup) while the score improves.
-Once it has not improved for `patience` evaluations (or is perfect), or the longest length or
+Once it has not improved for `patience` evaluations (a better exact match, or the same one at
+a clearly lower answer loss: `Score.progresses_from`), or the longest length or
 80% of `time_budget` comes near, the learning rate decays linearly to zero over a quarter of
 the run so far, a last evaluation follows, and the run stops. The adapter saved is the one of
 the best evaluation, and the run says why it stopped where it did. Data too small for a
@@ -72,10 +73,7 @@ def validate(
     step = row_eval["step"]
     if not early.update(score, step) or early.cooling():
         return
-    if score.exact_match == 1.0:
-        reason = "validation exact match reached 1.00"
-    else:
-        reason = f"{early.best.describe()} did not improve for {early.evals_since_best} evaluations"
+    reason = f"{early.best.describe()} did not improve for {early.evals_since_best} evaluations"
     early.begin_cooldown(step, cooldown_length(step, early), reason)
 
 

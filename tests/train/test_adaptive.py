@@ -45,8 +45,8 @@ def test_early_stop_keeps_the_best_and_stops_after_patience():
     assert not early.update(Score(0.5, 1.0), step=10)
     with torch.no_grad():
         weight.fill_(2.0)
-    # same exact match at a lower loss: kept as the best, but no progress
-    assert not early.update(Score(0.5, 0.9), step=20)
+    # same exact match at a loss under 3% lower: kept as the best, but no progress
+    assert not early.update(Score(0.5, 0.98), step=20)
     assert early.evals_since_best == 1
     with torch.no_grad():
         weight.fill_(3.0)
@@ -55,7 +55,7 @@ def test_early_stop_keeps_the_best_and_stops_after_patience():
     assert early.best_step == 20 and torch.equal(weight.detach(), torch.full((3,), 2.0))
     again = EarlyStop({"w": weight}, patience=2, exact_match=True)
     again.load_state_dict(early.state_dict())
-    assert (again.best_step, again.evals_since_best, again.best) == (20, 2, Score(0.5, 0.9))
+    assert (again.best_step, again.evals_since_best, again.best) == (20, 2, Score(0.5, 0.98))
 
 
 def test_learning_rate_warms_up_holds_and_decays_to_zero_in_the_cooldown():
@@ -68,9 +68,15 @@ def test_learning_rate_warms_up_holds_and_decays_to_zero_in_the_cooldown():
     assert not early.cooldown_done(13) and early.cooldown_done(14) and early.reason == "plateau"
 
 
-def test_a_perfect_exact_match_stops_at_once_and_loss_runs_wait_on_the_loss():
+def test_a_perfect_exact_match_waits_on_the_loss_and_loss_runs_wait_on_the_loss():
     weight = torch.nn.Parameter(torch.zeros(1))
-    assert EarlyStop({"w": weight}, patience=5, exact_match=True).update(Score(1.0, 0.3), 4)
+    perfect = EarlyStop({"w": weight}, patience=2, exact_match=True)
+    assert not perfect.update(Score(1.0, 0.3), 4)  # perfect on training's phrasings: not the end
+    assert not perfect.update(Score(1.0, 0.2), 8)  # the answer loss still falls: progress
+    assert perfect.evals_since_best == 0 and perfect.best_step == 8
+    assert not perfect.update(Score(1.0, 0.199), 12)  # kept as the best, but no progress
+    assert perfect.best_step == 12 and perfect.evals_since_best == 1
+    assert perfect.update(Score(1.0, 0.25), 16)  # patience spent
     by_loss = EarlyStop({"w": weight}, patience=2)
     assert not by_loss.update(Score(None, 1.0), 1)
     assert not by_loss.update(Score(None, 0.9), 2)  # a lower loss is progress here
