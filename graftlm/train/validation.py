@@ -191,22 +191,32 @@ class EarlyStop:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     eval_every: int = 1  # steps between evaluations
     warmup: int = 0  # steps of linear warmup
+    total_steps: int = 0  # the longest length, which the cosine spans; 0: hold the peak
     cooldown_start: int = -1  # the step the learning rate starts its decay to zero; -1: not yet
     cooldown_steps: int = 0
     reason: str = ""  # why the cool-down began
 
     def lr_factor(self, step: int) -> float:
-        """Warmup, then the full learning rate until the cool-down, then linear to zero.
+        """Warmup, then a cosine over the longest length (`total_steps`; 0: hold the peak), and
+        from the cool-down on, linear from there to zero.
 
-        A cosine over the longest length would still be near its peak when validation stops a
-        run early; annealing is worth points (bank_intent: 0.86 stopped at its peak against 0.94
-        for one annealed epoch), so the decay starts when the run decides to stop.
-        """
+        Without a stop the schedule is exactly a fixed run's over the longest length. The decay
+        from the start is worth points on held-out phrasings: bank_intent scored 0.964 with a
+        cosine over 4 epochs against 0.871 when the peak was held until validation stopped the
+        run at 3 epochs (bench/results/zoo.md). A stop still ends with its own cool-down, so
+        that no run ends at a high learning rate (0.86 stopped at the peak, against 0.94)."""
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         if self.cooldown_start < 0 or step < self.cooldown_start:
+            return self._planned(step)
+        left = 1.0 - (step - self.cooldown_start + 1) / (self.cooldown_steps + 1)
+        return self._planned(self.cooldown_start) * max(0.0, left)
+
+    def _planned(self, step: int) -> float:
+        if self.total_steps <= 0:
             return 1.0
-        return max(0.0, 1.0 - (step - self.cooldown_start + 1) / (self.cooldown_steps + 1))
+        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
     def begin_cooldown(self, step: int, steps: int, reason: str) -> None:
         """Decay the learning rate to zero over the next `steps` steps, then stop."""

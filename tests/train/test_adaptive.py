@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from graftlm.data.dataset import IGNORE_INDEX, Example
 from graftlm.train import adaptive, validation
 from graftlm.train.loop import train
+from graftlm.train.steps import lr_lambda
 from graftlm.train.validation import EarlyStop, Score, answer_span, split_validation
 
 
@@ -66,6 +67,17 @@ def test_learning_rate_warms_up_holds_and_decays_to_zero_in_the_cooldown():
     factors = [early.lr_factor(s) for s in range(9, 15)]
     assert factors[:2] == [1.0, 0.8] and factors[4] == pytest.approx(0.2) and factors[5] == 0.0
     assert not early.cooldown_done(13) and early.cooldown_done(14) and early.reason == "plateau"
+
+
+def test_learning_rate_follows_a_fixed_runs_cosine_until_the_cooldown():
+    early = EarlyStop({}, patience=2, warmup=6, total_steps=100)
+    fixed = lr_lambda(100, 0.06)
+    assert [early.lr_factor(s) for s in range(60)] == [fixed(s) for s in range(60)]
+    early.begin_cooldown(60, 9, "plateau")
+    at_start = fixed(60)
+    assert 0.2 < at_start < 0.5
+    assert early.lr_factor(64) == pytest.approx(at_start * 0.5)  # linear from there to zero
+    assert early.lr_factor(69) == 0.0 and early.lr_factor(80) == 0.0
 
 
 def test_a_perfect_exact_match_waits_on_the_loss_and_loss_runs_wait_on_the_loss():
