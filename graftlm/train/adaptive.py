@@ -7,9 +7,10 @@ the longest length (warmup, then a cosine). Once it has not improved for `patien
 (a better exact match, or the same one at a clearly lower answer loss:
 `Score.progresses_from`), or the longest length or 80% of `time_budget` comes near, the
 learning rate decays linearly from where it is to zero over a quarter of the run so far, a last
-evaluation follows, and the run stops. The adapter saved is the one of the best evaluation, and
-the run says why it stopped where it did. Data too small for a validation split (under 32
-distinct prompts) trains for `max_epochs` on a cosine schedule.
+evaluation follows, and the run stops. The adapter saved is the one of the best evaluation (the
+last one's, unless an earlier one is clearly better), and the run says why it stopped where it
+did. Data too small for a validation split (under 32 distinct prompts) trains for `max_epochs`
+on a cosine schedule.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def early_stop_for(
     early.eval_every = cfg.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
     early.warmup = int(round(total_steps * cfg.warmup_ratio))  # as a fixed run's (lr_lambda)
     early.total_steps = total_steps
+    early.one_row = 1 / len(validation)
     return early
 
 

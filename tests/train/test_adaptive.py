@@ -80,6 +80,29 @@ def test_learning_rate_follows_a_fixed_runs_cosine_until_the_cooldown():
     assert early.lr_factor(69) == 0.0 and early.lr_factor(80) == 0.0
 
 
+def test_the_last_evaluation_keeps_its_adapter_unless_clearly_worse():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    early = EarlyStop({"w": weight}, patience=1, exact_match=True, one_row=0.02)
+    assert not early.update(Score(0.98, 0.1), 10)
+    assert early.update(Score(0.96, 0.1), 20)  # one row behind, mid-run: not kept
+    assert early.best_step == 10
+    early.begin_cooldown(20, 10, "plateau")
+    with torch.no_grad():
+        weight.fill_(5.0)
+    early.update(Score(0.96, 0.2), 30)  # the last, annealed evaluation: within one row
+    assert early.best_step == 30 and torch.equal(early.best_state["w"], torch.full((1,), 5.0))
+    behind = EarlyStop({"w": weight}, patience=1, exact_match=True, one_row=0.02)
+    behind.update(Score(0.98, 0.1), 10)
+    behind.begin_cooldown(10, 10, "plateau")
+    behind.update(Score(0.94, 0.05), 20)  # two rows behind: the earlier adapter stays
+    assert behind.best_step == 10
+    by_loss = EarlyStop({"w": weight}, patience=1)
+    by_loss.update(Score(None, 1.0), 10)
+    by_loss.begin_cooldown(10, 10, "plateau")
+    by_loss.update(Score(None, 1.05), 20)  # 5% higher loss: clearly worse
+    assert by_loss.best_step == 10
+
+
 def test_a_perfect_exact_match_waits_on_the_loss_and_loss_runs_wait_on_the_loss():
     weight = torch.nn.Parameter(torch.zeros(1))
     perfect = EarlyStop({"w": weight}, patience=2, exact_match=True)
