@@ -2,15 +2,13 @@
 is given.
 
 The run may last the method's `max_epochs`. It is evaluated on the validation split about three
-times an epoch; while the score improves, the learning rate follows a fixed run's schedule over
-the longest length (warmup, then a cosine). Once it has not improved for `patience` evaluations
-(a better exact match, or the same one at a clearly lower answer loss:
-`Score.progresses_from`), or the longest length or 80% of `time_budget` comes near, the
-learning rate decays linearly from where it is to zero over a quarter of the run so far, a last
-evaluation follows, and the run stops. The adapter saved is the one of the best evaluation (the
-last one's, unless an earlier one is clearly better), and the run says why it stopped where it
-did. Data too small for a validation split (under 32 distinct prompts) trains for `max_epochs`
-on a cosine schedule.
+times an epoch; the learning rate stays at its peak (after warmup) while the score improves.
+Once it has not improved for `patience` evaluations (a better exact match, or the same one at
+a clearly lower answer loss: `Score.progresses_from`), or the longest length or
+80% of `time_budget` comes near, the learning rate decays linearly to zero over a quarter of
+the run so far, a last evaluation follows, and the run stops. The adapter saved is the one of
+the best evaluation, and the run says why it stopped where it did. Data too small for a
+validation split (under 32 distinct prompts) trains for `max_epochs` on a cosine schedule.
 """
 
 from __future__ import annotations
@@ -50,9 +48,7 @@ def early_stop_for(
     early.exact_match = scores_by_exact_match(validation, tokenizer)
     steps_per_epoch = n_examples / cfg.batch_size
     early.eval_every = cfg.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
-    early.warmup = int(round(total_steps * cfg.warmup_ratio))  # as a fixed run's (lr_lambda)
-    early.total_steps = total_steps
-    early.one_row = 1 / len(validation)
+    early.warmup = int(round(total_steps * cfg.warmup_ratio))
     return early
 
 

@@ -172,13 +172,6 @@ class Score:
             return self.exact_match > other.exact_match
         return self.loss < (1 - LOSS_PROGRESS) * other.loss
 
-    def close_to(self, other: Score, one_row: float) -> bool:
-        """Within the noise of `other`: at most one validation row (`one_row`) fewer exact
-        matches, or an answer loss at most `LOSS_PROGRESS` higher when scored by loss."""
-        if self.exact_match is None or other.exact_match is None:
-            return self.loss <= (1 + LOSS_PROGRESS) * other.loss
-        return self.exact_match >= other.exact_match - one_row - 1e-9
-
     def describe(self) -> str:
         if self.exact_match is None:
             return f"validation answer loss {self.loss:.4f}"
@@ -198,33 +191,22 @@ class EarlyStop:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     eval_every: int = 1  # steps between evaluations
     warmup: int = 0  # steps of linear warmup
-    total_steps: int = 0  # the longest length, which the cosine spans; 0: hold the peak
-    one_row: float = 0.0  # the exact match of one validation row (1 / rows)
     cooldown_start: int = -1  # the step the learning rate starts its decay to zero; -1: not yet
     cooldown_steps: int = 0
     reason: str = ""  # why the cool-down began
 
     def lr_factor(self, step: int) -> float:
-        """Warmup, then a cosine over the longest length (`total_steps`; 0: hold the peak), and
-        from the cool-down on, linear from there to zero.
+        """Warmup, then the full learning rate until the cool-down, then linear to zero.
 
-        Without a stop the schedule is exactly a fixed run's over the longest length. The decay
-        from the start is worth points on held-out phrasings: bank_intent scored 0.964 with a
-        cosine over 4 epochs against 0.871 when the peak was held until validation stopped the
-        run at 3 epochs (bench/results/zoo.md). A stop still ends with its own cool-down, so
-        that no run ends at a high learning rate (0.86 stopped at the peak, against 0.94)."""
+        A cosine over the longest length would still be near its peak when validation stops a
+        run early; annealing is worth points (bank_intent: 0.86 stopped at its peak against 0.94
+        for one annealed epoch), so the decay starts when the run decides to stop.
+        """
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         if self.cooldown_start < 0 or step < self.cooldown_start:
-            return self._planned(step)
-        left = 1.0 - (step - self.cooldown_start + 1) / (self.cooldown_steps + 1)
-        return self._planned(self.cooldown_start) * max(0.0, left)
-
-    def _planned(self, step: int) -> float:
-        if self.total_steps <= 0:
             return 1.0
-        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        return max(0.0, 1.0 - (step - self.cooldown_start + 1) / (self.cooldown_steps + 1))
 
     def begin_cooldown(self, step: int, steps: int, reason: str) -> None:
         """Decay the learning rate to zero over the next `steps` steps, then stop."""
@@ -242,12 +224,7 @@ class EarlyStop:
         evaluations without progress (a perfect exact match is not the end: see
         `Score.progresses_from`)."""
         progress = score.progresses_from(self.best)
-        # The last evaluation, after the cool-down, keeps its adapter unless clearly worse: an
-        # earlier one that is a validation row ahead is within the split's noise, and the
-        # annealed adapter answers unseen phrasings better (ticket_triage: the step-54 adapter,
-        # one row ahead of the final step 90, scored 0.533 held out; bench/results/zoo.md).
-        final = self.cooldown_done(step) and self.best is not None
-        if score.beats(self.best) or (final and score.close_to(self.best, self.one_row)):
+        if score.beats(self.best):
             self.best, self.best_step = score, step
             self._keep_best()
         self.evals_since_best = 0 if progress else self.evals_since_best + 1

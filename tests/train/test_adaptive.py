@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from graftlm.data.dataset import IGNORE_INDEX, Example
 from graftlm.train import adaptive, validation
 from graftlm.train.loop import train
-from graftlm.train.steps import lr_lambda
 from graftlm.train.validation import EarlyStop, Score, answer_span, split_validation
 
 
@@ -67,40 +66,6 @@ def test_learning_rate_warms_up_holds_and_decays_to_zero_in_the_cooldown():
     factors = [early.lr_factor(s) for s in range(9, 15)]
     assert factors[:2] == [1.0, 0.8] and factors[4] == pytest.approx(0.2) and factors[5] == 0.0
     assert not early.cooldown_done(13) and early.cooldown_done(14) and early.reason == "plateau"
-
-
-def test_learning_rate_follows_a_fixed_runs_cosine_until_the_cooldown():
-    early = EarlyStop({}, patience=2, warmup=6, total_steps=100)
-    fixed = lr_lambda(100, 0.06)
-    assert [early.lr_factor(s) for s in range(60)] == [fixed(s) for s in range(60)]
-    early.begin_cooldown(60, 9, "plateau")
-    at_start = fixed(60)
-    assert 0.2 < at_start < 0.5
-    assert early.lr_factor(64) == pytest.approx(at_start * 0.5)  # linear from there to zero
-    assert early.lr_factor(69) == 0.0 and early.lr_factor(80) == 0.0
-
-
-def test_the_last_evaluation_keeps_its_adapter_unless_clearly_worse():
-    weight = torch.nn.Parameter(torch.zeros(1))
-    early = EarlyStop({"w": weight}, patience=1, exact_match=True, one_row=0.02)
-    assert not early.update(Score(0.98, 0.1), 10)
-    assert early.update(Score(0.96, 0.1), 20)  # one row behind, mid-run: not kept
-    assert early.best_step == 10
-    early.begin_cooldown(20, 10, "plateau")
-    with torch.no_grad():
-        weight.fill_(5.0)
-    early.update(Score(0.96, 0.2), 30)  # the last, annealed evaluation: within one row
-    assert early.best_step == 30 and torch.equal(early.best_state["w"], torch.full((1,), 5.0))
-    behind = EarlyStop({"w": weight}, patience=1, exact_match=True, one_row=0.02)
-    behind.update(Score(0.98, 0.1), 10)
-    behind.begin_cooldown(10, 10, "plateau")
-    behind.update(Score(0.94, 0.05), 20)  # two rows behind: the earlier adapter stays
-    assert behind.best_step == 10
-    by_loss = EarlyStop({"w": weight}, patience=1)
-    by_loss.update(Score(None, 1.0), 10)
-    by_loss.begin_cooldown(10, 10, "plateau")
-    by_loss.update(Score(None, 1.05), 20)  # 5% higher loss: clearly worse
-    assert by_loss.best_step == 10
 
 
 def test_a_perfect_exact_match_waits_on_the_loss_and_loss_runs_wait_on_the_loss():
