@@ -1,5 +1,6 @@
 """The base model under the adapters: its fingerprint, the check of a folder against it, and
-turning its linear layers to 4 bits for QLoRA adapters.
+turning its linear layers to 4 bits for QLoRA adapters (kept on their own 4-bit grid where the
+base is already 4-bit, as the built-in GGUF Q4_1 model is).
 
 A fingerprint identifies a base (architecture, layer shapes, a hash of a few embedding rows);
 `graftlm.json` records the one an adapter was trained on, and loading compares it with the
@@ -19,7 +20,10 @@ from graftlm.adapters.modules import is_linear, linear_dims
 from graftlm.adapters.state import adapter_state
 from graftlm.errors import GraftError
 from graftlm.methods.lora.layer import LoraEmbedding, LoraLayerBase, LoraLinear
-from graftlm.quant.nf4_linear import quantize_model_linears
+from graftlm.models.load import model_folder
+from graftlm.models.weights import StreamedLoadUnsupported, iter_tensors, weight_files
+from graftlm.quant.base_linears import quantize_model_linears
+from graftlm.quant.q4_grid import Q4GridTensor, find_q4_grid
 
 
 def base_fingerprint(model: nn.Module) -> dict:
@@ -105,4 +109,29 @@ def quantize_base(model: nn.Module) -> None:
     if any(getattr(m, "is_quantized_linear", False) for m in model.modules()):
         return
     base_fingerprint(model)
-    quantize_model_linears(model)
+    quantize_model_linears(model, grids=grids_in_files(model))
+
+
+def grids_in_files(model: nn.Module) -> dict[str, Q4GridTensor] | None:
+    """`{linear layer name: its 4-bit grid}` for the base's linear weights that are already 4-bit
+    (`graftlm.quant.q4_grid`), read in full precision from the model's own safetensors files;
+    None where the model has no such files (then the weights in memory are looked at instead).
+
+    The files, not the weights in memory, because a base loaded in bf16 holds its 4-bit values
+    rounded to bf16, which no longer sit on their grid; training and inference read the same
+    files, so an adapter always meets the base it was trained on.
+    """
+    if not getattr(getattr(model, "config", None), "name_or_path", ""):
+        return None  # not loaded from files (a model built in memory)
+    try:
+        files = weight_files(model_folder(model))
+    except (GraftError, StreamedLoadUnsupported):
+        return None
+    wanted = {f"{name}.weight": name for name, module in model.named_modules() if is_linear(module)}
+    grids = {}
+    for path in files:
+        for key, weight in iter_tensors(path, set(wanted)):
+            grid = find_q4_grid(weight)
+            if grid is not None:
+                grids[wanted[key]] = grid
+    return grids

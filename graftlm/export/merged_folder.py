@@ -16,7 +16,7 @@ from graftlm.errors import GraftError
 from graftlm.infer.generate import base_for_adapters, parse_dtype
 from graftlm.methods import folder_method, method_module
 from graftlm.models.load import load_model
-from graftlm.quant.nf4_linear import dequantize_model_linears
+from graftlm.quant.base_linears import dequantize_model_linears
 
 
 def merge_to_folder(

@@ -1,4 +1,6 @@
-/* NF4 dequantization: out[i] = levels[code[i]] * absmax[i / blocksize], AVX2, fp32 or bf16 out.
+/* NF4 dequantization: out[i] = levels[code[i]] * absmax[i / blocksize], AVX2, fp32 or bf16 out;
+ * with per-block offsets (a 4-bit affine grid, graftlm/quant/q4_grid.py), that product plus
+ * offsets[i / blocksize], rounded once more in fp32 (a plain add after the multiply).
  *
  * Codes are packed two per byte, element 2k in the high nibble of byte k. Every product is the
  * fp32 product of the level and its block's scale (a plain multiply: nothing here may fuse it
@@ -50,7 +52,7 @@ static inline __m256i round_bf16(__m256 v) {
 
 /* 16 values from 8 bytes, in order: the high nibble of each byte, then its low nibble */
 static inline void decode16(const uint8_t *bytes8, __m256 low_levels, __m256 high_levels,
-                            __m256 scales, __m256 *first, __m256 *second) {
+                            __m256 scales, const __m256 *shift, __m256 *first, __m256 *second) {
     __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes8));
     __m256 high = lookup(_mm256_srli_epi32(bytes, 4), low_levels, high_levels);
     __m256 low = lookup(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), low_levels, high_levels);
@@ -58,11 +60,17 @@ static inline void decode16(const uint8_t *bytes8, __m256 low_levels, __m256 hig
     __m256 odd = _mm256_unpackhi_ps(high, low);  /* h2 l2 h3 l3 | h6 l6 h7 l7 */
     *first = _mm256_mul_ps(_mm256_permute2f128_ps(even, odd, 0x20), scales);
     *second = _mm256_mul_ps(_mm256_permute2f128_ps(even, odd, 0x31), scales);
+    if (shift) { /* NULL for NF4: adding 0.0 would turn a -0.0 product into +0.0 */
+        *first = _mm256_add_ps(*first, *shift);
+        *second = _mm256_add_ps(*second, *shift);
+    }
 }
 
-static inline float value_at(const uint8_t *packed, const float *levels, long i, float scale) {
+static inline float value_at(const uint8_t *packed, const float *levels, long i, float scale,
+                             const float *shift) {
     uint8_t byte = packed[i / 2];
-    return levels[(i & 1) ? (byte & 15) : (byte >> 4)] * scale;
+    float value = levels[(i & 1) ? (byte & 15) : (byte >> 4)] * scale;
+    return shift ? value + *shift : value;
 }
 
 static inline float block_scale(const scales_t *s, long b) {
@@ -71,42 +79,47 @@ static inline float block_scale(const scales_t *s, long b) {
     return scaled + *s->offset;
 }
 
-/* values [start, end) of one block, all with the same scale */
-static void dequantize_block(const uint8_t *packed, const float *levels, float scale, long start,
-                             long end, int bf16, void *out) {
+/* values [start, end) of one block, all with the same scale (and offset, where `offset` is
+ * not NULL) */
+static void dequantize_block(const uint8_t *packed, const float *levels, float scale,
+                             const float *offset, long start, long end, int bf16, void *out) {
     const __m256 low_levels = _mm256_loadu_ps(levels);
     const __m256 high_levels = _mm256_loadu_ps(levels + 8);
     const __m256 scales = _mm256_set1_ps(scale);
+    const __m256 shift_value = _mm256_set1_ps(offset ? *offset : 0.0f);
+    const __m256 *shift = offset ? &shift_value : NULL;
     float *out32 = (float *)out;
     uint16_t *out16 = (uint16_t *)out;
     __m256 first, second;
     long i = start;
     if (!bf16) {
         for (; i + 16 <= end; i += 16) {
-            decode16(packed + i / 2, low_levels, high_levels, scales, &first, &second);
+            decode16(packed + i / 2, low_levels, high_levels, scales, shift, &first, &second);
             _mm256_storeu_ps(out32 + i, first);
             _mm256_storeu_ps(out32 + i + 8, second);
         }
-        for (; i < end; i++) out32[i] = value_at(packed, levels, i, scale);
+        for (; i < end; i++) out32[i] = value_at(packed, levels, i, scale, offset);
         return;
     }
-    if (isfinite(scale)) { /* finite products: no NaN to round */
+    if (isfinite(scale) && (!offset || isfinite(*offset))) { /* finite values: no NaN to round */
         for (; i + 16 <= end; i += 16) {
-            decode16(packed + i / 2, low_levels, high_levels, scales, &first, &second);
+            decode16(packed + i / 2, low_levels, high_levels, scales, shift, &first, &second);
             __m256i bits = _mm256_packus_epi32(round_bf16(first), round_bf16(second));
             _mm256_storeu_si256((__m256i *)(out16 + i), _mm256_permute4x64_epi64(bits, 0xD8));
         }
     }
-    for (; i < end; i++) out16[i] = bf16_bits(value_at(packed, levels, i, scale));
+    for (; i < end; i++) out16[i] = bf16_bits(value_at(packed, levels, i, scale, offset));
 }
 
 /* Dequantize n values (blocksize a multiple of 16) into out: fp32, or bf16 bits if bf16 != 0.
  * Block scales: `absmax` (fp32), or where it is NULL decoded from `absmax_codes`,
- * `dynamic_code`, `group_scales` and `*offset`. levels: the 16 fp32 NF4 levels. */
+ * `dynamic_code`, `group_scales` and `*offset`. levels: the 16 fp32 levels (NF4's, or 0..15).
+ * block_offsets: NULL, or one fp32 value per block added after the scaling. */
 void graftlm_nf4_dequantize(const uint8_t *packed, const float *absmax,
                             const uint8_t *absmax_codes, const float *dynamic_code,
-                            const float *group_scales, const float *offset, const float *levels,
-                            long n, long blocksize, int bf16, void *out, int threads) {
+                            const float *group_scales, const float *offset,
+                            const float *block_offsets, const float *levels, long n,
+                            long blocksize, int bf16, void *out, int threads) {
     scales_t scales = {absmax, absmax_codes, dynamic_code, group_scales, offset};
     long blocks = (n + blocksize - 1) / blocksize;
     if (threads < 1) threads = 1;
@@ -114,6 +127,7 @@ void graftlm_nf4_dequantize(const uint8_t *packed, const float *absmax,
     for (long b = 0; b < blocks; b++) {
         long start = b * blocksize;
         long end = start + blocksize < n ? start + blocksize : n;
-        dequantize_block(packed, levels, block_scale(&scales, b), start, end, bf16, out);
+        const float *shift = block_offsets ? block_offsets + b : NULL;
+        dequantize_block(packed, levels, block_scale(&scales, b), shift, start, end, bf16, out);
     }
 }

@@ -55,9 +55,11 @@ def dequantize(
     dynamic_code: torch.Tensor | None = None,
     group_scales: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    block_offsets: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """`levels[code[i]] * scale[i // blocksize]` for the n packed codes, in `dtype`; None (nothing
+    """`levels[code[i]] * scale[i // blocksize]` for the n packed codes, in `dtype`, plus
+    `block_offsets[i // blocksize]` where given (added after the product); None (nothing
     done) where the kernel does not apply: not on CPU, `dtype` not fp32 or bf16, a block size
     that is not a multiple of 16, or no kernel here.
 
@@ -73,6 +75,8 @@ def dequantize(
         absmax: fp32 `(ceil(n / blocksize),)`, the scale of every block; or None and:
         absmax_codes: uint8, one code per block; dynamic_code: fp32 `(256,)`;
         group_scales: fp32, one per 256 blocks; offset: fp32, one value.
+        block_offsets: fp32 `(ceil(n / blocksize),)` or None: the 4-bit affine grids of
+            `graftlm.quant.q4_grid`, `levels` then being 0..15.
         out: where to write, a contiguous CPU tensor of n values of `dtype`; None: a new one.
 
     Returns:
@@ -95,6 +99,9 @@ def dequantize(
         assert group_scales.dtype is torch.float32 and group_scales.numel() == -(-blocks // 256)
         assert offset.dtype is torch.float32 and offset.numel() == 1, "one fp32 offset"
         scales = (None, absmax_codes, dynamic_code, group_scales, offset)
+    if block_offsets is not None:
+        assert block_offsets.dtype is torch.float32 and block_offsets.numel() == blocks, "offsets"
+    scales = (*scales, block_offsets)
     pointers = [None if t is None else t.contiguous().data_ptr() for t in scales]
     if out is None:
         out = torch.empty(n, dtype=dtype)
@@ -132,7 +139,7 @@ def kernel():
     if library is None:
         logger.info("NF4 weights dequantize in torch: %s", reason or "the C kernel did not build")
         return None
-    argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _INT, _PTR, _INT]
+    argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _INT, _PTR, _INT]
     return build.bind(library, "graftlm_nf4_dequantize", argtypes, None)
 
 

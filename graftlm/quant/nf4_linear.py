@@ -1,28 +1,28 @@
-"""`NF4Linear`: a frozen linear layer whose weight is stored in NF4, and model-wide swaps.
+"""`NF4Linear`: a frozen linear layer whose weight is stored in NF4.
 
 Split from `graftlm.quant.nf4` (the NF4 format itself) so the format stays small. `NF4Linear`
 computes `x @ dequant(W).T` with a custom autograd function that dequantizes again in backward,
-so the full-precision weight lives only for one matmul; `quantize_model_linears` and
-`dequantize_model_linears` swap a model's linear layers to and from `NF4Linear` in place.
+so the full-precision weight lives only for one matmul. `graftlm.quant.q4_grid.Q4GridLinear`
+is the same layer over a weight kept on its own 4-bit grid; `graftlm.quant.base_linears` swaps
+a model's linear layers to and from these layers in place.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import nn
 
-from graftlm.kernels.small_batch_linear import is_plain_linear
 from graftlm.quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4Tensor, quantize_nf4
 
-__all__ = ["NF4Linear", "dequantize_model_linears", "quantize_model_linears"]
+__all__ = ["NF4Linear"]
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """`x @ dequant(W).T` that keeps nothing large for backward: W is dequantized again there."""
+    """`x @ dequant(W).T` that keeps nothing large for backward: W is dequantized again there.
+    `q` is any packed weight with `dequantize(dtype, out=)`, `numel` and `packed` (NF4Tensor,
+    Q4GridTensor)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -69,9 +69,6 @@ def dequantized(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     return q.dequantize(dtype, out=buffer[:n])
 
 
-_FP32_BUFFERS = ("weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
-
-
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4: `y = x @ dequant(W).T + b`.
 
@@ -95,6 +92,7 @@ class NF4Linear(nn.Module):
     """
 
     is_quantized_linear = True  # how graftlm.methods.lora.inject recognises a quantized base layer
+    fp32_buffers = ("weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
 
     def __init__(
         self,
@@ -200,13 +198,17 @@ class NF4Linear(nn.Module):
             self.blocksize,
         )
 
+    def quantized(self) -> NF4Tensor:
+        """The packed weight the matrix products dequantize (here the NF4 codes)."""
+        return self.nf4
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A fresh full-precision copy of the weight, `(out_features, in_features)`.
 
         Args:
             dtype: output dtype; None means the dtype the weight had before quantization.
         """
-        return self.nf4.dequantize(dtype)
+        return self.quantized().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_with(x, None)
@@ -222,7 +224,7 @@ class NF4Linear(nn.Module):
             dtype = self.compute_dtype or x.dtype
         with torch.autocast(x.device.type, enabled=False):
             if weight is None:
-                out = _NF4Matmul.apply(x, self.nf4, dtype)
+                out = _NF4Matmul.apply(x, self.quantized(), dtype)
             else:
                 out = nn.functional.linear(x.to(dtype), weight.to(dtype))
             if self.bias is not None:
@@ -232,7 +234,8 @@ class NF4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) casts every floating buffer; the scales must stay fp32 or dequantized
         # values change. Keep the device move, undo the dtype cast.
-        before = {k: self._buffers[k] for k in _FP32_BUFFERS if self._buffers.get(k) is not None}
+        kept = self.fp32_buffers
+        before = {k: self._buffers[k] for k in kept if self._buffers.get(k) is not None}
         super()._apply(fn, recurse)
         for k, old in before.items():
             new = self._buffers[k]
@@ -247,83 +250,3 @@ class NF4Linear(nn.Module):
             f"bias={self.bias is not None}, blocksize={self.blocksize}, double_quant={dq}, "
             f"compute_dtype={self.compute_dtype}"
         )
-
-
-def quantize_model_linears(
-    model: nn.Module,
-    *,
-    skip: Iterable[str] = ("lm_head",),
-    compute_dtype: torch.dtype | None = None,
-    blocksize: int = 64,
-    double_quant: bool = True,
-) -> dict[str, Any]:
-    """Replace every `nn.Linear` of `model` by an `NF4Linear`, in place.
-
-    Only modules whose type is exactly `nn.Linear` are replaced: embeddings, norms, and layers
-    already wrapped (e.g. by LoRA) are left alone. A module is skipped when its full name or its
-    last name component is in `skip` (the output head by default, which is often tied to the
-    embedding).
-
-    Args:
-        model: any module.
-        skip: module names or name suffixes (last component) to keep in full precision.
-        compute_dtype: matmul dtype of the new layers (None: the input's dtype).
-        blocksize: values per NF4 scale.
-        double_quant: 8-bit double quantization of the scales.
-
-    Returns:
-        Summary dict: `replaced` (module names), `count`, `params` (quantized weights),
-        `bytes_before` (those weights at their original dtype), `bytes_after` (their NF4 form,
-        codes + all scales), `bytes_per_param` (`bytes_after / params`).
-    """
-    skip = set(skip)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if is_plain_linear(module) and name not in skip and name.rsplit(".", 1)[-1] not in skip
-    ]
-    replaced, params, before, after = [], 0, 0, 0
-    for name, linear in targets:
-        layer = NF4Linear.from_linear(
-            linear, compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant
-        )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-        replaced.append(name)
-        params += linear.weight.numel()
-        before += linear.weight.numel() * linear.weight.element_size()
-        after += layer.nf4.nbytes()
-    return {
-        "replaced": replaced,
-        "count": len(replaced),
-        "params": params,
-        "bytes_before": before,
-        "bytes_after": after,
-        "bytes_per_param": after / params if params else float("nan"),
-    }
-
-
-def dequantize_model_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
-    """Replace every remaining `NF4Linear` by a plain `nn.Linear` holding its dequantized weight.
-
-    Used when writing a merged QLoRA model: layers without an adapter still hold 4-bit codes,
-    which a plain transformers checkpoint cannot express.
-
-    Returns:
-        The number of layers replaced.
-    """
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if type(module) is NF4Linear:
-            plain = nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype
-            )
-            with torch.no_grad():
-                plain.weight.copy_(module.dequantized_weight(torch.float32).to(dtype))
-                if module.bias is not None:
-                    plain.bias.copy_(module.bias.to(dtype))
-            plain.requires_grad_(False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
-            replaced += 1
-    return replaced

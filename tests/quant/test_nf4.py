@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from graftlm.methods.lora.nf4_layer import LoraNF4Linear
+from graftlm.quant.base_linears import quantize_model_linears
 from graftlm.quant.nf4 import (
     NF4_CODE,
     NF4Tensor,
@@ -17,7 +18,7 @@ from graftlm.quant.nf4 import (
     dynamic_code,
     quantize_nf4,
 )
-from graftlm.quant.nf4_linear import NF4Linear, quantize_model_linears
+from graftlm.quant.nf4_linear import NF4Linear
 
 bnbf = pytest.importorskip("bitsandbytes.functional", reason="pip install bitsandbytes==0.50.*")
 

@@ -9,7 +9,7 @@ from graftlm.data.dataset import Example
 from graftlm.kernels.fused_ops import fused_forwards
 from graftlm.methods.lora.config import LoraConfig
 from graftlm.methods.lora.inject import inject
-from graftlm.quant.nf4_linear import quantize_model_linears
+from graftlm.quant.base_linears import quantize_model_linears
 from graftlm.train import checkpointing
 from graftlm.train.forward import loss_sum, prefix_sharing_is_exact
 
