@@ -69,3 +69,32 @@ def test_loftq_adapter_saves_as_a_plain_peft_folder(tmp_path, tiny_model_dir):
     graftlm.load_adapter(again, tmp_path / "a")
     for (_, ours), (_, loaded) in zip(_layers(model).items(), _layers(again).items()):
         torch.testing.assert_close(ours.delta_weight("default"), loaded.delta_weight("default"))
+
+
+def test_loftq_leaves_a_layer_already_on_a_4bit_grid_at_the_default_start(tiny_model_dir):
+    """A base weight that is already 4-bit (GGUF Q4_1) is kept exactly: no rounding error for
+    LoftQ to start from, so A keeps its kaiming start and B its zeros (A = B = 0 could not
+    train); the other layers still get LoftQ's start."""
+    from safetensors.torch import save_file
+
+    from graftlm.quant.q4_grid import Q4GridLinear
+
+    gguf_quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+
+    path = tiny_model_dir / "model.safetensors"
+    weights = load_file(str(path))
+    name = "model.layers.0.mlp.up_proj"
+    packed = gguf_quants.quantize(weights[f"{name}.weight"].numpy(), GGMLQuantizationType.Q4_1)
+    on_grid = gguf_quants.dequantize(packed, GGMLQuantizationType.Q4_1).copy()
+    weights[f"{name}.weight"] = torch.from_numpy(on_grid)
+    save_file(weights, str(path), metadata={"format": "pt"})
+    layers = _layers(_qlora(tiny_model_dir, "loftq"))
+    kept = layers[name]
+    assert isinstance(kept.base_layer, Q4GridLinear)
+    assert torch.equal(kept.base_layer.dequantized_weight(torch.float32), weights[f"{name}.weight"])
+    assert kept.lora_A["default"].weight.abs().sum() > 0
+    assert not kept.lora_B["default"].weight.any()
+    others = [layer for n, layer in layers.items() if n != name]
+    assert all(type(layer.base_layer) is not Q4GridLinear for layer in others)
+    assert all(layer.delta_weight("default").any() for layer in others)

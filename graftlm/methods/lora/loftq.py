@@ -8,10 +8,15 @@ A and B are the top-`rank` singular triplets of the quantization residual W - NF
 evenly (square roots of the singular values) and divided by the adapter's scale.
 
 The full-precision W is read back from the model's own safetensors files one layer at a time:
-the base in memory already holds only the 4-bit copy.
+the base in memory already holds only the 4-bit copy. A layer whose base was already 4-bit and is
+kept on its own grid (`graftlm.quant.q4_grid`, the built-in model) has no rounding error to
+correct: its A and B keep the default start (kaiming A, zero B), since a zero residual would
+give A = B = 0, from which neither could move.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -20,6 +25,9 @@ from graftlm.errors import GraftError
 from graftlm.methods.lora.nf4_layer import LoraNF4Linear
 from graftlm.models.load import model_folder
 from graftlm.models.weights import iter_tensors, weight_files
+from graftlm.quant.q4_grid import Q4GridLinear
+
+logger = logging.getLogger("graftlm")
 
 
 def residual_factors(
@@ -38,7 +46,7 @@ def loftq_init(model: nn.Module, name: str = "default") -> int:
     """Set adapter `name`'s A and B of every 4-bit LoRA layer from its quantization residual.
 
     Returns:
-        The number of layers initialised.
+        The number of layers initialised (those kept on their own 4-bit grid are not).
 
     Raises:
         GraftError: the model has no 4-bit LoRA layers for `name`, or its folder does not hold
@@ -51,6 +59,13 @@ def loftq_init(model: nn.Module, name: str = "default") -> int:
     }
     if not layers:
         raise GraftError("LoftQ initialises QLoRA adapters: no 4-bit LoRA layer found")
+    exact = [n for n, layer in layers.items() if isinstance(layer.base_layer, Q4GridLinear)]
+    if exact:
+        logger.info(
+            "LoftQ: %d of %d layers hold their base's own 4-bit values, with no rounding error "
+            "to start from; they keep the default start", len(exact), len(layers),
+        )  # fmt: skip
+        layers = {n: layer for n, layer in layers.items() if n not in exact}
     wanted = {f"{module_name}.weight": module_name for module_name in layers}
     done = set()
     for path in weight_files(model_folder(model)):
