@@ -164,8 +164,14 @@ def decoder_layer_forward(next_norm: nn.Module | None):
     `input_layernorm` (or the model's final norm). That norm's result travels on the layer's
     output tensor (`NORMED_ATTR`) and `rms_norm_forward` returns it when `next_norm` is called
     on that tensor; the layer's output itself is the residual stream as before, so hidden-state
-    outputs and every other caller see transformers' values. Not across a checkpointed layer:
-    its replay must save what its first run saved, so it adds and lets the next norm run."""
+    outputs and every other caller see transformers' values.
+
+    A checkpointed layer (training with `gradient_checkpointing`, autograd on) runs its class's
+    own forward instead: transformers 5 checkpoints a layer inside the class's `forward`, which
+    this function replaces on the instance, so running the fused body there would silently train
+    without checkpointing (QLoRA's low-memory runs peaked 0.6 GB higher: docs/measurements.md,
+    "Checkpointing and the fused decoder layer"). Its replay must save what its first run saved
+    anyway, so nothing is carried across it."""
 
     def forward(
         self: nn.Module,
@@ -177,6 +183,13 @@ def decoder_layer_forward(next_norm: nn.Module | None):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        checkpointed = getattr(self, "gradient_checkpointing", False)
+        if checkpointed and self.training and torch.is_grad_enabled():
+            return type(self).forward(
+                self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
+                **kwargs,
+            )  # fmt: skip
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -191,12 +204,7 @@ def decoder_layer_forward(next_norm: nn.Module | None):
             residual, hidden_states, self.post_attention_layernorm
         )
         hidden_states = self.mlp(hidden_states)
-        checkpointed = getattr(self, "gradient_checkpointing", False) and self.training
-        if (
-            next_norm is None
-            or checkpointed
-            or not _add_norm_fuses(residual, hidden_states, next_norm)
-        ):
+        if next_norm is None or not _add_norm_fuses(residual, hidden_states, next_norm):
             return residual + hidden_states
         out, normed = add_rms_norm(residual, hidden_states, next_norm)
         setattr(out, NORMED_ATTR, (next_norm, normed))

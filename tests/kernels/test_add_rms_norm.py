@@ -166,7 +166,10 @@ def test_bf16_llama_with_the_fused_adds_matches_the_adds_apart(monkeypatch):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_checkpointed_layers_keep_the_adds_inside_each_layer():
+def test_checkpointed_layers_are_still_checkpointed_and_run_their_own_forward():
+    """transformers 5 checkpoints a layer inside its class's forward: a layer checkpointed while
+    the fused forwards are on must still recompute in backward (it once ran the fused body
+    unchecked, and QLoRA's low-memory runs kept every activation), with the same logits."""
     model = _bf16_llama()
     ids = torch.randint(
         0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)
@@ -175,10 +178,18 @@ def test_checkpointed_layers_keep_the_adds_inside_each_layer():
         logits, grads = _loss_and_grads(model, ids)
     checkpointing.enable(model)
     model.train()
+    calls = []
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in model.model.layers
+    ]
     with fused_forwards(model):
         logits_ckpt, grads_ckpt = _loss_and_grads(model, ids)
+        layers = len(model.model.layers)
+        assert len(calls) == 2 * layers  # the forward, and the recomputation in backward
         out = model(input_ids=ids).logits
-        assert _counts_add_norm(out) == 2  # after each attention only: nothing crosses layers
+        assert _counts_add_norm(out) == 0  # transformers' forward: adds apart, none across layers
+    for hook in hooks:
+        hook.remove()
     assert torch.equal(logits, logits_ckpt)
     for name, grad in grads.items():
         scale = grad.abs().max().item()
