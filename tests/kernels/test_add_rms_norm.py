@@ -180,7 +180,8 @@ def test_checkpointed_layers_are_still_checkpointed_and_run_their_own_forward():
     model.train()
     calls = []
     hooks = [
-        layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in model.model.layers
+        layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        for layer in model.model.layers
     ]
     with fused_forwards(model):
         logits_ckpt, grads_ckpt = _loss_and_grads(model, ids)
