@@ -20,6 +20,7 @@ from graftlm.adapters.modules import is_linear, linear_dims
 from graftlm.adapters.state import adapter_state
 from graftlm.errors import GraftError
 from graftlm.methods.lora.layer import LoraEmbedding, LoraLayerBase, LoraLinear
+from graftlm.models.gguf_cache import MARKER as GGUF_CONVERSION_MARKER
 from graftlm.models.load import model_folder
 from graftlm.models.weights import StreamedLoadUnsupported, iter_tensors, weight_files
 from graftlm.quant.base_linears import quantize_model_linears
@@ -114,24 +115,36 @@ def quantize_base(model: nn.Module) -> None:
 
 def grids_in_files(model: nn.Module) -> dict[str, Q4GridTensor] | None:
     """`{linear layer name: its 4-bit grid}` for the base's linear weights that are already 4-bit
-    (`graftlm.quant.q4_grid`), read in full precision from the model's own safetensors files;
-    None where the model has no such files (then the weights in memory are looked at instead).
+    (`graftlm.quant.q4_grid`), read in full precision from the fp32 files of its GGUF conversion
+    (`models/gguf_cache.py`: the built-in model's included); None for any other model (then the
+    weights in memory are looked at instead, which only an fp32 load can carry).
 
     The files, not the weights in memory, because a base loaded in bf16 holds its 4-bit values
     rounded to bf16, which no longer sit on their grid; training and inference read the same
-    files, so an adapter always meets the base it was trained on.
+    files, so an adapter always meets the base it was trained on. A file whose first linear
+    weight is off a grid holds a full-precision model: nothing more is read (a large model's
+    files are not read a second time for nothing).
     """
     if not getattr(getattr(model, "config", None), "name_or_path", ""):
         return None  # not loaded from files (a model built in memory)
     try:
-        files = weight_files(model_folder(model))
+        folder = model_folder(model)
+        if not (folder / GGUF_CONVERSION_MARKER).is_file():
+            return None
+        files = weight_files(folder)
     except (GraftError, StreamedLoadUnsupported):
         return None
-    wanted = {f"{name}.weight": name for name, module in model.named_modules() if is_linear(module)}
+    wanted = {
+        f"{name}.weight": name
+        for name, module in model.named_modules()
+        if is_linear(module) and name.rsplit(".", 1)[-1] != "lm_head"  # never quantized
+    }
     grids = {}
     for path in files:
         for key, weight in iter_tensors(path, set(wanted)):
             grid = find_q4_grid(weight)
+            if grid is None and not grids:
+                return grids
             if grid is not None:
                 grids[wanted[key]] = grid
     return grids

@@ -96,10 +96,11 @@ def find_q4_grid(weight: torch.Tensor) -> Q4GridTensor | None:
     that merely looks coarse is never changed.
 
     Args:
-        weight: a float tensor whose last dimension is a multiple of 32 (blocks never straddle
-            rows).
+        weight: an fp32 tensor whose last dimension is a multiple of 32 (blocks never straddle
+            rows); any other is None.
     """
-    if not weight.is_floating_point() or weight.dim() == 0 or weight.shape[-1] % GRID_BLOCK:
+    # fp32 only: a grid's values (fp32 sums of fp16 products) rarely survive a bf16 or fp16 cast
+    if weight.dtype != torch.float32 or weight.dim() == 0 or weight.shape[-1] % GRID_BLOCK:
         return None
     values = weight.detach().float().reshape(-1, GRID_BLOCK)
     if not torch.isfinite(values).all():
