@@ -63,12 +63,12 @@ def quantize_model_linears(
     replaced, params, before, after, on_grid = [], 0, 0, 0, 0
     for name, linear in targets:
         grid = find_q4_grid(linear.weight) if grids is None else grids.get(name)
-        if grid is not None and grid.shape != linear.weight.shape:
-            raise ValueError(f"{name}: grid of shape {tuple(grid.shape)} for a weight of "
-                             f"{tuple(linear.weight.shape)}")  # fmt: skip
         if grid is not None:
+            if grid.shape != linear.weight.shape:
+                raise ValueError(f"{name}: grid of shape {tuple(grid.shape)} for a weight of "
+                                 f"{tuple(linear.weight.shape)}")  # fmt: skip
             bias = None if linear.bias is None else linear.bias.detach()
-            layer = Q4GridLinear.from_grid(grid, bias, compute_dtype=compute_dtype)
+            layer = Q4GridLinear(grid, bias, compute_dtype=compute_dtype)
             on_grid += 1
         else:
             layer = NF4Linear.from_linear(

@@ -79,13 +79,6 @@ class Q4GridTensor:
             return fp32.to(dtype).view(self.shape)
         return out.view(-1, self.blocksize).copy_(fp32).view(self.shape)
 
-    def to(self, device: torch.device | str) -> Q4GridTensor:
-        """A copy on `device`."""
-        return Q4GridTensor(
-            self.packed.to(device), self.scale.to(device), self.offset.to(device),
-            self.shape, self.dtype, self.blocksize,
-        )  # fmt: skip
-
 
 def find_q4_grid(weight: torch.Tensor) -> Q4GridTensor | None:
     """The weight's own 4-bit grid, if every block of 32 values lies exactly on one; else None.
@@ -124,13 +117,13 @@ class Q4GridLinear(NF4Linear):
     """A frozen linear layer whose weight is kept on its own 4-bit grid (`Q4GridTensor`): the
     same layer as `NF4Linear` (matrix products, dtype rules, LoRA on top), with another packing.
 
-    Build it with `from_grid`; `find_q4_grid` says whether a weight has a grid.
+    `find_q4_grid` says whether a weight has a grid.
     """
 
     fp32_buffers = ("weight_scale", "weight_offset")
 
     def __init__(
-        self, grid: Q4GridTensor, bias: torch.Tensor | None,
+        self, grid: Q4GridTensor, bias: torch.Tensor | None = None, *,
         compute_dtype: torch.dtype | None = torch.bfloat16,
     ) -> None:  # fmt: skip
         nn.Module.__init__(self)  # not NF4Linear's buffers: this layer holds a grid
@@ -143,14 +136,6 @@ class Q4GridLinear(NF4Linear):
         self.register_buffer("weight_scale", grid.scale)
         self.register_buffer("weight_offset", grid.offset)
         self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
-
-    @classmethod
-    def from_grid(
-        cls, grid: Q4GridTensor, bias: torch.Tensor | None = None, *,
-        compute_dtype: torch.dtype | None = torch.bfloat16,
-    ) -> Q4GridLinear:  # fmt: skip
-        """The layer over `grid` (a weight `(out_features, in_features)`) and an optional bias."""
-        return cls(grid, bias, compute_dtype)
 
     @property
     def nf4(self):
