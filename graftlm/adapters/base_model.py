@@ -127,6 +127,8 @@ def grids_in_files(model: nn.Module) -> dict[str, Q4GridTensor] | None:
     """
     if not getattr(getattr(model, "config", None), "name_or_path", ""):
         return None  # not loaded from files (a model built in memory)
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return None  # an fp32 load holds the exact values: looked at layer by layer, no read
     try:
         folder = model_folder(model)
         if not (folder / GGUF_CONVERSION_MARKER).is_file():
