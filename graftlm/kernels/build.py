@@ -115,7 +115,10 @@ def _compiled(source: Path, flags: tuple[str, ...]) -> Path | None:
     # cache_root's module imports transformers (~1 s): only a kernel's first load needs it
     from graftlm.models.gguf_cache import cache_root
 
-    code = source.read_bytes()
+    # the headers a source includes are named after it (fused_cpu.c: fused_cpu_kernels.h), and
+    # a change to one must build the library again
+    headers = sorted(source.parent.glob(f"{source.stem}_*.h"))
+    code = b"".join(path.read_bytes() for path in (source, *headers))
     cc = compiler()
     if cc is None:
         logger.warning("cannot compile %s: no C compiler on PATH", source)

@@ -46,7 +46,7 @@ def applies(query, key, value, attention_mask, dropout: float, is_causal: bool, 
     if seq < 2 or key.shape[0] != batch or key.shape[2] != seq or heads % kv_heads:
         return False
     fits = heads // kv_heads * seq * seq <= MAX_SCORES_PER_CHUNK
-    return fits and fused_cpu.applies(query, key, value)
+    return fits and fused_cpu.applies(query, key, value, dtypes=(torch.bfloat16,))
 
 
 def attention_forward(

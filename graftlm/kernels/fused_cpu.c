@@ -1,13 +1,17 @@
-/* Element-wise work of a bf16 Llama training step, one pass over memory each: RMSNorm (alone,
- * and after a decoder layer's residual add), SwiGLU and the rotary embedding, forward and
- * backward (graftlm/kernels/fused_cpu.py binds them).
+/* Element-wise work of a Llama training step, one pass over memory each: RMSNorm (alone, and
+ * after a decoder layer's residual add), SwiGLU, the rotary embedding and the loss's
+ * cross-entropy, forward and backward, in bf16 and in fp32 (fused_cpu_kernels.h, included once
+ * per type); and the causal softmax of causal_attention.py, bf16 only
+ * (graftlm/kernels/fused_cpu.py binds them).
  *
- * Tensors are bf16 (uint16_t bits); every value is widened to fp32 in registers, computed in
- * fp32 (sums of squares and dot products accumulate in fp32) and rounded once to bf16, to
- * nearest even as torch casts. Where transformers' forward rounds an intermediate to bf16
- * (RMSNorm's normalised row before the weight, SiLU's output before the product) the forward
- * rounds there too, so its logits are those of transformers' bf16 forward up to the last bit of
- * the fp32 row sums; the backward works on fp32 values throughout.
+ * bf16 tensors (uint16_t bits): every value is widened to fp32 in registers, computed in fp32
+ * (sums of squares and dot products accumulate in fp32) and rounded once to bf16, to nearest
+ * even as torch casts. Where transformers' forward rounds an intermediate to bf16 (RMSNorm's
+ * normalised row before the weight, SiLU's output before the product) the forward rounds there
+ * too, so its logits are those of transformers' bf16 forward up to the last bit of the fp32 row
+ * sums; the backward works on fp32 values throughout. fp32 tensors: the same formulas with no
+ * rounding in between, so results are torch's up to the order of the row sums and the
+ * exponential's polynomial (a few ulp), not bit for bit.
  *
  * The loops are plain C written for the compiler to vectorize (-O3, AVX-512 or AVX2, OpenMP
  * SIMD pragmas for the reductions); rows are split across `threads` OpenMP threads where the
@@ -122,242 +126,61 @@ static inline int thread_index(void) {
 #endif
 }
 
-/* One row of RMSNorm: out = w * bf16(src * rstd), rstd = 1 / sqrt(mean(src^2) + eps). With
- * `residual`, src is first h = bf16(residual + x), written to `h` (torch's bf16 add rounds the
- * sum once, as here), and the sum of squares is taken on the rounded h in the same pass. */
-static inline void rms_norm_row(const bf16 *residual, const bf16 *x, bf16 *h, const bf16 *w,
-                                bf16 *out, float *rstd, long n, float eps) {
-    const bf16 *src = residual ? h : x;
-#ifdef VECTOR_KERNELS
-    __m512 sum = _mm512_setzero_ps();
-    for (long j = 0; j < n; j += 16) {
-        __mmask16 m = lanes(n - j);
-        __m512 v = v_load_bf16(m, x + j);
-        if (residual) {
-            v = v_round_bf16(_mm512_add_ps(v_load_bf16(m, residual + j), v));
-            v_store_bf16(h + j, m, v);
-        }
-        sum = _mm512_fmadd_ps(v, v, sum);
-    }
-    float rv = 1.0f / sqrtf(_mm512_reduce_add_ps(sum) / (float)n + eps);
-    *rstd = rv;
-    __m512 scale = _mm512_set1_ps(rv);
-    for (long j = 0; j < n; j += 16) {
-        __mmask16 m = lanes(n - j);
-        __m512 normed = v_round_bf16(_mm512_mul_ps(v_load_bf16(m, src + j), scale));
-        v_store_bf16(out + j, m, _mm512_mul_ps(v_load_bf16(m, w + j), normed));
-    }
+/* No contraction of a * b + c into one fused multiply-add inside a function (GCC: the
+ * attribute before it, clang: the pragma opening its body); elsewhere the compiler's default
+ * (contracted, which the exponential's polynomial needs to be fast) */
+#if defined(__clang__)
+#define NO_FP_CONTRACT_FUNCTION
+#define NO_FP_CONTRACT_BLOCK _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
+#define NO_FP_CONTRACT_FUNCTION __attribute__((optimize("fp-contract=off")))
+#define NO_FP_CONTRACT_BLOCK
 #else
-    /* the sum of squares reads h back from L1 in the plain norm's own loop: the compiler
-     * vectorizes a fused loop with another order of the sum, and the fused forward should be
-     * the add and the norm's, bit for bit */
-    if (residual) {
-#pragma omp simd
-        for (long j = 0; j < n; j++) h[j] = narrow(widen(residual[j]) + widen(x[j]));
-    }
-    float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-    for (long j = 0; j < n; j++) squares += widen(src[j]) * widen(src[j]);
-    float r = 1.0f / sqrtf(squares / (float)n + eps);
-    *rstd = r;
-#pragma omp simd
-    for (long j = 0; j < n; j++) out[j] = narrow(widen(w[j]) * round_bf16(widen(src[j]) * r));
+#define NO_FP_CONTRACT_FUNCTION
+#define NO_FP_CONTRACT_BLOCK
 #endif
-}
-
-/* out = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) per row of n values */
-void graftlm_rms_norm_forward(const bf16 *x, const bf16 *w, bf16 *out, float *rstd, long rows,
-                              long n, float eps, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long row = 0; row < rows; row++)
-        rms_norm_row(NULL, x + row * n, NULL, w, out + row * n, rstd + row, n, eps);
-}
-
-/* A decoder layer's residual add and the RMSNorm after it (vLLM's fused_add_rms_norm), one
- * pass: h = bf16(residual + x), out = w * bf16(h * rstd); h is the residual stream the layer
- * passes on, out the next sublayer's input. */
-void graftlm_add_rms_norm_forward(const bf16 *residual, const bf16 *x, const bf16 *w, bf16 *h,
-                                  bf16 *out, float *rstd, long rows, long n, float eps,
-                                  int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long row = 0; row < rows; row++)
-        rms_norm_row(residual + row * n, x + row * n, h + row * n, w, out + row * n, rstd + row,
-                     n, eps);
-}
-
-/* dx = [grad_h +] rstd * (g*w - xhat * mean(g*w*xhat)), xhat = x * rstd, rounded to bf16 once;
- * dw += g * bf16(xhat) summed over rows into dw_partial[thread][n] (fp32, zeroed by the caller).
- * grad_h (the gradient that reaches the residual stream h directly, for the add's fused form;
- * NULL for a plain RMSNorm), dx or dw_partial may be NULL. */
-static void rms_norm_backward(const bf16 *grad_h, const bf16 *grad, const bf16 *x, const bf16 *w,
-                              const float *rstd, bf16 *dx, float *dw_partial, long rows, long n,
-                              int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long row = 0; row < rows; row++) {
-        const bf16 *gr = grad + row * n, *xr = x + row * n;
-        const bf16 *ghr = grad_h ? grad_h + row * n : NULL;
-        float r = rstd[row];
-#ifdef VECTOR_KERNELS
-        __m512 vr = _mm512_set1_ps(r);
-        if (dw_partial) {
-            float *dw = dw_partial + (long)thread_index() * n;
-            for (long j = 0; j < n; j += 16) {
-                __mmask16 m = lanes(n - j);
-                __m512 normed = v_round_bf16(_mm512_mul_ps(v_load_bf16(m, xr + j), vr));
-                __m512 acc = _mm512_maskz_loadu_ps(m, dw + j);
-                acc = _mm512_fmadd_ps(v_load_bf16(m, gr + j), normed, acc);
-                _mm512_mask_storeu_ps(dw + j, m, acc);
-            }
-        }
-        if (dx) {
-            __m512 sum = _mm512_setzero_ps();
-            for (long j = 0; j < n; j += 16) {
-                __mmask16 m = lanes(n - j);
-                __m512 gw = _mm512_mul_ps(v_load_bf16(m, gr + j), v_load_bf16(m, w + j));
-                sum = _mm512_fmadd_ps(gw, v_load_bf16(m, xr + j), sum);
-            }
-            __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(sum) * r * r / (float)n);
-            bf16 *dxr = dx + row * n;
-            for (long j = 0; j < n; j += 16) {
-                __mmask16 m = lanes(n - j);
-                __m512 gw = _mm512_mul_ps(v_load_bf16(m, gr + j), v_load_bf16(m, w + j));
-                __m512 centred = _mm512_fnmadd_ps(v_load_bf16(m, xr + j), dot, gw);
-                __m512 d = _mm512_mul_ps(vr, centred);
-                if (ghr) d = _mm512_add_ps(v_load_bf16(m, ghr + j), d);
-                v_store_bf16(dxr + j, m, d);
-            }
-        }
-        continue;
-#endif
-        if (dw_partial) {
-            float *dw = dw_partial + (long)thread_index() * n;
-#pragma omp simd
-            for (long j = 0; j < n; j++) dw[j] += widen(gr[j]) * round_bf16(widen(xr[j]) * r);
-        }
-        if (dx) {
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (long j = 0; j < n; j++) dot += widen(gr[j]) * widen(w[j]) * widen(xr[j]);
-            dot *= r * r / (float)n; /* mean(g*w*xhat) * rstd, folded into the xhat term */
-            bf16 *dxr = dx + row * n;
-            if (ghr) {
-#pragma omp simd
-                for (long j = 0; j < n; j++)
-                    dxr[j] = narrow(widen(ghr[j]) +
-                                    r * (widen(gr[j]) * widen(w[j]) - widen(xr[j]) * dot));
-            } else {
-#pragma omp simd
-                for (long j = 0; j < n; j++)
-                    dxr[j] = narrow(r * (widen(gr[j]) * widen(w[j]) - widen(xr[j]) * dot));
-            }
-        }
-    }
-}
-
-void graftlm_rms_norm_backward(const bf16 *grad, const bf16 *x, const bf16 *w, const float *rstd,
-                               bf16 *dx, float *dw_partial, long rows, long n, int threads) {
-    rms_norm_backward(NULL, grad, x, w, rstd, dx, dw_partial, rows, n, threads);
-}
-
-/* The backward of graftlm_add_rms_norm_forward: the gradient of residual and of x (the same
- * tensor, d_res = dx = grad_h + RMSNorm's backward of grad_out at h), in one pass per row;
- * grad_h may be NULL (nothing reached h but through the norm). */
-void graftlm_add_rms_norm_backward(const bf16 *grad_h, const bf16 *grad_out, const bf16 *h,
-                                   const bf16 *w, const float *rstd, bf16 *dx,
-                                   float *dw_partial, long rows, long n, int threads) {
-    rms_norm_backward(grad_h, grad_out, h, w, rstd, dx, dw_partial, rows, n, threads);
-}
 
 /* element-wise kernels run in blocks of this many values, one block a task for the threads */
 #define BLOCK 4096
 
-/* out = bf16(silu(gate)) * up over n values */
-void graftlm_swiglu_forward(const bf16 *gate, const bf16 *up, bf16 *out, long n, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long start = 0; start < n; start += BLOCK) {
-        long end = start + BLOCK < n ? start + BLOCK : n;
+/* the element-wise kernels, bf16: graftlm_rms_norm_forward, ... */
+#define T bf16
+#define LOAD(v) widen(v)
+#define STORE(f) narrow(f)
+#define ROUND(f) round_bf16(f)
+#define NAME(f) f
 #ifdef VECTOR_KERNELS
-        for (long i = start; i < end; i += 16) {
-            __mmask16 m = lanes(end - i);
-            __m512 g = v_load_bf16(m, gate + i);
-            __m512 silu = v_round_bf16(_mm512_mul_ps(g, v_sigmoid(g)));
-            v_store_bf16(out + i, m, _mm512_mul_ps(silu, v_load_bf16(m, up + i)));
-        }
-        continue;
+#define BF16_VECTORS 1
+#else
+#define BF16_VECTORS 0
 #endif
-#pragma omp simd
-        for (long i = start; i < end; i++) {
-            float g = widen(gate[i]);
-            out[i] = narrow(round_bf16(g * sigmoid(g)) * widen(up[i]));
-        }
-    }
-}
+#define FLOAT_ELEMENTS 0
+#include "fused_cpu_kernels.h"
+#undef T
+#undef LOAD
+#undef STORE
+#undef ROUND
+#undef NAME
+#undef BF16_VECTORS
+#undef FLOAT_ELEMENTS
 
-/* d gate = grad * up * silu'(gate), d up = grad * silu(gate);
- * silu'(g) = sigmoid(g) + silu(g) * (1 - sigmoid(g)) */
-void graftlm_swiglu_backward(const bf16 *grad, const bf16 *gate, const bf16 *up, bf16 *dgate,
-                             bf16 *dup, long n, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long start = 0; start < n; start += BLOCK) {
-        long end = start + BLOCK < n ? start + BLOCK : n;
-#ifdef VECTOR_KERNELS
-        for (long i = start; i < end; i += 16) {
-            __mmask16 m = lanes(end - i);
-            __m512 g = v_load_bf16(m, gate + i), d = v_load_bf16(m, grad + i);
-            __m512 sg = v_sigmoid(g), silu = _mm512_mul_ps(g, sg);
-            v_store_bf16(dup + i, m, _mm512_mul_ps(d, silu));
-            __m512 slope = _mm512_fmadd_ps(silu, _mm512_sub_ps(_mm512_set1_ps(1.0f), sg), sg);
-            __m512 du = _mm512_mul_ps(d, v_load_bf16(m, up + i));
-            v_store_bf16(dgate + i, m, _mm512_mul_ps(du, slope));
-        }
-        continue;
-#endif
-#pragma omp simd
-        for (long i = start; i < end; i++) {
-            float g = widen(gate[i]), d = widen(grad[i]);
-            float s = sigmoid(g), silu = g * s;
-            dup[i] = narrow(d * silu);
-            dgate[i] = narrow(d * widen(up[i]) * (s + silu * (1.0f - s)));
-        }
-    }
-}
-
-/* The rotary embedding of x [B, H, S, D] (any strides over B, H, S; D contiguous) with cos and
- * sin [B or 1, S, D] (stride 0 over B when shared); out has its own strides.
- * forward:  out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
- * backward (x is the gradient of the output): out = x * cos + (x2 * sin2, -x1 * sin1),
- * the transpose of the forward's map. */
-void graftlm_rotary(const bf16 *x, const bf16 *cos, const bf16 *sin, bf16 *out, long batch,
-                    long heads, long seq, long dim, const long *x_strides,
-                    const long *out_strides, const long *cs_strides, int backward, int threads) {
-    long half = dim / 2;
-#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
-    for (long b = 0; b < batch; b++) {
-        for (long s = 0; s < seq; s++) {
-            const bf16 *c = cos + b * cs_strides[0] + s * cs_strides[1];
-            const bf16 *sn = sin + b * cs_strides[0] + s * cs_strides[1];
-            for (long h = 0; h < heads; h++) {
-                const bf16 *xr = x + b * x_strides[0] + h * x_strides[1] + s * x_strides[2];
-                bf16 *o = out + b * out_strides[0] + h * out_strides[1] + s * out_strides[2];
-                if (backward) {
-#pragma omp simd
-                    for (long j = 0; j < half; j++) {
-                        float x1 = widen(xr[j]), x2 = widen(xr[j + half]);
-                        o[j] = narrow(x1 * widen(c[j]) + x2 * widen(sn[j + half]));
-                        o[j + half] = narrow(x2 * widen(c[j + half]) - x1 * widen(sn[j]));
-                    }
-                } else {
-#pragma omp simd
-                    for (long j = 0; j < half; j++) {
-                        float x1 = widen(xr[j]), x2 = widen(xr[j + half]);
-                        o[j] = narrow(x1 * widen(c[j]) - x2 * widen(sn[j]));
-                        o[j + half] = narrow(x2 * widen(c[j + half]) + x1 * widen(sn[j + half]));
-                    }
-                }
-            }
-        }
-    }
-}
+/* the same kernels in fp32 (a float32 step; the generic loops on every CPU):
+ * graftlm_rms_norm_forward_f32, ... */
+#define T float
+#define LOAD(v) (v)
+#define STORE(f) (f)
+#define ROUND(f) (f)
+#define NAME(f) f##_f32
+#define BF16_VECTORS 0
+#define FLOAT_ELEMENTS 1
+#include "fused_cpu_kernels.h"
+#undef T
+#undef LOAD
+#undef STORE
+#undef ROUND
+#undef NAME
+#undef BF16_VECTORS
+#undef FLOAT_ELEMENTS
 
 /* Causal softmax over score matrices [mats][rows][seq] (fp32, from q @ k^T): row r of a matrix
  * is query position r % seq (grouped-query heads stack their rows), and sees keys 0..r % seq.
@@ -458,69 +281,5 @@ void graftlm_row_dot(const bf16 *a, const bf16 *b, float *out, long rows, long n
 #pragma omp simd reduction(+ : total)
         for (long j = 0; j < n; j++) total += widen(a[row * n + j]) * widen(b[row * n + j]);
         out[row] = total;
-    }
-}
-
-/* Cross-entropy of bf16 logits [rows][vocab] against targets, and its gradient in place:
- * loss[row] = logsumexp(logits[row]) - logits[row][target], then logits[row] becomes
- * softmax(logits[row]) - onehot(target), in bf16. Sums and exponentials are fp32; a row
- * (vocab x 2 bytes) stays in the cache across the three passes, so memory sees one. */
-void graftlm_cross_entropy(bf16 *logits, const int64_t *targets, float *loss, long rows,
-                           long vocab, int threads) {
-#ifdef VECTOR_KERNELS
-    /* the row's exponentials are kept in fp32 between the sum and the write (one exp a value,
-     * not two); a row of them (vocab x 4 bytes) stays in the cache */
-#pragma omp parallel num_threads(threads)
-    {
-        float *kept = malloc((size_t)vocab * sizeof(float)); /* NULL: computed twice instead */
-#pragma omp for schedule(static)
-        for (long row = 0; row < rows; row++) {
-            bf16 *z = logits + row * vocab;
-            __m512 vtop = _mm512_set1_ps(-INFINITY);
-            for (long j = 0; j < vocab; j += 16) {
-                __mmask16 m = lanes(vocab - j);
-                vtop = _mm512_mask_max_ps(vtop, m, vtop, v_load_bf16(m, z + j));
-            }
-            float top = _mm512_reduce_max_ps(vtop);
-            __m512 shift = _mm512_set1_ps(top), vsum = _mm512_setzero_ps();
-            for (long j = 0; j < vocab; j += 16) {
-                __mmask16 m = lanes(vocab - j);
-                __m512 e = v_exp(_mm512_sub_ps(v_load_bf16(m, z + j), shift));
-                e = _mm512_maskz_mov_ps(m, e); /* lanes past the row add nothing */
-                if (kept) _mm512_mask_storeu_ps(kept + j, m, e);
-                vsum = _mm512_add_ps(vsum, e);
-            }
-            float total = _mm512_reduce_add_ps(vsum);
-            long target = (long)targets[row];
-            loss[row] = top + logf(total) - widen(z[target]);
-            __m512 inverse = _mm512_set1_ps(1.0f / total);
-            for (long j = 0; j < vocab; j += 16) {
-                __mmask16 m = lanes(vocab - j);
-                __m512 e = kept ? _mm512_maskz_loadu_ps(m, kept + j)
-                                : v_exp(_mm512_sub_ps(v_load_bf16(m, z + j), shift));
-                v_store_bf16(z + j, m, _mm512_mul_ps(e, inverse));
-            }
-            z[target] = narrow(widen(z[target]) - 1.0f);
-        }
-        free(kept);
-    }
-    return;
-#endif
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long row = 0; row < rows; row++) {
-        bf16 *z = logits + row * vocab;
-        float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (long j = 0; j < vocab; j++) top = widen(z[j]) > top ? widen(z[j]) : top;
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (long j = 0; j < vocab; j++) total += exp_approx(widen(z[j]) - top);
-        long target = (long)targets[row];
-        float target_logit = widen(z[target]);
-        loss[row] = top + logf(total) - target_logit;
-        float inverse = 1.0f / total;
-#pragma omp simd
-        for (long j = 0; j < vocab; j++) z[j] = narrow(exp_approx(widen(z[j]) - top) * inverse);
-        z[target] = narrow(widen(z[target]) - 1.0f);
     }
 }

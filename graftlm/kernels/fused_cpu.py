@@ -1,15 +1,18 @@
-"""RMSNorm (alone and after a residual add), SwiGLU and the rotary embedding of a bf16 training
-step as C kernels on the CPU.
+"""RMSNorm (alone and after a residual add), SwiGLU, the rotary embedding and the loss's
+cross-entropy of a training step as C kernels on the CPU, in bf16 and in float32.
 
 `fused_ops.py`'s autograd functions are single functions, but each still runs as several torch
 ops, each a pass over a `tokens x hidden` tensor; in bf16, transformers' RMSNorm also casts the
 whole activation to fp32 and back. Where the matrix units are fast (AVX-512 BF16 / AMX), those
-passes are a large share of the step (bench/results/fusion.txt). `kernels/fused_cpu.c` does
-each forward and each backward in one pass: bf16 in and out, fp32 in registers and in the row
-sums. The functions here are the autograd functions over those kernels, used by `fused_ops.py`
-where `applies` says so: CPU tensors in bf16 (float32 runs keep the torch path, whose results
-the golden files pin bit for bit), on a CPU with AVX2 + FMA and a C compiler, unless
-`GRAFTLM_FUSED_CPU_KERNELS=0`. Everywhere else, and on CUDA, the torch path runs unchanged.
+passes are a large share of the step (bench/results/fusion.txt); on an AVX2-only CPU, which
+trains in float32, they are the part of the step that is not a matrix product.
+`kernels/fused_cpu.c` does each forward and each backward in one pass: bf16 or fp32 in and out,
+fp32 in registers and in the row sums. The functions here are the autograd functions over those
+kernels, used by `fused_ops.py` where `applies` says so: CPU tensors all bf16 or all float32,
+on a CPU with AVX2 + FMA and a C compiler, unless `GRAFTLM_FUSED_CPU_KERNELS=0`. Everywhere
+else, and on CUDA, the torch path runs unchanged. The float32 kernels give torch's values up to
+a few ulp (the order of the row sums, the exponential's polynomial), not bit for bit: the torch
+path is the one `GRAFTLM_FUSED_CPU_KERNELS=0` keeps, and the golden files pin.
 
 Rows are split across `torch.get_num_threads()` threads of torch's own OpenMP pool where torch
 runs on GNU OpenMP (as `nf4_dequant.py` does), else the calling thread does them all.
@@ -35,12 +38,21 @@ DISABLE_VAR = "GRAFTLM_FUSED_CPU_KERNELS"
 AVX512_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma")
 AVX512_CPU = {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}
 # -fopenmp-simd: the vectorized reductions of the pragmas, with or without threads
-COMMON_FLAGS = ("-fopenmp-simd", "-mprefer-vector-width=512", "-shared", "-fPIC")
+COMMON_FLAGS = (
+    "-fopenmp-simd",
+    # FP operations never trap here: without it gcc keeps the clamps and selects of exp_approx as
+    # branches and leaves the SwiGLU loops scalar (values are the same either way)
+    "-fno-trapping-math",
+    "-mprefer-vector-width=512",
+    "-shared",
+    "-fPIC",
+)
 # below this many values per thread, waking a thread costs more than it saves
 MIN_VALUES_PER_THREAD = 1 << 14
 
 _LONG, _PTR, _INT, _FLOAT = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-_SIGNATURES = {
+# the element-wise kernels, each built for bf16 (this name) and float32 (the name + "_f32")
+_ELEMENTWISE = {
     "graftlm_rms_norm_forward": [_PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _FLOAT, _INT],
     "graftlm_rms_norm_backward": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _INT],
     "graftlm_add_rms_norm_forward": [*[_PTR] * 6, _LONG, _LONG, _FLOAT, _INT],
@@ -48,24 +60,40 @@ _SIGNATURES = {
     "graftlm_swiglu_forward": [_PTR, _PTR, _PTR, _LONG, _INT],
     "graftlm_swiglu_backward": [_PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _INT],
     "graftlm_rotary": [_PTR, _PTR, _PTR, _PTR, *[_LONG] * 4, _PTR, _PTR, _PTR, _INT, _INT],
-    # the causal softmax of causal_attention.py
+    "graftlm_cross_entropy": [_PTR, _PTR, _PTR, _LONG, _LONG, _INT],
+}
+_SIGNATURES = {
+    **_ELEMENTWISE,
+    **{f"{name}_f32": argtypes for name, argtypes in _ELEMENTWISE.items()},
+    # the causal softmax of causal_attention.py (bf16 only)
     "graftlm_causal_softmax": [_PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _FLOAT, _INT],
     "graftlm_causal_softmax_backward": [*[_PTR] * 6, _LONG, _LONG, _LONG, _FLOAT, _INT],
     "graftlm_row_dot": [_PTR, _PTR, _PTR, _LONG, _LONG, _INT],
-    "graftlm_cross_entropy": [_PTR, _PTR, _PTR, _LONG, _LONG, _INT],
 }
+# the element types the element-wise kernels are built for
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the C kernels take these tensors: all bf16 on the CPU, and the kernels built."""
-    return all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in tensors) and (
-        library() is not None
+def applies(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> bool:
+    """Whether the C kernels take these tensors: CPU tensors of one dtype among `dtypes`
+    (bf16 or float32 for the element-wise kernels), and the kernels built."""
+    dtype = tensors[0].dtype
+    return (
+        dtype in dtypes
+        and all(t.dtype is dtype and t.device.type == "cpu" for t in tensors)
+        and library() is not None
     )
 
 
+def kernel(name: str, dtype: torch.dtype):
+    """The element-wise kernel `name` built for `dtype` (bf16 or float32)."""
+    return getattr(library(), name if dtype is torch.bfloat16 else f"{name}_f32")
+
+
 class RMSNormFunction(torch.autograd.Function):
-    """`weight * bf16(x * rsqrt(mean(x^2) + eps))` over the last dimension, bf16 `(..., n)`;
-    saves `x` and one fp32 `rsqrt` value per row."""
+    """`weight * round(x * rsqrt(mean(x^2) + eps))` over the last dimension, `(..., n)` bf16
+    (rounded to bf16 before the weight, as transformers does) or float32; saves `x` and one fp32
+    `rsqrt` value per row."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,7 +102,7 @@ class RMSNormFunction(torch.autograd.Function):
         rows = x.numel() // n
         out = torch.empty_like(x)
         rstd = torch.empty(rows, dtype=torch.float32)
-        fn = library().graftlm_rms_norm_forward
+        fn = kernel("graftlm_rms_norm_forward", x.dtype)
         fn(_ptr(x), _ptr(weight.contiguous()), _ptr(out), _ptr(rstd), rows, n, eps, _threads(x))
         ctx.save_for_backward(x, weight, rstd)
         return out
@@ -88,7 +116,7 @@ class RMSNormFunction(torch.autograd.Function):
         threads = _threads(x)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         partial = torch.zeros(threads, n) if ctx.needs_input_grad[1] else None
-        library().graftlm_rms_norm_backward(
+        kernel("graftlm_rms_norm_backward", x.dtype)(
             _ptr(grad), _ptr(x), _ptr(weight.contiguous()), _ptr(rstd), _ptr(grad_x),
             _ptr(partial), rows, n, threads,
         )  # fmt: skip
@@ -97,11 +125,11 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class AddRMSNormFunction(torch.autograd.Function):
-    """A decoder layer's residual add and the RMSNorm after it, bf16 `(..., n)`:
-    `h = residual + x` and `weight * bf16(h * rsqrt(mean(h^2) + eps))`, both returned; the same
+    """A decoder layer's residual add and the RMSNorm after it, `(..., n)` bf16 or float32:
+    `h = residual + x` and `weight * round(h * rsqrt(mean(h^2) + eps))`, both returned; the same
     values as the add followed by `RMSNormFunction`, in one pass. Saves `h` and one fp32 value
     per row. The backward is one pass too: the gradient of `residual` and of `x` (one tensor)
-    is the gradient that reaches `h` directly plus the norm's backward, rounded to bf16 once."""
+    is the gradient that reaches `h` directly plus the norm's backward, rounded once."""
 
     @staticmethod
     def forward(ctx, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -110,7 +138,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         rows = x.numel() // n
         h, out = torch.empty_like(x), torch.empty_like(x)
         rstd = torch.empty(rows, dtype=torch.float32)
-        library().graftlm_add_rms_norm_forward(
+        kernel("graftlm_add_rms_norm_forward", x.dtype)(
             _ptr(residual), _ptr(x), _ptr(weight.contiguous()), _ptr(h), _ptr(out), _ptr(rstd),
             rows, n, eps, _threads(x),
         )  # fmt: skip
@@ -131,7 +159,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         needs_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_x = torch.empty_like(h) if needs_dx else None
         partial = torch.zeros(threads, n) if ctx.needs_input_grad[2] else None
-        library().graftlm_add_rms_norm_backward(
+        kernel("graftlm_add_rms_norm_backward", h.dtype)(
             _ptr(grad_h), _ptr(grad), _ptr(h), _ptr(weight.contiguous()), _ptr(rstd),
             _ptr(grad_x), _ptr(partial), rows, n, threads,
         )  # fmt: skip
@@ -140,13 +168,14 @@ class AddRMSNormFunction(torch.autograd.Function):
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """`bf16(silu(gate)) * up`, bf16 tensors of one shape; saves `gate` and `up`."""
+    """`round(silu(gate)) * up` for `gate` and `up` of one shape, bf16 (SiLU's output rounded
+    to bf16, as transformers' is) or float32; saves `gate` and `up`."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
-        library().graftlm_swiglu_forward(
+        kernel("graftlm_swiglu_forward", gate.dtype)(
             _ptr(gate), _ptr(up), _ptr(out), gate.numel(), _threads(gate)
         )
         ctx.save_for_backward(gate, up)
@@ -157,7 +186,7 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad = grad.contiguous()
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-        library().graftlm_swiglu_backward(
+        kernel("graftlm_swiglu_backward", gate.dtype)(
             _ptr(grad), _ptr(gate), _ptr(up), _ptr(grad_gate), _ptr(grad_up), gate.numel(),
             _threads(gate),
         )  # fmt: skip
@@ -166,7 +195,8 @@ class SwiGLUFunction(torch.autograd.Function):
 
 class RotaryFunction(torch.autograd.Function):
     """`x * cos + rotate_half(x) * sin` for x `(batch, heads, seq, dim)` (any strides but a
-    contiguous last dimension) and cos, sin `(batch or 1, 1, seq, dim)`, all bf16. The output
+    contiguous last dimension) and cos, sin `(batch or 1, 1, seq, dim)`, all bf16 or all
+    float32. The output
     is contiguous, read by the attention without a copy."""
 
     @staticmethod
@@ -182,14 +212,14 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy of bf16 `logits` `(rows, vocab)` (contiguous) against int64
-    `targets` `(rows,)`, in fp32; `logits` is overwritten with the loss's gradient
-    `softmax(logits) - onehot(targets)` in bf16. The caller checks `applies(logits)`."""
+    """Per-row cross-entropy of bf16 or float32 `logits` `(rows, vocab)` (contiguous) against
+    int64 `targets` `(rows,)`, in fp32; `logits` is overwritten with the loss's gradient
+    `softmax(logits) - onehot(targets)`, in its own dtype. The caller checks `applies(logits)`."""
     assert logits.is_contiguous() and targets.dtype is torch.int64, "contiguous logits, int64"
     rows, vocab = logits.shape
     loss = torch.empty(rows)
     targets = targets.contiguous()
-    library().graftlm_cross_entropy(
+    kernel("graftlm_cross_entropy", logits.dtype)(
         _ptr(logits), _ptr(targets), _ptr(loss), rows, vocab, _threads(logits)
     )
     return loss
@@ -217,7 +247,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     out = torch.empty(x.shape, dtype=x.dtype)
     batch, heads, seq, dim = x.shape
     cs_strides = (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1))
-    library().graftlm_rotary(
+    kernel("graftlm_rotary", x.dtype)(
         _ptr(x), _ptr(cos), _ptr(sin), _ptr(out), batch, heads, seq, dim,
         _strides(x.stride()[:3]), _strides(out.stride()[:3]), _strides(cs_strides),
         int(backward), _threads(x),
@@ -244,7 +274,7 @@ def compile_flags() -> tuple[str, ...] | None:
     avx512 = build.missing_requirement(AVX512_CPU) is None
     reason = None if avx512 else build.missing_requirement({"avx2", "fma"})
     if reason:
-        logger.info("fused bf16 kernels run in torch: %s", reason)
+        logger.info("fused element-wise kernels run in torch: %s", reason)
         return None
     if not avx512:
         return (*build.AVX2_FLAGS[:-2], *(f for f in COMMON_FLAGS if "vector-width" not in f))
@@ -269,7 +299,7 @@ def library() -> ctypes.CDLL | None:
         lib = build.load_library(SOURCE, (*flags, "-fopenmp"))
     lib = lib or build.load_library(SOURCE, flags)
     if lib is None:
-        logger.info("fused bf16 kernels run in torch: the C kernels did not build")
+        logger.info("fused element-wise kernels run in torch: the C kernels did not build")
         return None
     for name, argtypes in _SIGNATURES.items():
         build.bind(lib, name, argtypes, None)

@@ -14,12 +14,14 @@ unchanged; gradients agree to float rounding (tested against the transformers mo
 `tests/kernels/test_fused_ops.py`). `fused_forwards(model)` switches them on for the modules it
 recognises and leaves everything else (other architectures) on transformers' code.
 
-In bf16 on a CPU the three run on the C kernels of `fused_cpu.py` instead (one pass over memory
-each way, fp32 in registers; `fused_cpu.applies`), RMSNorm included, whose bf16 form here is
-otherwise transformers' own (its casts to fp32 and back); each residual add of a decoder layer
-runs inside the kernel of the RMSNorm that reads its sum (`decoder_layer_forward`); and transformers' "sdpa" attention
-becomes `causal_attention.attention_forward`, which differentiates causal bf16 attention on the
-matrix units where SDPA's flash kernel is slow, and calls transformers' sdpa for everything else.
+On a CPU, in bf16 or float32, the three run on the C kernels of `fused_cpu.py` instead (one pass
+over memory each way, fp32 in registers; `fused_cpu.applies`), RMSNorm included, whose bf16
+form here is otherwise transformers' own (its casts to fp32 and back); each residual add of a
+decoder layer runs inside the kernel of the RMSNorm that reads its sum
+(`decoder_layer_forward`). The torch functions below remain for everything else (CUDA, no C
+compiler, `GRAFTLM_FUSED_CPU_KERNELS=0`). In bf16, transformers' "sdpa" attention also becomes
+`causal_attention.attention_forward`, which differentiates causal bf16 attention on the matrix
+units where SDPA's flash kernel is slow, and calls transformers' sdpa for everything else.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tens
 def add_rms_norm(
     residual: torch.Tensor, x: torch.Tensor, norm: nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`h = residual + x` and `norm(h)`: one C kernel each way for bf16 CPU tensors
+    """`h = residual + x` and `norm(h)`: one C kernel each way for CPU tensors, bf16 or float32
     (`fused_cpu.AddRMSNormFunction`), else the add and the norm's forward, as transformers."""
     if _add_norm_fuses(residual, x, norm):
         return fused_cpu.AddRMSNormFunction.apply(residual, x, norm.weight, norm.variance_epsilon)
@@ -257,9 +259,9 @@ def _is_silu_mlp(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def fused_forwards(model: nn.Module) -> Iterator[int]:
     """Run the model's RMSNorms, SiLU MLPs and rotary embeddings on the fused kernels, with
-    each residual add of its Llama decoder layers fused into the RMSNorm after it (in bf16 on a
-    CPU; `decoder_layer_forward`), and, in a bf16 CPU training step, its LoRA layers as one
-    function each (`lora_update.py`).
+    each residual add of its Llama decoder layers fused into the RMSNorm after it (on a CPU;
+    `decoder_layer_forward`), and, in a CPU training step, its LoRA layers as one function each
+    (`lora_update.py`).
 
     Yields how many modules were switched (0: nothing recognised, the model runs unchanged).
     On exit every module and the transformers modeling module are as they were.

@@ -1,7 +1,7 @@
-"""A LoRA layer of a bf16 training step on the CPU as one autograd function.
+"""A LoRA layer of a CPU training step (bf16 autocast or float32) as one autograd function.
 
-The plain form, `base(x) + lora_B(lora_A(x)) * scale`, runs as separate torch ops under
-autocast: the adapter's fp32 `A` and `B` are cast to bf16 in every call, the scale is a
+The plain form, `base(x) + lora_B(lora_A(x)) * scale`, runs as separate torch ops (under
+autocast the adapter's fp32 `A` and `B` are cast to bf16 in every call): the scale is a
 multiplication over the `(tokens, out)` update, the sum a second pass over it; in the
 backward, autograd multiplies the gradient by the scale again and adds the adapter's share
 of `dx` to the base's in one more pass. Here the update is added into the base output by the
@@ -11,14 +11,16 @@ matrix product itself, and the backward does the same with `dx`:
     backward:  u = g @ B                    dx = g @ W,  dx += scale * u @ A
                dA = scale * u^T @ x         dB = scale * g^T @ t      (fp32, as A and B are)
 
-Every product is bf16 on the matrix units with fp32 accumulation, as autocast runs them;
-the update is rounded once (into `out`) instead of three times, so results agree with the
-plain form to bf16 rounding (tests/kernels/test_lora_update.py), not bit for bit.
+In bf16 every product is bf16 on the matrix units with fp32 accumulation, as autocast runs
+them; the update is rounded once (into `out`) instead of three times, so results agree with the
+plain form to bf16 rounding (tests/kernels/test_lora_update.py), not bit for bit. In float32
+the products are the plain form's, summed in another order (agreement to fp32 rounding).
 
 `LoraLinear` takes this path only inside `enabled()` (entered by `fused_ops.fused_forwards`,
 graftlm's training loop with fused kernels on) and where `applies` says so: CPU tensors,
-a frozen bf16 base weight, bf16 autocast on, gradients wanted. CUDA, float32, inference and
-everything else keep the plain form.
+a frozen base weight, gradients wanted, and either bf16 autocast with a bf16 base or float32
+throughout with autocast off (where `fused_cpu`'s kernels are on: `GRAFTLM_FUSED_CPU_KERNELS=0`
+keeps the float32 plain form). CUDA, inference and everything else keep the plain form.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from graftlm.kernels import fused_cpu
 
 # a plain module global, not a ContextVar: torch.compile traces reads of globals (it guards on
 # their values) but breaks its graph at every `ContextVar.get`, twice per LoRA layer
@@ -47,48 +51,56 @@ def enabled() -> Iterator[None]:
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `LoraUpdateFunction` computes this layer's training forward: inside `enabled()`,
-    gradients on, bf16 autocast on the CPU, `x` and a frozen `weight` (and `bias`) bf16 CPU
-    tensors."""
+    gradients on, `x` and a frozen `weight` (and `bias`) CPU tensors, either all bf16 under bf16
+    autocast or all float32 without autocast."""
     if not _enabled or not torch.is_grad_enabled():
         return False
-    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        if dtype != torch.bfloat16:
+            return False
+    elif fused_cpu.library() is None:
+        # float32 takes this path with the rest of the float32 kernels, and keeps the plain
+        # form (bit for bit the earlier float32 step) where they are off
         return False
+    else:
+        dtype = torch.float32
     frozen = [weight] if bias is None else [weight, bias]
     return (
         x.dim() >= 2
         and x.device.type == "cpu"
-        and x.dtype is torch.bfloat16
-        and all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in frozen)
+        and x.dtype is dtype
+        and all(t.dtype is dtype and t.device.type == "cpu" for t in frozen)
         and not any(t.requires_grad for t in frozen)
     )
 
 
 class LoraUpdateFunction(torch.autograd.Function):
     """`x @ W^T + b + scale * (x @ A^T) @ B^T` for x `(..., in)`, W `(out, in)` and b frozen
-    (bf16), A `(r, in)` and B `(out, r)` trained (any float dtype; their gradients come back
-    in it). Saves x, `x @ A^T` `(tokens, r)` and the bf16 copies of A and B."""
+    (all bf16 or all float32), A `(r, in)` and B `(out, r)` trained (any float dtype; their
+    gradients come back in it). Saves x, `x @ A^T` `(tokens, r)` and A and B in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        a16, b16 = lora_a.to(torch.bfloat16), lora_b.to(torch.bfloat16)
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # float32: the parameters themselves
         out = F.linear(flat, weight, bias)  # (tokens, out)
-        after_a = flat @ a16.t()  # (tokens, r)
-        out.addmm_(after_a, b16.t(), alpha=scale)  # the update summed inside the product
-        ctx.save_for_backward(flat, weight, a16, b16, after_a)
+        after_a = flat @ a.t()  # (tokens, r)
+        out.addmm_(after_a, b.t(), alpha=scale)  # the update summed inside the product
+        ctx.save_for_backward(flat, weight, a, b, after_a)
         ctx.scale, ctx.x_shape = scale, x.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        flat, weight, a16, b16, after_a = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(torch.bfloat16)  # (tokens, out)
-        u = g @ b16  # (tokens, r): the gradient of x @ A^T, before the scale
+        flat, weight, a, b, after_a = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)  # (tokens, out)
+        u = g @ b  # (tokens, r): the gradient of x @ A^T, before the scale
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight  # (tokens, in)
-            grad_x.addmm_(u, a16, alpha=ctx.scale)
+            grad_x.addmm_(u, a, alpha=ctx.scale)
             grad_x = grad_x.view(ctx.x_shape)
         grad_a = grad_b = None
         if ctx.needs_input_grad[3]:

@@ -45,9 +45,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             y = targets[start : start + chunk_size]
             logits = buffer[: h.shape[0] * weight.shape[0]].view(h.shape[0], weight.shape[0])
             if fused_cpu.applies(h, w):
-                # bf16 on the CPU: the C kernel's one pass, in the buffer's memory seen as bf16
-                # (no fp32 copy of the logits, no separate passes of the softmax)
-                logits = buffer.view(torch.bfloat16)[: logits.numel()].view(logits.shape)
+                # on the CPU: the C kernel's one pass (no separate passes of the softmax), in
+                # bf16 over the buffer's memory seen as bf16 (no fp32 copy of the logits)
+                logits = buffer.view(h.dtype)[: logits.numel()].view(logits.shape)
                 torch.matmul(h, w.T, out=logits)
                 total += fused_cpu.cross_entropy_(logits, y).sum()
                 grad_logits = logits

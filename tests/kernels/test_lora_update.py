@@ -1,5 +1,6 @@
-"""The fused LoRA update of a bf16 training step (kernels/lora_update.py) against the plain
-form: same forward and gradients up to bf16 rounding, taken only where it applies."""
+"""The fused LoRA update of a training step (kernels/lora_update.py) against the plain form:
+same forward and gradients up to bf16 rounding (bf16 autocast) or fp32 rounding (float32),
+taken only where it applies."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from graftlm.train.loop import train
 BF16 = torch.bfloat16
 
 
-def _model(dropout: float = 0.0):
-    model = helpers.tiny_llama().to(BF16)  # the base in bf16, as graftlm trains it
+def _model(dropout: float = 0.0, dtype: torch.dtype = BF16):
+    model = helpers.tiny_llama().to(dtype)  # the base in bf16, as graftlm trains it there
     inject(model, LoraConfig(rank=4, alpha=8, targets="q_proj,v_proj", dropout=dropout))
     for name, param in model.named_parameters():
         if "lora_" in name:
@@ -30,10 +31,10 @@ def _model(dropout: float = 0.0):
     return model.train()
 
 
-def _forward_backward(model, ids, fused: bool):
+def _forward_backward(model, ids, fused: bool, autocast: bool = True):
     model.zero_grad(set_to_none=True)
     scope = lora_update.enabled() if fused else contextlib.nullcontext()
-    with scope, torch.autocast("cpu", dtype=BF16):
+    with scope, torch.autocast("cpu", dtype=BF16, enabled=autocast):
         logits = model(input_ids=ids).logits
         kinds = {
             type(node).__name__
@@ -72,6 +73,42 @@ def test_fused_model_matches_the_plain_form_forward_and_backward():
         torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=3e-2 * scale)
 
 
+def test_float32_model_matches_the_plain_form_to_fp32_rounding():
+    model = _model(dtype=torch.float32)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0)
+    )
+    logits, grads, used = _forward_backward(model, ids, fused=True, autocast=False)
+    expected_logits, expected, plain_used = _forward_backward(
+        model, ids, fused=False, autocast=False
+    )
+    assert used and not plain_used
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected.keys() and sum("lora_A" in n for n in grads) == 4
+    for name in grads:
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_float32_function_matches_float64():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 24, generator=generator).requires_grad_()
+    weight, b = torch.randn(20, 24, generator=generator), torch.randn(20, generator=generator)
+    a = torch.randn(4, 24, generator=generator).requires_grad_()
+    lb = torch.randn(20, 4, generator=generator).requires_grad_()
+    grad = torch.randn(2, 7, 20, generator=generator)
+    out = LoraUpdateFunction.apply(x, weight, b, a, lb, 2.0)
+    out.backward(grad)
+    wide = [t.detach().double().requires_grad_() for t in (x, a, lb)]
+    reference = wide[0] @ weight.double().t() + b.double()
+    reference = reference + 2.0 * (wide[0] @ wide[1].t()) @ wide[2].t()
+    reference.backward(grad.double())
+    torch.testing.assert_close(out.double(), reference.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip((x.grad, a.grad, lb.grad), (w.grad for w in wide)):
+        assert got.dtype is torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_function_matches_float64(bias):
     generator = torch.Generator().manual_seed(0)
@@ -98,13 +135,17 @@ def test_function_matches_float64(bias):
         torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max())
 
 
-def test_applies_only_to_a_bf16_cpu_training_step_inside_the_scope():
+def test_applies_only_to_a_cpu_training_step_inside_the_scope():
     x = torch.randn(2, 3, 8).to(BF16)
     weight = torch.randn(4, 8).to(BF16)
     with torch.autocast("cpu", dtype=BF16):
         assert not lora_update.applies(x, weight, None)  # outside enabled()
     with lora_update.enabled():
-        assert not lora_update.applies(x, weight, None)  # no autocast
+        assert not lora_update.applies(x, weight, None)  # bf16 tensors without autocast
+        # float32 throughout, no autocast: the float32 step
+        assert lora_update.applies(x.float(), weight.float(), None)
+        assert not lora_update.applies(x.float(), weight, None)
+        assert not lora_update.applies(x.double(), weight.double(), None)
         with torch.autocast("cpu", dtype=BF16):
             assert lora_update.applies(x, weight, None)
             assert not lora_update.applies(x.float(), weight, None)  # float32 input

@@ -354,7 +354,7 @@ class LoraLinear(LoraLayerBase):
         )
 
     def _fused_training_update(self, x: torch.Tensor, name: str) -> bool:
-        """Whether a bf16 CPU training step runs this layer as one autograd function that adds
+        """Whether a CPU training step runs this layer as one autograd function that adds
         the update inside the base's matrix product (kernels/lora_update.py)."""
         return (
             self.DENSE_BASE
