@@ -13,6 +13,9 @@ same tokenized rows, rank, targets, batch, sequence length, learning rate and se
   its defaults for the rest), timed from outside: tokens/s from each step's own `tokens` and
   `tokens_per_s` in metrics.jsonl (evaluation rows are separate rows, not training time), peak RSS
   of the command's process from `wait4`. No `--profile` for this side (nothing to hook into).
+- graftlm-cli-before (with `--before TREE`): the same command on the code of an earlier commit
+  checked out at TREE (`git worktree add TREE COMMIT`), so that a change is measured before and
+  after in one run.
 - PEFT: `get_peft_model` + AdamW + a padded batch loop with `model(**batch, labels=...)`, in the
   best precision this CPU has (bf16 weights + autocast where bf16 is fast, else fp32; `--dtype`
   sets it for every side).
@@ -336,11 +339,11 @@ def worker_flops(args) -> dict:
     }
 
 
-def run_measured(kind: str, command: list[str]) -> tuple[str, float]:
+def run_measured(kind: str, command: list[str], env: dict | None = None) -> tuple[str, float]:
     """Run `command` to its end; its stdout and its peak RSS in MB, from `wait4`'s
     `ru_maxrss` (the process's own high-water mark, KiB on Linux), read from outside."""
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         stdout.seek(0)
@@ -363,9 +366,10 @@ def graftlm_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "graftlm"]
 
 
-def run_graftlm_cli(args, data: Path) -> dict:
+def run_graftlm_cli(args, data: Path, tree: str | None = None) -> dict:
     """`graftlm train` with the bench's settings, timed from its metrics.jsonl: each step's own
-    `tokens` and `tokens_per_s` (its evaluation passes are rows of their own, left out)."""
+    `tokens` and `tokens_per_s` (its evaluation passes are rows of their own, left out).
+    `tree`: a checkout whose `graftlm` package runs instead of this one (first on PYTHONPATH)."""
     out = Path(tempfile.mkdtemp(prefix="bench-graftlm-cli-")) / "out"
     length = ["--steps", str(args.steps)] if args.steps else ["--epochs", str(args.epochs)]
     command = [
@@ -381,7 +385,11 @@ def run_graftlm_cli(args, data: Path) -> dict:
         *(["--dtype", args.dtype] if args.dtype != "auto" else []),
         *(["--micro-batch-size", str(args.micro_batch_size)] if args.micro_batch_size else []),
     ]  # fmt: skip
-    _, peak_mb = run_measured("graftlm-cli", command)
+    env = None
+    if tree:
+        path = os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+    _, peak_mb = run_measured("graftlm-cli", command, env)
     return {**step_totals(out), "peak_rss_mb": peak_mb}
 
 
@@ -407,7 +415,14 @@ def main() -> None:
         "--sides",
         default="peft,peft-fast,graftlm",
         help="which to run, of peft (with the attention mask), peft-fast (no mask), graftlm "
-        "(the training function in a worker), graftlm-cli (the `graftlm train` command)",
+        "(the training function in a worker), graftlm-cli (the `graftlm train` command), "
+        "graftlm-cli-before (that command on the --before tree's code)",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="TREE",
+        help="a checkout of an earlier commit (`git worktree add TREE COMMIT`) for the side "
+        "graftlm-cli-before: the same command, with TREE's graftlm package first on PYTHONPATH",
     )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count and peaks")
     parser.add_argument(
@@ -486,10 +501,16 @@ def main() -> None:
     sides = args.sides.split(",")
     if args.workload == "chat" and "peft-fast" in sides:
         sides.remove("peft-fast")  # chat rows are padded: no mask would be wrong
-    results = {
-        kind: run_graftlm_cli(args, data) if kind == "graftlm-cli" else run_worker(kind, argv)
-        for kind in sides
-    }
+    if "graftlm-cli-before" in sides and not args.before:
+        parser.error("the side graftlm-cli-before needs --before TREE")
+    results = {}
+    for kind in sides:
+        if kind == "graftlm-cli":
+            results[kind] = run_graftlm_cli(args, data)
+        elif kind == "graftlm-cli-before":
+            results[kind] = run_graftlm_cli(args, data, tree=args.before)
+        else:
+            results[kind] = run_worker(kind, argv)
     flops = None if args.no_flops else run_worker("flops", argv)
     print(
         f"workload {args.workload}, {args.method}: rank {args.rank}, targets {args.targets}, batch {args.batch_size}, seq-len {args.seq_len}"
@@ -497,7 +518,7 @@ def main() -> None:
     for kind, r in results.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         print(
-            f"  {kind:11s} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
+            f"  {kind:18s} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
             f"  loss first {r['losses'][0]:.4f} last {r['losses'][-1]:.4f}"
         )
     for kind, r in results.items():
@@ -505,7 +526,10 @@ def main() -> None:
             print_profile(kind, r["profile"])
     if flops is not None:
         print_flops(results, flops)
-    for ours, kind in [(g, p) for g in ("graftlm", "graftlm-cli") for p in ("peft", "peft-fast")]:
+    pairs = [(g, p) for g in ("graftlm", "graftlm-cli") for p in ("peft", "peft-fast")]
+    pairs += [(g, "graftlm-cli-before") for g in ("graftlm", "graftlm-cli")]
+    pairs += [("graftlm-cli-before", p) for p in ("peft", "peft-fast")]
+    for ours, kind in pairs:
         if ours not in results or kind not in results:
             continue
         g, p = results[ours], results[kind]
