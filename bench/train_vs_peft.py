@@ -563,7 +563,7 @@ def print_flops(results: dict, flops: dict) -> None:
     for kind, r in results.items():
         achieved = r["tokens_per_s"] * per_token
         print(
-            f"  {kind:11s} achieves {achieved / 1e9:6.1f} GFLOP/s: "
+            f"  {kind:18s} achieves {achieved / 1e9:6.1f} GFLOP/s: "
             f"{achieved / flops['peak_fp32']:.2f} of the fp32 peak, "
             f"{achieved / flops['peak_bf16']:.2f} of the bf16 peak"
         )
