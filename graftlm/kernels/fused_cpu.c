@@ -155,14 +155,7 @@ static inline int thread_index(void) {
 #define BF16_VECTORS 0
 #endif
 #define FLOAT_ELEMENTS 0
-#include "fused_cpu_kernels.h"
-#undef T
-#undef LOAD
-#undef STORE
-#undef ROUND
-#undef NAME
-#undef BF16_VECTORS
-#undef FLOAT_ELEMENTS
+#include "fused_cpu_kernels.h" /* which undefines its parameters */
 
 /* the same kernels in fp32 (a float32 step; the generic loops on every CPU):
  * graftlm_rms_norm_forward_f32, ... */
@@ -173,14 +166,7 @@ static inline int thread_index(void) {
 #define NAME(f) f##_f32
 #define BF16_VECTORS 0
 #define FLOAT_ELEMENTS 1
-#include "fused_cpu_kernels.h"
-#undef T
-#undef LOAD
-#undef STORE
-#undef ROUND
-#undef NAME
-#undef BF16_VECTORS
-#undef FLOAT_ELEMENTS
+#include "fused_cpu_kernels.h" /* which undefines its parameters */
 
 /* Causal softmax over score matrices [mats][rows][seq] (fp32, from q @ k^T): row r of a matrix
  * is query position r % seq (grouped-query heads stack their rows), and sees keys 0..r % seq.

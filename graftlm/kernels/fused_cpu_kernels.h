@@ -11,6 +11,7 @@
  *   BF16_VECTORS  1 for the bf16 kernels on a CPU with AVX-512 BF16 (intrinsics), else 0
  *   FLOAT_ELEMENTS  1 for float elements (the cross-entropy keeps its exponentials in place)
  *
+ * and this file undefines them at its end.
  * Sums of squares and dot products accumulate in fp32 in every instance. */
 
 /* One row of RMSNorm: out = w * ROUND(src * rstd), rstd = 1 / sqrt(mean(src^2) + eps). With
@@ -325,3 +326,12 @@ void NAME(graftlm_cross_entropy)(T *logits, const int64_t *targets, float *loss,
         z[target] = STORE(LOAD(z[target]) - 1.0f);
     }
 }
+
+/* the parameters end with this instance: the next inclusion defines its own */
+#undef T
+#undef LOAD
+#undef STORE
+#undef ROUND
+#undef NAME
+#undef BF16_VECTORS
+#undef FLOAT_ELEMENTS
