@@ -196,8 +196,7 @@ class SwiGLUFunction(torch.autograd.Function):
 class RotaryFunction(torch.autograd.Function):
     """`x * cos + rotate_half(x) * sin` for x `(batch, heads, seq, dim)` (any strides but a
     contiguous last dimension) and cos, sin `(batch or 1, 1, seq, dim)`, all bf16 or all
-    float32. The output
-    is contiguous, read by the attention without a copy."""
+    float32. The output is contiguous, read by the attention without a copy."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
