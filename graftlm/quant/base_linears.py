@@ -55,13 +55,17 @@ def quantize_model_linears(
         `bytes_per_param` (`bytes_after / params`).
     """
     skip = set(skip)
+    # names only: a list of the modules would keep every full-precision weight alive until the
+    # last layer is quantized, all of them beside all the 4-bit layers (a float32 QLoRA load
+    # peaked 0.24 GB higher in some runs); here each weight is freed once its layer is replaced
     targets = [
-        (name, module)
+        name
         for name, module in model.named_modules()
         if is_plain_linear(module) and name not in skip and name.rsplit(".", 1)[-1] not in skip
     ]
     replaced, params, before, after, on_grid = [], 0, 0, 0, 0
-    for name, linear in targets:
+    for name in targets:
+        linear = model.get_submodule(name)
         grid = find_q4_grid(linear.weight) if grids is None else grids.get(name)
         if grid is not None:
             if grid.shape != linear.weight.shape:
@@ -80,6 +84,7 @@ def quantize_model_linears(
         params += linear.weight.numel()
         before += linear.weight.numel() * linear.weight.element_size()
         after += layer.quantized().nbytes()
+        del linear, layer, grid  # the last references to the full-precision weight
     return {
         "replaced": replaced,
         "count": len(replaced),
