@@ -109,15 +109,15 @@ class TrainConfig:
     )
     low_memory: bool | None = setting(
         None,
-        "bound a step's activations (float32: passes of ~384 tokens, activation "
-        "checkpointing for rows over 1024 tokens; bf16: activation checkpointing) and return "
-        "large freed blocks to the OS (default per method: on for qlora, off otherwise)",
+        "bound a step's activations (activation checkpointing, unless "
+        "--no-activation-checkpointing: then passes of ~384 tokens) and return large freed "
+        "blocks to the OS (default per method: on for qlora, off otherwise)",
     )
     activation_checkpointing: bool | None = setting(
         None,
         "recompute each layer in the backward instead of keeping its activations: "
-        "the least memory; float32 steps take ~1.5-2x as long (default: only with "
-        "--low-memory, in bf16 or for rows over 1024 tokens)",
+        "the least memory; float32 steps take ~1.4-2x as long (default: on with "
+        "--low-memory, off otherwise)",
     )
     fused_kernels: bool = setting(
         True,

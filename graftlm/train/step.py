@@ -19,12 +19,14 @@ from graftlm.train.lean_adamw import LeanAdamW
 from graftlm.train.memory import memory_accounting, release_free_heap, return_freed_memory_to_os
 from graftlm.train.steps import lr_lambda, micro_batches, needs_checkpointing, tokens_per_pass
 
-# --low-memory's small passes unmap freed blocks of at least this size (4 MiB until the
-# dequantized NF4 weights went into a reused buffer and the passes shrank to 384 tokens: since
-# then 1 MiB peaks lower at the same speed; docs/measurements.md, "QLoRA's recipe")
+# the small passes of --low-memory --no-activation-checkpointing unmap freed blocks of at least
+# this size (4 MiB until the dequantized NF4 weights went into a reused buffer and the passes
+# shrank to 384 tokens: since then 1 MiB peaks lower at the same speed; docs/measurements.md,
+# "QLoRA's recipe")
 LOW_MEMORY_MMAP_THRESHOLD = 1 << 20
-# with checkpointing too, memory comes first: every block of 128 KiB or more is unmapped on free;
-# in bf16, where checkpointing is low-memory mode's default, blocks of 2 MiB or more (128 KiB
+# with checkpointing (low-memory mode's default), memory comes first: every block of 128 KiB or
+# more is unmapped on free (float32: 0.98 GB against 1.15 GB at 1 MiB, in about the same time on
+# an EPYC); in bf16 blocks of 2 MiB or more (128 KiB
 # made its steps ~1.4x slower, page faults of fresh blocks; the measurements: docs/measurements.md)
 CHECKPOINTED_MMAP_THRESHOLD = 128 << 10
 CHECKPOINTED_BF16_MMAP_THRESHOLD = 2 << 20
@@ -57,7 +59,7 @@ def plan_memory(
         f"{planned['adapter_bytes'] / 1e6:.1f} MB, AdamW state "
         f"{2 * planned['adapter_bytes'] / 1e6:.1f} MB (two moments per trainable value)"
     )
-    checkpointing = needs_checkpointing(cfg, examples, compute_dtype)
+    checkpointing = needs_checkpointing(cfg, examples)
     if pass_tokens_for is not None:
         pass_tokens = pass_tokens_for(checkpointing)
     else:

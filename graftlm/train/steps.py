@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from graftlm.data.dataset import Example, length_grouped_batches
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime
@@ -17,17 +15,14 @@ from graftlm.train.distributed import Runtime
 # was the fastest size measured, bigger passes only cost memory and smaller ones some speed
 # (docs/measurements.md, "Tokens per forward pass").
 MICRO_BATCH_TOKENS = 1024
-# --low-memory bounds a step's activations in the way that costs less time for the compute dtype
-# (docs/measurements.md, "QLoRA's recipe"):
-# - float32: smaller passes, with freed blocks returned to the OS (memory.return_freed_memory_to_os).
-#   The frozen layers' backward is one matrix product to the forward's one, so recomputing the
-#   forward would add half the step. Checkpointing stays for rows longer than
-#   LOW_MEMORY_CHECKPOINT_TOKENS, whose activations no micro-batch can bound.
-# - bfloat16 (CPUs with bf16 matrix units): activation checkpointing with big passes. The matrix
-#   products are cheap there and a pass's fixed costs (the shared prefix, the layers' element-wise
-#   work) are not, so a few recomputing passes beat many small ones, and keep less.
+# --low-memory recomputes each layer's activations in the backward (activation checkpointing) in
+# every compute dtype. Its float32 recipe was smaller passes without recomputation, the faster
+# of the two, but their activations and the freed blocks around them (glibc's heap fragments at
+# the 1 MiB threshold that keeps those passes fast) put a float32 QLoRA run over 0.6x of LoRA's
+# peak once LoRA's own peak fell with the fused float32 kernels: 0.61x on an AMD EPYC, against
+# 0.45x checkpointed, at ~1.4x the step time (docs/measurements.md, "QLoRA's recipe").
+# LOW_MEMORY_BATCH_TOKENS: the passes of --low-memory --no-activation-checkpointing.
 LOW_MEMORY_BATCH_TOKENS = 384
-LOW_MEMORY_CHECKPOINT_TOKENS = 1024
 # With activation checkpointing a pass keeps only each layer's input (~2.3 KB per token on the
 # built-in model), so bigger passes cost little memory and save work: every pass runs each
 # layer three times (forward, recompute, backward), and a QLoRA layer dequantizes its weight
@@ -83,16 +78,11 @@ def micro_batches(
     return runtime.shard(chunks)
 
 
-def needs_checkpointing(
-    cfg: TrainConfig, examples: list[Example], compute_dtype: torch.dtype = torch.float32
-) -> bool:
-    """`--activation-checkpointing` if set; else low-memory mode recomputes activations in
-    bf16, and in float32 only when rows are too long for small passes."""
+def needs_checkpointing(cfg: TrainConfig, examples: list[Example]) -> bool:
+    """`--activation-checkpointing` if set; else on in low-memory mode (with data to train on)."""
     if cfg.activation_checkpointing is not None:
         return cfg.activation_checkpointing
-    if not cfg.low_memory or not examples:
-        return False
-    return compute_dtype == torch.bfloat16 or max(map(len, examples)) > LOW_MEMORY_CHECKPOINT_TOKENS
+    return bool(cfg.low_memory) and bool(examples)
 
 
 def count_steps(n_examples: int, cfg: TrainConfig) -> int:

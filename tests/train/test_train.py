@@ -339,7 +339,9 @@ def test_shared_prefix_forward_gives_the_same_loss_and_gradients(kind, tiny_mode
     assert prefix_sharing_is_exact(model, Example(ids[0].tolist(), ids[0].tolist(), "x"), 2)
 
 
-def test_low_memory_passes_are_smaller_and_checkpointing_is_for_long_rows(tmp_path, tiny_model_dir):
+def test_low_memory_checkpoints_and_without_checkpointing_cuts_smaller_passes(
+    tmp_path, tiny_model_dir
+):
     from dataclasses import replace
 
     from graftlm.data.dataset import Example
@@ -350,36 +352,30 @@ def test_low_memory_passes_are_smaller_and_checkpointing_is_for_long_rows(tmp_pa
     cfg = base_cfg(tmp_path, tiny_model_dir, batch_size=8, steps=1)
     low = replace(cfg, low_memory=True)
     plan = list(range(8))
-    assert [len(c) for c in micro_batches(plan, examples, cfg, Runtime.single())] == [4, 4]
-    assert [len(c) for c in micro_batches(plan, examples, low, Runtime.single())] == [1] * 8
-    assert not train_module.needs_checkpointing(low, examples)
+    assert train_module.needs_checkpointing(low, examples)
     assert not train_module.needs_checkpointing(cfg, examples)
-    long_row = Example(input_ids=[1] * 1500, labels=[1] * 1500, source="x:long")
-    assert train_module.needs_checkpointing(low, examples + [long_row])
-    assert not train_module.needs_checkpointing(cfg, examples + [long_row])
+    assert not train_module.needs_checkpointing(low, [])  # nothing to train on
     assert train_module.needs_checkpointing(replace(cfg, activation_checkpointing=True), examples)
-    assert train_module.needs_checkpointing(low, examples, torch.bfloat16)
-    assert not train_module.needs_checkpointing(cfg, examples, torch.bfloat16)
     # with checkpointing a pass keeps only layer inputs: bigger passes, fewer recomputations
     budget = train_module.tokens_per_pass(low, checkpointing=True)
     assert [len(c) for c in micro_batches(plan, examples, low, Runtime.single(), budget)] == [8]
+    # --low-memory --no-activation-checkpointing: smaller passes than a plain run's
     off = replace(low, activation_checkpointing=False)
-    assert not train_module.needs_checkpointing(off, examples + [long_row])
+    assert not train_module.needs_checkpointing(off, examples)
+    assert [len(c) for c in micro_batches(plan, examples, cfg, Runtime.single())] == [4, 4]
+    budget = train_module.tokens_per_pass(off, checkpointing=False)
+    assert [len(c) for c in micro_batches(plan, examples, off, Runtime.single(), budget)] == [1] * 8
 
 
-@pytest.mark.parametrize("checkpoint_above", [None, 8], ids=["small-passes", "checkpointing"])
-def test_low_memory_mode_trains_the_same_adapter(
-    tmp_path, tiny_model_dir, monkeypatch, checkpoint_above
-):
-    """Smaller passes, and activation checkpointing for long rows: same numbers, less memory."""
+@pytest.mark.parametrize("checkpointing", [False, None], ids=["small-passes", "checkpointing"])
+def test_low_memory_mode_trains_the_same_adapter(tmp_path, tiny_model_dir, checkpointing):
+    """Activation checkpointing (low-memory mode's default), or smaller passes without it:
+    same numbers, less memory."""
     from safetensors.torch import load_file
 
-    from graftlm.train import steps as train_module
     from graftlm.train.config import TrainConfig
     from graftlm.train.loop import train
 
-    if checkpoint_above:  # every row counts as long: the recomputing path
-        monkeypatch.setattr(train_module, "LOW_MEMORY_CHECKPOINT_TOKENS", checkpoint_above)
     data = write_chat(tmp_path / "train.jsonl", 16)
     weights = {}
     for low_memory in (False, True):
@@ -387,6 +383,7 @@ def test_low_memory_mode_trains_the_same_adapter(
         cfg = TrainConfig(
             data=str(data), out=str(out), model=str(tiny_model_dir), rank=4, steps=3,
             batch_size=4, dtype="float32", low_memory=low_memory,
+            activation_checkpointing=checkpointing if low_memory else None,
         )  # fmt: skip
         train(cfg, progress=False)
         weights[low_memory] = load_file(out / "adapter_model.safetensors")
@@ -403,10 +400,9 @@ def test_qlora_recipe_turns_on_low_memory_mode():
 
     qlora = TrainConfig(data="d", out="o", method="qlora").with_method_defaults()
     assert qlora.low_memory
-    assert qlora.activation_checkpointing is None  # low-memory mode decides, by dtype
+    assert qlora.activation_checkpointing is None  # low-memory mode decides
     rows = [Example(input_ids=[1] * 100, labels=[1] * 100, source="x:0")]
-    assert not needs_checkpointing(qlora, rows, torch.float32)  # small passes instead
-    assert needs_checkpointing(qlora, rows, torch.bfloat16)  # cheap recomputation
+    assert needs_checkpointing(qlora, rows)
     assert TrainConfig(data="d", out="o").with_method_defaults().activation_checkpointing is None
     assert not TrainConfig(data="d", out="o").with_method_defaults().low_memory
     off = TrainConfig(data="d", out="o", method="qlora", low_memory=False)

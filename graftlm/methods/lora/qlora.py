@@ -3,12 +3,10 @@
 The same contract functions as LoRA (`attach` quantizes the base because cfg.method is
 "qlora"; its folders are LoRA folders, with "quantize": "nf4" in graftlm.json); only the
 recipe differs: `--low-memory` is on by default, because a user picks QLoRA to save memory.
-Low-memory mode bounds a step's activations the way that is faster for the compute dtype
-(`train/steps.py`): in float32 with small passes, in bf16 with activation checkpointing that
-keeps the shared prompt prefix (`train/checkpointing.py`). Each kept a run within 1.5x the time
-of LoRA's on the same data, at 0.5-0.6x its peak memory (docs/measurements.md, "QLoRA's
-recipe"); `--activation-checkpointing` (float32: the least memory, ~2x the time) and
-`--no-activation-checkpointing` choose for themselves.
+Low-memory mode bounds a step's activations with activation checkpointing that keeps the
+shared prompt prefix (`train/checkpointing.py`, `train/steps.py`): 0.46x LoRA's peak in
+float32 on an AVX2 EPYC, 0.6-0.7x in bf16 (docs/measurements.md, "QLoRA's recipe");
+`--no-activation-checkpointing` keeps every activation of smaller passes instead.
 """
 
 from __future__ import annotations
