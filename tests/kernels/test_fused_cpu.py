@@ -34,7 +34,8 @@ def _tol(dtype: torch.dtype) -> dict:
     return TOL if dtype is BF16 else FP32_TOL
 
 
-def _bf16(*shape, seed=0, dtype=BF16):
+def _randn(*shape, seed=0, dtype=BF16):
+    """Standard normal values from `seed`, in `dtype` (bf16 unless a float32 test asks)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=generator).to(dtype)
 
@@ -58,9 +59,9 @@ def _rms_norm(x, w, eps=1e-5):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n", [(1, 64), (5, 17), (3, 576), (64, 600)])
 def test_rms_norm_forward_and_backward_match_float64(rows, n, dtype):
-    x = _bf16(rows, n, seed=1, dtype=dtype)
-    w = (1 + 0.1 * _bf16(n, seed=2).float()).to(dtype)
-    grad = _bf16(rows, n, seed=3, dtype=dtype)
+    x = _randn(rows, n, seed=1, dtype=dtype)
+    w = (1 + 0.1 * _randn(n, seed=2).float()).to(dtype)
+    grad = _randn(rows, n, seed=3, dtype=dtype)
     xs, ws = _leaf(x), _leaf(w)
     out = fused_cpu.RMSNormFunction.apply(xs, ws, 1e-5)
     out.backward(grad)
@@ -74,7 +75,7 @@ def test_rms_norm_forward_and_backward_match_float64(rows, n, dtype):
 
 
 def test_rms_norm_forward_is_transformers_bf16_up_to_one_rounding():
-    x, w = _bf16(4, 9, 96, seed=4), _bf16(96, seed=5)
+    x, w = _randn(4, 9, 96, seed=4), _randn(96, seed=5)
     hidden = x.float()
     expected = w * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)).to(BF16)
     got = fused_cpu.RMSNormFunction.apply(x, w, 1e-6)
@@ -85,7 +86,7 @@ def test_rms_norm_forward_is_transformers_bf16_up_to_one_rounding():
 
 
 def test_rms_norm_takes_a_non_contiguous_input():
-    wide, w = _bf16(6, 2 * 40, seed=6), _bf16(40, seed=7)
+    wide, w = _randn(6, 2 * 40, seed=6), _randn(40, seed=7)
     x = wide[:, ::2]
     assert not x.is_contiguous()
     got = fused_cpu.RMSNormFunction.apply(x, w, 1e-6)
@@ -93,7 +94,7 @@ def test_rms_norm_takes_a_non_contiguous_input():
 
 
 def test_rms_norm_threads_split_rows_without_changing_results():
-    x, w, grad = _bf16(64, 576, seed=8), _bf16(576, seed=9), _bf16(64, 576, seed=10)
+    x, w, grad = _randn(64, 576, seed=8), _randn(576, seed=9), _randn(64, 576, seed=10)
     results = []
     threads = torch.get_num_threads()
     try:
@@ -115,8 +116,8 @@ def _swiglu(gate, up):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (3, 7, 37), (2, 4100)])
 def test_swiglu_forward_and_backward_match_float64(shape, dtype):
-    gate = 3 * _bf16(*shape, seed=11, dtype=dtype)
-    up, grad = _bf16(*shape, seed=12, dtype=dtype), _bf16(*shape, seed=13, dtype=dtype)
+    gate = 3 * _randn(*shape, seed=11, dtype=dtype)
+    up, grad = _randn(*shape, seed=12, dtype=dtype), _randn(*shape, seed=13, dtype=dtype)
     gs, us = _leaf(gate), _leaf(up)
     out = fused_cpu.SwiGLUFunction.apply(gs, us)
     out.backward(grad)
@@ -145,8 +146,8 @@ def _rotary_tables(batch, seq, dim, seed, equal_halves=True, dtype=BF16):
         angles = torch.cat([angles, angles], -1).expand(batch, seq, dim)
         return angles.cos().to(dtype), angles.sin().to(dtype)
     return (
-        _bf16(batch, seq, dim, seed=seed, dtype=dtype),
-        _bf16(batch, seq, dim, seed=seed + 1, dtype=dtype),
+        _randn(batch, seq, dim, seed=seed, dtype=dtype),
+        _randn(batch, seq, dim, seed=seed + 1, dtype=dtype),
     )
 
 
@@ -167,8 +168,8 @@ def test_rotary_forward_and_backward_match_float64(table_batch, dim, equal_halve
     cos, sin = _rotary_tables(table_batch, seq, dim, 14, equal_halves, dtype)
     cos, sin = cos[:, None], sin[:, None]  # (batch or 1, 1, seq, dim)
     # transformers' q: (batch, seq, heads, dim) projected, viewed as (batch, heads, seq, dim)
-    x = _bf16(batch, seq, heads, dim, seed=16, dtype=dtype).transpose(1, 2)
-    grad = _bf16(batch, heads, seq, dim, seed=17, dtype=dtype)
+    x = _randn(batch, seq, heads, dim, seed=16, dtype=dtype).transpose(1, 2)
+    grad = _randn(batch, heads, seq, dim, seed=17, dtype=dtype)
     assert fused_cpu.rotary_applies(x, cos, sin)
     xs = _leaf(x)
     out = fused_cpu.RotaryFunction.apply(xs, cos, sin)
@@ -185,11 +186,11 @@ def test_rotary_forward_and_backward_match_float64(table_batch, dim, equal_halve
 
 
 def test_rotary_refuses_shapes_it_does_not_take():
-    x = _bf16(1, 2, 3, 7)  # odd dim
-    cos = _bf16(1, 1, 3, 7)
+    x = _randn(1, 2, 3, 7)  # odd dim
+    cos = _randn(1, 1, 3, 7)
     assert not fused_cpu.rotary_applies(x, cos, cos)
-    x = _bf16(1, 2, 3, 8)
-    assert not fused_cpu.rotary_applies(x, _bf16(1, 2, 3, 8), _bf16(1, 2, 3, 8))  # per head
+    x = _randn(1, 2, 3, 8)
+    assert not fused_cpu.rotary_applies(x, _randn(1, 2, 3, 8), _randn(1, 2, 3, 8))  # per head
 
 
 def test_fused_forwards_dispatch_bf16_and_float32_to_the_c_kernels_and_float64_to_torch(
@@ -244,10 +245,10 @@ def test_training_losses_match_with_and_without_the_kernels(tmp_path, monkeypatc
 
 
 def _attention_inputs(batch, heads, kv_heads, seq, dim, seed):
-    q = _bf16(batch, seq, heads, dim, seed=seed).transpose(1, 2)  # transformers' layout
-    k = _bf16(batch, kv_heads, seq, dim, seed=seed + 1)
-    v = _bf16(batch, kv_heads, seq, dim, seed=seed + 2)
-    return q, k, v, _bf16(batch, heads, seq, dim, seed=seed + 3)
+    q = _randn(batch, seq, heads, dim, seed=seed).transpose(1, 2)  # transformers' layout
+    k = _randn(batch, kv_heads, seq, dim, seed=seed + 1)
+    v = _randn(batch, kv_heads, seq, dim, seed=seed + 2)
+    return q, k, v, _randn(batch, heads, seq, dim, seed=seed + 3)
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 2, 7, 10), (1, 3, 3, 33, 16), (2, 6, 2, 64, 64)])
@@ -317,7 +318,7 @@ def test_fused_forwards_swap_sdpa_for_the_causal_kernel_and_back():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,vocab", [(1, 5), (7, 1000), (3, 49157)])
 def test_cross_entropy_and_its_gradient_in_place_match_float64(rows, vocab, dtype):
-    logits = (4 * _bf16(rows, vocab, seed=40).float()).to(dtype)
+    logits = (4 * _randn(rows, vocab, seed=40).float()).to(dtype)
     targets = torch.randint(0, vocab, (rows,), generator=_gen(41))
     wide = logits.double().requires_grad_(True)
     expected = F.cross_entropy(wide, targets, reduction="none")
@@ -333,8 +334,8 @@ def test_cross_entropy_and_its_gradient_in_place_match_float64(rows, vocab, dtyp
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_loss_matches_the_torch_path(monkeypatch, dtype):
-    hidden = _bf16(1, 41, 32, seed=42, dtype=dtype).requires_grad_(True)
-    weight = _bf16(300, 32, seed=43, dtype=dtype).requires_grad_(True)
+    hidden = _randn(1, 41, 32, seed=42, dtype=dtype).requires_grad_(True)
+    weight = _randn(300, 32, seed=43, dtype=dtype).requires_grad_(True)
     labels = torch.randint(0, 300, (1, 41), generator=_gen(44))
     results = []
     for kernels in ("1", "0"):
