@@ -16,6 +16,11 @@ them; the update is rounded once (into `out`) instead of three times, so results
 plain form to bf16 rounding (tests/kernels/test_lora_update.py), not bit for bit. In float32
 the products are the plain form's, summed in another order (agreement to fp32 rounding).
 
+Over a 4-bit base (QLoRA: `LoraNF4Linear`) the weight comes in as a function that
+dequantizes it into the thread's scratch buffer (`quant/nf4_linear.py: dequantized`), called in
+the forward and again in the backward, so the full-precision weight is never kept, as in
+`_NF4Matmul`; the plain form there is `_NF4Matmul` plus the adapter's separate ops.
+
 `LoraLinear` takes this path only inside `enabled()` (entered by `fused_ops.fused_forwards`,
 graftlm's training loop with fused kernels on) and where `applies` says so: CPU tensors,
 a frozen base weight, gradients wanted, and either bf16 autocast with a bf16 base or float32
@@ -49,10 +54,11 @@ def enabled() -> Iterator[None]:
         _enabled = before
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     """Whether `LoraUpdateFunction` computes this layer's training forward: inside `enabled()`,
     gradients on, `x` and a frozen `weight` (and `bias`) CPU tensors, either all bf16 under bf16
-    autocast or all float32 without autocast."""
+    autocast or all float32 without autocast. `weight` None: a packed 4-bit weight that is
+    dequantized to x's dtype for each product."""
     if not _enabled or not torch.is_grad_enabled():
         return False
     if torch.is_autocast_enabled("cpu"):
@@ -65,7 +71,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         return False
     else:
         dtype = torch.float32
-    frozen = [weight] if bias is None else [weight, bias]
+    frozen = [t for t in (weight, bias) if t is not None]
     return (
         x.dim() >= 2
         and x.device.type == "cpu"
@@ -78,27 +84,36 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 class LoraUpdateFunction(torch.autograd.Function):
     """`x @ W^T + b + scale * (x @ A^T) @ B^T` for x `(..., in)`, W `(out, in)` and b frozen
     (all bf16 or all float32), A `(r, in)` and B `(out, r)` trained (any float dtype; their
-    gradients come back in it). Saves x, `x @ A^T` `(tokens, r)` and A and B in x's dtype."""
+    gradients come back in it). Saves x, `x @ A^T` `(tokens, r)` and A and B in x's dtype, and W
+    when it is a tensor; `weight` may instead be a function that returns it (a 4-bit weight
+    dequantized into a reused buffer), called again in the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # float32: the parameters themselves
-        out = F.linear(flat, weight, bias)  # (tokens, out)
+        dense = weight() if callable(weight) else weight
+        out = F.linear(flat, dense, bias)  # (tokens, out)
         after_a = flat @ a.t()  # (tokens, r)
         out.addmm_(after_a, b.t(), alpha=scale)  # the update summed inside the product
-        ctx.save_for_backward(flat, weight, a, b, after_a)
+        if callable(weight):
+            ctx.weight_source = weight
+            ctx.save_for_backward(flat, a, b, after_a)
+        else:
+            ctx.weight_source = None
+            ctx.save_for_backward(flat, a, b, after_a, weight)
         ctx.scale, ctx.x_shape = scale, x.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        flat, weight, a, b, after_a = ctx.saved_tensors
+        flat, a, b, after_a, *saved_weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)  # (tokens, out)
         u = g @ b  # (tokens, r): the gradient of x @ A^T, before the scale
         grad_x = None
         if ctx.needs_input_grad[0]:
+            weight = saved_weight[0] if saved_weight else ctx.weight_source()
             grad_x = g @ weight  # (tokens, in)
             grad_x.addmm_(u, a, alpha=ctx.scale)
             grad_x = grad_x.view(ctx.x_shape)

@@ -296,7 +296,7 @@ class LoraLinear(LoraLayerBase):
             if self._fused_training_update(x, active[0]):
                 name = active[0]
                 return lora_update.LoraUpdateFunction.apply(
-                    x, self.weight, self.bias, self.lora_A[name].weight,
+                    x, self._weight_for_update(x), self.bias, self.lora_A[name].weight,
                     self.lora_B[name].weight, self.scaling[name],
                 )  # fmt: skip
         result = self.base_forward(x)
@@ -363,6 +363,10 @@ class LoraLinear(LoraLayerBase):
             and isinstance(self.lora_dropout[name], nn.Identity)
             and lora_update.applies(x, self.weight, self.bias)
         )
+
+    def _weight_for_update(self, x: torch.Tensor):
+        """The base weight `LoraUpdateFunction` multiplies by (a 4-bit base: a function)."""
+        return self.weight
 
     def _plain_lora_without_dropout(self, names: list[str]) -> bool:
         if not self.PLAIN_LOW_RANK:

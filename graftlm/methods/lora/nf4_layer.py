@@ -6,12 +6,15 @@ imports `graftlm.quant.nf4_linear.NF4Linear` and subclasses `LoraLinear`, not th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.kernels import lora_update
 from graftlm.methods.lora.layer import LoraLayerBase, LoraLinear
-from graftlm.quant.nf4_linear import NF4Linear
+from graftlm.quant.nf4_linear import NF4Linear, dequantized
 
 __all__ = ["LoraNF4Linear"]
 
@@ -52,6 +55,23 @@ class LoraNF4Linear(LoraLinear):
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight_packed
+
+    def _fused_training_update(self, x: torch.Tensor, name: str) -> bool:
+        """Whether a CPU training step runs this layer as `kernels/lora_update.py`'s one
+        autograd function, the weight dequantized for each product as `_NF4Matmul` does: one
+        adapter, plain LoRA without dropout, nothing merged, and a product in x's dtype."""
+        base = self.base_layer
+        return (
+            self.merged_weight is None
+            and base.compute_dtype in (None, x.dtype)
+            and self._plain_lora_without_dropout([name])
+            and isinstance(self.lora_dropout[name], nn.Identity)
+            and lora_update.applies(x, None, self.bias)
+        )
+
+    def _weight_for_update(self, x: torch.Tensor):
+        """The 4-bit weight as a function that dequantizes it into the reused buffer."""
+        return functools.partial(dequantized, self.base_layer.quantized(), x.dtype)
 
     def add(self, name: str, rank: int, scaling: float, dropout: float, init: str) -> None:
         """Create adapter `name`; as `LoraLinear.add`, except that PiSSA is refused.
