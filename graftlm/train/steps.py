@@ -19,8 +19,9 @@ MICRO_BATCH_TOKENS = 1024
 # every compute dtype. Its float32 recipe was smaller passes without recomputation, the faster
 # of the two, but their activations and the freed blocks around them (glibc's heap fragments at
 # the 1 MiB threshold that keeps those passes fast) put a float32 QLoRA run over 0.6x of LoRA's
-# peak once LoRA's own peak fell with the fused float32 kernels: 0.61x on an AMD EPYC, against
-# 0.45x checkpointed, at ~1.4x the step time (docs/measurements.md, "QLoRA's recipe").
+# peak once LoRA's own peak fell with the fused float32 kernels: 0.60-0.62x on an AMD EPYC,
+# against 0.46x checkpointed, in about the same step time there (1.97x LoRA's against 2.12x;
+# docs/measurements.md, "QLoRA's recipe").
 # LOW_MEMORY_BATCH_TOKENS: the passes of --low-memory --no-activation-checkpointing.
 LOW_MEMORY_BATCH_TOKENS = 384
 # With activation checkpointing a pass keeps only each layer's input (~2.3 KB per token on the
