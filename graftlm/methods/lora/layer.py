@@ -293,10 +293,10 @@ class LoraLinear(LoraLayerBase):
             step = self._one_adapter_decode_step(x, active[0])
             if step is not None:
                 return step
-            if self._fused_training_update(x, active[0]):
+            if (weight := self._fused_update_weight(x, active[0])) is not None:
                 name = active[0]
                 return lora_update.LoraUpdateFunction.apply(
-                    x, self._weight_for_update(x), self.bias, self.lora_A[name].weight,
+                    x, weight, self.bias, self.lora_A[name].weight,
                     self.lora_B[name].weight, self.scaling[name],
                 )  # fmt: skip
         result = self.base_forward(x)
@@ -353,20 +353,16 @@ class LoraLinear(LoraLayerBase):
             self.scaling[name],
         )
 
-    def _fused_training_update(self, x: torch.Tensor, name: str) -> bool:
-        """Whether a CPU training step runs this layer as one autograd function that adds
-        the update inside the base's matrix product (kernels/lora_update.py)."""
-        return (
+    def _fused_update_weight(self, x: torch.Tensor, name: str):
+        """The base weight where a CPU training step runs this layer as one autograd function
+        that adds the update inside the base's product (kernels/lora_update.py), else None."""
+        fused = (
             self.DENSE_BASE
             and not self.fan_in_fan_out
-            and self._plain_lora_without_dropout([name])
-            and isinstance(self.lora_dropout[name], nn.Identity)
+            and self._plain_lora_without_dropout([name])  # in training: no dropout module
             and lora_update.applies(x, self.weight, self.bias)
         )
-
-    def _weight_for_update(self, x: torch.Tensor):
-        """The base weight `LoraUpdateFunction` multiplies by (a 4-bit base: a function)."""
-        return self.weight
+        return self.weight if fused else None
 
     def _plain_lora_without_dropout(self, names: list[str]) -> bool:
         if not self.PLAIN_LOW_RANK:

@@ -56,21 +56,19 @@ class LoraNF4Linear(LoraLinear):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight_packed
 
-    def _fused_training_update(self, x: torch.Tensor, name: str) -> bool:
-        """Whether a CPU training step runs this layer as `kernels/lora_update.py`'s one
-        autograd function, the weight dequantized for each product as `_NF4Matmul` does: one
-        adapter, plain LoRA without dropout, nothing merged, and a product in x's dtype."""
-        base = self.base_layer
-        return (
+    def _fused_update_weight(self, x: torch.Tensor, name: str):
+        """Where a CPU training step runs this layer as `kernels/lora_update.py`'s one
+        autograd function (one adapter, plain LoRA without dropout, nothing merged, a product
+        in x's dtype): the 4-bit weight as a function that dequantizes it into the reused
+        buffer, called for each product as `_NF4Matmul` does; else None."""
+        fused = (
             self.merged_weight is None
-            and base.compute_dtype in (None, x.dtype)
-            and self._plain_lora_without_dropout([name])
-            and isinstance(self.lora_dropout[name], nn.Identity)
+            and self.base_layer.compute_dtype in (None, x.dtype)
+            and self._plain_lora_without_dropout([name])  # in training: no dropout module
             and lora_update.applies(x, None, self.bias)
         )
-
-    def _weight_for_update(self, x: torch.Tensor):
-        """The 4-bit weight as a function that dequantizes it into the reused buffer."""
+        if not fused:
+            return None
         return functools.partial(dequantized, self.base_layer.quantized(), x.dtype)
 
     def add(self, name: str, rank: int, scaling: float, dropout: float, init: str) -> None:
