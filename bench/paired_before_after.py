@@ -87,7 +87,7 @@ def result_of(proc: subprocess.Popen) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", required=True, help="the checkout of the earlier commit")
+    parser.add_argument("--before", help="the checkout of the earlier commit (required)")
     parser.add_argument("--rounds", type=int, default=2, help="pairs of runs (cores swapped)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -99,6 +99,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if not args.before:  # not `required=True`: the workers run this parser without it
+        parser.error("--before is required")
     from train_vs_peft import make_text_rows
 
     from graftlm.models.load import load_tokenizer
