@@ -25,7 +25,7 @@ from graftlm.plan.step_time import measurable, measure_step_parts
 from graftlm.plan.timing import Rates, measure_rates, step_flops, step_seconds
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import bf16_supported
-from graftlm.train.steps import tokens_per_pass
+from graftlm.train.steps import needs_checkpointing, tokens_per_pass
 
 DEVICES = ("cpu", "cuda")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -238,10 +238,7 @@ def _plan_method(
 ) -> MethodPlan:
     cfg = train_settings(request, method)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
-    if cfg.activation_checkpointing is not None:
-        checkpointing = cfg.activation_checkpointing
-    else:
-        checkpointing = bool(cfg.low_memory)  # train/steps.py: needs_checkpointing
+    checkpointing = needs_checkpointing(cfg, None)
     micro = cfg.micro_batch_size or max(1, tokens_per_pass(cfg, checkpointing) // request.seq_len)
     micro = min(micro, request.batch_size)
     base_method = "qlora" if method == "qdora" else method

@@ -79,11 +79,12 @@ def micro_batches(
     return runtime.shard(chunks)
 
 
-def needs_checkpointing(cfg: TrainConfig, examples: list[Example]) -> bool:
-    """`--activation-checkpointing` if set; else on in low-memory mode (with data to train on)."""
+def needs_checkpointing(cfg: TrainConfig, examples: list[Example] | None) -> bool:
+    """`--activation-checkpointing` if set; else on in low-memory mode with data to train on
+    (`examples` None: a planned run, whose data is not read yet)."""
     if cfg.activation_checkpointing is not None:
         return cfg.activation_checkpointing
-    return bool(cfg.low_memory) and bool(examples)
+    return bool(cfg.low_memory) and (examples is None or bool(examples))
 
 
 def count_steps(n_examples: int, cfg: TrainConfig) -> int:

@@ -20,9 +20,10 @@ from graftlm.train.loop import train
 BF16 = torch.bfloat16
 
 
-def _model(dropout: float = 0.0, dtype: torch.dtype = BF16):
+def _model(dropout: float = 0.0, dtype: torch.dtype = BF16, targets="q_proj,v_proj", quantize=None):
     model = helpers.tiny_llama().to(dtype)  # the base in bf16, as graftlm trains it there
-    inject(model, LoraConfig(rank=4, alpha=8, targets="q_proj,v_proj", dropout=dropout))
+    config = LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout, quantize=quantize)
+    inject(model, config)
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()  # fp32 adapter, as graftlm trains it
@@ -90,21 +91,12 @@ def test_float32_model_matches_the_plain_form_to_fp32_rounding():
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-5 * scale)
 
 
-def _qlora_model(dtype: torch.dtype):
-    model = helpers.tiny_llama().to(dtype)
-    inject(model, LoraConfig(rank=4, alpha=8, targets="all-linear", quantize="nf4"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B = 0 at init would hide A's gradients
-            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(1))
-    return model.train()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["float32", "bf16"])
 def test_4bit_base_takes_the_fused_update_and_keeps_no_full_precision_weight(dtype):
     """QLoRA's layers: the update inside the product of the weight dequantized for it (forward
     and again in backward), the same numbers as the plain form (`_NF4Matmul` plus the
     adapter's ops), and no (out, in) weight saved for the backward."""
-    model = _qlora_model(dtype)
+    model = _model(dtype=dtype, targets="all-linear", quantize="nf4")
     autocast = dtype is BF16
     ids = torch.randint(
         0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0)

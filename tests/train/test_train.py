@@ -355,6 +355,8 @@ def test_low_memory_checkpoints_and_without_checkpointing_cuts_smaller_passes(
     assert train_module.needs_checkpointing(low, examples)
     assert not train_module.needs_checkpointing(cfg, examples)
     assert not train_module.needs_checkpointing(low, [])  # nothing to train on
+    assert train_module.needs_checkpointing(low, None)  # a planned run: its data not read yet
+    assert not train_module.needs_checkpointing(cfg, None)
     assert train_module.needs_checkpointing(replace(cfg, activation_checkpointing=True), examples)
     # with checkpointing a pass keeps only layer inputs: bigger passes, fewer recomputations
     budget = train_module.tokens_per_pass(low, checkpointing=True)
