@@ -216,10 +216,22 @@ def decoder_layer_forward(next_norm: nn.Module | None):
 
 
 def swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_swiglu(self, x))
+
+
+def swiglu_mlp_forward_ending_layer(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`swiglu_mlp_forward` for the MLP of a Llama decoder layer, whose `down_proj` is the
+    layer's last product: a checkpointed layer's replay may skip it (`lora_update`)."""
+    hidden = _swiglu(self, x)
+    with lora_update.last_product_of_layer():
+        return self.down_proj(hidden)
+
+
+def _swiglu(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     if gate.shape == up.shape and fused_cpu.applies(gate, up):
-        return self.down_proj(fused_cpu.SwiGLUFunction.apply(gate, up))
-    return self.down_proj(SwiGLUFunction.apply(gate, up))
+        return fused_cpu.SwiGLUFunction.apply(gate, up)
+    return SwiGLUFunction.apply(gate, up)
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
@@ -267,9 +279,11 @@ def fused_forwards(model: nn.Module) -> Iterator[int]:
     On exit every module and the transformers modeling module are as they were.
     """
     switched: list[nn.Module] = []
+    ending_layers: set[int] = set()  # MLPs whose down_proj is their decoder layer's last product
     for module in model.modules():
         layers = getattr(module, "layers", None)
         if isinstance(layers, nn.ModuleList) and all(map(_is_llama_layer, layers)):
+            ending_layers.update(id(getattr(layer, "mlp", None)) for layer in layers)
             final_norm = getattr(module, "norm", None)
             next_norms = [layer.input_layernorm for layer in layers[1:]]
             next_norms.append(final_norm if _is_rms_norm(final_norm) else None)
@@ -280,7 +294,10 @@ def fused_forwards(model: nn.Module) -> Iterator[int]:
             module.forward = types.MethodType(rms_norm_forward, module)
             switched.append(module)
         elif _is_silu_mlp(module):
-            module.forward = types.MethodType(swiglu_mlp_forward, module)
+            # model.modules() visits the layers' container before the MLPs inside them
+            ending = id(module) in ending_layers
+            forward = swiglu_mlp_forward_ending_layer if ending else swiglu_mlp_forward
+            module.forward = types.MethodType(forward, module)
             switched.append(module)
     rope_modules = []
     if switched:

@@ -12,6 +12,9 @@ replay restores them. The replay then computes the same tensors as the first run
 gradients of the prefix's keys and values flow through the original graph as without
 checkpointing. `train/loop.py` checks once per run that this forward equals the plain one
 (`forward.prefix_sharing_is_exact`), and runs without sharing where it does not.
+
+A replay also leaves out the layer's last product, `down_proj`, whose output the backward never
+reads (`kernels/lora_update.py`, `replaying_layer`): a quarter of the replay's multiply-adds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import logging
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from graftlm.errors import GraftError
+from graftlm.kernels import lora_update
 
 logger = logging.getLogger("graftlm")
 
@@ -75,21 +81,34 @@ def checkpoint_replaying_cache(function: functools.partial, *args):
         args: the positional inputs (the hidden states).
     """
     cache = next((function.keywords[k] for k in _CACHE_KWARGS if function.keywords.get(k)), None)
-    if cache is None:
-        return checkpoint(function, *args, use_reentrant=False)
-    layers = cache.layers
+    layers = cache.layers if cache is not None else []
     before = list(layers)
     states = [dict(vars(layer)) for layer in before]
+    runs = 0
 
     def replay(*inputs):
+        nonlocal runs
+        runs += 1
         layers[:] = before
         for layer, state in zip(before, states):
             attributes = vars(layer)
             attributes.clear()
             attributes.update(state)
-        return function(*inputs)
+        if runs == 1:  # the forward itself; later runs replay it for a backward
+            return function(*inputs)
+        with lora_update.replaying_layer() as replaying:
+            outputs = function(*inputs)
+        if replaying.skipped:
+            raise GraftError(
+                "activation checkpointing: the replay of a decoder layer went on past its last "
+                "product, which the replay does not compute (was torch's checkpoint early stop "
+                "turned off?); train with --no-activation-checkpointing"
+            )
+        return outputs
 
-    return checkpoint(replay, *args, use_reentrant=False)
+    # early_stop: the replay ends once the tensors the backward needs are back (torch's
+    # default, and what lets the replay leave out the layer's last product: lora_update.py)
+    return checkpoint(replay, *args, use_reentrant=False, early_stop=True)
 
 
 @contextlib.contextmanager

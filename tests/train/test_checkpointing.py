@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from graftlm.data.dataset import Example
+from graftlm.errors import GraftError
+from graftlm.kernels import lora_update
 from graftlm.kernels.fused_ops import fused_forwards
 from graftlm.methods.lora.config import LoraConfig
 from graftlm.methods.lora.inject import inject
@@ -78,3 +83,39 @@ def test_without_a_cache_checkpointing_is_plain(tiny_model_factory):
     assert torch.equal(loss, checkpointed_loss)
     for name, grad in grads.items():
         assert torch.equal(checkpointed[name], grad), name
+
+
+def _checkpointed_lora(tiny_model_factory, quantized: bool):
+    model = tiny_model_factory("llama")
+    if quantized:
+        quantize_model_linears(model)
+    inject(model, LoraConfig(rank=4, targets="all-linear"))
+    model.train()
+    checkpointing.enable(model)
+    return model
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_each_replay_leaves_out_the_layers_last_product(quantized, tiny_model_factory, monkeypatch):
+    # the gradients stay bit for bit those of the first run: the tests above
+    model = _checkpointed_lora(tiny_model_factory, quantized)
+    replays = []
+    real = lora_update.replaying_layer
+
+    @contextlib.contextmanager
+    def recorded():
+        with real() as replay:
+            replays.append(replay)
+            yield replay
+
+    monkeypatch.setattr(lora_update, "replaying_layer", recorded)
+    loss_and_grads(model, shared_prefix_batch(), share_prefix=True)
+    # each layer runs twice, over the shared prefix and then over the rows' own tokens
+    assert len(replays) == 2 * model.config.num_hidden_layers
+    assert all(replay.skipped for replay in replays)
+
+
+def test_a_replay_that_runs_past_the_skipped_product_fails(tiny_model_factory):
+    model = _checkpointed_lora(tiny_model_factory, quantized=False)
+    with set_checkpoint_early_stop(False), pytest.raises(GraftError, match="went on past"):
+        loss_and_grads(model, shared_prefix_batch(), share_prefix=True)
