@@ -33,10 +33,10 @@ def shared_prefix_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def loss_and_grads(model, batch, share_prefix: bool):
+def loss_and_grads(model, batch, share_prefix: bool, dtype: torch.dtype = torch.float32):
     model.zero_grad()
     with fused_forwards(model):  # the replay runs inside it too, as in a training step
-        loss, _ = loss_sum(model, batch, torch.float32, share_prefix=share_prefix)
+        loss, _ = loss_sum(model, batch, dtype, share_prefix=share_prefix)
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads
@@ -95,10 +95,7 @@ def _checkpointed_lora(tiny_model_factory, quantized: bool):
     return model
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
-def test_each_replay_leaves_out_the_layers_last_product(quantized, tiny_model_factory, monkeypatch):
-    # the gradients stay bit for bit those of the first run: the tests above
-    model = _checkpointed_lora(tiny_model_factory, quantized)
+def _recorded_replays(monkeypatch) -> list:
     replays = []
     real = lora_update.replaying_layer
 
@@ -109,10 +106,44 @@ def test_each_replay_leaves_out_the_layers_last_product(quantized, tiny_model_fa
             yield replay
 
     monkeypatch.setattr(lora_update, "replaying_layer", recorded)
+    return replays
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_each_replay_leaves_out_the_layers_last_product(quantized, tiny_model_factory, monkeypatch):
+    # the gradients stay bit for bit those of the first run: the tests above
+    model = _checkpointed_lora(tiny_model_factory, quantized)
+    replays = _recorded_replays(monkeypatch)
     loss_and_grads(model, shared_prefix_batch(), share_prefix=True)
     # each layer runs twice, over the shared prefix and then over the rows' own tokens
     assert len(replays) == 2 * model.config.num_hidden_layers
     assert all(replay.skipped for replay in replays)
+
+
+def test_a_bf16_replay_leaves_it_out_with_the_same_gradients(tiny_model_factory, monkeypatch):
+    model = tiny_model_factory("llama").to(torch.bfloat16)  # the base in bf16, as trained there
+    inject(model, LoraConfig(rank=4, targets="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()  # fp32 adapter under bf16 autocast
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+    model.train()
+    checkpointing.enable(model)
+    batch = shared_prefix_batch()
+    with monkeypatch.context() as patch:  # no layer marks its last product: nothing is left out
+        patch.setattr(lora_update, "last_product_of_layer", contextlib.nullcontext)
+        replays = _recorded_replays(patch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full_loss, full = loss_and_grads(model, batch, True, torch.bfloat16)
+        assert replays and not any(replay.skipped for replay in replays)
+    replays = _recorded_replays(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(model, batch, True, torch.bfloat16)
+    assert replays and all(replay.skipped for replay in replays)
+    assert torch.equal(loss, full_loss)
+    for name, grad in full.items():
+        assert torch.equal(grads[name], grad), name
 
 
 def test_a_replay_that_runs_past_the_skipped_product_fails(tiny_model_factory):
