@@ -73,7 +73,11 @@ def keeps_cache(model: nn.Module) -> bool:
 
 
 def checkpoint_replaying_cache(function: functools.partial, *args):
-    """`checkpoint(function, *args)` whose replay restores the cache `function` was given.
+    """`checkpoint(function, *args)` whose replay restores the cache `function` was given (if
+    any) and runs inside `lora_update.replaying_layer`, which leaves out the layer's last product.
+
+    Raises:
+        GraftError: (in the backward) the replay went on past the product it left out.
 
     Args:
         function: the layer's forward with its keyword arguments bound (transformers' wrapper
