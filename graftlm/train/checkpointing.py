@@ -76,13 +76,13 @@ def checkpoint_replaying_cache(function: functools.partial, *args):
     """`checkpoint(function, *args)` whose replay restores the cache `function` was given (if
     any) and runs inside `lora_update.replaying_layer`, which leaves out the layer's last product.
 
-    Raises:
-        GraftError: (in the backward) the replay went on past the product it left out.
-
     Args:
         function: the layer's forward with its keyword arguments bound (transformers' wrapper
             passes it so), the cache among them.
         args: the positional inputs (the hidden states).
+
+    Raises:
+        GraftError: (in the backward) the replay went on past the product it left out.
     """
     cache = next((function.keywords[k] for k in _CACHE_KWARGS if function.keywords.get(k)), None)
     layers = cache.layers if cache is not None else []
