@@ -29,11 +29,11 @@ keeps the float32 plain form). CUDA, inference and everything else keep the plai
 
 When a checkpointed decoder layer is replayed for its backward (`replaying_layer`, entered by
 `train/checkpointing.py`), the layer's last product (`last_product_of_layer`, around a Llama
-MLP's `down_proj`: `fused_ops.swiglu_mlp_forward`) is not computed: its output is the layer's
-output, which the backward never reads, and torch's non-reentrant checkpoint ends the replay
-("early stop") as soon as the tensors saved by that last function are back. Only `x @ A^T` is
-recomputed there. That product is a quarter of a Llama layer's multiply-adds, so the replay
-costs ~25% less (and, over a 4-bit base, skips one dequantization of `down_proj`).
+MLP's `down_proj`: `fused_ops.swiglu_mlp_forward_ending_layer`) is not computed: its output is
+the layer's output, which the backward never reads, and torch's non-reentrant checkpoint ends
+the replay ("early stop") as soon as the tensors saved by that last function are back. Only
+`x @ A^T` is recomputed there. That product is a quarter of a Llama layer's multiply-adds, so
+the replay costs ~25% less (and, over a 4-bit base, skips one dequantization of `down_proj`).
 """
 
 from __future__ import annotations
