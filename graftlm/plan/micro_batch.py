@@ -57,7 +57,7 @@ def choose_pass_size(
         checkpointing: whether the run recomputes activations (a pass keeps less).
         available: bytes of memory the run may use (None: unknown, the optimal size is kept).
     """
-    optimal_tokens = tokens_per_pass(cfg, checkpointing, plan.chosen.run.dtype_bytes)
+    optimal_tokens = tokens_per_pass(cfg, checkpointing)
     seq_len = cfg.seq_len
     if cfg.micro_batch_size:
         micro = cfg.micro_batch_size

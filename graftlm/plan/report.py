@@ -239,8 +239,7 @@ def _plan_method(
     cfg = train_settings(request, method)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     checkpointing = needs_checkpointing(cfg, None)
-    pass_tokens = tokens_per_pass(cfg, checkpointing, dtype_bytes)
-    micro = cfg.micro_batch_size or max(1, pass_tokens // request.seq_len)
+    micro = cfg.micro_batch_size or max(1, tokens_per_pass(cfg, checkpointing) // request.seq_len)
     micro = min(micro, request.batch_size)
     base_method = "qlora" if method == "qdora" else method
     counted = dataclasses.replace(cfg, rank=cfg.rank or 8)

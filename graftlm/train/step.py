@@ -63,7 +63,7 @@ def plan_memory(
     if pass_tokens_for is not None:
         pass_tokens = pass_tokens_for(checkpointing)
     else:
-        pass_tokens = tokens_per_pass(cfg, checkpointing, compute_dtype.itemsize)
+        pass_tokens = tokens_per_pass(cfg, checkpointing)
     if cfg.low_memory:
         release_free_heap()  # what attach freed (a quantized base's full-precision weights)
         return_freed_memory_to_os(low_memory_mmap_threshold(checkpointing, compute_dtype))

@@ -27,12 +27,8 @@ LOW_MEMORY_BATCH_TOKENS = 384
 # With activation checkpointing a pass keeps only each layer's input (~2.3 KB per token on the
 # built-in model), so bigger passes cost little memory and save work: every pass runs each
 # layer three times (forward, recompute, backward), and a QLoRA layer dequantizes its weight
-# each time. In float32 4096 tokens: a QLoRA step 0.85x of 2048's on an AMD EPYC (7.28 s
-# against 8.60 s, 1.30x LoRA's against 1.54x), the peak unchanged (0.98 GB, the load's own);
-# 1024 and 512 were slower still (bench/results/qlora_speed.txt). In bfloat16 the peak, not
-# the time, is what QLoRA's limits bind (0.70x of LoRA's on a Xeon, over the 0.6x limit),
-# so its passes stay at 2048.
-CHECKPOINTED_BATCH_TOKENS = {4: 4096, 2: 2048}
+# each time.
+CHECKPOINTED_BATCH_TOKENS = 2048
 
 
 def step_batches(examples: list[Example], cfg: TrainConfig, total_steps: int) -> list[list[int]]:
@@ -46,11 +42,10 @@ def step_batches(examples: list[Example], cfg: TrainConfig, total_steps: int) ->
     return plan[:total_steps]
 
 
-def tokens_per_pass(cfg: TrainConfig, checkpointing: bool, dtype_bytes: int) -> int:
-    """Padded tokens per forward pass when --micro-batch-size is not given, for a compute
-    dtype of `dtype_bytes` bytes (4: float32, 2: bfloat16 or float16)."""
+def tokens_per_pass(cfg: TrainConfig, checkpointing: bool) -> int:
+    """Padded tokens per forward pass when --micro-batch-size is not given."""
     if checkpointing:
-        return CHECKPOINTED_BATCH_TOKENS[dtype_bytes]
+        return CHECKPOINTED_BATCH_TOKENS
     return LOW_MEMORY_BATCH_TOKENS if cfg.low_memory else MICRO_BATCH_TOKENS
 
 
@@ -63,9 +58,9 @@ def micro_batches(
 ) -> list[list[int]]:
     """Cut one step's sequences into micro-batches (longest first) and keep this rank's share.
 
-    `budget`: padded tokens per pass (default: a pass without checkpointing, `tokens_per_pass`).
+    `budget`: padded tokens per pass (default `tokens_per_pass(cfg, checkpointing=False)`).
     """
-    budget = budget or tokens_per_pass(cfg, checkpointing=False, dtype_bytes=4)
+    budget = budget or tokens_per_pass(cfg, checkpointing=False)
     ordered = sorted(indices, key=lambda i: len(examples[i]), reverse=True)
     # with several ranks, cut at least one micro-batch per rank so that every rank has work
     per_rank = -(-len(indices) // runtime.world_size)

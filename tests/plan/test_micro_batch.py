@@ -48,22 +48,10 @@ def test_ample_memory_keeps_the_throughput_optimal_pass(settings):
     plan = plan_for_run(cfg, CPU)
     checkpointing = plan.chosen.run.checkpointing
     size = choose_pass_size(plan, cfg, checkpointing, AMPLE)
-    optimal = tokens_per_pass(cfg, checkpointing, plan.chosen.run.dtype_bytes)
-    assert size.tokens == optimal
-    assert size.micro_batch == optimal // 256
+    assert size.tokens == tokens_per_pass(cfg, checkpointing)
+    assert size.micro_batch == tokens_per_pass(cfg, checkpointing) // 256
     # unknown memory keeps it too
     assert choose_pass_size(plan, cfg, checkpointing, None).tokens == size.tokens
-
-
-@pytest.mark.parametrize("dtype, tokens", [("float32", 4096), ("bfloat16", 2048)])
-def test_a_checkpointed_qlora_pass_is_bigger_in_float32(dtype, tokens):
-    """float32 QLoRA passes of 4096 tokens (its step time binds; bench/qlora_speed.py), bf16's
-    stay at 2048 (its peak binds)."""
-    cfg = _cfg(seq_len=256, batch_size=32, method="qlora", dtype=dtype)
-    plan = plan_for_run(cfg, CPU)
-    assert plan.chosen.run.checkpointing
-    size = choose_pass_size(plan, cfg, True, AMPLE)
-    assert (size.tokens, size.micro_batch) == (tokens, tokens // 256)
 
 
 def test_tight_memory_picks_the_largest_micro_batch_that_fits():
@@ -85,7 +73,7 @@ def test_tight_memory_picks_the_largest_micro_batch_that_fits():
     long = _cfg(seq_len=2048, batch_size=16)
     plan = plan_for_run(long, CPU)
     size = choose_pass_size(plan, long, plan.chosen.run.checkpointing, 10**9)
-    assert (size.micro_batch, size.tokens) == (1, tokens_per_pass(long, False, 4))
+    assert (size.micro_batch, size.tokens) == (1, tokens_per_pass(long, False))
     assert "does NOT fit" in size.reason
 
 

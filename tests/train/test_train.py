@@ -359,13 +359,13 @@ def test_low_memory_checkpoints_and_without_checkpointing_cuts_smaller_passes(
     assert not train_module.needs_checkpointing(cfg, None)
     assert train_module.needs_checkpointing(replace(cfg, activation_checkpointing=True), examples)
     # with checkpointing a pass keeps only layer inputs: bigger passes, fewer recomputations
-    budget = train_module.tokens_per_pass(low, checkpointing=True, dtype_bytes=4)
+    budget = train_module.tokens_per_pass(low, checkpointing=True)
     assert [len(c) for c in micro_batches(plan, examples, low, Runtime.single(), budget)] == [8]
     # --low-memory --no-activation-checkpointing: smaller passes than a plain run's
     off = replace(low, activation_checkpointing=False)
     assert not train_module.needs_checkpointing(off, examples)
     assert [len(c) for c in micro_batches(plan, examples, cfg, Runtime.single())] == [4, 4]
-    budget = train_module.tokens_per_pass(off, checkpointing=False, dtype_bytes=4)
+    budget = train_module.tokens_per_pass(off, checkpointing=False)
     assert [len(c) for c in micro_batches(plan, examples, off, Runtime.single(), budget)] == [1] * 8
 
 
