@@ -4,6 +4,8 @@
 
 Reads `bench/results/zoo-{base,old-defaults,new-defaults,qlora,sweep}.jsonl`; for each task and
 column it takes the newest row (a task's rows after a change of its data replace the older ones).
+The "best swept setting" column comes from `bench/results/zoo-sweeps/<task>.json`
+(`bench/zoo_sweep.py`: the best test score of a `graftlm sweep`, and the setting it recommended).
 Cells hold greedy exact match on the task's held-out test file (for JSON answers also field
 accuracy, where the row has it), then the optimizer steps and the training seconds as measured
 (under load: compare accuracies, not seconds).
@@ -55,10 +57,26 @@ def cell(row: dict | None) -> str:
     return text
 
 
+def swept(task: str) -> str:
+    """The best test score of the task's sweep, its setting, and the recommended setting."""
+    path = RESULTS / "zoo-sweeps" / f"{task}.json"
+    if not path.exists():
+        return "–"
+    sweep = json.loads(path.read_text())
+    rows = {row["setting"]: row for row in sweep["rows"]}
+    best = rows[sweep["best"]]
+    text = f"**{best['test_score']:.3f}** {best['setting']} ({best['steps']} steps)"
+    if sweep["recommended"] != sweep["best"]:
+        chosen = rows[sweep["recommended"]]
+        text += f"; recommended {chosen['setting']}: {chosen['test_score']:.3f}"
+    return text + f" [{len(rows)} settings]"
+
+
 def main() -> None:
     tables = {name: newest(name) for name in COLUMNS}
-    print("| task | " + " | ".join(COLUMNS.values()) + " | why the adaptive run stopped |")
-    print("|---" * (len(COLUMNS) + 2) + "|")
+    header = [*COLUMNS.values(), "best swept setting (`graftlm sweep`)"]
+    print("| task | " + " | ".join(header) + " | why the adaptive run stopped |")
+    print("|---" * (len(header) + 2) + "|")
     for task in TASKS:
         cells = []
         for name in COLUMNS:
@@ -66,6 +84,7 @@ def main() -> None:
             if row is not None:
                 row = {**row, "column": name}
             cells.append(cell(row))
+        cells.append(swept(task))
         adaptive = tables["new-defaults"].get(task) or {}
         why = (adaptive.get("validation") or {}).get("stopped", "")
         print(f"| {task} | " + " | ".join(cells) + f" | {why} |")
