@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import write_chat
+from safetensors.torch import load_file
 
 import graftlm
 from graftlm.cli.parser import main as cli_main
@@ -14,6 +17,7 @@ from graftlm.errors import GraftError
 from graftlm.models.load import load_model
 from graftlm.train import sweep as sweep_module
 from graftlm.train.config import TrainConfig
+from graftlm.train.loop import train
 from graftlm.train.sweep import pareto, recommend, settings_of, sweep
 
 
@@ -48,6 +52,20 @@ def test_sweep_writes_rows_plot_and_the_recommended_adapter(tmp_path, tiny_model
     graftlm.load_adapter(model, out / "best")  # the recommended adapter loads like any other
     chosen = next(r for r in rows if r["setting"] == result["recommended"])
     assert json.loads((out / "best" / "adapter_config.json").read_text())["r"] == chosen["rank"]
+
+
+def test_a_later_setting_trains_what_a_run_of_its_own_trains(tmp_path, tiny_model_dir):
+    # the sweep shares one loaded base and the tokenized data between its runs: nothing the
+    # first run does (its adapter, its optimizer, the data order it drew) may reach the second
+    base = _base(tmp_path, tiny_model_dir)
+    sweep(base, settings_of("lora", "2,4", None), tmp_path / "sweep", progress=False)
+    alone = tmp_path / "alone"
+    train(dataclasses.replace(base, rank=4, out=str(alone)), progress=False)
+    swept = load_file(tmp_path / "sweep" / "runs" / "lora-r4" / "adapter_model.safetensors")
+    single = load_file(alone / "adapter_model.safetensors")
+    assert swept.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(swept[key], single[key], rtol=0, atol=0, msg=key)
 
 
 def test_resume_skips_finished_runs_and_ctrl_c_keeps_them(tmp_path, tiny_model_dir, monkeypatch):
