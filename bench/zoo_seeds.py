@@ -1,0 +1,67 @@
+"""Print the zoo's settings that ran with several seeds: each seed's exact match, mean, spread.
+
+    .venv/bin/python bench/zoo_seeds.py > /tmp/seeds.md
+
+Reads the `bench/recipe.py` rows of `bench/results/zoo-reg.jsonl` and `zoo-seeds.jsonl` (one
+package code, 350b179's, on the 2-core AMD EPYC in float32: rows of other machines or code do
+not belong in one group) and the runs of `graftlm sweep` in `zoo-sweeps/` (a sweep's run trains
+bit for bit what a `train` run of its setting trains: tests/train/test_sweep.py). A row without
+a `seed` setting ran with TrainConfig's default, 0. Settings are grouped by everything but the
+seed and the harness's `threads` and `time_budget`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SOURCES = ("zoo-reg.jsonl", "zoo-seeds.jsonl")
+HARNESS = ("seed", "threads", "time_budget")
+
+
+def recipe_rows() -> list[tuple[str, str, int, float]]:
+    """(task, setting, seed, exact match) of every recipe run in SOURCES."""
+    found = []
+    for name in SOURCES:
+        path = RESULTS / name
+        for line in path.read_text().splitlines() if path.exists() else []:
+            row = json.loads(line)
+            settings = row["settings"]
+            shown = {k: v for k, v in settings.items() if k not in HARNESS}
+            setting = ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
+            task = row["task"].removeprefix("zoo/")
+            found.append((task, setting, settings.get("seed", 0), row["exact_match"]))
+    return found
+
+
+def sweep_rows() -> list[tuple[str, str, int, float]]:
+    """(task, setting, seed 0, test score) of every sweep run; rank 16 is LoRA's default."""
+    found = []
+    for path in sorted((RESULTS / "zoo-sweeps").glob("*.json")):
+        sweep = json.loads(path.read_text())
+        for row in sweep["rows"]:
+            setting = "defaults" if row["setting"] == "lora-r16" else f"rank={row['rank']}"
+            found.append((sweep["task"].removeprefix("zoo/"), setting, 0, row["test_score"]))
+    return found
+
+
+def main() -> None:
+    groups: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for task, setting, seed, score in sweep_rows() + recipe_rows():
+        groups[(task, setting)][seed] = score
+    print("| task | setting | exact match per seed | mean | standard deviation |")
+    print("|---|---|---|---|---|")
+    for (task, setting), scores in sorted(groups.items()):
+        if len(scores) < 2:
+            continue
+        values = [scores[s] for s in sorted(scores)]
+        per_seed = ", ".join(f"{scores[s]:.3f} (seed {s})" for s in sorted(scores))
+        mean, spread = statistics.mean(values), statistics.stdev(values)
+        print(f"| {task} | {setting} | {per_seed} | **{mean:.3f}** | {spread:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
