@@ -4,6 +4,9 @@ passive wait, unless the user chose a policy."""
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = "import os, graftlm.cli, torch\nprint(os.environ.get('OMP_WAIT_POLICY'))\n"
 
@@ -12,7 +15,12 @@ def wait_policy_seen(**environment: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(environment)
     done = subprocess.run(
-        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return done.stdout.strip()
 
