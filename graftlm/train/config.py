@@ -55,7 +55,7 @@ class TrainConfig:
     targets: str | None = setting(
         None,
         "layers to adapt: 'all-linear', names 'q_proj,v_proj', or a regex; "
-        "default per method (LoRA: all-linear; IA3: k_proj,v_proj,down_proj)",
+        "default per method (LoRA, IA3: all-linear)",
     )
     lora_init: str | None = setting(
         None,

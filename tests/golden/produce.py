@@ -135,6 +135,10 @@ def produce(root: Path) -> dict[str, str]:
             # AdaLoRA's default learning rate changed after the restructure (issue 18: 5e-3 ->
             # 2e-3, bench/results/zoo.md): the old default, given, is the same run in both trees
             args += ["--lr", "5e-3"]
+        if method == "ia3":
+            # IA3's default layers changed after the restructure (issue 18: PEFT's k_proj,
+            # v_proj, down_proj -> all-linear): the old default layers, given, are the same run
+            args += ["--targets", "k_proj,v_proj,down_proj"]
         assert cli_main(args) == 0, method
         _digest_folder(out, digests, method, root)
     merged = root / "merged"

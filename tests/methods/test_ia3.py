@@ -156,6 +156,19 @@ def test_targets_from_the_cli_string():
     assert layers["model.layers.0.self_attn.q_proj"].feedforward == {"default": False}
 
 
+def test_the_training_recipe_adapts_every_linear_layer_and_the_api_default_is_peft_s():
+    model = tiny_llama()
+    cfg = TrainConfig(data="d", out="o", method="ia3").with_method_defaults()
+    ia3.attach(model, cfg)
+    kinds = {n.rsplit(".", 1)[-1] for n in dict(ia3.ia3_layers(model))}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    other = tiny_llama()
+    ia3.add_ia3(other, ia3.default_spec(other, None))  # the library's default stays PEFT's
+    assert {n.rsplit(".", 1)[-1] for n in dict(ia3.ia3_layers(other))} == {
+        "k_proj", "v_proj", "down_proj"
+    }  # fmt: skip
+
+
 def test_merge_equals_forward_is_idempotent_and_unmerge_restores():
     model = trained("qwen2")  # biases: merged into, and restored
     expected = logits(model)
