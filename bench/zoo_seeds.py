@@ -57,9 +57,8 @@ def main() -> None:
     for (task, setting), scores in sorted(groups.items()):
         if len(scores) < 2:
             continue
-        values = [scores[s] for s in sorted(scores)]
         per_seed = ", ".join(f"{scores[s]:.3f} (seed {s})" for s in sorted(scores))
-        mean, spread = statistics.mean(values), statistics.stdev(values)
+        mean, spread = statistics.mean(scores.values()), statistics.stdev(scores.values())
         print(f"| {task} | {setting} | {per_seed} | **{mean:.3f}** | {spread:.3f} |")
 
 

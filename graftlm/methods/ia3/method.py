@@ -46,14 +46,12 @@ PEFT_TYPE = "IA3"
 MERGEABLE = True
 ROW_ADAPTERS = True
 # Chosen by experiment (SmolLM2-135M, examples/data/tickets, exact match on its test split):
-# lr 1e-2 for 2 epochs reaches 0.87. The vectors are few (58k for SmolLM2) and start at one,
-# so they need a learning rate ~10x LoRA's and more than one pass. Targets: every linear layer
-# (PEFT's "all-linear"), not PEFT's per-model defaults (`ia3.targets.PEFT_TARGETS`; Llama:
-# k_proj, v_proj, down_proj), which `default_spec(model, None)` still gives: on the task zoo
-# every linear layer scored higher in four comparisons of four (ticket_triage 0.608 / 0.625
-# against 0.525 / 0.525 with two seeds, quantities 0.592 against 0.567, bank_intent 0.950
-# against 0.893; bench/results/zoo.md, "Seeds") at the same step time, with 184k vectors'
-# values for SmolLM2 instead of 58k.
+# lr 1e-2 for 2 epochs reaches 0.87. The vectors are few and start at one, so they need a
+# learning rate ~10x LoRA's and more than one pass. Targets: every linear layer (184k values on
+# SmolLM2), not PEFT's per-model defaults (`ia3.targets.PEFT_TARGETS`; Llama: k_proj, v_proj,
+# down_proj: 58k), which `default_spec(model, None)` still gives: on the task zoo every linear
+# layer scored higher in four comparisons of four, at the same step time (bench/results/zoo.md,
+# "Seeds").
 # max_epochs bounds the adaptive run; validation stops it sooner (train/adaptive.py).
 DEFAULTS: dict[str, Any] = {"lr": 1e-2, "max_epochs": 6.0, "targets": "all-linear"}
 
