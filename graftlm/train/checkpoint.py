@@ -42,6 +42,7 @@ _MUST_MATCH = (
     "warmup_ratio",
     "weight_decay",
     "neftune_alpha",
+    "ema_decay",
     "dropout",
     "eval_data",
     "init_rank",
@@ -65,7 +66,8 @@ def write(
 
     `stateful`: more training state by name, each saved through its `state_dict()` if it has
     one: the method's TrainingHooks ("hooks": AdaLoRA's importance averages and rank masks),
-    the adaptive run's early stop ("early_stop": the best adapter so far).
+    the adaptive run's early stop ("early_stop": the best adapter so far), the weight average
+    ("weight_average": `--ema-decay`).
     `settings`: what a resumed run must match (default: `cfg`'s TrainConfig fields that change
     a step; `graftlm train-image` gives its own).
     """

@@ -96,6 +96,12 @@ class TrainConfig:
         0.0,
         "NEFTune: uniform noise of this strength on the input embeddings while training (0: off)",
     )
+    ema_decay: float = setting(
+        0.0,
+        "keep an exponential moving average of the trainable tensors with this decay per "
+        "step (e.g. 0.95; 0: off): validation, the kept adapter and the saved one use the "
+        "average",
+    )
     lean_optimizer: bool = setting(
         False,
         "AdamW with bfloat16 moments (half the optimizer state; full fine-tuning's largest "
@@ -207,6 +213,14 @@ class TrainConfig:
             raise GraftError(f"keep_limit should be an integer >= 0, got {self.keep_limit!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise GraftError(f"warmup_ratio should be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise GraftError(f"ema_decay should be in [0, 1), got {self.ema_decay!r}")
+        if self.ema_decay and self.method == "adalora":
+            # its rank allocation zeroes triplets in place; an average would bring them back
+            raise GraftError(
+                "ema_decay: AdaLoRA prunes ranks during training, which an average over "
+                "steps would undo; use it with the other methods"
+            )
         if self.grad_clip < 0 or self.weight_decay < 0 or self.neftune_alpha < 0:
             raise GraftError("grad_clip, weight_decay and neftune_alpha must be >= 0")
 

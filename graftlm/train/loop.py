@@ -58,6 +58,7 @@ from graftlm.train.steps import (
     step_batches,
 )
 from graftlm.train.validation import split_validation
+from graftlm.train.weight_average import weight_average_for
 
 logger = logging.getLogger("graftlm")
 
@@ -144,6 +145,7 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
     optimizer, scheduler = make_optimizer(
         params, cfg, total_steps, early.lr_factor if early is not None else None
     )
+    average = weight_average_for(model, cfg.ema_decay, names)
     hooks_class = getattr(method, "TrainingHooks", None)
     hooks = hooks_class(model, cfg, total_steps) if hooks_class else None
     plan = step_batches(examples, cfg, total_steps)
@@ -154,12 +156,10 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
     )  # fmt: skip
     evals = RunEvaluation(
         model, cfg, eval_examples, tokenizer, pad_id, compute_dtype, runtime, share_prefix,
-        early, total_steps,
+        early, total_steps, average,
     )  # fmt: skip
-
-    checkpoint = ckpt.RunCheckpoint(
-        out, cfg, model, optimizer, scheduler, names, {"hooks": hooks, "early_stop": early}
-    )
+    stateful = {"hooks": hooks, "early_stop": early, "weight_average": average}
+    checkpoint = ckpt.RunCheckpoint(out, cfg, model, optimizer, scheduler, names, stateful)
     start_step, elapsed_before = _restore(checkpoint, state, metrics, runtime, total_steps)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +177,8 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
             batch = [examples[i] for i in plan[step]]
             labelled = sum(sum(1 for y in e.labels[1:] if y != -100) for e in batch)
             total_loss, grad_norm, lr = run_step(step, plan[step], labelled)
+            if average is not None:
+                average.update()
             # ranks agree on stopping: a signal may reach them on either side of a step
             total_loss, stops = runtime.all_reduce_sum([total_loss, float(flag.stop)])
             interrupted = stops > 0
