@@ -8,8 +8,10 @@ trainers are its relatives) is the standard remedy for that noise, and costs one
 adapter and one lerp per step.
 
 The average starts at the initial tensors, and its decay warms up as ``min(decay, (1 + n) /
-(10 + n))`` after n updates (timm's and diffusers' EMA), so that the first steps' tensors,
-still near the initialisation, do not dominate a short run's average.
+(10 + n))`` after n updates (diffusers' EMAModel without its power warmup), so that the first
+steps' tensors, still near the initialisation, do not dominate a short run's average. Until
+the cap is reached (0.9 after 80 updates, 0.95 after 170) the newest step weighs 9 / (10 + n):
+the average spans about the last ninth of the run so far, whatever the run's length.
 """
 
 from __future__ import annotations
