@@ -39,10 +39,11 @@ TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
 # `force` (issue 20: train despite the plan's memory check) changes nothing a run computes either.
 # Issue 19's settings (the lean AdamW, the forgetting meter) are off here or change nothing, and
 # the meter's result (training.forgetting) is not written with --no-forgetting. NEFTune
-# (`neftune_alpha`) is off by default and then draws nothing.
+# (`neftune_alpha`) is off by default and then draws nothing; so is the weight average
+# (`ema_decay`), which then keeps no average.
 RECIPE_SETTINGS = (
     "max_epochs", "patience", "time_budget", "lora_init", "epochs", "force",
-    "lean_optimizer", "forgetting", "keep", "keep_limit", "neftune_alpha",
+    "lean_optimizer", "forgetting", "keep", "keep_limit", "neftune_alpha", "ema_decay",
 )  # fmt: skip
 
 
