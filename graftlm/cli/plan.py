@@ -71,6 +71,12 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
         help="torch threads the time is measured with: as graftlm train --threads (default: all)",
     )
     p.add_argument("--examples", type=int, default=1000, help="sequences per epoch (default: 1000)")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="as graftlm train --ema-decay: counts the weight average's memory (default: 0, off)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
 
@@ -100,6 +106,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         memory=parse_bytes(args.memory) if args.memory else None,
         matmul_tflops=args.matmul_tflops,
         examples=args.examples,
+        ema_decay=args.ema_decay,
     )
     values, source = read_config(args.model, args.config)
     shape = model_shape(values, source)

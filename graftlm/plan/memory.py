@@ -6,6 +6,8 @@ The terms follow `graftlm train` (`train/step.py`, `train/steps.py`, `train/loss
   scales, `quant/nf4.py`, byte for byte, plus the one reused dequantization buffer);
 - the trainable values in fp32, their fp32 gradients and AdamW's two fp32 moments (full
   fine-tuning: fp32 master weights, and under bf16 autocast their cached bf16 copies);
+- with `--ema-decay`, the fp32 moving average of the trainable values, and the step's own values
+  kept aside while validation scores the average (`train/weight_average.py`);
 - a micro-batch's activations, measured on a scaled-down model (`plan/activations.py`); with
   activation checkpointing each layer keeps only its input, and one layer at a time is
   recomputed in full;
@@ -56,6 +58,7 @@ class RunShape:
     dtype_bytes: int  # the compute dtype: 2 (bf16) or 4 (fp32)
     checkpointing: bool
     device: str = "cpu"
+    weight_average: bool = False  # --ema-decay: an fp32 average of the trainable tensors
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class MemoryBreakdown:
     runtime: int
     slack: int
     load_peak: int
+    weight_average: int = 0
 
     @property
     def training(self) -> int:
@@ -79,6 +83,7 @@ class MemoryBreakdown:
             + self.trainable_weights
             + self.gradients
             + self.optimizer_state
+            + self.weight_average
             + self.activations
             + self.loss_workspace
             + self.runtime
@@ -145,6 +150,8 @@ def memory_breakdown(
         runtime=runtime,
         slack=int(SLACK * (activations + loss)),
         load_peak=load_peak,
+        # the fp32 average, and the step's own tensors kept aside while validation scores it
+        weight_average=8 * n if run.weight_average else 0,
     )
 
 

@@ -82,6 +82,7 @@ def plan_for_run(cfg, device: torch.device) -> Plan | None:
         device=device.type,
         dtype=cfg.dtype,
         activation_checkpointing=cfg.activation_checkpointing,
+        ema_decay=cfg.ema_decay,
     )
     return plan_run(
         model_shape(*read_config(source)), request, source, with_full=False, timed=False
@@ -123,9 +124,10 @@ def preflight(cfg, device: torch.device, log=logger.info) -> Preflight | None:
     )
     log(f"plan: {_described(size, cfg)}")
     if available is not None and m.peak > available:
+        state = m.trainable_weights + m.gradients + m.optimizer_state + m.weight_average
         numbers = (
             f"base weights {m.base_weights / 1e9:.2f} GB, trainable + gradients + AdamW "
-            f"{(m.trainable_weights + m.gradients + m.optimizer_state) / 1e9:.2f} GB, "
+            f"{'+ weight average ' if m.weight_average else ''}{state / 1e9:.2f} GB, "
             f"activations {m.activations / 1e9:.2f} GB"
         )
         message = (

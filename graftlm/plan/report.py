@@ -48,6 +48,7 @@ class PlanRequest:
     memory: int | None = None  # bytes available; None: no fit search
     matmul_tflops: float | None = None
     examples: int = 1000  # sequences of an epoch
+    ema_decay: float = 0.0  # --ema-decay: 0 keeps no weight average
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -63,6 +64,8 @@ class PlanRequest:
                 raise GraftError(f"{name} should be a positive integer, got {value!r}")
         if self.seq_len < 2:
             raise GraftError(f"seq_len should be at least 2, got {self.seq_len!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise GraftError(f"ema_decay should be in [0, 1), got {self.ema_decay!r}")
         if self.matmul_tflops is not None and self.matmul_tflops <= 0:
             raise GraftError(f"matmul_tflops should be positive, got {self.matmul_tflops!r}")
 
@@ -140,6 +143,7 @@ def _method_dict(plan: MethodPlan) -> dict[str, Any]:
         "trainable_weight_bytes": mem.trainable_weights,
         "gradient_bytes": mem.gradients,
         "optimizer_bytes": mem.optimizer_state,
+        "weight_average_bytes": mem.weight_average,
         "activation_bytes": mem.activations,
         "loss_workspace_bytes": mem.loss_workspace,
         "runtime_bytes": mem.runtime,
@@ -246,7 +250,7 @@ def _plan_method(
     adapter = trainable(shape, _with_method(counted, "dora" if method == "qdora" else method))
     run = RunShape(
         base_method, request.batch_size, micro, request.seq_len, dtype_bytes, checkpointing,
-        request.device,
+        request.device, weight_average=bool(request.ema_decay),
     )  # fmt: skip
     profile = activation_profile(shape, counted, "dora" if method == "qdora" else method, dtype)
     memory = memory_breakdown(shape, adapter, profile, run)
@@ -349,6 +353,8 @@ def format_plan(plan: Plan) -> str:
     row("trainable weights", [_gb(p.memory.trainable_weights) for p in plans])
     row("gradients", [_gb(p.memory.gradients) for p in plans])
     row("AdamW state", [_gb(p.memory.optimizer_state) for p in plans])
+    if req.ema_decay:
+        row("weight average (EMA)", [_gb(p.memory.weight_average) for p in plans])
     row("activations / micro-batch", [_gb(p.memory.activations) for p in plans])
     row("fused loss workspace", [_gb(p.memory.loss_workspace) for p in plans])
     row("runtime + allocator", [_gb(p.memory.runtime + p.memory.slack) for p in plans])

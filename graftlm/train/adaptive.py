@@ -37,14 +37,14 @@ def pad_token_id(tokenizer) -> int:
 
 
 def early_stop_for(
-    model: nn.Module, cfg: TrainConfig, validation: list[Example], names: dict[int, str],
+    trainable: dict[str, torch.Tensor], cfg: TrainConfig, validation: list[Example],
     tokenizer, n_examples: int, total_steps: int,
 ) -> EarlyStop | None:  # fmt: skip
-    """The early stop of an adaptive run with a validation split; None for a fixed length."""
+    """The early stop of an adaptive run with a validation split (it keeps a copy of the
+    `trainable` tensors, by name, at the best step); None for a fixed length."""
     if not cfg.adaptive or not validation:
         return None
-    params = {names[id(p)]: p for p in model.parameters() if p.requires_grad}
-    early = EarlyStop(params, cfg.patience)
+    early = EarlyStop(trainable, cfg.patience)
     early.exact_match = scores_by_exact_match(validation, tokenizer)
     steps_per_epoch = n_examples / cfg.batch_size
     early.eval_every = cfg.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))

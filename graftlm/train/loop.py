@@ -137,15 +137,15 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
 
     memory_plan = plan_memory(model, cfg, examples, runtime, compute_dtype, pass_tokens_for)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params, names = list(trainable.values()), {id(p): n for n, p in trainable.items()}
     runtime.prepare(model, params, fsdp=cfg.fsdp)
     total_steps = count_steps(len(examples), cfg)
-    early = early_stop_for(model, cfg, eval_examples, names, tokenizer, len(examples), total_steps)
+    early = early_stop_for(trainable, cfg, eval_examples, tokenizer, len(examples), total_steps)
     optimizer, scheduler = make_optimizer(
         params, cfg, total_steps, early.lr_factor if early is not None else None
     )
-    average = weight_average_for(model, cfg.ema_decay, names)
+    average = weight_average_for(trainable, cfg.ema_decay)
     hooks_class = getattr(method, "TrainingHooks", None)
     hooks = hooks_class(model, cfg, total_steps) if hooks_class else None
     plan = step_batches(examples, cfg, total_steps)

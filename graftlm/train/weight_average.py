@@ -81,11 +81,9 @@ class WeightAverage:
             self.average[name].copy_(state[f"average/{name}"])
 
 
-def weight_average_for(
-    model: torch.nn.Module, decay: float, names: dict[int, str]
-) -> WeightAverage | None:
-    """The run's weight average (`--ema-decay`), or None when it is off (decay 0)."""
+def weight_average_for(trainable: dict[str, torch.Tensor], decay: float) -> WeightAverage | None:
+    """The run's weight average of the `trainable` tensors (by name) with `--ema-decay`, or
+    None when it is off (decay 0)."""
     if not decay:
         return None
-    params = {names[id(p)]: p for p in model.parameters() if p.requires_grad}
-    return WeightAverage(params, decay)
+    return WeightAverage(trainable, decay)

@@ -148,6 +148,28 @@ def test_plan_fits_memory_and_full_costs_more():
     assert untimed.to_dict()["step_seconds"] == 0 and "full" not in untimed.to_dict()
 
 
+def test_the_weight_average_is_counted_as_training_holds_it():
+    from graftlm.train.weight_average import WeightAverage
+
+    shape = model_shape(*read_config("smollm2-135m-instruct"))
+    plain = plan_run(shape, PlanRequest(seq_len=256), timed=False)
+    averaged = plan_run(shape, PlanRequest(seq_len=256, ema_decay=0.95), timed=False)
+    for before, after in ((plain.chosen, averaged.chosen), (plain.full, averaged.full)):
+        n = before.trainable.params
+        assert after.memory.training - before.memory.training == 8 * n
+    assert averaged.to_dict()["full"]["weight_average_bytes"] == 8 * plain.full.trainable.params
+    assert plain.to_dict()["weight_average_bytes"] == 0
+    # what train/weight_average.py holds once validation has scored the average
+    tensors = {"a": torch.zeros(1000, 3), "b": torch.zeros(7)}
+    average = WeightAverage(tensors, 0.9)
+    with average.applied():
+        pass
+    held = [*average.average.values(), *average._live.values()]
+    assert sum(t.numel() * t.element_size() for t in held) == 8 * 3007
+    with pytest.raises(GraftError, match="ema_decay"):
+        PlanRequest(ema_decay=1.0)
+
+
 @pytest.mark.parametrize(
     "source",
     [
