@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="4,8,16,32")
     parser.add_argument("--lrs", default=None, help="default: the method's own")
     parser.add_argument("--methods", default="lora")
+    parser.add_argument("--seeds", default=None, help="e.g. 0,1,2: settings by their mean")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     commit = code_version()  # before anything else can change the checkout
@@ -55,18 +56,20 @@ def main() -> None:
     from graftlm.train.sweep import PLOT, settings_of, sweep
 
     folder = DATA / "zoo" / args.task
-    settings = settings_of(args.methods, args.ranks, args.lrs)
+    settings = settings_of(args.methods, args.ranks, args.lrs, args.seeds)
     out = Path(tempfile.mkdtemp(prefix=f"sweep-{args.task}-"))
     base = TrainConfig(data=str(folder / "train.jsonl"), out=str(out), threads=args.threads,
                        time_budget=None)  # fmt: skip
     result = sweep(base, settings, out, test=str(folder / "test.jsonl"), progress=False)
-    best = max(result["rows"], key=lambda r: r["test_score"])
+    best = max(result["settings"], key=lambda s: s["test_score"])  # by the mean over seeds
     record = {
         "task": f"zoo/{args.task}",
         "command": f"graftlm sweep --methods {args.methods} --ranks {args.ranks}"
         + (f" --lrs {args.lrs}" if args.lrs else "")
+        + (f" --seeds {args.seeds}" if args.seeds else "")
         + f" (threads={args.threads}, no time cap)",
         "rows": result["rows"],
+        "settings": result["settings"],
         "best": best["setting"],
         "recommended": result["recommended"],
         "why": result["why"],

@@ -64,12 +64,15 @@ def swept(task: str) -> str:
         return "–"
     sweep = json.loads(path.read_text())
     rows = {row["setting"]: row for row in sweep["rows"]}
-    best = rows[sweep["best"]]
-    text = f"**{best['test_score']:.3f}** {best['setting']} ({best['steps']} steps)"
-    if sweep["recommended"] != sweep["best"]:
+    # a sweep with --seeds names its best by setting, scored by the mean over its runs
+    settings = {s["setting"]: s for s in sweep.get("settings", sweep["rows"])}
+    best = settings[sweep["best"]]
+    length = f"{best['seeds']} seeds" if "seeds" in best else f"{best['steps']} steps"
+    text = f"**{best['test_score']:.3f}** {best['setting']} ({length})"
+    if sweep["recommended"] not in (sweep["best"], *best.get("runs", ())):
         chosen = rows[sweep["recommended"]]
         text += f"; recommended {chosen['setting']}: {chosen['test_score']:.3f}"
-    return text + f" [{len(rows)} settings]"
+    return text + f" [{len(settings)} settings]"
 
 
 def main() -> None:

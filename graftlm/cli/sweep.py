@@ -1,4 +1,5 @@
-"""`graftlm sweep`: one adapter per method x rank x learning rate, scored, with a recommendation."""
+"""`graftlm sweep`: one adapter per method x rank x learning rate (x seed), scored, with a
+recommendation."""
 
 from __future__ import annotations
 
@@ -33,7 +34,14 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="skip the settings already finished")
     p.add_argument("--max-epochs", type=float, default=None, help="longest run per setting")
     p.add_argument("--time-budget", type=float, default=None, help="seconds per setting at most")
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="the seed of every run (default: 0)")
+    seeds.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds: each setting trains once per seed, and settings are "
+        "compared by their mean score (one seed's luck can move a score by 10 points)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
@@ -42,7 +50,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # imported here: the sweep pulls in torch and transformers, `graftlm --help` should not
     from graftlm.train.sweep import settings_of, sweep
 
-    settings = settings_of(args.methods, args.ranks, args.lrs)  # bad values fail before loading
+    # bad values fail before loading
+    settings = settings_of(args.methods, args.ranks, args.lrs, args.seeds)
     values = {"data": args.data, "out": args.out, "model": args.model, "seed": args.seed}
     if args.max_epochs is not None:
         values["max_epochs"] = args.max_epochs
@@ -55,5 +64,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    progress=not args.quiet)  # fmt: skip
     for row in result["rows"]:
         print(json.dumps(row))
+    if any(s["seeds"] > 1 for s in result["settings"]):
+        for summary in result["settings"]:
+            print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
     print(f"recommended: {result['recommended']} ({result['why']}); adapter in {args.out}/best")
     return 0

@@ -2,6 +2,11 @@
 validation (and on a test file), and recommend the smallest, fastest setting within a point of
 the best score.
 
+With `--seeds 0,1,2` every setting trains once per seed, and settings are compared by their
+mean score over the seeds. Why: on the zoo's ticket_triage the seed alone moves one LoRA
+recipe's held-out exact match by 12.5 points (bench/results/zoo.md, "Seeds"), more than most
+differences between settings, so a one-seed sweep often recommends its luckiest run.
+
 The base model and the tokenized data are loaded once and shared by every run (each trains a
 copy of the base). Every finished run is written to `DIR/runs/<setting>/` and recorded in
 `DIR/sweep.json` at once, so Ctrl-C keeps what finished and `--resume` skips it.
@@ -48,16 +53,24 @@ class Setting:
     method: str
     rank: int | None
     lr: float | None
+    seed: int | None = None  # None: the sweep's --seed
 
     @property
-    def name(self) -> str:
+    def group(self) -> str:
+        """The setting's name without its seed: the runs that are averaged together."""
         rank = f"-r{self.rank}" if self.rank is not None else ""
         lr = f"-lr{self.lr:g}" if self.lr is not None else ""
         return f"{self.method}{rank}{lr}"
 
+    @property
+    def name(self) -> str:
+        """The run's name (its folder under runs/)."""
+        return self.group + (f"-s{self.seed}" if self.seed is not None else "")
 
-def parse_list(flag: str, text: str | None, kind: type) -> list:
-    """`--ranks 4,8,16` -> [4, 8, 16]; a bad item is a one-line error naming the flag and item."""
+
+def parse_list(flag: str, text: str | None, kind: type, lowest: float = 0) -> list:
+    """`--ranks 4,8,16` -> [4, 8, 16]: values above `lowest` (at or above it when it is 0 for
+    seeds: pass lowest=-1); a bad item is a one-line error naming the flag and item."""
     if text is None:
         return [None]
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -69,25 +82,35 @@ def parse_list(flag: str, text: str | None, kind: type) -> list:
             value = kind(item)
         except ValueError:
             value = None
-        if value is None or value <= 0 or (kind is int and isinstance(value, bool)):
+        if value is None or value <= lowest or (kind is int and isinstance(value, bool)):
             noun = "a positive integer" if kind is int else "a positive number"
+            noun = "an integer >= 0" if lowest < 0 else noun
             raise GraftError(f"{flag}: {item!r} is not {noun} (in {text!r})")
         values.append(value)
     return values
 
 
-def settings_of(methods: str, ranks: str | None, lrs: str | None) -> list[Setting]:
-    """Every combination, in order; methods without a rank (ia3, prompt, ...) once per lr."""
+def settings_of(
+    methods: str, ranks: str | None, lrs: str | None, seeds: str | None = None
+) -> list[Setting]:
+    """Every combination, in order; methods without a rank (ia3, prompt, ...) once per lr;
+    with `seeds`, each of them once per seed."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise GraftError(f"--methods: unknown {unknown or methods!r}; known: {', '.join(METHODS)}")
     rank_values, lr_values = parse_list("--ranks", ranks, int), parse_list("--lrs", lrs, float)
+    seed_values = parse_list("--seeds", seeds, int, lowest=-1)
     out = []
     for method in names:
         # a rank only for methods whose recipe has one (LoRA, QLoRA, AdaLoRA)
         method_ranks = rank_values if "rank" in method_module(method).DEFAULTS else [None]
-        out += [Setting(method, r, lr) for r in method_ranks for lr in lr_values]
+        out += [
+            Setting(method, r, lr, seed)
+            for r in method_ranks
+            for lr in lr_values
+            for seed in seed_values
+        ]
     return list(dict.fromkeys(out))
 
 
@@ -95,7 +118,9 @@ def sweep(
     base: TrainConfig, settings: list[Setting], out: str | os.PathLike, *,
     test: str | None = None, resume: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run every setting on `base`'s data; returns {"rows", "recommended", "why"}.
+    """Run every setting on `base`'s data; returns {"rows" (one per run), "settings" (one
+    per setting: its runs' mean scores, see `summarize`), "recommended" (the run copied to
+    best/), "why"}.
 
     Raises:
         GraftError: `out` holds a sweep and `resume` is off; bad data or settings.
@@ -128,7 +153,12 @@ def sweep(
     _copy_best(out, recommended)
     draw(rows, recommended, out / PLOT)
     logger.info("sweep: recommended %s: %s", recommended["setting"], why)
-    return {"rows": rows, "recommended": recommended["setting"], "why": why}
+    return {
+        "rows": rows,
+        "settings": summarize(rows),
+        "recommended": recommended["setting"],
+        "why": why,
+    }
 
 
 def _run(
@@ -138,7 +168,8 @@ def _run(
     folder = out / "runs" / setting.name
     shutil.rmtree(folder, ignore_errors=True)  # a run cut off before it finished starts over
     changes = {"method": setting.method, "out": str(folder)}
-    changes.update({k: v for k, v in (("rank", setting.rank), ("lr", setting.lr)) if v is not None})
+    given = (("rank", setting.rank), ("lr", setting.lr), ("seed", setting.seed))
+    changes.update({k: v for k, v in given if v is not None})
     cfg = dataclasses.replace(base, **changes)
     logger.info("sweep: training %s", setting.name)
     # qlora quantizes its own copy of the base; the shared one stays full precision
@@ -150,9 +181,11 @@ def _run(
     score = validation.get("best_exact_match")
     row = {
         "setting": setting.name,
+        "group": setting.group,
         "method": setting.method,
         "rank": setting.rank,
         "lr": training["settings"]["lr"],
+        "seed": cfg.seed,
         "score": score,
         "metric": validation.get("metric", "answer_loss"),
         "eval_loss": result.eval_loss,
@@ -178,27 +211,66 @@ def _test_score(folder, prepared: Prepared, examples, cfg, compute_dtype) -> flo
     )  # fmt: skip
 
 
+def _score_key(rows: list[dict]) -> str:
+    """What the rows are compared by: test exact match when every row has one, else
+    validation exact match, else (paragraph answers, no exact match) "eval_loss"."""
+    key = "test_score" if all("test_score" in r for r in rows) else "score"
+    return key if all(r.get(key) is not None for r in rows) else "eval_loss"
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per setting (runs of its seeds together), in the order of first appearance:
+    the mean score, eval loss and train seconds over its runs, the score's spread across
+    seeds (`score_sd`, population), and the number of runs (`seeds`)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:  # a sweep.json of an older graftlm has no "group": one run per setting
+        groups.setdefault(row.get("group", row["setting"]), []).append(row)
+    key = _score_key(rows) if rows else "score"
+    out = []
+    for group, runs in groups.items():
+        n = len(runs)
+        summary = {"setting": group, "seeds": n, "runs": [r["setting"] for r in runs]}
+        for field in ("score", "test_score", "eval_loss", "train_s"):
+            if all(r.get(field) is not None for r in runs):
+                summary[field] = sum(r[field] for r in runs) / n
+        values = [r[key] for r in runs]
+        mean = sum(values) / n
+        summary["score_sd"] = (sum((v - mean) ** 2 for v in values) / n) ** 0.5
+        summary["adapter_mb"] = max(r["adapter_mb"] for r in runs)
+        out.append(summary)
+    return out
+
+
 def recommend(rows: list[dict]) -> tuple[dict, str]:
-    """The smallest and fastest row within TOLERANCE of the best score, and why."""
+    """The smallest and fastest setting within TOLERANCE of the best mean score over its seeds,
+    and why; returns that setting's best run (the adapter best/ holds)."""
     if not rows:
         raise GraftError("the sweep has no finished runs to recommend from")
-    key = "test_score" if all("test_score" in r for r in rows) else "score"
-    if all(r.get(key) is not None for r in rows):
-        best = max(r[key] for r in rows)
-        close = [r for r in rows if r[key] >= best - TOLERANCE]
+    key = _score_key(rows)
+    settings = summarize(rows)
+    if key != "eval_loss":
+        best = max(s[key] for s in settings)
+        close = [s for s in settings if s[key] >= best - TOLERANCE]
         label = f"{key.replace('_', ' ')} {best:.2f}"
     else:  # paragraph answers: judged by answer loss, lower is better
-        best = min(r["eval_loss"] for r in rows)
-        close = [r for r in rows if r["eval_loss"] <= best * (1 + TOLERANCE)]
+        best = min(s["eval_loss"] for s in settings)
+        close = [s for s in settings if s["eval_loss"] <= best * (1 + TOLERANCE)]
         label = f"eval loss {best:.4f}"
-    chosen = min(close, key=lambda r: (r["adapter_mb"], r["train_s"]))
+    chosen = min(close, key=lambda s: (s["adapter_mb"], s["train_s"]))
     others = len(close) - 1
+    seeds = max(s["seeds"] for s in settings)
+    averaged = f", the mean of {seeds} seeds" if seeds > 1 else ""
     why = (
         f"the smallest and fastest of {len(close)} setting(s) within one point of the best "
-        f"({label}): {chosen['adapter_mb']:.1f} MB, {chosen['train_s']:.0f} s"
+        f"({label}{averaged}): {chosen['adapter_mb']:.1f} MB, {chosen['train_s']:.0f} s"
         + (f"; {others} other(s) as good but larger or slower" if others else "")
     )
-    return chosen, why
+    runs = [r for r in rows if r["setting"] in chosen["runs"]]
+    sign = -1 if key == "eval_loss" else 1
+    best_run = max(runs, key=lambda r: sign * r[key])
+    if len(runs) > 1:
+        why += f"; its best seed's adapter ({best_run['setting']})"
+    return best_run, why
 
 
 def _copy_best(out: Path, row: dict) -> None:
@@ -224,36 +296,51 @@ def pareto(rows: list[dict], cost: str, score: str) -> list[dict]:
 
 
 def draw(rows: list[dict], recommended: dict, path: Path) -> None:
-    """sweep.png: score against adapter size and against train time, Pareto fronts marked."""
+    """sweep.png: each setting's score (its mean over seeds) against adapter size and against
+    train time, the Pareto fronts marked; with several seeds, each run as a small grey dot."""
     import matplotlib  # optional for the library, heavy: only a sweep draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "test_score" if all("test_score" in r for r in rows) else "score"
-    if any(r.get(key) is None for r in rows):
+    key, settings = _score_key(rows), summarize(rows)
+    if key == "eval_loss":  # higher is better on the plot, as for exact match
+        rows = [{**r, "neg_loss": -r["eval_loss"]} for r in rows]
+        settings = [{**s, "neg_loss": -s["eval_loss"]} for s in settings]
         key = "neg_loss"
-        rows = [{**r, key: -r["eval_loss"]} for r in rows]
+    several = any(s["seeds"] > 1 for s in settings)
+    chosen = next(s for s in settings if recommended["setting"] in s["runs"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, cost, label in (
         (axes[0], "adapter_mb", "adapter MB"),
         (axes[1], "train_s", "train s"),
     ):
-        axis.scatter([r[cost] for r in rows], [r[key] for r in rows], color="grey")
-        front = sorted(pareto(rows, cost, key), key=lambda r: r[cost])
-        axis.plot([r[cost] for r in front], [r[key] for r in front], "o-", color="tab:blue",
+        if several:
+            axis.scatter([r[cost] for r in rows], [r[key] for r in rows], s=8, color="lightgrey",
+                         label="one seed's run")  # fmt: skip
+        axis.scatter([s[cost] for s in settings], [s[key] for s in settings], color="grey")
+        front = sorted(pareto(settings, cost, key), key=lambda s: s[cost])
+        axis.plot([s[cost] for s in front], [s[key] for s in front], "o-", color="tab:blue",
                   label="Pareto front")  # fmt: skip
-        chosen = next(r for r in rows if r["setting"] == recommended["setting"])
         axis.scatter([chosen[cost]], [chosen[key]], marker="*", s=200, color="tab:red",
                      label="recommended", zorder=3)  # fmt: skip
-        for r in rows:
-            axis.annotate(r["setting"], (r[cost], r[key]), fontsize=7)
+        for s in settings:
+            axis.annotate(s["setting"], (s[cost], s[key]), fontsize=7)
         axis.set_xlabel(label)
-        axis.set_ylabel(key.replace("_", " "))
+        axis.set_ylabel(key.replace("_", " ") + (" (mean over seeds)" if several else ""))
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-__all__ = ["Setting", "parse_list", "settings_of", "sweep", "recommend", "pareto", "draw"]
+__all__ = [
+    "Setting",
+    "parse_list",
+    "settings_of",
+    "sweep",
+    "summarize",
+    "recommend",
+    "pareto",
+    "draw",
+]

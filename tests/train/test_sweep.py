@@ -18,7 +18,7 @@ from graftlm.models.load import load_model
 from graftlm.train import sweep as sweep_module
 from graftlm.train.config import TrainConfig
 from graftlm.train.loop import train
-from graftlm.train.sweep import pareto, recommend, settings_of, sweep
+from graftlm.train.sweep import pareto, recommend, settings_of, summarize, sweep
 
 
 def _base(tmp_path: Path, model_dir: Path) -> TrainConfig:
@@ -68,6 +68,27 @@ def test_a_later_setting_trains_what_a_run_of_its_own_trains(tmp_path, tiny_mode
         torch.testing.assert_close(swept[key], single[key], rtol=0, atol=0, msg=key)
 
 
+def test_seeds_train_each_setting_once_per_seed_and_best_is_its_best_run(tmp_path, tiny_model_dir):
+    out = tmp_path / "sweep"
+    result = sweep(
+        _base(tmp_path, tiny_model_dir), settings_of("lora", "2", None, "0,1"), out,
+        progress=False,
+    )  # fmt: skip
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [(r["setting"], r["group"], r["seed"]) for r in rows] == [
+        ("lora-r2-s0", "lora-r2", 0),
+        ("lora-r2-s1", "lora-r2", 1),
+    ]
+    first, second = (load_file(out / "runs" / r["setting"] / "adapter_model.safetensors")
+                     for r in rows)  # fmt: skip
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # the seed reached the run
+    [summary] = result["settings"]
+    assert summary["seeds"] == 2 and summary["runs"] == ["lora-r2-s0", "lora-r2-s1"]
+    assert summary["eval_loss"] == pytest.approx((rows[0]["eval_loss"] + rows[1]["eval_loss"]) / 2)
+    chosen = out / "runs" / result["recommended"] / "adapter_model.safetensors"
+    assert (out / "best" / "adapter_model.safetensors").read_bytes() == chosen.read_bytes()
+
+
 def test_resume_skips_finished_runs_and_ctrl_c_keeps_them(tmp_path, tiny_model_dir, monkeypatch):
     out = tmp_path / "sweep"
     base = _base(tmp_path, tiny_model_dir)
@@ -102,6 +123,7 @@ def test_resume_skips_finished_runs_and_ctrl_c_keeps_them(tmp_path, tiny_model_d
         (["--ranks", "0"], "--ranks: '0' is not a positive integer"),
         (["--lrs", "fast"], "--lrs: 'fast' is not a positive number"),
         (["--methods", "lora,magic"], "--methods: unknown ['magic']"),
+        (["--seeds", "0,-1"], "--seeds: '-1' is not an integer >= 0"),
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path, capsys, flags, message):
@@ -122,3 +144,23 @@ def test_recommendation_is_the_smallest_within_a_point_and_pareto_front():
     assert {r["setting"] for r in pareto(rows, "adapter_mb", "score")} == {"a", "b", "c"}
     by_loss = [{**r, "score": None} for r in rows]
     assert recommend(by_loss)[0]["setting"] == "a"  # paragraphs: the lowest eval loss
+
+
+def test_settings_are_compared_by_their_mean_over_seeds():
+    def run(group, seed, score, mb):
+        return {"setting": f"{group}-s{seed}", "group": group, "seed": seed, "score": score,
+                "adapter_mb": mb, "train_s": 10.0, "eval_loss": 1.0 - score}  # fmt: skip
+
+    # "big" holds the luckiest single run (0.95), but "small" is better on average
+    rows = [run("big", 0, 0.95, 8.0), run("big", 1, 0.65, 8.0),
+            run("small", 0, 0.85, 2.0), run("small", 1, 0.83, 2.0)]  # fmt: skip
+    chosen, why = recommend(rows)
+    assert chosen["setting"] == "small-s0"  # the better seed of the better setting
+    assert "0.84" in why and "mean of 2 seeds" in why and "small-s0" in why
+    big, small = summarize(rows)
+    assert big["score"] == pytest.approx(0.80) and big["score_sd"] == pytest.approx(0.15)
+    assert small["seeds"] == 2 and small["runs"] == ["small-s0", "small-s1"]
+    assert [s.name for s in settings_of("lora", "4", "1e-3", "0,2")] == [
+        "lora-r4-lr0.001-s0",
+        "lora-r4-lr0.001-s2",
+    ]
