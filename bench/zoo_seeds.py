@@ -1,11 +1,13 @@
-"""Print the zoo's settings that ran with several seeds: each seed's exact match, mean, spread.
+"""Print the zoo's settings that ran with several seeds (each seed's exact match, mean, spread),
+and every setting against its task's defaults on the seeds both ran.
 
     .venv/bin/python bench/zoo_seeds.py > /tmp/seeds.md
 
 Reads the `bench/recipe.py` rows of `bench/results/zoo-reg.jsonl` and `zoo-seeds.jsonl` (one
 package code, 350b179's, on the 2-core AMD EPYC in float32: rows of other machines or code do
 not belong in one group; the rows of 62892d6 count as that code, since what it added,
-`--ema-decay`, changes nothing unless set and 6d409cb's IA3 layers are spelled out in its rows)
+`--ema-decay`, changes nothing unless set and 6d409cb's IA3 layers are spelled out in its rows;
+so do 6ec1a75's, whose package differs from 62892d6 in a docstring)
 and the runs of `graftlm sweep` in `zoo-sweeps/` (a sweep's run trains bit for bit what a
 `train` run of its setting trains: tests/train/test_sweep.py). A row without
 a `seed` setting ran with TrainConfig's default, 0. Settings are grouped by everything but the
@@ -62,6 +64,21 @@ def main() -> None:
         per_seed = ", ".join(f"{scores[s]:.3f} (seed {s})" for s in sorted(scores))
         mean, spread = statistics.mean(scores.values()), statistics.stdev(scores.values())
         print(f"| {task} | {setting} | {per_seed} | **{mean:.3f}** | {spread:.3f} |")
+    print()
+    print("Each setting against the defaults of its task, on the seeds both ran:")
+    print()
+    print("| task | setting | seeds | setting | defaults | difference (points) |")
+    print("|---|---|---|---|---|---|")
+    for (task, setting), scores in sorted(groups.items()):
+        defaults = groups.get((task, "defaults"), {})
+        common = sorted(set(scores) & set(defaults))
+        if setting == "defaults" or not common:
+            continue
+        mine = statistics.mean(scores[s] for s in common)
+        theirs = statistics.mean(defaults[s] for s in common)
+        seeds = ", ".join(str(s) for s in common)
+        print(f"| {task} | {setting} | {seeds} | {mine:.3f} | {theirs:.3f} | "
+              f"**{100 * (mine - theirs):+.1f}** |")  # fmt: skip
 
 
 if __name__ == "__main__":
