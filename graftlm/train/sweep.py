@@ -69,8 +69,8 @@ class Setting:
 
 
 def parse_list(flag: str, text: str | None, kind: type, lowest: float = 0) -> list:
-    """`--ranks 4,8,16` -> [4, 8, 16]: values above `lowest` (at or above it when it is 0 for
-    seeds: pass lowest=-1); a bad item is a one-line error naming the flag and item."""
+    """`--ranks 4,8,16` -> [4, 8, 16], every value above `lowest` (0: positive; -1: seeds,
+    where 0 is one); a bad item is a one-line error naming the flag and item."""
     if text is None:
         return [None]
     items = [item.strip() for item in text.split(",") if item.strip()]
