@@ -7,7 +7,8 @@ Reads the `bench/recipe.py` rows of `bench/results/zoo-reg.jsonl` and `zoo-seeds
 package code, 350b179's, on the 2-core AMD EPYC in float32: rows of other machines or code do
 not belong in one group; the rows of 62892d6 count as that code, since what it added,
 `--ema-decay`, changes nothing unless set and 6d409cb's IA3 layers are spelled out in its rows;
-so do 6ec1a75's, whose package differs from 62892d6 in a docstring)
+so do 6ec1a75's, whose package differs from 62892d6 in a docstring, and 961312f's, whose
+package changes do not reach a `train` run: the planner, the sweep, naming the trainable tensors)
 and the runs of `graftlm sweep` in `zoo-sweeps/` (a sweep's run trains bit for bit what a
 `train` run of its setting trains: tests/train/test_sweep.py). A row without
 a `seed` setting ran with TrainConfig's default, 0. Settings are grouped by everything but the
