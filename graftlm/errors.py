@@ -22,3 +22,13 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
     """
     if value not in choices:
         raise GraftError(f"{name} should be one of {choices}, got {value!r}")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """Refuse a setting that is not a number in [0, 1) (a dropout, a warm-up share, a decay).
+
+    Raises:
+        GraftError: ``"<name> should be in [0, 1), got <value!r>"``.
+    """
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise GraftError(f"{name} should be in [0, 1), got {value!r}")

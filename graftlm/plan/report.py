@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from graftlm.errors import GraftError, check_choice
+from graftlm.errors import GraftError, check_choice, check_fraction
 from graftlm.methods import REGISTRY
 from graftlm.plan import METHODS
 from graftlm.plan.activations import ActivationProfile, activation_profile
@@ -64,8 +64,7 @@ class PlanRequest:
                 raise GraftError(f"{name} should be a positive integer, got {value!r}")
         if self.seq_len < 2:
             raise GraftError(f"seq_len should be at least 2, got {self.seq_len!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise GraftError(f"ema_decay should be in [0, 1), got {self.ema_decay!r}")
+        check_fraction("ema_decay", self.ema_decay)
         if self.matmul_tflops is not None and self.matmul_tflops <= 0:
             raise GraftError(f"matmul_tflops should be positive, got {self.matmul_tflops!r}")
 

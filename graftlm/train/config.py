@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from graftlm.errors import GraftError, check_choice
+from graftlm.errors import GraftError, check_choice, check_fraction
 
 METHODS = (
     "lora",
@@ -211,10 +211,8 @@ class TrainConfig:
             or self.keep_limit < 0
         ):  # fmt: skip
             raise GraftError(f"keep_limit should be an integer >= 0, got {self.keep_limit!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise GraftError(f"warmup_ratio should be in [0, 1), got {self.warmup_ratio!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise GraftError(f"ema_decay should be in [0, 1), got {self.ema_decay!r}")
+        check_fraction("warmup_ratio", self.warmup_ratio)
+        check_fraction("ema_decay", self.ema_decay)
         if self.ema_decay and self.method == "adalora":
             # its rank allocation zeroes triplets in place; an average would bring them back
             raise GraftError(

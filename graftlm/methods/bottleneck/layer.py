@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.layer_walk import layer_dims
-from graftlm.errors import GraftError, check_choice
+from graftlm.errors import GraftError, check_choice, check_fraction
 
 PLACEMENTS = ("both", "mlp")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -46,8 +46,7 @@ class BottleneckConfig:
             raise GraftError(f"bottleneck_size should be a positive integer, got {self.size!r}")
         check_choice("placement", self.placement, PLACEMENTS)
         check_choice("non_linearity", self.activation, tuple(ACTIVATIONS))
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise GraftError(f"dropout should be in [0, 1), got {self.dropout!r}")
+        check_fraction("dropout", self.dropout)
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
             raise GraftError(f"scaling should be a number, got {self.scaling!r}")
 

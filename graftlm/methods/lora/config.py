@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graftlm.adapters.modules import plain_names
-from graftlm.errors import GraftError, check_choice
+from graftlm.errors import GraftError, check_choice, check_fraction
 
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = ("kaiming", "gaussian", "pissa", "loftq")
@@ -97,8 +97,7 @@ class LoraConfig:
         ):
             raise GraftError(f"alpha should be a positive number, got {self.alpha!r}")
         set_(self, "alpha", float(self.alpha))
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise GraftError(f"dropout should be in [0, 1), got {self.dropout!r}")
+        check_fraction("dropout", self.dropout)
         set_(self, "dropout", float(self.dropout))
         targets = _as_tuple(self.targets, "targets")
         if targets is None or (isinstance(targets, tuple) and not targets):
