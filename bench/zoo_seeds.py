@@ -12,7 +12,9 @@ package changes do not reach a `train` run: the planner, the sweep, naming the t
 and the runs of `graftlm sweep` in `zoo-sweeps/` (a sweep's run trains bit for bit what a
 `train` run of its setting trains: tests/train/test_sweep.py). A row without
 a `seed` setting ran with TrainConfig's default, 0. Settings are grouped by everything but the
-seed and the harness's `threads` and `time_budget`.
+seed and the harness's `threads` and `time_budget`. Rows made on a CPU with bf16 (`cpu_bf16`, so
+`--dtype auto` trained in bf16; 2026-12-07, stop 41, a 2-core AMD EPYC with AVX-512 BF16) are
+tasks of their own, "(bf16)", compared only with their own defaults.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def recipe_rows() -> list[tuple[str, str, int, float]]:
             shown = {k: v for k, v in settings.items() if k not in HARNESS}
             setting = ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
             task = row["task"].removeprefix("zoo/")
+            # a bf16 machine's runs are compared only with each other: the dtype moves the numbers
+            task += " (bf16)" if row.get("cpu_bf16") else ""
             found.append((task, setting, settings.get("seed", 0), row["exact_match"]))
     return found
 
@@ -70,6 +74,7 @@ def main() -> None:
     print()
     print("| task | setting | seeds | setting | defaults | difference (points) |")
     print("|---|---|---|---|---|---|")
+    differences: dict[str, list[float]] = defaultdict(list)
     for (task, setting), scores in sorted(groups.items()):
         defaults = groups.get((task, "defaults"), {})
         common = sorted(set(scores) & set(defaults))
@@ -77,9 +82,20 @@ def main() -> None:
             continue
         mine = statistics.mean(scores[s] for s in common)
         theirs = statistics.mean(defaults[s] for s in common)
+        differences[setting].append(100 * (mine - theirs))
         seeds = ", ".join(str(s) for s in common)
         print(f"| {task} | {setting} | {seeds} | {mine:.3f} | {theirs:.3f} | "
               f"**{100 * (mine - theirs):+.1f}** |")  # fmt: skip
+    print()
+    print("Each setting over the tasks it ran on (every task weighs the same, whatever its seeds):")
+    print()
+    print("| setting | tasks | mean difference (points) | ahead / behind / level |")
+    print("|---|---|---|---|")
+    for setting, points in sorted(differences.items()):
+        ahead, behind = sum(p > 0 for p in points), sum(p < 0 for p in points)
+        level = len(points) - ahead - behind
+        print(f"| {setting} | {len(points)} | **{statistics.mean(points):+.1f}** | "
+              f"{ahead} / {behind} / {level} |")  # fmt: skip
 
 
 if __name__ == "__main__":
