@@ -92,7 +92,8 @@ def main() -> None:
     print("| setting | tasks | mean difference (points) | ahead / behind / level |")
     print("|---|---|---|---|")
     for setting, points in sorted(differences.items()):
-        ahead, behind = sum(p > 0 for p in points), sum(p < 0 for p in points)
+        shown = [round(p, 1) for p in points]  # a tenth of a point is as fine as the table reads
+        ahead, behind = sum(p > 0 for p in shown), sum(p < 0 for p in shown)
         level = len(points) - ahead - behind
         print(f"| {setting} | {len(points)} | **{statistics.mean(points):+.1f}** | "
               f"{ahead} / {behind} / {level} |")  # fmt: skip
