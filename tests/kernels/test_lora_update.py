@@ -67,11 +67,19 @@ def test_fused_model_matches_the_plain_form_forward_and_backward():
     assert used and not plain_used
     torch.testing.assert_close(logits, expected_logits, rtol=2e-2, atol=2e-2)
     assert grads.keys() == expected.keys() and sum("lora_A" in n for n in grads) == 4
+    assert all(g.dtype is torch.float32 for g in grads.values())
+    _assert_bf16_gradients_close(grads, expected, 5e-2)  # seen: up to 2.5% over 60 inits
+
+
+def _assert_bf16_gradients_close(grads: dict, expected: dict, tolerance: float) -> None:
+    """Each bf16 gradient within `tolerance` of the plain form's, relative to its norm. The
+    models here are drawn from the global generator, so each test sees other weights by suite
+    order; bf16 then moves a few elements of a gradient summed over tokens by several of its
+    steps (seen: up to 4-7% of the matrix's largest element, over 60 draws), while a wrong
+    product moves the whole matrix."""
     for name in grads:
-        assert grads[name].dtype is torch.float32
-        # gradients summed over tokens: compare against the gradient's own size
-        scale = expected[name].abs().max().item()
-        torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=3e-2 * scale)
+        error = (grads[name] - expected[name]).float().norm() / expected[name].float().norm()
+        assert error <= tolerance, (name, error.item())
 
 
 def test_float32_model_matches_the_plain_form_to_fp32_rounding():
@@ -120,12 +128,13 @@ def test_4bit_base_takes_the_fused_update_and_keeps_no_full_precision_weight(dty
     tolerance = 1e-5 if dtype is torch.float32 else 2e-2  # bf16: as the dense test above
     torch.testing.assert_close(logits, expected_logits, rtol=tolerance, atol=tolerance)
     assert grads.keys() == expected.keys() and sum("lora_A" in n for n in grads) == 14
-    # bf16: the plain form rounds the update three times, the fused one once, and some of the
-    # 28 adapter matrices here have gradients a few bf16 steps wide (seen: 3.1% of their size)
-    tolerance = 1e-5 if dtype is torch.float32 else 5e-2
+    if dtype is BF16:
+        # the plain form rounds the update three times, the fused one once (seen: up to 4.4%)
+        _assert_bf16_gradients_close(grads, expected, 1e-1)
+        return
     for name in grads:
         scale = expected[name].abs().max().item()
-        torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=tolerance * scale)
+        torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=1e-5 * scale)
 
 
 def test_float32_function_matches_float64():

@@ -96,8 +96,11 @@ def test_adaptive_run_stops_on_validation_and_saves_the_best_adapter(
         return real_update(self, score, step)
 
     monkeypatch.setattr(EarlyStop, "update", recording_update)
-    # validation scores scripted, so that the best evaluation is neither the first nor the last
-    scripted = iter([0.25, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25])
+    # validation scores scripted, so that the best evaluation is neither the first nor the last;
+    # none ties the best, since a tie counts as progress or not by the real answer loss (the
+    # tests above), which the machine moves: with 0.5 twice, the answer loss of the tied
+    # evaluation fell 5% on an AVX-512 CPU (progress), and not by 3% on an AVX2 one (none)
+    scripted = iter([0.25, 0.5, 0.25, 0.25, 0.25, 0.25, 0.25])
     monkeypatch.setattr(adaptive, "greedy_exact_match", lambda *args: next(scripted))
     data = write_chat(tmp_path / "rows.jsonl", 120)
     cfg = base_cfg(
@@ -125,7 +128,7 @@ def test_adaptive_run_stops_on_validation_and_saves_the_best_adapter(
         assert torch.equal(saved[key], tensor), name
     # patience spent at the 4th evaluation; the learning rate then decays to zero and a last
     # evaluation ends the run
-    assert len(evals) == 5 and record["best_step"] in (evals[1]["step"], evals[2]["step"])
+    assert len(evals) == 5 and record["best_step"] == evals[1]["step"]
     assert "learning rate decayed" in record["stopped"]
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[-1] < 0.25 * max(lrs) and max(lrs) == pytest.approx(5e-2)
