@@ -82,10 +82,10 @@ def main() -> None:
             continue
         mine = statistics.mean(scores[s] for s in common)
         theirs = statistics.mean(defaults[s] for s in common)
-        differences[setting].append(100 * (mine - theirs))
+        points = 100 * (mine - theirs)
+        differences[setting].append(points)
         seeds = ", ".join(str(s) for s in common)
-        print(f"| {task} | {setting} | {seeds} | {mine:.3f} | {theirs:.3f} | "
-              f"**{100 * (mine - theirs):+.1f}** |")  # fmt: skip
+        print(f"| {task} | {setting} | {seeds} | {mine:.3f} | {theirs:.3f} | **{points:+.1f}** |")
     print()
     print("Each setting over the tasks it ran on (every task weighs the same, whatever its seeds):")
     print()
