@@ -11,8 +11,8 @@ One run per call, on a zoo task:
 
 - two validation splits of `--rows` rows each, both left out of training: "random" (as the recipe
   draws it) and "unseen" (every row that holds one of a few word pairs of the prompt, drawn at
-  random among pairs that occur in 1-5% of the rows, so training never sees that pair; see
-  `unseen_phrasing_split`);
+  random among pairs that occur in 1-5% of the rows, so training never sees that pair; the
+  selection of `graftlm train --validation-split phrasings`, `graftlm.train.phrasing_split`);
 - the recipe's defaults, with the stop rule off (patience 1000), so the run goes to its longest
   length and evaluates 3 times an epoch;
 - at every evaluation: greedy exact match and answer loss on both splits, and greedy exact match on
@@ -32,13 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
-_WORD = re.compile(r"[a-z']+|\d+")
 
 
 def prompt_text(row: dict) -> str:
@@ -46,35 +44,6 @@ def prompt_text(row: dict) -> str:
     if "messages" in row:
         return "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
     return str(row.get("prompt") or row.get("input") or row.get("instruction") or "")
-
-
-def word_pairs(text: str) -> set[tuple[str, str]]:
-    """Adjacent word pairs, lower-cased, every number as "0" (a new amount is not a new phrase)."""
-    words = ["0" if w.isdigit() else w for w in _WORD.findall(text.lower())]
-    return set(zip(words, words[1:]))
-
-
-def unseen_phrasing_split(texts: list[str], rows: int, seed: int) -> list[int]:
-    """Indices of about `rows` rows that together hold every row with one of a few rare word
-    pairs: once they are left out, training never sees those pairs, as a test of held-out
-    phrasings never does. Pairs in 1-5% of the rows are drawn at random; a pair whose rows would
-    overshoot `rows` by more than a quarter is passed over."""
-    pairs = [word_pairs(t) for t in texts]
-    holders: dict[tuple[str, str], list[int]] = {}
-    for i, row_pairs in enumerate(pairs):
-        for pair in row_pairs:
-            holders.setdefault(pair, []).append(i)
-    low, high = max(2, round(0.01 * len(texts))), max(3, round(0.05 * len(texts)))
-    candidates = sorted(p for p, held in holders.items() if low <= len(held) <= high)
-    random.Random(f"unseen:{seed}").shuffle(candidates)
-    chosen: set[int] = set()
-    for pair in candidates:
-        extra = set(holders[pair]) - chosen
-        if len(chosen) + len(extra) <= 1.25 * rows:
-            chosen |= extra
-        if len(chosen) >= rows:
-            break
-    return sorted(chosen)
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -88,10 +57,11 @@ def run(task: str, seed: int, rows: int, overrides: dict, out: Path) -> None:
     from graftlm.train.config import TrainConfig
     from graftlm.train.forward import evaluate
     from graftlm.train.loop import train
+    from graftlm.train.phrasing_split import held_out_phrasings
     from graftlm.train.validation import greedy_exact_match
 
     data = [json.loads(x) for x in (DATA / task / "train.jsonl").read_text().splitlines() if x]
-    unseen = unseen_phrasing_split([prompt_text(r) for r in data], rows, seed)
+    unseen = held_out_phrasings([prompt_text(r) for r in data], rows, seed)
     rest = [i for i in range(len(data)) if i not in set(unseen)]
     randomly = sorted(random.Random(f"random:{seed}").sample(rest, len(unseen)))
     held = set(unseen) | set(randomly)

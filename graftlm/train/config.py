@@ -27,6 +27,7 @@ METHODS = (
 )
 PLACEMENTS = ("both", "mlp")
 DTYPES = ("auto", "bfloat16", "float32")
+VALIDATION_SPLITS = ("random", "phrasings")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
@@ -89,6 +90,12 @@ class TrainConfig:
     )
     seq_len: int = setting(1024, "maximum tokens per sequence (longer rows are truncated)")
     eval_data: str | None = setting(None, "validation file (default: 5%% held back if >= 200 rows)")
+    validation_split: str = setting(
+        "random",
+        "adaptive runs without --eval-data: which rows validation holds back: 'random' "
+        "(distinct prompts) or 'phrasings' (every row with one of a few rare word pairs of "
+        "the prompt, so training never sees that wording; bench/results/zoo.md)",
+    )
     seed: int = setting(0, "random seed (init, data order, dropout)")
     warmup_ratio: float = setting(0.06, "fraction of steps of linear warmup")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -181,6 +188,7 @@ class TrainConfig:
         check_choice("method", self.method, METHODS)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("bottleneck_placement", self.bottleneck_placement, PLACEMENTS)
+        check_choice("validation_split", self.validation_split, VALIDATION_SPLITS)
         for name in ("batch_size", "seq_len", "save_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -57,7 +57,7 @@ from graftlm.train.steps import (
     count_steps,
     step_batches,
 )
-from graftlm.train.validation import split_validation
+from graftlm.train.validation import prompt_text, split_validation
 from graftlm.train.weight_average import weight_average_for
 
 logger = logging.getLogger("graftlm")
@@ -354,7 +354,10 @@ def read_examples(cfg: TrainConfig, tokenizer, runtime: Runtime):
             cfg.eval_data, tokenizer, cfg.seq_len, skip_bad_rows=cfg.skip_bad_rows
         )
     elif cfg.adaptive:
-        examples, eval_examples = split_validation(examples, seed=cfg.seed)
+        texts = None
+        if cfg.validation_split == "phrasings":
+            texts = [prompt_text(e, tokenizer) for e in examples]
+        examples, eval_examples = split_validation(examples, seed=cfg.seed, prompt_texts=texts)
     else:
         examples, eval_examples = split_eval(examples, seed=cfg.seed)
     if eval_examples:

@@ -25,6 +25,7 @@ from torch import nn
 
 from graftlm.data.dataset import IGNORE_INDEX, Example
 from graftlm.train.forward import autocast
+from graftlm.train.phrasing_split import held_out_phrasings
 
 # Final answers up to this many tokens and one sentence (medians over the validation rows) are
 # scored by exact match; longer ones (paragraphs) by answer loss.
@@ -49,26 +50,46 @@ def answer_span(example: Example) -> tuple[int, int]:
     return start, end
 
 
+def prompt_text(example: Example, tokenizer) -> str:
+    """The text before the final answer of `example` (its template's special tokens left out)."""
+    start, _ = answer_span(example)
+    return tokenizer.decode(example.input_ids[:start], skip_special_tokens=True)
+
+
 def split_validation(
     examples: list[Example], *, seed: int, fraction: float = 0.1, min_rows: int = 16,
-    max_rows: int = 100,
+    max_rows: int = 100, prompt_texts: list[str] | None = None,
 ) -> tuple[list[Example], list[Example]]:  # fmt: skip
     """Hold out whole groups of examples that share a prompt, so that no validation prompt is
     also a training prompt (a repeated row would score as generalisation what is memory).
+
+    Args:
+        prompt_texts: the prompt of each example as text, for a split of phrasings that
+            training never sees (`graftlm.train.phrasing_split`): first every group with one of
+            a few rare word pairs, then random groups up to the size wanted. None: random
+            groups only.
 
     Returns:
         ``(train, validation)`` in the original order; validation is empty when the data has
         fewer than ``2 * min_rows`` distinct prompts (too few to hold any back usefully).
     """
     groups: dict[tuple[int, ...], list[int]] = {}
+    key_of: list[tuple[int, ...]] = []
     for i, example in enumerate(examples):
         start, _ = answer_span(example)
-        groups.setdefault(tuple(example.input_ids[:start]), []).append(i)
+        key_of.append(tuple(example.input_ids[:start]))
+        groups.setdefault(key_of[-1], []).append(i)
     keys = list(groups)
     if len(keys) < 2 * min_rows:
         return list(examples), []
     wanted = min(max_rows, max(min_rows, round(len(keys) * fraction)))
     random.Random(f"graftlm-validation:{seed}").shuffle(keys)
+    if prompt_texts is not None:
+        rows = held_out_phrasings(prompt_texts, wanted, seed)
+        first = list(dict.fromkeys(key_of[i] for i in rows))  # their groups, in order
+        taken = set(first)
+        keys = first + [k for k in keys if k not in taken]
+        wanted = max(wanted, len(first))  # every row of a held-out pair stays out of training
     held = {i for key in keys[:wanted] for i in groups[key]}
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [e for i, e in enumerate(examples) if i in held]
