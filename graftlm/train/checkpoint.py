@@ -45,8 +45,11 @@ _MUST_MATCH = (
     "ema_decay",
     "dropout",
     "eval_data",
+    "validation_split",
     "init_rank",
 )
+# Settings added to _MUST_MATCH later, and the value a checkpoint written before meant.
+_ADDED_LATER = {"validation_split": "random"}
 
 
 def write(
@@ -185,7 +188,7 @@ def _check(folder: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None:
 def check_settings(state: dict, cfg, settings: dict[str, Any] | None = None) -> None:
     """A resumed run must compute the same steps: list every setting that differs (`settings`
     as given to `write`, default `cfg`'s)."""
-    saved = state["meta"]["settings"]
+    saved = {**_ADDED_LATER, **state["meta"]["settings"]}
     now = settings if settings is not None else {k: getattr(cfg, k) for k in _MUST_MATCH}
     differ = [
         f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]

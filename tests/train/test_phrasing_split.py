@@ -96,7 +96,7 @@ def test_training_reads_a_phrasing_split_and_refuses_an_unknown_one(tmp_path, ti
     texts = _templated_texts(templates=20, each=10)
     data = tmp_path / "rows.jsonl"
     with open(data, "w", encoding="utf-8") as handle:
-        for i, text in enumerate(texts):
+        for text in texts:
             messages = [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
             handle.write(json.dumps({"messages": messages}) + "\n")
     cfg = base_cfg(
@@ -112,3 +112,16 @@ def test_training_reads_a_phrasing_split_and_refuses_an_unknown_one(tmp_path, ti
     assert held_templates - train_templates
     with pytest.raises(GraftError, match="validation_split"):
         base_cfg(tmp_path, tiny_model_dir, validation_split="templates")
+
+
+def test_a_resumed_run_keeps_its_validation_split(tmp_path, tiny_model_dir):
+    from graftlm.train import checkpoint
+
+    cfg = base_cfg(tmp_path, tiny_model_dir, steps=None, validation_split="phrasings")
+    saved = {k: getattr(cfg, k) for k in checkpoint._MUST_MATCH}
+    checkpoint.check_settings({"meta": {"settings": saved}, "folder": "ck"}, cfg)
+    with pytest.raises(GraftError, match="validation_split: checkpoint 'random', now 'phrasings'"):
+        older = {k: v for k, v in saved.items() if k != "validation_split"}  # before the setting
+        checkpoint.check_settings({"meta": {"settings": older}, "folder": "ck"}, cfg)
+    older_default = base_cfg(tmp_path, tiny_model_dir, steps=None)
+    checkpoint.check_settings({"meta": {"settings": older}, "folder": "ck"}, older_default)
