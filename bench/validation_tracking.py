@@ -62,9 +62,10 @@ def run(task: str, seed: int, rows: int, overrides: dict, out: Path) -> None:
 
     data = [json.loads(x) for x in (DATA / task / "train.jsonl").read_text().splitlines() if x]
     unseen = held_out_phrasings([prompt_text(r) for r in data], rows, seed)
-    rest = [i for i in range(len(data)) if i not in set(unseen)]
+    unseen_rows = set(unseen)
+    rest = [i for i in range(len(data)) if i not in unseen_rows]
     randomly = sorted(random.Random(f"random:{seed}").sample(rest, len(unseen)))
-    held = set(unseen) | set(randomly)
+    held = unseen_rows | set(randomly)
     work = Path(tempfile.mkdtemp(prefix="valtrack-"))
     write_rows(work / "train.jsonl", [r for i, r in enumerate(data) if i not in held])
     write_rows(work / "random.jsonl", [data[i] for i in randomly])
