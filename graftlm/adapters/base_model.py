@@ -104,12 +104,14 @@ def check_base(model: nn.Module, folder: os.PathLike, force: bool) -> None:
 def quantize_base(model: nn.Module) -> None:
     """Turn the base's linear layers into NF4 (QLoRA), once; a no-op if already quantized.
 
-    The fingerprint is taken first, from the 16/32-bit weights, so a QLoRA adapter and a LoRA
-    adapter trained on the same base carry the same fingerprint.
+    The fingerprint is taken first (it reads the embeddings and the layer shapes, which
+    quantizing keeps), so a QLoRA adapter and a LoRA adapter trained on the same base carry the
+    same fingerprint. A base loaded with `load_model(..., quantize="nf4")` is already quantized,
+    into the same layers.
     """
+    base_fingerprint(model)
     if any(getattr(m, "is_quantized_linear", False) for m in model.modules()):
         return
-    base_fingerprint(model)
     quantize_model_linears(model, grids=grids_in_files(model))
 
 

@@ -129,9 +129,10 @@ def load_for_inference(
     quantized = [quantization(path) == "nf4" for path in adapters.values()]
     if model is None:
         model = base_for_adapters(adapters.values())
-    base, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-    if any(quantized):  # a QLoRA adapter: every adapter runs on the 4-bit base it was trained on
-        quantize_base(base)
+    nf4 = any(quantized)  # a QLoRA adapter: every adapter runs on the 4-bit base it was trained on
+    base, tokenizer = load_model(model, dtype=parse_dtype(dtype), quantize="nf4" if nf4 else None)
+    if nf4:
+        quantize_base(base)  # the fingerprint (the base came back 4-bit)
     for name, path in adapters.items():
         load_any(base, path, name=name, force=force)
     if adapters:

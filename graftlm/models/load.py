@@ -46,6 +46,7 @@ from graftlm.models.gguf_cache import (
 )
 from graftlm.models.head_input import make_head_input_contiguous
 from graftlm.models.weights import StreamedLoadUnsupported, load_weights_streamed
+from graftlm.quant.base_linears import LinearsToFourBit, quantize_model_linears
 
 __all__ = [
     "BUILTIN_NAME",
@@ -84,6 +85,7 @@ def load_model(
     *,
     dtype: torch.dtype | str = "float32",
     cache_dir: str | os.PathLike | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal language model and its tokenizer, never touching the network.
 
@@ -98,6 +100,11 @@ def load_model(
         dtype: parameter dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (``float16``
             also works); strings like ``"bf16"`` are accepted.
         cache_dir: where converted GGUF files are kept; defaults to :func:`cache_root`.
+        quantize: ``"nf4"``: the linear layers (all but the output head) come back 4-bit, as
+            `graftlm.quant.base_linears.quantize_model_linears` would make them after the load
+            (QLoRA's base; kept on their own grid where the weights are already 4-bit), but
+            quantized one by one as they are read, so the full-precision linear weights are
+            never all in memory. None (default): every weight in `dtype`.
 
     Returns:
         ``(model, tokenizer)``. The tokenizer has a pad token (for SmolLM2 it is ``<|im_end|>``,
@@ -107,8 +114,10 @@ def load_model(
         GraftError: the model is not found, cannot be read, or ``dtype`` is not supported.
     """
     torch_dtype = _resolve_dtype(dtype)
+    if quantize not in (None, "nf4"):
+        raise GraftError(f"quantize={quantize!r}: the choices are None and 'nf4'")
     folder, model_id = _resolve_folder(name_or_path, cache_dir)
-    model = _load_hf_model(folder, torch_dtype, name_or_path)
+    model = _load_hf_model(folder, torch_dtype, name_or_path, quantize)
     tokenizer = _load_hf_tokenizer(folder, name_or_path)
     _set_model_id(model, tokenizer, model_id)
     make_head_input_contiguous(model)
@@ -270,14 +279,18 @@ def _resolve_dtype(dtype: Any) -> torch.dtype:
 # loading a Hugging Face folder
 
 
-def _load_hf_model(folder: Path, dtype: torch.dtype, asked: Any) -> PreTrainedModel:
+def _load_hf_model(
+    folder: Path, dtype: torch.dtype, asked: Any, quantize: str | None = None
+) -> PreTrainedModel:
     try:
         with _quiet_progress():
-            model = _build_and_stream(folder, dtype)
+            model = _build_and_stream(folder, dtype, quantize)
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(
                     folder, dtype=dtype, local_files_only=True
                 )
+                if quantize:  # not a GGUF conversion: no grids beyond what fp32 weights show
+                    quantize_model_linears(model)
     except Exception as e:
         raise GraftError(
             f"could not load model {os.fspath(asked)!r} from {str(folder)!r}: "
@@ -288,7 +301,9 @@ def _load_hf_model(folder: Path, dtype: torch.dtype, asked: Any) -> PreTrainedMo
     return model
 
 
-def _build_and_stream(folder: Path, dtype: torch.dtype) -> PreTrainedModel | None:
+def _build_and_stream(
+    folder: Path, dtype: torch.dtype, quantize: str | None = None
+) -> PreTrainedModel | None:
     """The model built from its config, its weights read one tensor at a time and cast on the
     way in; None where the folder's weights do not name the model's tensors one to one (then
     transformers' own loader, with its key conversions, takes over).
@@ -297,13 +312,26 @@ def _build_and_stream(folder: Path, dtype: torch.dtype) -> PreTrainedModel | Non
     counts in the process's resident memory until the file is closed, on top of the cast copy
     (docs/architecture.md, "Memory of a load"). Read tensor by tensor, a load peaks at the
     model's size in `dtype` plus one tensor, which is what lets a QLoRA run peak below its base.
+    With `quantize`, each linear layer turns 4-bit as its weight is read, and its `dtype` copy,
+    allocated by the build but never written, never becomes resident.
     """
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     with no_init_weights():  # every weight is overwritten below: skip the random init
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # before the load: a tied tensor is stored once, under its first name
+    # grids as `graftlm.adapters.base_model.quantize_base` finds them: in any fp32 weights, and in
+    # a GGUF conversion's files (fp32 on disk) whatever the dtype in memory
+    take = (
+        LinearsToFourBit(
+            model,
+            look_for_grids=dtype == torch.float32 or (folder / MARKER).is_file(),
+            stop_at_first_miss=dtype != torch.float32,
+        )
+        if quantize
+        else None
+    )
     try:
-        load_weights_streamed(model, folder)
+        load_weights_streamed(model, folder, take)
     except StreamedLoadUnsupported:
         return None
     if (folder / "generation_config.json").is_file():

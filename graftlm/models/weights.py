@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -119,9 +119,15 @@ def iter_tensors(path: Path, wanted: set[str] | None = None) -> Iterator[tuple[s
             yield name, tensor
 
 
-def load_weights_streamed(model: nn.Module, folder: Path) -> None:
+def load_weights_streamed(
+    model: nn.Module, folder: Path, take: Callable[[str, torch.Tensor], bool] | None = None
+) -> None:
     """Copy the folder's tensors into `model`'s parameters and persistent buffers, cast to their
     dtype, one tensor in memory at a time.
+
+    `take(name, tensor)`, where given, sees each tensor first, as read (before any cast); where
+    it returns True it has used the tensor itself and nothing is copied (a layer quantized as
+    it is read: `graftlm.quant.base_linears.LinearsToFourBit`).
 
     Tensors the model ties to another (lm_head to the input embedding) may be absent from the
     files; the caller re-ties them.
@@ -148,7 +154,8 @@ def load_weights_streamed(model: nn.Module, folder: Path) -> None:
     with torch.no_grad():
         for path in files:
             for name, tensor in iter_tensors(path):
-                targets[name].copy_(tensor)
+                if take is None or not take(name, tensor):
+                    targets[name].copy_(tensor)
                 del tensor
 
 

@@ -2,7 +2,9 @@
 
 `quantize_model_linears` turns each plain linear layer into a `Q4GridLinear` where its weight
 already lies on a 4-bit grid (`graftlm.quant.q4_grid`: kept exactly) and into an `NF4Linear`
-otherwise; `dequantize_model_linears` turns them back into plain layers.
+otherwise; `LinearsToFourBit` does the same while a model's weights are read from its files, so
+the full-precision linear weights are never resident (`load_model(..., quantize="nf4")`);
+`dequantize_model_linears` turns them back into plain layers.
 """
 
 from __future__ import annotations
@@ -14,10 +16,98 @@ import torch
 from torch import nn
 
 from graftlm.kernels.small_batch_linear import is_plain_linear
+from graftlm.quant.nf4 import quantize_nf4
 from graftlm.quant.nf4_linear import NF4Linear
 from graftlm.quant.q4_grid import Q4GridLinear, Q4GridTensor, find_q4_grid
 
-__all__ = ["dequantize_model_linears", "quantize_model_linears"]
+__all__ = ["LinearsToFourBit", "dequantize_model_linears", "quantize_model_linears"]
+
+
+def four_bit_layer(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grid: Q4GridTensor | None,
+    *,
+    compute_dtype: torch.dtype | None,
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> NF4Linear:
+    """The 4-bit layer for one linear weight: a `Q4GridLinear` on `grid` where one is given (the
+    weight's own 4-bit values, kept exactly), else an `NF4Linear` of `weight` as it is (its
+    dtype is the one NF4 rounds from)."""
+    if grid is not None:
+        if grid.shape != weight.shape:
+            raise ValueError(f"grid of shape {tuple(grid.shape)} for a weight of "
+                             f"{tuple(weight.shape)}")  # fmt: skip
+        return Q4GridLinear(grid, bias, compute_dtype=compute_dtype)
+    q = quantize_nf4(weight.detach(), blocksize, double_quant)
+    return NF4Linear.from_nf4(q, bias, compute_dtype=compute_dtype)
+
+
+def _targets(model: nn.Module, skip: Iterable[str]) -> list[str]:
+    """Names of the plain linear layers to quantize: not named (in full or by their last
+    component) in `skip`."""
+    skip = set(skip)
+    return [
+        name
+        for name, module in model.named_modules()
+        if is_plain_linear(module) and name not in skip and name.rsplit(".", 1)[-1] not in skip
+    ]
+
+
+class LinearsToFourBit:
+    """Quantizes a model's linear layers one by one as a streamed load reads their weights
+    (`graftlm.models.weights.load_weights_streamed`'s `take`): called with each tensor read from
+    the files, in full precision, it replaces the layer whose weight it is by its 4-bit form and
+    says so (True), and the load skips the copy into the layer's own weight, whose pages, never
+    written, never become resident. A QLoRA run on a bf16 base so peaks below the base's size in
+    bf16 instead of above it (bench/results/qlora_speed.txt).
+
+    The layers are the ones `quantize_model_linears` would make after a full load, bit for bit:
+
+    - `look_for_grids`: try each weight's own 4-bit grid (`find_q4_grid`) before NF4, as
+      `quantize_model_linears` does on an fp32 base, or as `grids_in_files` reads them for a
+      GGUF conversion loaded in bf16;
+    - `stop_at_first_miss`: a model whose first linear weight is off a grid has none
+      (`grids_in_files`' rule: the other weights are not searched);
+    - an NF4 layer quantizes the weight cast to the layer's dtype first (the weight a full
+      load would have held).
+
+    A bias keeps its own Parameter (the load may copy it before or after the weight).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        look_for_grids: bool,
+        stop_at_first_miss: bool,
+        skip: Iterable[str] = ("lm_head",),
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.look_for_grids, self.stop_at_first_miss = look_for_grids, stop_at_first_miss
+        self.compute_dtype = compute_dtype
+        self.layers = {f"{name}.weight": name for name in _targets(model, skip)}
+        self.replaced: list[str] = []
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> bool:
+        name = self.layers.get(key)
+        if name is None:
+            return False
+        linear = self.model.get_submodule(name)
+        grid = find_q4_grid(tensor) if self.look_for_grids else None
+        if grid is None and self.stop_at_first_miss and not self.replaced:
+            self.look_for_grids = False
+        weight = tensor if grid is not None else tensor.to(linear.weight.dtype)
+        layer = four_bit_layer(weight, None, grid, compute_dtype=self.compute_dtype)
+        if linear.bias is not None:
+            layer.bias = linear.bias
+            layer.bias.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer)
+        self.replaced.append(name)
+        return True
 
 
 def quantize_model_linears(
@@ -54,30 +144,22 @@ def quantize_model_linears(
         weights at their original dtype), `bytes_after` (their 4-bit form, codes + all scales),
         `bytes_per_param` (`bytes_after / params`).
     """
-    skip = set(skip)
     # names only: a list of the modules would keep every full-precision weight alive until the
     # last layer is quantized, all of them beside all the 4-bit layers (a float32 QLoRA load
     # peaked 0.24 GB higher in some runs); here each weight is freed once its layer is replaced
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if is_plain_linear(module) and name not in skip and name.rsplit(".", 1)[-1] not in skip
-    ]
+    targets = _targets(model, skip)
     replaced, params, before, after, on_grid = [], 0, 0, 0, 0
     for name in targets:
         linear = model.get_submodule(name)
         grid = find_q4_grid(linear.weight) if grids is None else grids.get(name)
-        if grid is not None:
-            if grid.shape != linear.weight.shape:
-                raise ValueError(f"{name}: grid of shape {tuple(grid.shape)} for a weight of "
-                                 f"{tuple(linear.weight.shape)}")  # fmt: skip
-            bias = None if linear.bias is None else linear.bias.detach()
-            layer = Q4GridLinear(grid, bias, compute_dtype=compute_dtype)
-            on_grid += 1
-        else:
-            layer = NF4Linear.from_linear(
-                linear, compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant
-            )
+        try:
+            layer = four_bit_layer(
+                linear.weight, None if linear.bias is None else linear.bias.detach(), grid,
+                compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant,
+            )  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        on_grid += grid is not None
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         replaced.append(name)

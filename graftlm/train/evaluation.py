@@ -20,7 +20,7 @@ from graftlm.data.dataset import Example
 from graftlm.train.adaptive import check_length, eval_interval, finish_adaptive, validate
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime
-from graftlm.train.forward import evaluate
+from graftlm.train.forward import EVAL_BATCH_TOKENS, LOW_MEMORY_EVAL_TOKENS, evaluate
 from graftlm.train.loss import release_logits_buffer
 from graftlm.train.memory import release_free_heap
 from graftlm.train.validation import EarlyStop
@@ -72,6 +72,7 @@ class RunEvaluation:
         self.eval_loss, eval_tokens = evaluate(
             self.model, self.examples, self.pad_id, self.compute_dtype, self.runtime,
             share_prefix=self.share_prefix,
+            max_tokens=LOW_MEMORY_EVAL_TOKENS if self.cfg.low_memory else EVAL_BATCH_TOKENS,
         )  # fmt: skip
         release_logits_buffer()  # evaluation's passes are larger than training's
         if self.cfg.low_memory:  # and what they freed would stay resident, fragmented

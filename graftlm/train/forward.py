@@ -19,6 +19,9 @@ from graftlm.train.loss import fused_lm_loss_sum, head_lm_loss_sum
 logger = logging.getLogger("graftlm")
 
 EVAL_BATCH_TOKENS = 4096  # evaluation keeps no activations for a backward: bigger passes are fine
+# a --low-memory run's evaluations: no bigger than its checkpointed training passes, which they
+# otherwise outgrew (the run's peak was its last evaluation; bench/results/qlora_speed.txt)
+LOW_MEMORY_EVAL_TOKENS = 2048
 
 
 MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate forward pass
@@ -121,14 +124,16 @@ def evaluate(
     runtime: Runtime,
     *,
     share_prefix: bool = True,
+    max_tokens: int = EVAL_BATCH_TOKENS,
 ) -> tuple[float, int]:
-    """Mean loss over the labelled tokens of `examples` (teacher-forced), and the token count."""
+    """Mean loss over the labelled tokens of `examples` (teacher-forced), and the token count;
+    passes of at most `max_tokens` padded tokens."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     lengths = [len(e) for e in examples]
     # large batches: one shared-prefix pass serves many rows (no backward, so memory is small)
-    batches = length_grouped_batches(lengths, 32, shuffle=False, max_tokens=EVAL_BATCH_TOKENS)
+    batches = length_grouped_batches(lengths, 32, shuffle=False, max_tokens=max_tokens)
     for indices in runtime.shard(batches):
         device = next(model.parameters()).device
         batch = on_device(collate([examples[i] for i in indices], pad_id), device)

@@ -50,9 +50,15 @@ from graftlm.train.interrupt import StopFlag
 from graftlm.train.loss import logits_buffer_scope
 from graftlm.train.memory import (
     memory_accounting,
+    release_free_heap,
 )
 from graftlm.train.metrics import MetricsWriter, progress_bar
-from graftlm.train.step import OptimizerStep, make_optimizer, plan_memory
+from graftlm.train.step import (
+    LOW_MEMORY_LOSS_ROWS,
+    OptimizerStep,
+    make_optimizer,
+    plan_memory,
+)
 from graftlm.train.steps import (
     count_steps,
     step_batches,
@@ -150,6 +156,8 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
     hooks = hooks_class(model, cfg, total_steps) if hooks_class else None
     plan = step_batches(examples, cfg, total_steps)
     share_prefix = _share_prefix(model, examples, pad_id, memory_plan, compute_dtype, device)
+    if cfg.low_memory:  # the probe's forward pass left its temporaries in the heap
+        release_free_heap()
     run_step = OptimizerStep(
         model, optimizer, scheduler, hooks, params, examples, cfg, runtime, pad_id, device,
         compute_dtype, share_prefix, memory_plan,
@@ -170,7 +178,8 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
     step = start_step
     kernels = fused_forwards(model) if cfg.fused_kernels else contextlib.nullcontext(0)
     noise = embedding_noise(model, cfg.neftune_alpha)
-    with StopFlag() as flag, kernels as fused, logits_buffer_scope(), noise:
+    loss_rows = LOW_MEMORY_LOSS_ROWS if cfg.low_memory else None
+    with StopFlag() as flag, kernels as fused, logits_buffer_scope(loss_rows), noise:
         logger.debug("fused kernels on %d modules", fused)
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
@@ -252,8 +261,11 @@ def prepare(cfg: TrainConfig, runtime: Runtime, device, compute_dtype) -> Prepar
     """Load `cfg.model` and read, check and tokenize `cfg.data` (and the evaluation split)."""
     # Frozen base weights are held in the compute dtype: no per-step casts of the big matrices.
     # A method that trains the base weights themselves (full) names the dtype it keeps them in.
-    dtype = getattr(method_module(cfg.method), "WEIGHTS_DTYPE", None) or compute_dtype
-    model, tokenizer = load_model(cfg.model, dtype=dtype)
+    module = method_module(cfg.method)
+    dtype = getattr(module, "WEIGHTS_DTYPE", None) or compute_dtype
+    # a 4-bit base (QLoRA) is quantized as it is read: its full-precision linears never resident
+    quantize = getattr(module, "BASE_QUANTIZATION", None)
+    model, tokenizer = load_model(cfg.model, dtype=dtype, quantize=quantize)
     model.to(device)
     examples, eval_examples = read_examples(cfg, tokenizer, runtime)
     return Prepared(model, tokenizer, examples, eval_examples)

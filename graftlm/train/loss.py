@@ -27,53 +27,68 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of CE(h @ W.T, y); gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
-        # hidden: (n, d), weight: (V, d), targets: (n,)
-        need_weight_grad = weight.requires_grad
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype, with_grads):
+        # hidden: (n, d), weight: (V, d), targets: (n,); `with_grads` False: the loss alone (an
+        # evaluation: no gradient products, no gradient buffers, whatever requires grad)
+        need_hidden_grad = with_grads and hidden.requires_grad
+        need_weight_grad = with_grads and weight.requires_grad
         w = weight.detach().to(compute_dtype)
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        grad_hidden = (
+            torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            if need_hidden_grad
+            else None
+        )
         grad_weight = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             if need_weight_grad
             else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk_size = min(chunk_size, getattr(_workspace, "max_rows", None) or chunk_size)
         rows = min(chunk_size, hidden.shape[0])
-        buffer = _logits_buffer(rows * weight.shape[0], hidden.device)
+        # the C kernel works over the buffer seen as the compute dtype: bf16 needs half the bytes
+        kernel = fused_cpu.applies(hidden[:1].detach().to(compute_dtype), w)
+        per_value = w.element_size() if kernel else 4
+        buffer = _logits_buffer(-(-rows * weight.shape[0] * per_value // 4), hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].detach().to(compute_dtype)
             y = targets[start : start + chunk_size]
-            logits = buffer[: h.shape[0] * weight.shape[0]].view(h.shape[0], weight.shape[0])
-            if fused_cpu.applies(h, w):
+            if kernel:
                 # on the CPU: the C kernel's one pass (no separate passes of the softmax), in
                 # bf16 over the buffer's memory seen as bf16 (no fp32 copy of the logits)
-                logits = buffer.view(h.dtype)[: logits.numel()].view(logits.shape)
+                n = h.shape[0] * weight.shape[0]
+                logits = buffer.view(h.dtype)[:n].view(h.shape[0], weight.shape[0])
                 torch.matmul(h, w.T, out=logits)
                 total += fused_cpu.cross_entropy_(logits, y).sum()
                 grad_logits = logits
             else:
+                logits = buffer[: h.shape[0] * weight.shape[0]].view(h.shape[0], weight.shape[0])
                 if compute_dtype == torch.float32:
                     torch.matmul(h, w.T, out=logits)  # (c, V)
                 else:
                     logits.copy_(h @ w.T)
                 chunk_loss, grad_logits = _cross_entropy_(logits, y, compute_dtype)
                 total += chunk_loss
-            grad_hidden[start : start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
+            if need_hidden_grad:
+                grad_hidden[start : start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
             if need_weight_grad:
                 grad_weight += (grad_logits.T @ h).float()
         if not getattr(_workspace, "scopes", 0):  # outside a training run: nothing is kept
             release_logits_buffer()
-        ctx.save_for_backward(grad_hidden, grad_weight if need_weight_grad else torch.empty(0))
-        ctx.need_weight_grad = need_weight_grad
+        empty = torch.empty(0)
+        ctx.save_for_backward(
+            grad_hidden if need_hidden_grad else empty, grad_weight if need_weight_grad else empty
+        )
+        ctx.need_hidden_grad, ctx.need_weight_grad = need_hidden_grad, need_weight_grad
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_output.to(grad_hidden.dtype)
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.need_hidden_grad else None
         gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.need_weight_grad else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def _cross_entropy_(logits: torch.Tensor, y: torch.Tensor, compute_dtype: torch.dtype):
@@ -115,14 +130,21 @@ def release_logits_buffer() -> None:
 
 
 @contextlib.contextmanager
-def logits_buffer_scope() -> Iterator[None]:
+def logits_buffer_scope(max_rows: int | None = None) -> Iterator[None]:
     """Reuse one logits buffer inside the block (a training run) and free it on the way out;
-    outside such a block every loss call frees its buffer when done."""
+    outside such a block every loss call frees its buffer when done.
+
+    `max_rows`: project at most this many rows at once inside the block, whatever a call asks
+    (a `--low-memory` run: a smaller buffer, the same products in more pieces)."""
     _workspace.scopes = getattr(_workspace, "scopes", 0) + 1
+    outer_rows = getattr(_workspace, "max_rows", None)
+    if max_rows is not None:
+        _workspace.max_rows = max_rows
     try:
         yield
     finally:
         _workspace.scopes -= 1
+        _workspace.max_rows = outer_rows
         if not _workspace.scopes:
             release_logits_buffer()
 
@@ -172,7 +194,9 @@ def fused_lm_loss_sum(
         return hidden.sum() * 0.0, 0
     dtype = compute_dtype or weight.dtype
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        loss = _FusedLinearCrossEntropy.apply(h, weight, y, chunk_size, dtype)
+        # the gradients are computed in the forward: only where a backward can follow
+        with_grads = torch.is_grad_enabled()
+        loss = _FusedLinearCrossEntropy.apply(h, weight, y, chunk_size, dtype, with_grads)
     return loss, int(y.numel())
 
 

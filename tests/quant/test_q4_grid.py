@@ -96,3 +96,10 @@ def test_qlora_on_the_builtin_q4_1_model_computes_what_its_bf16_base_does():
     assert len(linears) == 30 * 7 and all(type(m) is Q4GridLinear for m in linears)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
+    # quantized as it is read (QLoRA's training load): the same layers, the same logits
+    read, _ = load_model("smollm2-135m-instruct", dtype=torch.bfloat16, quantize="nf4")
+    assert [type(m) for m in read.modules() if getattr(m, "is_quantized_linear", False)] == [
+        type(m) for m in linears
+    ]
+    with torch.no_grad():
+        assert torch.equal(read(ids).logits, expected)

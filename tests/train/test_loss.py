@@ -85,3 +85,42 @@ def test_logits_buffer_is_kept_inside_a_scope_only():
         torch.testing.assert_close(first, second, rtol=0, atol=0)
         torch.testing.assert_close(second, _reference(hidden, weight, labels), rtol=1e-5, atol=1e-5)
     assert loss_module._workspace.logits is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_scope_with_max_rows_projects_fewer_rows_at_once_and_keeps_the_result(dtype):
+    """--low-memory's scope: at most `max_rows` rows per projection, so a smaller buffer (bf16 on
+    the C kernel: half the bytes of fp32 again), and the same loss and gradient."""
+    from graftlm.kernels import fused_cpu
+    from graftlm.train import loss as loss_module
+
+    hidden, weight, labels = _case()
+    hidden, weight = hidden.detach().to(dtype).requires_grad_(), weight.to(dtype)
+    with loss_module.logits_buffer_scope():
+        loss, _ = fused_lm_loss_sum(hidden, weight, labels, chunk_size=2048, compute_dtype=dtype)
+        loss.backward()
+        wide = loss_module._workspace.logits.numel()
+    expected_grad, hidden.grad = hidden.grad.clone(), None
+    with loss_module.logits_buffer_scope(max_rows=4):
+        capped, _ = fused_lm_loss_sum(hidden, weight, labels, chunk_size=2048, compute_dtype=dtype)
+        capped.backward()
+        held = loss_module._workspace.logits.numel()
+    assert getattr(loss_module._workspace, "max_rows", None) is None  # the cap ends with its scope
+    bytes_per_value = 2 if dtype == torch.bfloat16 and fused_cpu.library() is not None else 4
+    assert held * 4 == 4 * weight.shape[0] * bytes_per_value
+    assert wide > held  # all 23 labelled rows at once
+    torch.testing.assert_close(capped, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, expected_grad, rtol=1e-5, atol=1e-6)  # fp32 blocking
+
+
+def test_without_grad_mode_the_loss_is_the_same_and_no_backward_is_prepared():
+    """An evaluation (no_grad) computes the loss alone: the same value, no gradient products,
+    even where the hidden states and the head's weight require grad."""
+    hidden, weight, labels = _case(weight_grad=True)
+    with_grads, _ = fused_lm_loss_sum(hidden, weight, labels, chunk_size=4)
+    with torch.no_grad():
+        alone, _ = fused_lm_loss_sum(hidden, weight, labels, chunk_size=4)
+    assert not alone.requires_grad and alone.grad_fn is None
+    torch.testing.assert_close(alone, with_grads.detach(), rtol=0, atol=0)
+    with_grads.backward()  # the graph built with grad mode on still gives both gradients
+    assert hidden.grad is not None and weight.grad is not None

@@ -21,6 +21,7 @@ from graftlm.methods.lora.dora import (  # noqa: F401  (DoRA's contract; attach 
     unload,
     unmerge,
 )
+from graftlm.methods.lora.qlora import BASE_QUANTIZATION  # noqa: F401  (quantized as read)
 from graftlm.methods.lora.qlora import DEFAULTS as QLORA_DEFAULTS
 
 NAME = "qdora"

@@ -33,4 +33,5 @@ from graftlm.methods.lora.method import (  # noqa: F401  (the rest of the contra
 )
 
 NAME = "qlora"
+BASE_QUANTIZATION = "nf4"  # train/loop.py loads the base so: quantized as it is read
 DEFAULTS = {**LORA_DEFAULTS, "low_memory": True}
