@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from graftlm.plan.activations import ActivationProfile
 from graftlm.plan.shapes import ModelShape, Trainable
+from graftlm.train.step import LOW_MEMORY_LOSS_ROWS  # rows per projection in --low-memory
 
 NF4_BLOCK, NF4_GROUP = 64, 256  # graftlm's QLoRA format (quant/nf4.py)
 LOSS_CHUNK = 1024  # rows the fused loss projects at once (train/loss.py: fused_lm_loss_sum)
@@ -59,6 +60,7 @@ class RunShape:
     checkpointing: bool
     device: str = "cpu"
     weight_average: bool = False  # --ema-decay: an fp32 average of the trainable tensors
+    low_memory: bool = False  # --low-memory: fewer rows per vocabulary projection
 
 
 @dataclass(frozen=True)
@@ -125,21 +127,30 @@ def memory_breakdown(
     else:
         kept = shape.layers * profile.per_layer
     activations = tokens * (kept + profile.outside_layers)
-    rows = min(LOSS_CHUNK, run.micro_batch_size * (run.seq_len - 1))
-    # the kept fp32 logits buffer; in bf16 also the product and the gradient of one chunk
-    loss = rows * shape.vocab * (4 + (2 * run.dtype_bytes if run.dtype_bytes < 4 else 0))
+    chunk = LOW_MEMORY_LOSS_ROWS if run.low_memory else LOSS_CHUNK
+    rows = min(chunk, run.micro_batch_size * (run.seq_len - 1))
+    # the kept fp32 logits buffer; in bf16 also the product and the gradient of one chunk, except
+    # on the CPU, whose C kernel works in place over the buffer seen as bf16 (half its bytes)
+    if run.device == "cpu" and run.dtype_bytes < 4:
+        loss = rows * shape.vocab * run.dtype_bytes
+    else:
+        loss = rows * shape.vocab * (4 + (2 * run.dtype_bytes if run.dtype_bytes < 4 else 0))
     runtime = RUNTIME_BYTES.get(run.device, RUNTIME_BYTES["cpu"])
     weights = shape.total_params * (4 if run.method == "full" else run.dtype_bytes)
     # a file's tensor is read whole before the cast, in host memory (a GPU receives it cast)
     read_buffer = shape.largest_tensor * shape.file_dtype_bytes if run.device == "cpu" else 0
     load_peak = runtime + weights + read_buffer
     if run.method == "qlora" and run.device == "cpu":
-        # quantizing layer by layer frees each full-precision weight into glibc's heap, which keeps
-        # it resident until the trim after attach (docs/architecture.md, "Memory of a load"):
-        # at the last layer all weights and all their NF4 copies are resident, and one layer's
-        # fp32 copy that the quantization works on
+        # each linear layer turns 4-bit as its weight is read (`load_model(quantize="nf4")`), and
+        # its full-precision weight is never written (docs/architecture.md, "Memory of a load"):
+        # the other weights in the dtype, the 4-bit layers, the file's tensor being read and one
+        # layer's fp32 copy that the quantization works on
         quantized = [lin.out_features * lin.in_features for lin in shape.linears]
-        load_peak = runtime + weights + sum(nf4_bytes(n) for n in quantized) + 4 * max(quantized)
+        others = weights - sum(quantized) * run.dtype_bytes
+        load_peak = (
+            runtime + others + sum(nf4_bytes(n) for n in quantized) + read_buffer
+            + 4 * max(quantized)
+        )  # fmt: skip
     return MemoryBreakdown(
         base_weights=base_weight_bytes(shape, run),
         trainable_weights=trainable_weights,

@@ -249,7 +249,7 @@ def _plan_method(
     adapter = trainable(shape, _with_method(counted, "dora" if method == "qdora" else method))
     run = RunShape(
         base_method, request.batch_size, micro, request.seq_len, dtype_bytes, checkpointing,
-        request.device, weight_average=bool(request.ema_decay),
+        request.device, weight_average=bool(request.ema_decay), low_memory=bool(cfg.low_memory),
     )  # fmt: skip
     profile = activation_profile(shape, counted, "dora" if method == "qdora" else method, dtype)
     memory = memory_breakdown(shape, adapter, profile, run)
