@@ -109,6 +109,7 @@ def load_for_inference(
     *,
     dtype: str = "float32",
     force: bool = False,
+    nf4: bool = False,
 ):
     """Load a base model and any number of named adapters (of any methods) onto it.
 
@@ -117,6 +118,8 @@ def load_for_inference(
         adapters: `{name: folder}`; each is loaded under its name.
         dtype: "float32" or "bfloat16".
         force: load adapters despite a base fingerprint mismatch.
+        nf4: load the base 4-bit (quantized as it is read) even without a QLoRA adapter among
+            `adapters`: a caller that loads QLoRA adapters later (the server's registry).
 
     Returns:
         (model, tokenizer) with the first adapter active.
@@ -129,7 +132,7 @@ def load_for_inference(
     quantized = [quantization(path) == "nf4" for path in adapters.values()]
     if model is None:
         model = base_for_adapters(adapters.values())
-    nf4 = any(quantized)  # a QLoRA adapter: every adapter runs on the 4-bit base it was trained on
+    nf4 = nf4 or any(quantized)  # QLoRA: every adapter runs on the 4-bit base it was trained on
     base, tokenizer = load_model(model, dtype=parse_dtype(dtype), quantize="nf4" if nf4 else None)
     if nf4:
         quantize_base(base)  # the fingerprint (the base came back 4-bit)

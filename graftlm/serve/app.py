@@ -34,7 +34,6 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from graftlm.adapters.base_model import quantize_base
 from graftlm.adapters.io import quantization
 from graftlm.errors import GraftError
 from graftlm.infer.generate import base_for_adapters, load_for_inference
@@ -259,9 +258,8 @@ def _start_engine(
     # then owns the adapters (it loads them under its own internal names)
     if model is None:
         model = base_for_adapters(adapters.values())
-    base, tokenizer = load_for_inference(model, {}, dtype=dtype, force=force)
-    if any(_wants_nf4(path) for path in adapters.values()):
-        quantize_base(base)
+    nf4 = any(_wants_nf4(path) for path in adapters.values())  # 4-bit as it is read
+    base, tokenizer = load_for_inference(model, {}, dtype=dtype, force=force, nf4=nf4)
     base_name = model or model_id_of(base)
     if base_name in adapters:
         raise GraftError(f"--adapter {base_name}=...: that name is the base model's own")
