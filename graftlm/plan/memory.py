@@ -143,14 +143,12 @@ def memory_breakdown(
     if run.method == "qlora" and run.device == "cpu":
         # each linear layer turns 4-bit as its weight is read (`load_model(quantize="nf4")`), and
         # its full-precision weight is never written (docs/architecture.md, "Memory of a load"):
-        # the other weights in the dtype, the 4-bit layers, the file's tensor being read and one
-        # layer's fp32 copy that the quantization works on
-        quantized = [lin.out_features * lin.in_features for lin in shape.linears]
-        others = weights - sum(quantized) * run.dtype_bytes
-        load_peak = (
-            runtime + others + sum(nf4_bytes(n) for n in quantized) + read_buffer
-            + 4 * max(quantized)
-        )  # fmt: skip
+        # the base as the run holds it (but the dequantization buffer, which the first step
+        # allocates), the file's tensor being read and one layer's fp32 copy that the
+        # quantization works on
+        largest = max(lin.out_features * lin.in_features for lin in shape.linears)
+        held = base_weight_bytes(shape, run) - largest * run.dtype_bytes
+        load_peak = runtime + held + read_buffer + 4 * largest
     return MemoryBreakdown(
         base_weights=base_weight_bytes(shape, run),
         trainable_weights=trainable_weights,

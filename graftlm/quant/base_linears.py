@@ -24,6 +24,7 @@ __all__ = ["LinearsToFourBit", "dequantize_model_linears", "quantize_model_linea
 
 
 def four_bit_layer(
+    name: str,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     grid: Q4GridTensor | None,
@@ -32,16 +33,23 @@ def four_bit_layer(
     blocksize: int = 64,
     double_quant: bool = True,
 ) -> NF4Linear:
-    """The 4-bit layer for one linear weight: a `Q4GridLinear` on `grid` where one is given (the
-    weight's own 4-bit values, kept exactly), else an `NF4Linear` of `weight` as it is (its
-    dtype is the one NF4 rounds from)."""
-    if grid is not None:
-        if grid.shape != weight.shape:
-            raise ValueError(f"grid of shape {tuple(grid.shape)} for a weight of "
-                             f"{tuple(weight.shape)}")  # fmt: skip
-        return Q4GridLinear(grid, bias, compute_dtype=compute_dtype)
-    q = quantize_nf4(weight.detach(), blocksize, double_quant)
-    return NF4Linear.from_nf4(q, bias, compute_dtype=compute_dtype)
+    """The 4-bit layer for linear layer `name`'s weight: a `Q4GridLinear` on `grid` where one is
+    given (the weight's own 4-bit values, kept exactly), else an `NF4Linear` of `weight` as it is
+    (its dtype is the one NF4 rounds from).
+
+    Raises:
+        ValueError: naming the layer: a grid of another shape, or a weight NF4 cannot take.
+    """
+    try:
+        if grid is not None:
+            if grid.shape != weight.shape:
+                raise ValueError(f"grid of shape {tuple(grid.shape)} for a weight of "
+                                 f"{tuple(weight.shape)}")  # fmt: skip
+            return Q4GridLinear(grid, bias, compute_dtype=compute_dtype)
+        q = quantize_nf4(weight.detach(), blocksize, double_quant)
+        return NF4Linear.from_nf4(q, bias, compute_dtype=compute_dtype)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _targets(model: nn.Module, skip: Iterable[str]) -> list[str]:
@@ -100,7 +108,7 @@ class LinearsToFourBit:
         if grid is None and self.stop_at_first_miss and not self.replaced:
             self.look_for_grids = False
         weight = tensor if grid is not None else tensor.to(linear.weight.dtype)
-        layer = four_bit_layer(weight, None, grid, compute_dtype=self.compute_dtype)
+        layer = four_bit_layer(name, weight, None, grid, compute_dtype=self.compute_dtype)
         if linear.bias is not None:
             layer.bias = linear.bias
             layer.bias.requires_grad_(False)
@@ -152,13 +160,10 @@ def quantize_model_linears(
     for name in targets:
         linear = model.get_submodule(name)
         grid = find_q4_grid(linear.weight) if grids is None else grids.get(name)
-        try:
-            layer = four_bit_layer(
-                linear.weight, None if linear.bias is None else linear.bias.detach(), grid,
-                compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant,
-            )  # fmt: skip
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+        layer = four_bit_layer(
+            name, linear.weight, None if linear.bias is None else linear.bias.detach(), grid,
+            compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant,
+        )  # fmt: skip
         on_grid += grid is not None
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
