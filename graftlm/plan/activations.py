@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from graftlm.adapters.state import adapter_state
+from graftlm.errors import GraftError
 from graftlm.kernels.fused_ops import fused_forwards
 from graftlm.methods import REGISTRY, method_module
 from graftlm.plan.shapes import ModelShape
@@ -136,9 +137,22 @@ def attached_model(
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        adapter_state(model).fingerprint = {"architecture": "proxy", "weights_sha256": ""}
-        module.attach(model, cfg)
+        try:
+            _attach_proxy(model, module, cfg)
+        except GraftError:
+            if not cfg.targets or cfg.targets == "all-linear":
+                raise
+            # a regex may name blocks the proxy's one or two lack ("layers\.(1[5-9])\..*"):
+            # plan as if every linear layer of every block were adapted, an upper bound; the
+            # real model's attach still refuses targets that match none of its layers
+            model = scaled_model(shape, s, layers, weights_dtype, vocab, quick_init)
+            _attach_proxy(model, module, replace(cfg, targets="all-linear"))
     return model.train()
+
+
+def _attach_proxy(model: nn.Module, module, cfg: TrainConfig) -> None:
+    adapter_state(model).fingerprint = {"architecture": "proxy", "weights_sha256": ""}
+    module.attach(model, cfg)
 
 
 def scaled_model(

@@ -46,3 +46,17 @@ def test_machine_memory_is_the_ram():
     import torch
 
     assert preflight_module.machine_memory(torch.device("cpu")) > 10**8
+
+
+def test_targets_that_name_some_blocks_are_planned(tmp_path, tiny_model_dir):
+    # the planner's proxy models have one and two blocks: a regex naming block 1 alone matches
+    # nothing in the first, and planned as every linear layer instead of failing the run
+    result = _run(tmp_path, tiny_model_dir, targets=r"(.*\.)?layers\.1\..*_proj")
+    assert result.steps == 1
+    adapted = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapted["target_modules"] == r"(.*\.)?layers\.1\..*_proj"
+
+
+def test_targets_that_name_no_block_of_the_model_stay_an_error(tmp_path, tiny_model_dir):
+    with pytest.raises(GraftError, match=r"matched no layer"):
+        _run(tmp_path, tiny_model_dir, targets=r"(.*\.)?layers\.7\..*_proj")
