@@ -225,7 +225,7 @@ def trainable(shape: ModelShape, cfg: TrainConfig) -> Trainable:
         return Trainable(shape.total_params, shape.total_params, tensors)
     if method in LORA_FAMILY:
         # the LoraConfig `graftlm train` injects (methods/lora/method.py: attach)
-        lora = LoraConfig(rank=cfg.rank or 8, **training_settings(cfg))
+        lora = LoraConfig(rank=cfg.rank or 8, **training_settings(cfg, shape.model))
         targets = find_targets(shape.model, lora)
         by_name = {lin.name: lin for lin in shape.linears}
         if shape.head is not None:

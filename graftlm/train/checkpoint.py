@@ -31,6 +31,7 @@ _MUST_MATCH = (
     "rank",
     "alpha",
     "targets",
+    "layers",
     "use_rslora",
     "lr",
     "batch_size",
@@ -49,7 +50,7 @@ _MUST_MATCH = (
     "init_rank",
 )
 # Settings added to _MUST_MATCH later, and the value a checkpoint written before meant.
-_ADDED_LATER = {"validation_split": "random"}
+_ADDED_LATER = {"validation_split": "random", "layers": None}
 
 
 def write(

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from graftlm.adapters.blocks import check_block_spec
 from graftlm.errors import GraftError, check_choice, check_fraction
 
 METHODS = (
@@ -25,6 +26,8 @@ METHODS = (
     "ia3",
     "full",
 )
+# the methods whose adapters sit on chosen blocks' linear layers (--layers)
+LAYERED_METHODS = ("lora", "qlora", "dora", "qdora", "adalora")
 PLACEMENTS = ("both", "mlp")
 DTYPES = ("auto", "bfloat16", "float32")
 VALIDATION_SPLITS = ("random", "phrasings")
@@ -57,6 +60,12 @@ class TrainConfig:
         None,
         "layers to adapt: 'all-linear', names 'q_proj,v_proj', or a regex; "
         "default per method (LoRA, IA3: all-linear)",
+    )
+    layers: str | None = setting(
+        None,
+        "adapt only these decoder blocks (LoRA, QLoRA, DoRA, AdaLoRA): 'top-half', 'top-K' "
+        "(the last K), or indices such as '15-29'; default: every block. Blocks below the "
+        "lowest adapted one need no backward pass, so the steps are faster",
     )
     lora_init: str | None = setting(
         None,
@@ -219,6 +228,13 @@ class TrainConfig:
             or self.keep_limit < 0
         ):  # fmt: skip
             raise GraftError(f"keep_limit should be an integer >= 0, got {self.keep_limit!r}")
+        if self.layers is not None:
+            check_block_spec(self.layers)
+            if self.method not in LAYERED_METHODS:
+                raise GraftError(
+                    f"layers: --method {self.method} adapts no chosen blocks; --layers "
+                    f"applies to {', '.join(LAYERED_METHODS)}"
+                )
         check_fraction("warmup_ratio", self.warmup_ratio)
         check_fraction("ema_decay", self.ema_decay)
         if self.ema_decay and self.method == "adalora":

@@ -41,11 +41,12 @@ TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
 # the meter's result (training.forgetting) is not written with --no-forgetting. NEFTune
 # (`neftune_alpha`) is off by default and then draws nothing; so is the weight average
 # (`ema_decay`), which then keeps no average. The validation split (`validation_split`) is
-# drawn only by adaptive runs, and these runs have a fixed length.
+# drawn only by adaptive runs, and these runs have a fixed length. `layers` is unset: every
+# block, as before the setting.
 RECIPE_SETTINGS = (
     "max_epochs", "patience", "time_budget", "lora_init", "epochs", "force",
     "lean_optimizer", "forgetting", "keep", "keep_limit", "neftune_alpha", "ema_decay",
-    "validation_split",
+    "validation_split", "layers",
 )  # fmt: skip
 
 

@@ -116,7 +116,7 @@ def attach(model: nn.Module, cfg) -> InjectSummary:
             f"{cfg.init_rank} (the rank every matrix starts with); pass --init-rank "
             f"{cfg.rank * 3 // 2} or more, or a smaller --rank"
         )
-    config = AdaLoraConfig(init_r=cfg.init_rank, target_r=cfg.rank, **training_settings(cfg))
+    config = AdaLoraConfig(init_r=cfg.init_rank, target_r=cfg.rank, **training_settings(cfg, model))
     return inject(model, config)
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from graftlm.adapters.blocks import block_count, block_indices
 from graftlm.adapters.modules import plain_names
 from graftlm.errors import GraftError, check_choice, check_fraction
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = ("kaiming", "gaussian", "pissa", "loftq")
@@ -245,13 +249,19 @@ class LoraConfig:
         )
 
 
-def training_settings(cfg) -> dict[str, Any]:
+def training_settings(cfg, model: nn.Module) -> dict[str, Any]:
     """The fields a training config (`TrainConfig`) sets alike for every method built on LoRA's
-    layers (LoRA, QLoRA, AdaLoRA): `alpha` (`--alpha`, else 2 x rank), `dropout` and `targets`.
+    layers (LoRA, QLoRA, AdaLoRA): `alpha` (`--alpha`, else 2 x rank), `dropout`, `targets`,
+    and `layers` (`--layers`: block indices of `model`).
 
     One mapping, so that a flag means the same to each of them.
     """
-    return {"alpha": cfg.lora_alpha, "dropout": cfg.dropout, "targets": cfg.targets}
+    return {
+        "alpha": cfg.lora_alpha,
+        "dropout": cfg.dropout,
+        "targets": cfg.targets,
+        "layers": block_indices(cfg.layers, block_count(model)) if cfg.layers else None,
+    }
 
 
 def match_pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:

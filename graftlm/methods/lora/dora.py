@@ -44,4 +44,4 @@ DEFAULTS = dict(LORA_DEFAULTS)
 def attach(model: nn.Module, cfg) -> InjectSummary:
     """Inject DoRA adapter "default" as `cfg` describes (`qdora`: the base goes to NF4 first)."""
     quantize = "nf4" if cfg.method == "qdora" else None
-    return inject(model, train_config(cfg, use_dora=True, quantize=quantize))
+    return inject(model, train_config(cfg, model, use_dora=True, quantize=quantize))

@@ -41,17 +41,19 @@ load = load_adapter
 
 def attach(model: nn.Module, cfg) -> InjectSummary:
     """Inject adapter "default" as `cfg` describes (QLoRA: the base goes to NF4 first)."""
-    return inject(model, train_config(cfg, quantize="nf4" if cfg.method == "qlora" else None))
+    return inject(
+        model, train_config(cfg, model, quantize="nf4" if cfg.method == "qlora" else None)
+    )
 
 
-def train_config(cfg, **changes) -> LoraConfig:
-    """The LoraConfig a training config (`TrainConfig`) asks for, with `changes` (the LoRA
-    variants built on this method: QLoRA's `quantize`, DoRA's `use_dora`)."""
+def train_config(cfg, model: nn.Module, **changes) -> LoraConfig:
+    """The LoraConfig a training config (`TrainConfig`) asks for on `model`, with `changes` (the
+    LoRA variants built on this method: QLoRA's `quantize`, DoRA's `use_dora`)."""
     settings = {
         "rank": cfg.rank,
         "use_rslora": cfg.use_rslora,
         "init": cfg.lora_init or "kaiming",
-        **training_settings(cfg),
+        **training_settings(cfg, model),
     }
     return LoraConfig(**{**settings, **changes})
 
