@@ -30,6 +30,12 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lrs", default=None, help="comma-separated learning rates (default: per method)"
     )
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated block selections for LoRA, QLoRA, DoRA and AdaLoRA: all, "
+        "top-half, top-K, 15-29 (default: all, every block)",
+    )
     p.add_argument("--test", default=None, help="a test file: score each setting on it too")
     p.add_argument("--resume", action="store_true", help="skip the settings already finished")
     p.add_argument("--max-epochs", type=float, default=None, help="longest run per setting")
@@ -51,7 +57,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from graftlm.train.sweep import settings_of, sweep
 
     # bad values fail before loading
-    settings = settings_of(args.methods, args.ranks, args.lrs, args.seeds)
+    settings = settings_of(args.methods, args.ranks, args.lrs, args.seeds, args.layers)
     values = {"data": args.data, "out": args.out, "model": args.model, "seed": args.seed}
     if args.max_epochs is not None:
         values["max_epochs"] = args.max_epochs

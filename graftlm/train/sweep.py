@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from graftlm.adapters.blocks import check_block_spec
 from graftlm.adapters.io import load_any
 from graftlm.data.dataset import load_dataset
 from graftlm.errors import GraftError
 from graftlm.methods import method_module
 from graftlm.methods.lora.files import atomic_write_json
 from graftlm.train.adaptive import pad_token_id
-from graftlm.train.config import METHODS, TrainConfig
+from graftlm.train.config import LAYERED_METHODS, METHODS, TrainConfig
 from graftlm.train.distributed import Runtime
 from graftlm.train.forward import training_device
 from graftlm.train.loop import Prepared, compute_dtype_for, prepare, train
@@ -54,13 +55,15 @@ class Setting:
     rank: int | None
     lr: float | None
     seed: int | None = None  # None: the sweep's --seed
+    layers: str | None = None  # --layers: the blocks adapted (None: every block)
 
     @property
     def group(self) -> str:
         """The setting's name without its seed: the runs that are averaged together."""
         rank = f"-r{self.rank}" if self.rank is not None else ""
         lr = f"-lr{self.lr:g}" if self.lr is not None else ""
-        return f"{self.method}{rank}{lr}"
+        layers = f"-layers{self.layers.replace(',', '_')}" if self.layers is not None else ""
+        return f"{self.method}{rank}{lr}{layers}"
 
     @property
     def name(self) -> str:
@@ -91,27 +94,54 @@ def parse_list(flag: str, text: str | None, kind: type, lowest: float = 0) -> li
 
 
 def settings_of(
-    methods: str, ranks: str | None, lrs: str | None, seeds: str | None = None
-) -> list[Setting]:
+    methods: str, ranks: str | None, lrs: str | None, seeds: str | None = None,
+    layers: str | None = None,
+) -> list[Setting]:  # fmt: skip
     """Every combination, in order; methods without a rank (ia3, prompt, ...) once per lr;
-    with `seeds`, each of them once per seed."""
+    with `seeds`, each of them once per seed; with `layers` ("all,top-half"), once per block
+    selection for the methods that take one (LoRA, QLoRA, DoRA, AdaLoRA)."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise GraftError(f"--methods: unknown {unknown or methods!r}; known: {', '.join(METHODS)}")
     rank_values, lr_values = parse_list("--ranks", ranks, int), parse_list("--lrs", lrs, float)
     seed_values = parse_list("--seeds", seeds, int, lowest=-1)
+    layer_values = parse_layers(layers)
     out = []
     for method in names:
         # a rank only for methods whose recipe has one (LoRA, QLoRA, AdaLoRA)
         method_ranks = rank_values if "rank" in method_module(method).DEFAULTS else [None]
+        method_layers = layer_values if method in LAYERED_METHODS else [None]
         out += [
-            Setting(method, r, lr, seed)
+            Setting(method, r, lr, seed, chosen)
             for r in method_ranks
             for lr in lr_values
+            for chosen in method_layers
             for seed in seed_values
         ]
     return list(dict.fromkeys(out))
+
+
+def parse_layers(text: str | None) -> list[str | None]:
+    """`--layers all,top-half,20-29` -> [None, "top-half", "20-29"] ("all": every block; a
+    selection of several ranges, which holds commas itself, is `train --layers`' alone); a bad
+    item is a one-line error naming the flag and item."""
+    if text is None:
+        return [None]
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise GraftError(f"--layers: no values in {text!r}")
+    values = []
+    for item in items:
+        if item == "all":
+            values.append(None)
+            continue
+        try:
+            check_block_spec(item)
+        except GraftError as exc:
+            raise GraftError(f"--{exc} (in {text!r})") from None
+        values.append(item)
+    return values
 
 
 def sweep(
@@ -168,7 +198,10 @@ def _run(
     folder = out / "runs" / setting.name
     shutil.rmtree(folder, ignore_errors=True)  # a run cut off before it finished starts over
     changes = {"method": setting.method, "out": str(folder)}
-    given = (("rank", setting.rank), ("lr", setting.lr), ("seed", setting.seed))
+    given = (
+        ("rank", setting.rank), ("lr", setting.lr), ("seed", setting.seed),
+        ("layers", setting.layers),
+    )  # fmt: skip
     changes.update({k: v for k, v in given if v is not None})
     cfg = dataclasses.replace(base, **changes)
     logger.info("sweep: training %s", setting.name)
@@ -184,6 +217,7 @@ def _run(
         "group": setting.group,
         "method": setting.method,
         "rank": setting.rank,
+        "layers": setting.layers or "all",
         "lr": training["settings"]["lr"],
         "seed": cfg.seed,
         "score": score,

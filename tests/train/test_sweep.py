@@ -124,6 +124,7 @@ def test_resume_skips_finished_runs_and_ctrl_c_keeps_them(tmp_path, tiny_model_d
         (["--lrs", "fast"], "--lrs: 'fast' is not a positive number"),
         (["--methods", "lora,magic"], "--methods: unknown ['magic']"),
         (["--seeds", "0,-1"], "--seeds: '-1' is not an integer >= 0"),
+        (["--layers", "all,upper"], "--layers: 'upper' is not a block selection"),
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path, capsys, flags, message):
@@ -164,3 +165,23 @@ def test_settings_are_compared_by_their_mean_over_seeds():
         "lora-r4-lr0.001-s0",
         "lora-r4-lr0.001-s2",
     ]
+
+
+def test_block_selections_are_a_sweep_axis_for_the_layered_methods():
+    names = [s.name for s in settings_of("lora,ia3", "4", None, None, "all,top-half")]
+    assert names == ["lora-r4", "lora-r4-layerstop-half", "ia3"]
+
+
+def test_a_layers_setting_trains_the_upper_block_only(tmp_path, tiny_model_dir):
+    out = tmp_path / "sweep"
+    result = sweep(
+        _base(tmp_path, tiny_model_dir), settings_of("lora", "2", None, None, "all,top-half"),
+        out, progress=False,
+    )  # fmt: skip
+    assert [row["layers"] for row in result["rows"]] == ["all", "top-half"]
+    config = json.loads(
+        (out / "runs" / "lora-r2-layerstop-half" / "adapter_config.json").read_text()
+    )
+    assert config["layers_to_transform"] == [1]
+    everything, upper = result["rows"]
+    assert upper["trainable_parameters"] * 2 == everything["trainable_parameters"]
