@@ -1,4 +1,4 @@
-"""`graftlm sweep`: one adapter per method x rank x learning rate (x seed), scored, with a
+"""`graftlm sweep`: one adapter per method x rank x learning rate (x blocks, x seed), scored, with a
 recommendation."""
 
 from __future__ import annotations

@@ -71,16 +71,21 @@ class Setting:
         return self.group + (f"-s{self.seed}" if self.seed is not None else "")
 
 
+def split_items(flag: str, text: str) -> list[str]:
+    """The comma-separated items of a flag's value; none at all is a one-line error."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise GraftError(f"{flag}: no values in {text!r}")
+    return items
+
+
 def parse_list(flag: str, text: str | None, kind: type, lowest: float = 0) -> list:
     """`--ranks 4,8,16` -> [4, 8, 16], every value above `lowest` (0: positive; -1: seeds,
     where 0 is one); a bad item is a one-line error naming the flag and item."""
     if text is None:
         return [None]
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise GraftError(f"{flag}: no values in {text!r}")
     values = []
-    for item in items:
+    for item in split_items(flag, text):
         try:
             value = kind(item)
         except ValueError:
@@ -128,11 +133,8 @@ def parse_layers(text: str | None) -> list[str | None]:
     item is a one-line error naming the flag and item."""
     if text is None:
         return [None]
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise GraftError(f"--layers: no values in {text!r}")
     values = []
-    for item in items:
+    for item in split_items("--layers", text):
         if item == "all":
             values.append(None)
             continue
