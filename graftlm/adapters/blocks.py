@@ -22,8 +22,9 @@ BLOCK_SPEC = re.compile(r"top-half|top-\d+|\d+(-\d+)?(,\d+(-\d+)?)*")
 BLOCK_SPEC_HELP = "'top-half', 'top-K' (the last K blocks), or indices such as '15-29' or '0,2,4-6'"
 
 
-def check_block_spec(spec: str) -> None:
-    """Refuse a `--layers` value that is not one of the accepted forms, naming it.
+def check_block_spec(spec: str) -> str:
+    """Refuse a `--layers` value that is not one of the accepted forms, naming it; returns the
+    value without its spaces.
 
     Raises:
         GraftError: the value, and the forms accepted.
@@ -31,12 +32,22 @@ def check_block_spec(spec: str) -> None:
     text = spec.replace(" ", "")
     if not BLOCK_SPEC.fullmatch(text):
         raise GraftError(f"layers: {spec!r} is not a block selection; use {BLOCK_SPEC_HELP}")
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        if low.isdigit() and high.isdigit() and int(high) < int(low):
-            raise GraftError(f"layers: the range {part!r} in {spec!r} runs backwards")
     if text == "top-0":
         raise GraftError("layers: 'top-0' selects no block")
+    if not text.startswith("top-"):
+        for part, low, high in _index_ranges(text):
+            if high < low:
+                raise GraftError(f"layers: the range {part!r} in {spec!r} runs backwards")
+    return text
+
+
+def _index_ranges(text: str) -> list[tuple[str, int, int]]:
+    """("4-6", 4, 6) for each item of an index selection ("0,2,4-6"; "2" is ("2", 2, 2))."""
+    ranges = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        ranges.append((part, int(low), int(high or low)))
+    return ranges
 
 
 def block_indices(spec: str | None, blocks: int) -> tuple[int, ...] | None:
@@ -47,8 +58,7 @@ def block_indices(spec: str | None, blocks: int) -> tuple[int, ...] | None:
     """
     if spec is None:
         return None
-    check_block_spec(spec)
-    text = spec.replace(" ", "")
+    text = check_block_spec(spec)
     if text == "top-half":
         return tuple(range(blocks // 2, blocks))
     if text.startswith("top-"):
@@ -57,9 +67,8 @@ def block_indices(spec: str | None, blocks: int) -> tuple[int, ...] | None:
             raise GraftError(f"layers: {spec!r} asks for {count} blocks; the model has {blocks}")
         return tuple(range(blocks - count, blocks))
     chosen: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        chosen.update(range(int(low), int(high or low) + 1))
+    for _, low, high in _index_ranges(text):
+        chosen.update(range(low, high + 1))
     if max(chosen) >= blocks:
         raise GraftError(
             f"layers: {spec!r} names block {max(chosen)}; the model has {blocks} blocks "

@@ -133,7 +133,7 @@ def attached_model(
     # the dtype the loop loads the base in (full fine-tuning: float32 master weights)
     weights_dtype = getattr(module, "WEIGHTS_DTYPE", None) or dtype
     model = scaled_model(shape, s, layers, weights_dtype, vocab, quick_init)
-    if getattr(cfg, "layers", None) is not None:
+    if cfg.layers is not None:
         # the proxy's one or two blocks stand for all of them (its per-block bytes are the
         # difference between the two): plan every block as adapted, an upper bound
         cfg = replace(cfg, layers=None)

@@ -47,7 +47,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         chunk_size = min(chunk_size, getattr(_workspace, "max_rows", None) or chunk_size)
         rows = min(chunk_size, hidden.shape[0])
         # the C kernel works over the buffer seen as the compute dtype: bf16 needs half the bytes
-        kernel = hidden.device.type == "cpu" and fused_cpu.applies(w)  # each chunk: w's dtype
+        kernel = fused_cpu.applies(w)  # a CPU weight; each chunk is cast to w's dtype
         per_value = w.element_size() if kernel else 4
         buffer = _logits_buffer(-(-rows * weight.shape[0] * per_value // 4), hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):

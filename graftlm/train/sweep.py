@@ -62,7 +62,8 @@ class Setting:
         """The setting's name without its seed: the runs that are averaged together."""
         rank = f"-r{self.rank}" if self.rank is not None else ""
         lr = f"-lr{self.lr:g}" if self.lr is not None else ""
-        layers = f"-layers{self.layers.replace(',', '_')}" if self.layers is not None else ""
+        # a sweep's block selection holds no commas (--layers splits on them)
+        layers = f"-layers{self.layers}" if self.layers is not None else ""
         return f"{self.method}{rank}{lr}{layers}"
 
     @property
