@@ -40,7 +40,12 @@ def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
 
 
 # Settings every method shares unless its own DEFAULTS say otherwise.
-FALLBACKS: dict[str, Any] = {"lr": 1e-3, "max_epochs": 4.0, "low_memory": False}
+FALLBACKS: dict[str, Any] = {
+    "lr": 1e-3,
+    "max_epochs": 4.0,
+    "low_memory": False,
+    "neftune_alpha": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,10 @@ class TrainConfig:
     seed: int = setting(0, "random seed (init, data order, dropout)")
     warmup_ratio: float = setting(0.06, "fraction of steps of linear warmup")
     weight_decay: float = setting(0.0, "AdamW weight decay")
-    neftune_alpha: float = setting(
-        0.0,
-        "NEFTune: uniform noise of this strength on the input embeddings while training (0: off)",
+    neftune_alpha: float | None = setting(
+        None,
+        "NEFTune: uniform noise of this strength on the input embeddings while training "
+        "(0: off); default per method (LoRA, QLoRA, DoRA: 5; the others: off)",
     )
     ema_decay: float = setting(
         0.0,
@@ -243,7 +249,7 @@ class TrainConfig:
                 "ema_decay: AdaLoRA prunes ranks during training, which an average over "
                 "steps would undo; use it with the other methods"
             )
-        if self.grad_clip < 0 or self.weight_decay < 0 or self.neftune_alpha < 0:
+        if self.grad_clip < 0 or self.weight_decay < 0 or (self.neftune_alpha or 0) < 0:
             raise GraftError("grad_clip, weight_decay and neftune_alpha must be >= 0")
 
     @property

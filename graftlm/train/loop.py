@@ -135,6 +135,11 @@ def _run(cfg, out, runtime, progress, prepared) -> TrainResult:
     base_fingerprint(model)  # of the untouched base: methods that wrap modules change names
     summary = method.attach(model, cfg)
     runtime.log(str(summary))
+    if cfg.neftune_alpha:  # on by default for the LoRA family: say so, and how to turn it off
+        runtime.log(
+            f"NEFTune: noise of strength {cfg.neftune_alpha:g} on the input embeddings while "
+            "training (--neftune-alpha 0: off)"
+        )
     pass_tokens_for = None
     if checked is not None:
 

@@ -39,7 +39,8 @@ TIMING = ("tokens_per_s", "elapsed_s", "seconds", "rss", "peak")
 # `force` (issue 20: train despite the plan's memory check) changes nothing a run computes either.
 # Issue 19's settings (the lean AdamW, the forgetting meter) are off here or change nothing, and
 # the meter's result (training.forgetting) is not written with --no-forgetting. NEFTune
-# (`neftune_alpha`) is off by default and then draws nothing; so is the weight average
+# (`neftune_alpha`) is off here (given as 0 where a method's recipe turns it on) and then draws
+# nothing; so is the weight average
 # (`ema_decay`), which then keeps no average. The validation split (`validation_split`) is
 # drawn only by adaptive runs, and these runs have a fixed length. `layers` is unset: every
 # block, as before the setting.
@@ -130,6 +131,10 @@ def produce(root: Path) -> dict[str, str]:
         ]
         if "forgetting" in TrainConfig.__dataclass_fields__:  # absent before issue 19
             args.append("--no-forgetting")
+        if method in ("lora", "qlora") and "neftune_alpha" in TrainConfig.__dataclass_fields__:
+            # the LoRA family's recipe gained NEFTune after the restructure (issue 18, alpha 5;
+            # bench/results/zoo.md): off, given, is the same run in both trees
+            args += ["--neftune-alpha", "0"]
         if method == "qlora":
             # QLoRA's recipe changed after the restructure (issue 18: float32 low-memory runs no
             # longer recompute layers, so rows share their prompt's forward): the same explicit

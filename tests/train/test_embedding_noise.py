@@ -52,3 +52,31 @@ def test_noisy_training_differs_from_clean_and_is_reproducible(tmp_path, tiny_mo
 def test_negative_alpha_is_refused(tmp_path):
     with pytest.raises(Exception, match="neftune_alpha"):
         TrainConfig(data="x.jsonl", out=str(tmp_path), neftune_alpha=-1.0)
+
+
+def test_the_lora_family_trains_with_noise_by_default_and_the_others_without(tmp_path):
+    def alpha(method, **given):
+        cfg = TrainConfig(data="x.jsonl", out=str(tmp_path), method=method, **given)
+        return cfg.with_method_defaults().neftune_alpha
+
+    for method in ("lora", "qlora", "dora", "qdora"):
+        assert alpha(method) == 5.0, method
+        assert alpha(method, neftune_alpha=0.0) == 0.0, method  # --neftune-alpha 0: off
+    for method in ("adalora", "ia3", "bottleneck", "prompt", "prefix", "full"):
+        assert alpha(method) == 0.0, method
+    assert alpha("ia3", neftune_alpha=2.0) == 2.0
+
+
+def test_a_run_says_when_it_adds_noise(tmp_path, tiny_model_dir, caplog):
+    caplog.set_level("INFO", logger="graftlm")
+    for name, alpha in (("noisy", 5.0), ("clean", 0.0)):
+        (tmp_path / name).mkdir()
+        caplog.clear()
+        train(
+            base_cfg(tmp_path / name, tiny_model_dir, steps=1, neftune_alpha=alpha), progress=False
+        )
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NEFTune")]
+        assert said == (
+            ["NEFTune: noise of strength 5 on the input embeddings while training "
+             "(--neftune-alpha 0: off)"] if alpha else []
+        )  # fmt: skip
