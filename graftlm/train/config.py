@@ -116,7 +116,7 @@ class TrainConfig:
     neftune_alpha: float | None = setting(
         None,
         "NEFTune: uniform noise of this strength on the input embeddings while training "
-        "(0: off); default per method (LoRA, QLoRA, DoRA: 5; the others: off)",
+        "(0: off); default per method (LoRA, QLoRA, DoRA, QDoRA: 5; the others: 0)",
     )
     ema_decay: float = setting(
         0.0,
