@@ -16,17 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from graftlm.data.dataset import Example
 from graftlm.train.config import TrainConfig
 from graftlm.train.distributed import Runtime
-from graftlm.train.validation import (
-    EarlyStop,
-    Score,
-    greedy_exact_match,
-    scores_by_exact_match,
-)
+from graftlm.train.validation import EarlyStop, GreedyAnswers, Score, scores_by_exact_match
 
 EVALS_PER_EPOCH = 3
 
@@ -60,14 +54,14 @@ def eval_interval(total_steps: int, early: EarlyStop | None) -> int:
 
 
 def validate(
-    early: EarlyStop, row_eval: dict, model: nn.Module, tokenizer, validation: list[Example],
-    pad_id: int, compute_dtype: torch.dtype,
-) -> None:  # fmt: skip
-    """Score the validation split after the loss in `row_eval` (adds "exact_match" to the row)
-    and update the early stop; a stop rule that fires begins the cool-down."""
+    early: EarlyStop, row_eval: dict, answers: GreedyAnswers | None, runtime: Runtime
+) -> None:
+    """Score the validation split after the loss in `row_eval` and the greedy answers counted
+    in the same pass (adds "exact_match" to the row), and update the early stop; a stop rule
+    that fires begins the cool-down."""
     exact = None
     if early.exact_match:
-        exact = greedy_exact_match(model, tokenizer, validation, pad_id, compute_dtype)
+        exact = answers.exact_match(runtime)
         row_eval["exact_match"] = round(exact, 4)
     score = Score(exact, row_eval["eval_loss"])
     step = row_eval["step"]

@@ -23,7 +23,7 @@ from graftlm.train.distributed import Runtime
 from graftlm.train.forward import EVAL_BATCH_TOKENS, LOW_MEMORY_EVAL_TOKENS, evaluate
 from graftlm.train.loss import release_logits_buffer
 from graftlm.train.memory import release_free_heap
-from graftlm.train.validation import EarlyStop
+from graftlm.train.validation import EarlyStop, GreedyAnswers, answer_stop_ids
 from graftlm.train.weight_average import WeightAverage
 
 
@@ -48,6 +48,7 @@ class RunEvaluation:
         self.pad_id, self.compute_dtype, self.runtime = pad_id, compute_dtype, runtime
         self.share_prefix, self.early, self.total_steps = share_prefix, early, total_steps
         self.average = average
+        self.stop_ids = answer_stop_ids(model, tokenizer, examples) if examples else []
         self.every = cfg.eval_every or eval_interval(total_steps, early)
         self.eval_loss: float | None = None
         self.stopped_early: str | None = None
@@ -69,20 +70,22 @@ class RunEvaluation:
     def _evaluate(self, done: int, elapsed_s: float) -> dict:
         """The evaluation after step `done` and, in an adaptive run, the early stop's decision
         on it; returns its metrics row."""
+        # an adaptive run on short answers: greedy exact match read off the same pass
+        answers = None
+        if self.early is not None and self.early.exact_match:
+            answers = GreedyAnswers(self.model, self.examples, self.stop_ids)
         self.eval_loss, eval_tokens = evaluate(
             self.model, self.examples, self.pad_id, self.compute_dtype, self.runtime,
             share_prefix=self.share_prefix,
             max_tokens=LOW_MEMORY_EVAL_TOKENS if self.cfg.low_memory else EVAL_BATCH_TOKENS,
+            per_batch=answers,
         )  # fmt: skip
         release_logits_buffer()  # evaluation's passes are larger than training's
         if self.cfg.low_memory:  # and what they freed would stay resident, fragmented
             release_free_heap()
         row_eval = eval_row(done, self.eval_loss, eval_tokens, elapsed_s)
         if self.early is not None:
-            validate(
-                self.early, row_eval, self.model, self.tokenizer, self.examples, self.pad_id,
-                self.compute_dtype,
-            )  # fmt: skip
+            validate(self.early, row_eval, answers, self.runtime)
         return row_eval
 
     def finish(self, step: int, n_examples: int) -> None:

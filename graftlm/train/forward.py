@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -109,10 +110,17 @@ def loss_sum(
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token loss of a micro-batch over its labelled tokens, and their count."""
     hidden = decoder_hidden(model, batch, share_prefix=share_prefix)
+    return hidden_loss_sum(model, hidden, batch["labels"], compute_dtype)
+
+
+def hidden_loss_sum(
+    model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, compute_dtype: torch.dtype
+) -> tuple[torch.Tensor, int]:
+    """`loss_sum` from the decoder's final hidden states: the head's loss over `labels`."""
     head = model.get_output_embeddings()
     if is_plain_linear(head) and head.bias is None:
-        return fused_lm_loss_sum(hidden, head.weight, batch["labels"], compute_dtype=compute_dtype)
-    return head_lm_loss_sum(hidden, head, batch["labels"])
+        return fused_lm_loss_sum(hidden, head.weight, labels, compute_dtype=compute_dtype)
+    return head_lm_loss_sum(hidden, head, labels)
 
 
 @torch.no_grad()
@@ -125,9 +133,15 @@ def evaluate(
     *,
     share_prefix: bool = True,
     max_tokens: int = EVAL_BATCH_TOKENS,
+    per_batch: Callable[[torch.Tensor, list[int]], None] | None = None,
 ) -> tuple[float, int]:
     """Mean loss over the labelled tokens of `examples` (teacher-forced), and the token count;
-    passes of at most `max_tokens` padded tokens."""
+    passes of at most `max_tokens` padded tokens.
+
+    `per_batch(hidden, indices)` sees each pass's final hidden states `(rows, seq, d)` (the
+    rows of `examples[indices]`, right-padded) before they are dropped: whatever else is read
+    off the same teacher-forced pass (`validation.GreedyAnswers`) costs no second forward.
+    Under several processes each sees its own share of the passes."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -138,9 +152,12 @@ def evaluate(
         device = next(model.parameters()).device
         batch = on_device(collate([examples[i] for i in indices], pad_id), device)
         with autocast(compute_dtype, device):
-            loss, count = loss_sum(model, batch, compute_dtype, share_prefix=share_prefix)
-        if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
-            continue
+            hidden = decoder_hidden(model, batch, share_prefix=share_prefix)
+            loss, count = hidden_loss_sum(model, hidden, batch["labels"], compute_dtype)
+            if runtime.is_padding(indices):  # run only to keep FSDP ranks in step
+                continue
+            if per_batch is not None:
+                per_batch(hidden, indices)
         total += loss.item()
         tokens += count
     total, tokens = runtime.all_reduce_sum([total, float(tokens)])

@@ -109,21 +109,31 @@ def scores_by_exact_match(validation: list[Example], tokenizer) -> bool:
     return statistics.median(lengths) <= SHORT_ANSWER_TOKENS and statistics.median(sentences) <= 1
 
 
-@torch.no_grad()
 def greedy_exact_match(
     model: nn.Module, tokenizer, validation: list[Example], pad_id: int,
     compute_dtype: torch.dtype,
 ) -> float:  # fmt: skip
     """Share of `validation` whose greedy completion of the prompt equals the reference answer
     (decoded text, surrounding whitespace ignored)."""
+    right = greedy_rows_right(model, tokenizer, validation, pad_id, compute_dtype)
+    return sum(right) / max(len(validation), 1)
+
+
+@torch.no_grad()
+def greedy_rows_right(
+    model: nn.Module, tokenizer, validation: list[Example], pad_id: int,
+    compute_dtype: torch.dtype,
+) -> list[bool]:  # fmt: skip
+    """For each row of `validation`, whether greedy generation gives its reference answer."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop_ids = _stop_ids(model, tokenizer, validation)
-    correct = 0
+    stop_ids = answer_stop_ids(model, tokenizer, validation)
+    right = [False] * len(validation)
     order = sorted(range(len(validation)), key=lambda i: answer_span(validation[i])[0])
     for first in range(0, len(order), GENERATION_BATCH):
-        batch = [validation[i] for i in order[first : first + GENERATION_BATCH]]
+        chosen = order[first : first + GENERATION_BATCH]
+        batch = [validation[i] for i in chosen]
         spans = [answer_span(e) for e in batch]
         prompts = [e.input_ids[:start] for e, (start, _) in zip(batch, spans)]
         references = [e.input_ids[start:end] for e, (start, end) in zip(batch, spans)]
@@ -137,14 +147,80 @@ def greedy_exact_match(
                 max_new_tokens=max(map(len, references)) + 2, pad_token_id=pad_id,
                 eos_token_id=stop_ids,
             )  # fmt: skip
-        for row, reference in zip(generated[:, width:].tolist(), references):
+        for i, row, reference in zip(chosen, generated[:, width:].tolist(), references):
             answer = tokenizer.decode(row, skip_special_tokens=True).strip()
-            correct += answer == tokenizer.decode(reference, skip_special_tokens=True).strip()
+            right[i] = answer == tokenizer.decode(reference, skip_special_tokens=True).strip()
     model.train(was_training)
-    return correct / max(len(validation), 1)
+    return right
 
 
-def _stop_ids(model: nn.Module, tokenizer, validation: list[Example]) -> list[int]:
+class GreedyAnswers:
+    """Greedy exact match read off the teacher-forced validation pass, with no generation.
+
+    Greedy decoding reproduces a reference answer exactly when, at every answer position, the
+    reference token is the argmax given the prompt and the reference tokens before it, and a
+    stop token is the argmax at the answer's end: both decode the same prefixes, one token at a
+    time or all at once. So the evaluation's own forward (`forward.evaluate`, as its
+    `per_batch`) scores it by projecting the answer positions' hidden states to the vocabulary.
+    A generation pass cost ~3x the loss pass (bench/results/validation_speed.txt).
+
+    It compares tokens, where `greedy_exact_match` compares decoded text: an answer spelt in
+    other tokens, or differing only in surrounding white space, counts as a miss here. A
+    model trained on the references emits their tokenization; the two agree row for row on
+    the zoo (the same file). Where the reference ends in a stop token, any stop token
+    (`stop_ids`) ends it right, as it ends a greedy generation. A reference with no stop token
+    at its end (cut short by `--seq-len`) is a miss: greedy decoding would have to stop where
+    training never did, and the pass holds no position to check that on.
+    """
+
+    def __init__(self, model: nn.Module, validation: list[Example], stop_ids: list[int]):
+        self.model, self.validation = model, validation
+        self.stop_ids = sorted(set(stop_ids))
+        self.hits = 0
+        self.rows = 0
+        self.right: dict[int, bool] = {}  # by index into `validation`, this process's rows
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor, indices: list[int]) -> None:
+        """Count the rows `validation[indices]` whose greedy answer is the reference, from the
+        pass's final hidden states `hidden` `(rows, seq, d)`."""
+        rows, positions, targets = [], [], []
+        wrong = torch.zeros(len(indices), dtype=torch.long, device=hidden.device)
+        for row, i in enumerate(indices):
+            ids = self.validation[i].input_ids
+            start, end = answer_span(self.validation[i])
+            wrong[row] = end == 0 or ids[end - 1] not in self.stop_ids  # no stop to check
+            start = max(start, 1)  # an answer at position 0 has no prediction for its first token
+            rows += [row] * (end - start)
+            positions += range(start - 1, end - 1)  # the hidden state before each answer token
+            targets += ids[start:end]
+        self.rows += len(indices)
+        if targets:
+            rows_t = torch.tensor(rows, device=hidden.device)
+            states = hidden[rows_t, torch.tensor(positions, device=hidden.device)]
+            head = self.model.get_output_embeddings()
+            predicted = torch.cat([
+                head(states[first : first + _ARGMAX_ROWS]).argmax(dim=-1)
+                for first in range(0, states.shape[0], _ARGMAX_ROWS)
+            ])  # fmt: skip
+            expected = torch.tensor(targets, device=hidden.device)
+            stops = torch.tensor(self.stop_ids, device=hidden.device)
+            ends_right = torch.isin(expected, stops) & torch.isin(predicted, stops)
+            wrong.index_add_(0, rows_t, ((predicted != expected) & ~ends_right).long())
+        self.hits += int((wrong == 0).sum())
+        self.right.update(zip(indices, (wrong == 0).tolist()))
+
+    def exact_match(self, runtime) -> float:
+        """The share of validation rows right, over every process's passes."""
+        hits, rows = runtime.all_reduce_sum([float(self.hits), float(self.rows)])
+        return hits / max(rows, 1.0)
+
+
+# answer positions projected to the vocabulary at once (bf16: 256 x 49,152 logits are 25 MB)
+_ARGMAX_ROWS = 256
+
+
+def answer_stop_ids(model: nn.Module, tokenizer, validation: list[Example]) -> list[int]:
     """Where a greedy answer ends: the model's and tokenizer's end of sequence, and the special
     token that closes the reference answers (a chat template's end of turn)."""
     ids = {tokenizer.eos_token_id}

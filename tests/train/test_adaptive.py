@@ -101,7 +101,7 @@ def test_adaptive_run_stops_on_validation_and_saves_the_best_adapter(
     # tests above), which the machine moves: with 0.5 twice, the answer loss of the tied
     # evaluation fell 5% on an AVX-512 CPU (progress), and not by 3% on an AVX2 one (none)
     scripted = iter([0.25, 0.5, 0.25, 0.25, 0.25, 0.25, 0.25])
-    monkeypatch.setattr(adaptive, "greedy_exact_match", lambda *args: next(scripted))
+    monkeypatch.setattr(validation.GreedyAnswers, "exact_match", lambda *args: next(scripted))
     data = write_chat(tmp_path / "rows.jsonl", 120)
     cfg = base_cfg(
         tmp_path, tiny_model_dir, data=str(data), steps=None, max_epochs=40.0, patience=2,

@@ -14,7 +14,7 @@ from helpers import base_cfg, write_chat
 from safetensors.torch import load_file
 
 from graftlm.errors import GraftError
-from graftlm.train import adaptive
+from graftlm.train import validation
 from graftlm.train.config import TrainConfig
 from graftlm.train.loop import train
 from graftlm.train.weight_average import WeightAverage
@@ -115,13 +115,14 @@ def test_an_adaptive_run_validates_and_keeps_the_average(tmp_path, tiny_model_di
     _, averages = _recording(monkeypatch)
     scored = []
 
-    def scripted(model, *args):  # remembers what it was asked to score
+    def scripted(answers, runtime):  # remembers what it was asked to score
+        model = answers.model
         scored.append(
             {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         )
         return [0.25, 0.5, 0.25, 0.25, 0.25, 0.25][len(scored) - 1]
 
-    monkeypatch.setattr(adaptive, "greedy_exact_match", scripted)
+    monkeypatch.setattr(validation.GreedyAnswers, "exact_match", scripted)
     data = write_chat(tmp_path / "rows.jsonl", 120)
     cfg = base_cfg(
         tmp_path, tiny_model_dir, data=str(data), steps=None, max_epochs=40.0, patience=2,
