@@ -61,6 +61,7 @@ def measure(task: str, steps: int, rows: int, work: Path) -> dict:
     _, counted_s = timed(lambda: evaluate(model, examples, pad, dtype, single, per_batch=answers))
     generated, greedy_s = timed(lambda: greedy_rows_right(model, tokenizer, examples, pad, dtype))
     forced = [answers.right[i] for i in range(len(examples))]
+    differing = [i for i, (g, f) in enumerate(zip(generated, forced)) if g != f]
     return {
         "task": task,
         "steps": steps,
@@ -68,13 +69,47 @@ def measure(task: str, steps: int, rows: int, work: Path) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "exact_generated": round(sum(generated) / len(examples), 4),
         "exact_from_loss_pass": round(sum(forced) / len(examples), 4),
-        "rows_disagreeing": [i for i, (g, f) in enumerate(zip(generated, forced)) if g != f],
+        "rows_disagreeing": differing,
+        "disagreements": [
+            explain(model, tokenizer, examples[i], dtype, generated[i]) for i in differing
+        ],
         "loss_pass_s": round(loss_s, 2),
         "loss_pass_with_answers_s": round(counted_s, 2),
         "generation_s": round(greedy_s, 2),
         "validation_before_s": round(loss_s + greedy_s, 2),
         "validation_now_s": round(counted_s, 2),
         "speedup": round((loss_s + greedy_s) / counted_s, 2),
+    }
+
+
+def explain(model, tokenizer, example, dtype, generated_right: bool) -> dict:
+    """One row the two scorers judge differently: its reference, the greedy answer generated for
+    the row alone (no batch, no padding), and the teacher-forced argmax of each answer token,
+    with the margin between the two best logits where they differ from the reference."""
+    import torch
+
+    from graftlm.train.forward import autocast
+    from graftlm.train.validation import answer_span
+
+    start, end = answer_span(example)
+    ids = torch.tensor([example.input_ids[:end]])
+    with torch.no_grad(), autocast(dtype):
+        logits = model(input_ids=ids).logits[0, start - 1 : end - 1].float()
+        alone = model.generate(input_ids=ids[:, :start], do_sample=False,
+                               max_new_tokens=end - start + 2)[0, start:]  # fmt: skip
+    top2 = logits.topk(2, dim=-1)
+    reference = example.input_ids[start:end]
+    misses = [
+        {"position": k, "reference": tokenizer.decode([reference[k]]),
+         "argmax": tokenizer.decode([int(top2.indices[k, 0])]),
+         "margin": round(float(top2.values[k, 0] - top2.values[k, 1]), 4)}
+        for k in range(end - start) if int(top2.indices[k, 0]) != reference[k]
+    ]  # fmt: skip
+    return {
+        "generated_right": generated_right,
+        "reference": tokenizer.decode(reference),
+        "generated_alone": tokenizer.decode(alone),
+        "forced_misses": misses,
     }
 
 
