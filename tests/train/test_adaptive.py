@@ -12,7 +12,8 @@ from helpers import base_cfg, write_chat
 from safetensors.torch import load_file
 
 from graftlm.data.dataset import IGNORE_INDEX, Example
-from graftlm.train import adaptive, validation
+from graftlm.train import validation
+from graftlm.train.distributed import Runtime
 from graftlm.train.loop import train
 from graftlm.train.validation import EarlyStop, Score, answer_span, split_validation
 
@@ -172,6 +173,41 @@ def test_greedy_exact_match_scores_the_generated_answers(tiny_model_dir):
     assert validation.greedy_exact_match(model, tokenizer, examples, pad, torch.float32) == 2 / 3
     assert all(end in stop for stop in model.calls)  # the answers' closing token stops decoding
     assert model.training  # left as it was found
+
+
+class _OneHotHead(torch.nn.Module):
+    """A model whose head reads a token id off a one-hot hidden state: the hidden states
+    passed to `GreedyAnswers` say exactly which token is the argmax at each position."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.head = torch.nn.Linear(vocab, vocab, bias=False)
+        self.head.weight.data = torch.eye(vocab)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_greedy_answers_read_the_argmax_at_each_answer_position():
+    vocab, stop_a, stop_b = 12, 10, 11
+    examples = [
+        _example([1, 2, 3], [4, 5, stop_a]),  # right: each answer token is the argmax before it
+        _example([1, 2], [6, stop_a]),  # right: another stop token ends it (any stop ends greedy)
+        _example([1, 2, 3, 4], [7, 8, stop_a]),  # wrong: 8 is not the argmax after 7
+        _example([1, 2], [9, 9]),  # no stop at its end (cut by --seq-len): a miss
+    ]
+    predicted = [  # the argmax after each position (shifted: position t predicts token t + 1)
+        [2, 3, 4, 5, stop_a, 0],
+        [2, 6, stop_b, 0, 0, 0],
+        [2, 3, 4, 7, 3, stop_a],
+        [2, 9, 9, 0, 0, 0],
+    ]
+    hidden = torch.nn.functional.one_hot(torch.tensor(predicted), vocab).float()
+    answers = validation.GreedyAnswers(_OneHotHead(vocab), examples, [stop_a, stop_b])
+    answers(hidden[:2], [0, 1])  # two passes, as the evaluation's batches
+    answers(hidden[2:], [2, 3])
+    assert answers.right == {0: True, 1: True, 2: False, 3: False}
+    assert answers.exact_match(Runtime.single()) == 0.5
 
 
 def test_paragraph_answers_are_scored_by_loss(tiny_model_dir):
