@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "examples" / "data" / "zoo"
 
 
-def measure(task: str, steps: int, rows: int, work: Path) -> dict:
-    """Train `task` for `steps` steps, then time and compare the three scorers."""
+def measure(task: str, steps: int, rows: int, work: Path, dtype_name: str) -> dict:
+    """Train `task` for `steps` steps, then time and compare the three scorers in `dtype_name`
+    ("auto": bf16 where the CPU has it, as training does)."""
     import torch
 
     from graftlm.data.dataset import tokenize_rows
@@ -41,9 +42,12 @@ def measure(task: str, steps: int, rows: int, work: Path) -> dict:
     from graftlm.train.validation import GreedyAnswers, answer_stop_ids, greedy_rows_right
 
     out = work / task
-    train(TrainConfig(data=str(ZOO / task / "train.jsonl"), out=str(out), steps=steps),
-          progress=False)  # fmt: skip
-    dtype = torch.bfloat16 if bf16_supported() else torch.float32
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if bf16_supported() else "float32"
+    dtype = getattr(torch, dtype_name)
+    cfg = TrainConfig(data=str(ZOO / task / "train.jsonl"), out=str(out), steps=steps,
+                      dtype=dtype_name)  # fmt: skip
+    train(cfg, progress=False)
     model, tokenizer = load_for_inference(
         None, {"a": str(out)}, dtype="bfloat16" if dtype == torch.bfloat16 else "float32"
     )
@@ -119,6 +123,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--results", default=str(ROOT / "bench/results/validation_speed.jsonl"))
     args = parser.parse_args()
 
@@ -131,7 +136,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         for task in args.tasks.split(","):
-            row = measure(task, args.steps, args.rows, Path(work))
+            row = measure(task, args.steps, args.rows, Path(work), args.dtype)
             row.update(threads=torch.get_num_threads(), machine=platform.machine())
             print(
                 f"{task:15s} exact {row['exact_generated']:.3f} generated / "

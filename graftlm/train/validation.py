@@ -162,12 +162,16 @@ class GreedyAnswers:
     stop token is the argmax at the answer's end: both decode the same prefixes, one token at a
     time or all at once. So the evaluation's own forward (`forward.evaluate`, as its
     `per_batch`) scores it by projecting the answer positions' hidden states to the vocabulary.
-    A generation pass cost ~3x the loss pass (bench/results/validation_speed.txt).
+    A generation pass cost ~3x the loss pass (`bench/validation_speed.py`; a default run on
+    the zoo's ticket_triage took 0.85x the time, with the same exact match at every
+    evaluation: bench/results/zoo.md).
 
     It compares tokens, where `greedy_exact_match` compares decoded text: an answer spelt in
-    other tokens, or differing only in surrounding white space, counts as a miss here. A
-    model trained on the references emits their tokenization; the two agree row for row on
-    the zoo (the same file). Where the reference ends in a stop token, any stop token
+    other tokens, or differing only in surrounding white space, counts as a miss here (a
+    model trained on the references emits their tokenization). In float32 the two agree row
+    for row; in bf16 a near tie (logits within a few bf16 steps) can fall either way, as it
+    can between a batched and a one-row generation (4 rows of 320 after 16 steps on the zoo,
+    none along a whole run; bench/results/validation_speed.jsonl). Where the reference ends in a stop token, any stop token
     (`stop_ids`) ends it right, as it ends a greedy generation. A reference with no stop token
     at its end (cut short by `--seq-len`) is a miss: greedy decoding would have to stop where
     training never did, and the pass holds no position to check that on.
