@@ -88,7 +88,8 @@ def measure(task: str, steps: int, rows: int, work: Path, dtype_name: str) -> di
 
 def explain(model, tokenizer, example, dtype, generated_right: bool) -> dict:
     """One row the two scorers judge differently: its reference, the greedy answer generated for
-    the row alone (no batch, no padding), and the teacher-forced argmax of each answer token,
+    the row alone (no batch, no padding), and the argmax of each answer token in a one-row
+    teacher-forced pass,
     with the margin between the two best logits where they differ from the reference."""
     import torch
 

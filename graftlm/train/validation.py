@@ -171,10 +171,11 @@ class GreedyAnswers:
     model trained on the references emits their tokenization). In float32 the two agree row
     for row; in bf16 a near tie (logits within a few bf16 steps) can fall either way, as it
     can between a batched and a one-row generation (4 rows of 320 after 16 steps on the zoo,
-    none along a whole run; bench/results/validation_speed.jsonl). Where the reference ends in a stop token, any stop token
-    (`stop_ids`) ends it right, as it ends a greedy generation. A reference with no stop token
-    at its end (cut short by `--seq-len`) is a miss: greedy decoding would have to stop where
-    training never did, and the pass holds no position to check that on.
+    none along a whole run; bench/results/validation_speed.jsonl). Where the reference ends
+    in a stop token, any stop token (`stop_ids`) ends it right, as it ends a greedy
+    generation. A reference with no stop token at its end (cut short by `--seq-len`) is a
+    miss: greedy decoding would have to stop where training never did, and the pass holds no
+    position to check that on.
     """
 
     def __init__(self, model: nn.Module, validation: list[Example], stop_ids: list[int]):
