@@ -48,9 +48,7 @@ def measure(task: str, steps: int, rows: int, work: Path, dtype_name: str) -> di
     cfg = TrainConfig(data=str(ZOO / task / "train.jsonl"), out=str(out), steps=steps,
                       dtype=dtype_name)  # fmt: skip
     train(cfg, progress=False)
-    model, tokenizer = load_for_inference(
-        None, {"a": str(out)}, dtype="bfloat16" if dtype == torch.bfloat16 else "float32"
-    )
+    model, tokenizer = load_for_inference(None, {"a": str(out)}, dtype=dtype_name)
     data, fmt = read_rows(ZOO / task / "test.jsonl")
     examples, _ = tokenize_rows(data[:rows], fmt, tokenizer, 1024)
     pad, single = pad_token_id(tokenizer), Runtime.single()

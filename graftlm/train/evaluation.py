@@ -48,7 +48,9 @@ class RunEvaluation:
         self.pad_id, self.compute_dtype, self.runtime = pad_id, compute_dtype, runtime
         self.share_prefix, self.early, self.total_steps = share_prefix, early, total_steps
         self.average = average
-        self.stop_ids = answer_stop_ids(model, tokenizer, examples) if examples else []
+        # where a greedy answer ends, for runs that score validation by exact match
+        scored = examples and early is not None and early.exact_match
+        self.stop_ids = answer_stop_ids(model, tokenizer, examples) if scored else []
         self.every = cfg.eval_every or eval_interval(total_steps, early)
         self.eval_loss: float | None = None
         self.stopped_early: str | None = None

@@ -181,8 +181,6 @@ class GreedyAnswers:
     def __init__(self, model: nn.Module, validation: list[Example], stop_ids: list[int]):
         self.model, self.validation = model, validation
         self.stop_ids = sorted(set(stop_ids))
-        self.hits = 0
-        self.rows = 0
         self.right: dict[int, bool] = {}  # by index into `validation`, this process's rows
 
     @torch.no_grad()
@@ -199,7 +197,6 @@ class GreedyAnswers:
             rows += [row] * (end - start)
             positions += range(start - 1, end - 1)  # the hidden state before each answer token
             targets += ids[start:end]
-        self.rows += len(indices)
         if targets:
             rows_t = torch.tensor(rows, device=hidden.device)
             states = hidden[rows_t, torch.tensor(positions, device=hidden.device)]
@@ -212,12 +209,13 @@ class GreedyAnswers:
             stops = torch.tensor(self.stop_ids, device=hidden.device)
             ends_right = torch.isin(expected, stops) & torch.isin(predicted, stops)
             wrong.index_add_(0, rows_t, ((predicted != expected) & ~ends_right).long())
-        self.hits += int((wrong == 0).sum())
         self.right.update(zip(indices, (wrong == 0).tolist()))
 
     def exact_match(self, runtime) -> float:
         """The share of validation rows right, over every process's passes."""
-        hits, rows = runtime.all_reduce_sum([float(self.hits), float(self.rows)])
+        hits, rows = runtime.all_reduce_sum(
+            [float(sum(self.right.values())), float(len(self.right))]
+        )
         return hits / max(rows, 1.0)
 
 
